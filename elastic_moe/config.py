@@ -1,0 +1,371 @@
+"""Dataclass configs and named recipes.
+
+A recipe is a plain function returning the root :class:`Config`; the CLI picks one by name and
+applies ``--set section.field=value`` overrides (unknown keys are rejected). Every config validates
+itself in ``__post_init__`` and raises ``ValueError`` naming the field, its value and the rule.
+
+Model field names follow DeepSeek-V3's inference code where they exist, with counts prefixed
+``num_`` (STYLE.md): ``num_routed_experts`` is DeepSeek's ``n_routed_experts``, ``num_expert_groups``
+its ``n_expert_groups`` (HF ``n_group``), ``num_limited_groups`` its ``n_limited_groups`` (HF
+``topk_group``), ``num_activated_experts`` its ``n_activated_experts`` (HF
+``num_experts_per_tok``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def _require(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r}: {rule}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """DeepSeek-V3 architecture hyper-parameters (arXiv:2412.19437, section 2)."""
+
+    vocab_size: int = 129280
+    dim: int = 7168  # residual stream width
+    inter_dim: int = 18432  # hidden width of the dense-layer SwiGLU FFN
+    num_layers: int = 61
+    num_dense_layers: int = 3  # the first layers use a dense FFN instead of MoE (V3 sec. 4.2)
+    num_heads: int = 128
+    norm_eps: float = 1e-6
+    # moe
+    moe_inter_dim: int = 2048  # hidden width of one routed/shared expert
+    num_routed_experts: int = 256
+    num_shared_experts: int = 1
+    num_activated_experts: int = 8  # top-k routed experts per token
+    num_expert_groups: int = 8  # routing groups (one per node in V3's deployment)
+    num_limited_groups: int = 4  # a token may only use experts from this many groups
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    route_scale: float = 2.5  # gate weights are normalized over the k chosen, then scaled
+    bias_update_speed: float = 1e-3  # gamma of aux-loss-free balancing (V3 sec. 2.1.2)
+    seq_aux_alpha: float = 1e-4  # complementary sequence-wise balance loss weight
+    expert_backend: Literal["torch", "triton", "auto"] = "auto"  # auto: triton on CUDA
+    # mla
+    q_lora_rank: int = 1536  # 0 = full-rank query projection (V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64  # decoupled RoPE key, shared across heads
+    v_head_dim: int = 128
+    # yarn (long-context RoPE scaling, arXiv:2309.00071)
+    max_seq_len: int = 4096  # longest sequence the RoPE tables are built for
+    original_seq_len: int = 4096  # pre-training context; YaRN applies when max_seq_len exceeds it
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
+    # mtp
+    num_mtp_modules: int = 1  # depth D of multi-token prediction (V3 sec. 2.2)
+    init_std: float = 0.006  # V3 sec. 4.2
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "inter_dim", "num_layers", "num_heads", "moe_inter_dim",
+                     "num_routed_experts", "num_activated_experts", "num_expert_groups",
+                     "num_limited_groups", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
+                     "max_seq_len", "original_seq_len"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
+        for name in ("num_shared_experts", "q_lora_rank", "num_mtp_modules", "num_dense_layers",
+                     "qk_rope_head_dim"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        _require(self.num_dense_layers <= self.num_layers, "num_dense_layers",
+                 self.num_dense_layers, f"must be <= num_layers ({self.num_layers})")
+        _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim,
+                 "must be even (RoPE rotates pairs)")
+        _require(self.score_func in ("sigmoid", "softmax"), "score_func", self.score_func,
+                 "must be 'sigmoid' or 'softmax'")
+        _require(self.expert_backend in ("torch", "triton", "auto"), "expert_backend",
+                 self.expert_backend, "must be 'torch', 'triton' or 'auto'")
+        _require(self.num_activated_experts <= self.num_routed_experts, "num_activated_experts",
+                 self.num_activated_experts,
+                 f"top-k cannot exceed num_routed_experts ({self.num_routed_experts})")
+        _require(self.num_routed_experts % self.num_expert_groups == 0, "num_routed_experts",
+                 self.num_routed_experts,
+                 f"must be divisible by num_expert_groups ({self.num_expert_groups})")
+        _require(self.num_limited_groups <= self.num_expert_groups, "num_limited_groups",
+                 self.num_limited_groups,
+                 f"must be <= num_expert_groups ({self.num_expert_groups})")
+        per_group = self.num_routed_experts // self.num_expert_groups
+        _require(self.num_activated_experts <= per_group * self.num_limited_groups,
+                 "num_activated_experts", self.num_activated_experts,
+                 f"must be <= experts reachable in the allowed groups "
+                 f"({self.num_limited_groups} groups x {per_group} experts)")
+        if self.num_expert_groups > 1:
+            _require(per_group >= 2, "num_expert_groups", self.num_expert_groups,
+                     "each group needs >= 2 experts (group score = sum of its top-2)")
+        _require(self.bias_update_speed >= 0, "bias_update_speed", self.bias_update_speed,
+                 "must be >= 0")
+        _require(self.seq_aux_alpha >= 0, "seq_aux_alpha", self.seq_aux_alpha, "must be >= 0")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.num_dense_layers
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Optimizer, schedule and batch; the global batch stays fixed across resizes by default."""
+
+    steps: int = 1000
+    seq_len: int = 4096
+    global_batch_size: int = 16  # sequences per optimizer step, across all data-parallel ranks
+    micro_batch_size: int = 1  # sequences per forward/backward on one rank
+    lr: float = 2.2e-4
+    min_lr: float = 2.2e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    mtp_loss_weight: float = 0.3  # lambda (0.3 early in V3, 0.1 later)
+    mixed_precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast where the device has it
+    seed: int = 0
+    log_freq: int = 1
+    # What happens to the global batch when the data-parallel size changes: "constant_batch"
+    # keeps it (grad accumulation adapts), "scale_lr" keeps the per-rank batch and scales LR.
+    resize_policy: Literal["constant_batch", "scale_lr"] = "constant_batch"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "log_freq"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
+        _require(self.lr > 0, "lr", self.lr, "must be positive")
+        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _require(self.mtp_loss_weight >= 0, "mtp_loss_weight", self.mtp_loss_weight, "must be >= 0")
+        _require(self.mixed_precision in ("bf16", "fp32"), "mixed_precision",
+                 self.mixed_precision, "must be 'bf16' or 'fp32'")
+        _require(self.resize_policy in ("constant_batch", "scale_lr"), "resize_policy",
+                 self.resize_policy, "must be 'constant_batch' or 'scale_lr'")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where training data comes from; an empty manifest means the bundled sample corpus."""
+
+    manifest: str = ""  # path of a prepared manifest.json; "" = prepare the bundled corpus
+    cache_dir: str = "outputs/data"  # where the bundled corpus is prepared
+    tokenizer_vocab_size: int = 102400  # BPE vocab when a tokenizer is trained on the corpus
+    num_workers: int = 1  # data-worker actors
+    prefetch: int = 4  # batches each consumer keeps in flight
+
+    def __post_init__(self) -> None:
+        _require(self.tokenizer_vocab_size >= 260, "tokenizer_vocab_size",
+                 self.tokenizer_vocab_size, "must be >= 260 (256 bytes + special tokens)")
+        _require(self.num_workers > 0, "num_workers", self.num_workers, "must be positive")
+        _require(self.prefetch >= 0, "prefetch", self.prefetch, "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """Elastic sizes and placement preferences for the mesh planner."""
+
+    min_workers: int = 1
+    max_workers: int = 1
+    gpus_per_node: int = 8
+    expert_parallel_degree: int = 0  # 0 = let the planner choose
+    dp_replicate_degree: int = 0  # 0 = let the planner choose (HSDP replicas across nodes)
+
+    def __post_init__(self) -> None:
+        _require(self.min_workers > 0, "min_workers", self.min_workers, "must be positive")
+        _require(self.max_workers >= self.min_workers, "max_workers", self.max_workers,
+                 f"must be >= min_workers ({self.min_workers})")
+        _require(self.gpus_per_node > 0, "gpus_per_node", self.gpus_per_node, "must be positive")
+        _require(self.expert_parallel_degree >= 0, "expert_parallel_degree",
+                 self.expert_parallel_degree, "must be >= 0 (0 = auto)")
+        _require(self.dp_replicate_degree >= 0, "dp_replicate_degree",
+                 self.dp_replicate_degree, "must be >= 0 (0 = auto)")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """Distributed checkpoints: where, how often, how many kept."""
+
+    dir: str = "outputs/checkpoints"  # local path or fsspec URL
+    every_steps: int = 100
+    keep_last: int = 3  # retention: the last K committed checkpoints ...
+    keep_every: int = 0  # ... plus every N-th step (0 = none extra)
+    async_save: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps > 0, "every_steps", self.every_steps, "must be positive")
+        _require(self.keep_last > 0, "keep_last", self.keep_last,
+                 "must be positive (the latest checkpoint is always kept)")
+        _require(self.keep_every >= 0, "keep_every", self.keep_every, "must be >= 0 (0 = off)")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrackingConfig:
+    """MLflow; an empty tracking_uri means $MLFLOW_TRACKING_URI or sqlite in the working dir."""
+
+    tracking_uri: str = ""
+    experiment: str = "elastic-moe"
+    run_name: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    """The root config: one per run."""
+
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.train.seq_len <= self.model.max_seq_len, "train.seq_len",
+                 self.train.seq_len, f"must be <= model.max_seq_len ({self.model.max_seq_len})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"model.dim": 7168, ...}``: the form MLflow params and ``--set`` use."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    out[f"{section}.{key}"] = value
+            else:
+                out[section] = values
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+
+
+def deepseek_v3_671b() -> Config:
+    """The published DeepSeek-V3 configuration (arXiv:2412.19437 sec. 4.2, HF config.json)."""
+    model = ModelConfig(max_seq_len=16384, original_seq_len=4096, rope_factor=40.0)
+    return Config(
+        name="deepseek_v3_671b",
+        model=model,
+        train=TrainConfig(steps=100_000, seq_len=4096, global_batch_size=15360, lr=2.2e-4,
+                          min_lr=2.2e-5, warmup_steps=2000),
+        parallel=ParallelConfig(min_workers=256, max_workers=2048, gpus_per_node=8),
+    )
+
+
+def small() -> Config:
+    """DeepSeek-V2-Lite / Moonlight-sized MoE (~16B total, ~2.7B active) for one or a few GPUs."""
+    model = ModelConfig(
+        vocab_size=102400, dim=2048, inter_dim=10944, num_layers=27, num_dense_layers=1,
+        num_heads=16, moe_inter_dim=1408, num_routed_experts=64, num_shared_experts=2,
+        num_activated_experts=6, num_expert_groups=1, num_limited_groups=1, route_scale=2.446,
+        q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, max_seq_len=4096, original_seq_len=4096, rope_factor=1.0,
+    )
+    return Config(
+        name="small", model=model,
+        train=TrainConfig(steps=10_000, seq_len=4096, global_batch_size=64, lr=4.2e-4,
+                          min_lr=4.2e-5, warmup_steps=500),
+        parallel=ParallelConfig(min_workers=1, max_workers=8, gpus_per_node=8),
+    )
+
+
+def debug() -> Config:
+    """A tiny model with every architectural feature, trained on CPU in seconds."""
+    model = ModelConfig(
+        vocab_size=2048, dim=64, inter_dim=192, num_layers=3, num_dense_layers=1, num_heads=4,
+        moe_inter_dim=32, num_routed_experts=8, num_shared_experts=1, num_activated_experts=2,
+        num_expert_groups=4, num_limited_groups=2, route_scale=2.5,
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        max_seq_len=256, original_seq_len=128, rope_factor=2.0, num_mtp_modules=1,
+        init_std=0.02, expert_backend="torch",
+    )
+    return Config(
+        name="debug", model=model,
+        train=TrainConfig(steps=40, seq_len=128, global_batch_size=8, micro_batch_size=4,
+                          lr=3e-3, min_lr=3e-4, warmup_steps=5, mixed_precision="fp32"),
+        data=DataConfig(tokenizer_vocab_size=2048),
+        parallel=ParallelConfig(min_workers=2, max_workers=2, gpus_per_node=2),
+        checkpoint=CheckpointConfig(every_steps=10, keep_last=2),
+    )
+
+
+RECIPES: dict[str, Callable[[], Config]] = {
+    "debug": debug,
+    "small": small,
+    "deepseek_v3_671b": deepseek_v3_671b,
+}
+
+
+def get_recipe(name: str) -> Config:
+    if name not in RECIPES:
+        raise ValueError(f"recipe={name!r}: unknown recipe; choose one of {sorted(RECIPES)}")
+    return RECIPES[name]()
+
+
+def _parse_value(text: str, annotation: Any, key: str) -> Any:
+    ann = annotation if not isinstance(annotation, str) else annotation
+    if ann in ("bool", bool):
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key}={text!r}: expected a boolean (true/false)")
+    if ann in ("int", int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{key}={text!r}: expected an integer") from None
+    if ann in ("float", float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{key}={text!r}: expected a number") from None
+    return text
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Return a new config with ``section.field=value`` overrides applied and re-validated."""
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. model.dim=128")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) == 1 and parts[0] == "name":
+            top["name"] = text
+            continue
+        if len(parts) != 2:
+            raise ValueError(f"--set {key!r}: expected section.field (e.g. train.steps)")
+        section, name = parts
+        sub = getattr(cfg, section, None)
+        if sub is None or not dataclasses.is_dataclass(sub):
+            valid = [f.name for f in dataclasses.fields(cfg) if f.name != "name"]
+            raise ValueError(f"--set {key!r}: unknown section {section!r}; one of {valid}")
+        hints = typing.get_type_hints(type(sub))
+        if name not in hints:
+            raise ValueError(f"--set {key!r}: {type(sub).__name__} has no field {name!r}; "
+                             f"valid: {sorted(f.name for f in dataclasses.fields(sub))}")
+        hint = hints[name]
+        if typing.get_origin(hint) is Literal:
+            allowed = typing.get_args(hint)
+            if text not in allowed:
+                raise ValueError(f"{key}={text!r}: must be one of {list(allowed)}")
+            value: Any = text
+        else:
+            value = _parse_value(text, hint, key)
+        sections.setdefault(section, {})[name] = value
+    changes: dict[str, Any] = dict(top)
+    for section, values in sections.items():
+        changes[section] = dataclasses.replace(getattr(cfg, section), **values)
+    return dataclasses.replace(cfg, **changes)
