@@ -1,0 +1,140 @@
+"""World-size-independent data position and the split of a global batch over data-parallel ranks.
+
+Implements the "Streaming" step of DESIGN.md: the data position is one number per run (plus the
+epoch and seed), never a per-rank cursor, so a resize only changes how the *next* global batch is
+split, and no sample is lost or seen twice.
+
+The sample stream is the concatenation of seeded epoch permutations of the packed sequences:
+stream offset ``t`` is sample ``(epoch = t // N, index = perm_epoch[t % N])``. A global batch is
+the next ``global_batch_size`` offsets; rank ``r`` of ``dp_size`` gets the ``r``-th contiguous
+``global_batch_size / dp_size`` of them.
+
+**Epoch tail**: when ``N`` is not a multiple of the global batch, the last global batch of an
+epoch takes the epoch's remaining samples and continues with the first samples of the next
+epoch's permutation. Nothing is dropped or padded; every ``(epoch, index)`` is served exactly
+once, and the sample ids carry their epoch so a consumer can tell.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class DataPosition:
+    """Where the run is in the sample stream; the same for every world size.
+
+    ``index`` = samples of ``epoch`` already consumed (0 <= index < num_sequences). ``seed``
+    fixes every epoch's permutation. Checkpoints store :meth:`to_dict`.
+    """
+
+    epoch: int = 0
+    index: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epoch < 0:
+            raise ValueError(f"epoch={self.epoch!r}: must be >= 0")
+        if self.index < 0:
+            raise ValueError(f"index={self.index!r}: must be >= 0")
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> DataPosition:
+        return cls(epoch=int(state["epoch"]), index=int(state["index"]),
+                   seed=int(state.get("seed", 0)))
+
+    def offset(self, num_sequences: int) -> int:
+        """Stream offset ``epoch * N + index``: samples consumed since the run began."""
+        return self.epoch * num_sequences + self.index
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, num_sequences: int) -> np.ndarray:
+    """The seeded permutation of ``range(num_sequences)`` for one epoch (int64, read-only)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_sequences)
+    perm.flags.writeable = False
+    return perm
+
+
+def _check(num_sequences: int, global_batch_size: int) -> None:
+    if num_sequences <= 0:
+        raise ValueError(f"num_sequences={num_sequences!r}: must be positive")
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size={global_batch_size!r}: must be positive")
+    if global_batch_size > num_sequences:
+        raise ValueError(f"global_batch_size={global_batch_size!r}: must be <= num_sequences "
+                         f"({num_sequences}) so one batch never holds a sample twice")
+
+
+def stream_samples(position: DataPosition, start: int, count: int,
+                   num_sequences: int) -> list[tuple[int, int]]:
+    """``count`` (epoch, sequence index) pairs from stream offset ``position + start``."""
+    out: list[tuple[int, int]] = []
+    t = position.offset(num_sequences) + start
+    end = t + count
+    while t < end:
+        epoch, i = divmod(t, num_sequences)
+        take = min(end - t, num_sequences - i)
+        perm = epoch_permutation(position.seed, epoch, num_sequences)
+        out.extend((epoch, int(s)) for s in perm[i: i + take])
+        t += take
+    return out
+
+
+def batch_sample_ids(position: DataPosition, num_sequences: int, global_batch_size: int,
+                     dp_rank: int, dp_size: int) -> list[tuple[int, int]]:
+    """This rank's ``(epoch, sequence index)`` pairs for the NEXT global batch.
+
+    The global batch is the next ``global_batch_size`` samples of the stream, split into
+    ``dp_size`` contiguous equal parts; ``global_batch_size`` must be divisible by ``dp_size``.
+    """
+    _check(num_sequences, global_batch_size)
+    if dp_size <= 0:
+        raise ValueError(f"dp_size={dp_size!r}: must be positive")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank!r}: must be in [0, dp_size={dp_size})")
+    if global_batch_size % dp_size:
+        raise ValueError(f"global_batch_size={global_batch_size!r}: must be divisible by "
+                         f"dp_size={dp_size}")
+    per_rank = global_batch_size // dp_size
+    return stream_samples(position, dp_rank * per_rank, per_rank, num_sequences)
+
+
+def advance(position: DataPosition, global_batch_size: int, num_sequences: int,
+            num_batches: int = 1) -> DataPosition:
+    """The position after ``num_batches`` global batches; rolls into the next epoch(s)."""
+    _check(num_sequences, global_batch_size)
+    epoch, index = divmod(position.offset(num_sequences) + num_batches * global_batch_size,
+                          num_sequences)
+    return DataPosition(epoch=epoch, index=index, seed=position.seed)
+
+
+def make_batch(dataset: Any, sample_ids: list[tuple[int, int]]) -> dict[str, Any]:
+    """Gather a batch from a :class:`~elastic_moe.data.shards.TokenDataset`.
+
+    Returns torch tensors ``input_ids (B, S) int64`` (tokens 0..S-1), ``labels (B, S) int64``
+    (tokens 1..S, the next-token targets), ``doc_ids (B, S) int32`` (document index of each input
+    position within its sequence: attend only where the ids are equal; a label crosses into the
+    next document only at an EOS input, so it stays a valid target), and ``sample_ids`` (the
+    ``(epoch, index)`` list, for bookkeeping and tests).
+    """
+    import torch
+
+    width = dataset.seq_len + 1
+    tokens = np.empty((len(sample_ids), width), dtype=np.int64)
+    docs = np.empty((len(sample_ids), width), dtype=np.int32)
+    for row, (_, idx) in enumerate(sample_ids):
+        tokens[row], docs[row] = dataset.sequence(idx)
+    return {
+        "input_ids": torch.from_numpy(tokens[:, :-1].copy()),
+        "labels": torch.from_numpy(tokens[:, 1:].copy()),
+        "doc_ids": torch.from_numpy(docs[:, :-1].copy()),
+        "sample_ids": list(sample_ids),
+    }
