@@ -23,6 +23,7 @@ import torch
 
 from kernels.grouped_gemm import grouped_mm, grouped_mm_dw, segment_offsets
 from kernels.permute import combine, combine_backward, expert_order, gather_rows
+from kernels.runtime import check_device
 from kernels.swiglu import swiglu, swiglu_backward
 
 __all__ = ["ExpertMLPFunction", "RoutedExpertsFunction", "expert_mlp_triton",
@@ -30,6 +31,7 @@ __all__ = ["ExpertMLPFunction", "RoutedExpertsFunction", "expert_mlp_triton",
 
 
 def _check_weights(x: torch.Tensor, w13_EHD: torch.Tensor, w2_EDI: torch.Tensor) -> None:
+    check_device(x)
     num_experts, hidden2, dim = w13_EHD.shape
     if w2_EDI.shape != (num_experts, dim, hidden2 // 2) or hidden2 % 2:
         raise ValueError(f"w13_EHD {tuple(w13_EHD.shape)} and w2_EDI {tuple(w2_EDI.shape)}: "
