@@ -17,9 +17,11 @@ import io
 import json
 import logging
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -149,22 +151,76 @@ def _decode(payload: bytes, stats: ReadStats) -> str | None:
 
 
 def _read_wet(path: str, stats: ReadStats, config: ReaderConfig) -> Iterator[Document]:
+    # Decompress ourselves rather than with warcio's reader: warcio (and gzip.GzipFile under it)
+    # stops quietly at a cut gzip member; _GzipStream remembers that the stream was truncated.
+    gz = path.lower().endswith(".gz")
+    with open(path, "rb") as raw:
+        fh = _GzipStream(raw) if gz else raw
+        yield from _wet_records(fh, stats)
+        if gz and fh.truncated:  # type: ignore[union-attr]
+            raise EOFError("truncated gzip stream (compressed file ended mid-member)")
+
+
+class _GzipStream(io.RawIOBase):
+    """Multi-member gzip decompression that flags a truncated stream instead of hiding it."""
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        self._raw = raw
+        self._dec = zlib.decompressobj(wbits=31)
+        self._buf = b""
+        self._pos = 0  # read offset into _buf (slicing a large buffer per read would be O(n^2))
+        self._in_member = False
+        self.truncated = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, out) -> int:  # type: ignore[no-untyped-def]
+        while self._pos >= len(self._buf):
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                self.truncated = self._in_member
+                return 0
+            parts = []
+            while chunk:
+                self._in_member = True
+                parts.append(self._dec.decompress(chunk))
+                if self._dec.eof:  # member done; the rest of the chunk starts the next one
+                    chunk = self._dec.unused_data
+                    self._dec = zlib.decompressobj(wbits=31)
+                    self._in_member = False
+                else:
+                    chunk = b""
+            self._buf, self._pos = b"".join(parts), 0
+        n = min(len(out), len(self._buf) - self._pos)
+        out[:n] = self._buf[self._pos: self._pos + n]
+        self._pos += n
+        return n
+
+
+def _wet_records(fh: Any, stats: ReadStats) -> Iterator[Document]:
     from warcio.archiveiterator import ArchiveIterator
 
-    with open(path, "rb") as fh:
-        for record in ArchiveIterator(fh):
-            # warcinfo/request/response/metadata records carry no extracted text
-            if record.rec_type != "conversion":
-                continue
-            record_id = record.rec_headers.get_header("WARC-Record-ID") or ""
-            url = record.rec_headers.get_header("WARC-Target-URI") or ""
-            text = _decode(record.content_stream().read(), stats)
-            if text is None:
-                continue
-            if not record_id:
-                stats.skipped["missing_id"] += 1
-                continue
-            yield Document(id=record_id, text=text, url=url)
+    stream = io.BufferedReader(fh, 1 << 20) if isinstance(fh, io.RawIOBase) else fh
+    for record in ArchiveIterator(stream):
+        # warcinfo/request/response/metadata records carry no extracted text
+        if record.rec_type != "conversion":
+            continue
+        record_id = record.rec_headers.get_header("WARC-Record-ID") or ""
+        url = record.rec_headers.get_header("WARC-Target-URI") or ""
+        payload = record.content_stream().read()
+        declared = record.rec_headers.get_header("Content-Length")
+        # warcio ends quietly on a truncated gzip member: a short block is the only sign
+        if declared is not None and len(payload) < int(declared):
+            raise EOFError(f"truncated WARC record {record_id or '?'}: {len(payload)} of "
+                           f"{declared} bytes (file cut short?)")
+        text = _decode(payload, stats)
+        if text is None:
+            continue
+        if not record_id:
+            stats.skipped["missing_id"] += 1
+            continue
+        yield Document(id=record_id, text=text, url=url)
 
 
 def _open_text_stream(path: str) -> io.BufferedIOBase:

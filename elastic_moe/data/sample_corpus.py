@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import fcntl
+import functools
 import gzip
 import io
 import json
@@ -58,8 +59,11 @@ def _sentences(text: str) -> list[str]:
     return out
 
 
-def sentence_pool() -> list[str]:
-    """Unique English sentences from Python's help topics and stdlib docstrings (sorted)."""
+@functools.lru_cache(maxsize=1)
+def sentence_pool() -> tuple[str, ...]:
+    """Unique English sentences from Python's help topics and stdlib docstrings (sorted).
+
+    Cached: parsing the stdlib takes seconds and the result never changes within a process."""
     import pydoc_data.topics
 
     pool = set()
@@ -79,7 +83,7 @@ def sentence_pool() -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc:
                     pool.update(_sentences(doc))
-    return sorted(pool)
+    return tuple(sorted(pool))
 
 
 def shingle_jaccard(a: str, b: str, n: int = 5) -> float:
@@ -92,7 +96,7 @@ def shingle_jaccard(a: str, b: str, n: int = 5) -> float:
     return len(ga & gb) / max(1, len(ga | gb))
 
 
-def _make_doc(rng: random.Random, pool: list[str], min_s: int, max_s: int) -> str:
+def _make_doc(rng: random.Random, pool: tuple[str, ...], min_s: int, max_s: int) -> str:
     sents = rng.sample(pool, rng.randint(min_s, max_s))
     paras, i = [], 0
     while i < len(sents):
