@@ -1,0 +1,127 @@
+"""One optimizer step: micro-batches -> gradient accumulation -> clip -> AdamW -> router biases.
+
+The schedule is DeepSeek-V3's shape (sec. 4.2) simplified: linear warmup, then cosine decay to
+``min_lr``. Aux-loss-free bias updates happen after the optimizer step with loads summed over the
+global batch (all ranks).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from elastic_moe.config import ModelConfig, TrainConfig
+from elastic_moe.model.moe import update_router_biases
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / decay_steps, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms and other 1-D parameters."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                             foreach=False)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA when asked; CPU runs fp32 (CPU bf16 autocast is slow and lossy)."""
+    if cfg.mixed_precision == "bf16" and device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    lm_loss: float
+    mtp_loss: float
+    balance_loss: float
+    grad_norm: float
+    lr: float
+    tokens: int  # tokens in the global batch
+    seconds: float
+    expert_stats: dict[str, float] = field(default_factory=dict)
+    expert_loads: torch.Tensor | None = None  # [num_moe_layers, E], global batch
+
+    def as_dict(self) -> dict[str, float]:
+        out = {"loss": self.loss, "lm_loss": self.lm_loss, "mtp_loss": self.mtp_loss,
+               "balance_loss": self.balance_loss, "grad_norm": self.grad_norm, "lr": self.lr,
+               "tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+        out.update(self.expert_stats)
+        return out
+
+
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Total gradient norm over all parameters (and clipping when ``max_norm`` > 0)."""
+    params = [p for p in parameters if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"),
+                                          foreach=False)
+
+
+def _mean_over_ranks(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        # SUM then divide: gloo's ReduceOp.AVG is not supported everywhere.
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+        values /= dist.get_world_size(group)
+    return values
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: Sequence[dict[str, Any]], step: int, train_cfg: TrainConfig,
+               model_cfg: ModelConfig, *, dp_size: int = 1,
+               group: dist.ProcessGroup | None = None) -> StepMetrics:
+    """Run one optimizer step over this rank's micro-batches of the global batch.
+
+    Each micro-batch loss is scaled by ``1 / (micro-batches * dp_size)`` so that gradients summed
+    over ranks (FSDP reduce-scatter with SUM, or DDP) equal the gradient of the global-batch mean;
+    with no process group ``dp_size`` is 1.
+    """
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    amp = autocast_dtype(train_cfg, device)
+    lr = lr_at(step, train_cfg)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+    model.train()
+    sums = torch.zeros(4, dtype=torch.float64)
+    tokens = 0
+    for batch in micro_batches:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(batch["input_ids"].to(device), batch["labels"].to(device),
+                        batch.get("doc_ids").to(device) if batch.get("doc_ids") is not None
+                        else None, mtp_loss_weight=train_cfg.mtp_loss_weight)
+        (out.loss / (len(micro_batches) * dp_size)).backward()
+        sums += torch.tensor([out.loss.item(), out.lm_loss.item(), out.mtp_loss.item(),
+                              out.balance_loss.item()], dtype=torch.float64)
+        tokens += out.num_tokens
+    grad_norm = clip_grad_norm(model.parameters(), train_cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    expert_stats, loads = update_router_biases(model, model_cfg.bias_update_speed, group=group)
+    means = _mean_over_ranks(sums / max(len(micro_batches), 1), group)
+    return StepMetrics(step=step, loss=float(means[0]), lm_loss=float(means[1]),
+                       mtp_loss=float(means[2]), balance_loss=float(means[3]),
+                       grad_norm=float(grad_norm), lr=lr, tokens=tokens * dp_size,
+                       seconds=time.perf_counter() - start, expert_stats=expert_stats,
+                       expert_loads=loads)
