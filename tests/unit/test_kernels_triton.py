@@ -52,17 +52,19 @@ if not _RUN_IN_SUBPROCESS:
 in_process = pytest.mark.skipif(_RUN_IN_SUBPROCESS, reason="runs in the interpreter subprocess")
 
 FP32_TOL = 1e-5
-# fp16 outputs vs the float64 oracle. Single ops round once; the MLP and the whole block round the
-# stored fp16 intermediates (h, a, y) too, and gradients pass through two more fp16 GEMMs.
+# fp16 outputs vs the float64 oracle. Single ops round once (unit roundoff 4.9e-4); the MLP and
+# the whole block round the stored fp16 intermediates (h, a, y) too, and gradients pass through
+# two more fp16 GEMMs. Measured on FP16_CASES when this was written: routed_experts 5.9e-4 and its
+# gradients 1.1e-3, below torch's own fp16 path (7.5e-4 and 2.1e-3) on the same inputs.
 FP16_TOL = {
     "permute": 0.0,  # data movement is exact
-    "grouped_mm": 2e-3,
-    "swiglu": 2e-3,
-    "combine": 2e-3,
-    "expert_mlp": 4e-3,
-    "expert_mlp_grad": 8e-3,
-    "routed_experts": 4e-3,
-    "routed_experts_grad": 8e-3,
+    "grouped_mm": 1.5e-3,
+    "swiglu": 1.5e-3,
+    "combine": 1.5e-3,
+    "expert_mlp": 2e-3,
+    "expert_mlp_grad": 4e-3,
+    "routed_experts": 2e-3,
+    "routed_experts_grad": 4e-3,
 }
 
 
