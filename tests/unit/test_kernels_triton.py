@@ -367,3 +367,46 @@ def test_routed_experts_partial_requires_grad() -> None:
     ref_dx, ref_dw13 = torch.autograd.grad(ref_TD, (x64, w13_64), dout_TD.double())
     assert_close(dx_TD, ref_dx, FP32_TOL, "dx")
     assert_close(dw13_EHD, ref_dw13, FP32_TOL, "dw13")
+
+
+@in_process
+def test_moe_layer_same_loss_and_grads_with_triton_and_torch_experts() -> None:
+    """The model's MoE layer (debug recipe sizes) with expert_backend='triton' vs 'torch'."""
+    import dataclasses
+
+    from elastic_moe.config import debug
+    from elastic_moe.model.moe import MoE
+
+    cfg = debug().model
+    layers = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(10)  # identical parameters in both layers
+        layer = MoE(dataclasses.replace(cfg, expert_backend=backend))
+        with torch.no_grad():
+            for param in layer.parameters():
+                param.normal_(0.0, 0.3)
+            layer.gate.weight.normal_(0.0, 2.0)  # peaked router: uneven loads, an empty expert
+        layers[backend] = layer.train()
+    gen = torch.Generator().manual_seed(11)
+    x_BSD = torch.randn(2, 7, cfg.dim, generator=gen)
+    target_BSD = torch.randn(2, 7, cfg.dim, generator=gen)
+    results = {}
+    for backend, layer in layers.items():
+        x = x_BSD.clone().requires_grad_(True)
+        loss = (layer(x) * target_BSD).sum()
+        if layer.balance_loss is not None:
+            loss = loss + layer.balance_loss
+        loss.backward()
+        grads = {name: p.grad for name, p in layer.named_parameters()}
+        results[backend] = (loss.detach(), x.grad, grads)
+    loss_torch, dx_torch, grads_torch = results["torch"]
+    loss_triton, dx_triton, grads_triton = results["triton"]
+    assert_close(loss_triton.reshape(1), loss_torch.reshape(1), FP32_TOL, "loss")
+    assert_close(dx_triton, dx_torch, FP32_TOL, "dx")
+    assert grads_triton.keys() == grads_torch.keys()
+    for name, grad in grads_torch.items():
+        assert grad is not None, name
+        assert_close(grads_triton[name], grad, FP32_TOL, name)
+    routed_E = layers["torch"].tokens_per_expert
+    assert torch.equal(layers["triton"].tokens_per_expert, routed_E)
+    assert (routed_E == 0).any(), "the case should include an empty expert"
