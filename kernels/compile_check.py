@@ -10,6 +10,7 @@ Must run with TRITON_INTERPRET unset: interpreted kernels are plain Python, not 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--all-configs", action="store_true",
                         help="every autotune config, not only the first")
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if is_interpreting():
         print("TRITON_INTERPRET=1 is set: kernels are interpreted and cannot be compiled",
@@ -150,16 +152,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
+    results = []
     for case in compile_cases(tuple(args.dtypes.split(",")), args.all_configs):
         start = time.perf_counter()
         try:
             kernel = compile_case(case, target)
             shared = kernel.metadata.shared
             status = "ok  " if shared <= SM90_MAX_SHARED or args.arch != 90 else "SMEM"
-            print(f"{status} {time.perf_counter() - start:5.1f}s shared={shared:6d}B  {case.name}")
+            print(f"{status} {time.perf_counter() - start:5.1f}s shared={shared:6d}B  {case.name}",
+                  flush=True)
+            results.append({"name": case.name, "ok": True, "shared": shared,
+                            "constexprs": {k: v for k, v in case.constexprs.items()
+                                           if k.startswith("BLOCK")},
+                            "num_stages": case.num_stages, "has_cubin": "cubin" in kernel.asm})
         except Exception as exc:  # report every failing kernel, not only the first
             failures += 1
-            print(f"FAIL {case.name}: {type(exc).__name__}: {str(exc)[:2000]}")
+            print(f"FAIL {case.name}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+            results.append({"name": case.name, "ok": False, "error": str(exc)[:2000]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
     return 1 if failures else 0
 
 
