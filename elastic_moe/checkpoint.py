@@ -1,0 +1,378 @@
+"""Distributed checkpoints: sharded save, atomic commit, async save, restore at any world size.
+
+Every rank writes its own shards with ``torch.distributed.checkpoint`` (DCP); DCP records global
+tensor layouts in ``.metadata``, so a checkpoint written at one world size / expert-parallel
+degree loads at any other (resharding happens on read). A checkpoint *exists* only once rank 0
+has written its ``COMMITTED`` manifest (file names, sizes, CRC32), after every rank's data and
+DCP's metadata are on storage; anything without the marker is a partial save from a crash and is
+ignored and removed. Restores verify the manifest first and fall back to the previous committed
+checkpoint, loudly, when a file is missing, truncated or corrupted.
+
+Layout under ``root`` (a local path or any fsspec URL)::
+
+    step_00000120/  __0_0.distcp ... .metadata  train_state.json  COMMITTED
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import zlib
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+COMMIT_FILE = "COMMITTED"
+STATE_FILE = "train_state.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Test hook: a rank whose number matches exits the process half-way through writing its shards
+# of the save at this step ("<step>:<rank>"), to test crash-during-save handling.
+DIE_DURING_SAVE_ENV = "ELASTIC_MOE_TEST_DIE_DURING_SAVE"
+
+
+class CheckpointError(RuntimeError):
+    """No usable committed checkpoint could be restored."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a restore needs; world-size independent."""
+
+    step: int  # completed optimizer steps: training continues at this step
+    tokens_seen: int = 0
+    data_position: dict[str, Any] = field(default_factory=dict)
+    mesh_plan: dict[str, Any] = field(default_factory=dict)  # the plan it was saved under
+    model_config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _crc32(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    crc = 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+class Checkpointer:
+    """Save/restore training state under ``root``; collective calls on every rank."""
+
+    def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0, async_save: bool = True,
+                 process_group: dist.ProcessGroup | None = None) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last}: must be >= 1 (the latest is always kept)")
+        self.root = root
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.async_save = async_save
+        self.fs, self.base = fsspec.core.url_to_fs(root)
+        self._is_url = "://" in root
+        self._pending: Future | None = None
+        self._pending_step: int | None = None
+        self._commit_error: BaseException | None = None
+        self._lock = threading.Lock()
+        # DCP's async writer runs collectives from a background thread: give it its own group so
+        # they never interleave with the training step's collectives on the default group.
+        if process_group is None and _distributed() and async_save:
+            process_group = dist.new_group(backend="gloo")
+        self.group = process_group
+        if _rank() == 0:
+            self.fs.makedirs(self.base, exist_ok=True)
+
+    # ------------------------------------------------------------------ paths
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.base.rstrip("/"), *parts])
+
+    def _url(self, step: int) -> str:
+        if self._is_url:
+            return self.root.rstrip("/") + "/" + step_dir_name(step)
+        return self._path(step_dir_name(step))
+
+    def _step_dirs(self) -> dict[int, str]:
+        if not self.fs.exists(self.base):
+            return {}
+        out = {}
+        for entry in self.fs.ls(self.base, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if m := _STEP_DIR.match(name):
+                out[int(m[1])] = entry
+        return out
+
+    def committed_steps(self) -> list[int]:
+        """Steps with a complete (committed) checkpoint, ascending."""
+        return sorted(step for step, path in self._step_dirs().items()
+                      if self.fs.exists(f"{path}/{COMMIT_FILE}"))
+
+    def latest_step(self) -> int | None:
+        steps = self.committed_steps()
+        return steps[-1] if steps else None
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             state: TrainState) -> None:
+        """Checkpoint after ``step`` completed steps. Async: returns once state is staged.
+
+        At most one save is in flight: a new save first waits for (and commits) the previous one.
+        """
+        self.wait()
+        state_dict = self._state_dict(model, optimizer)
+        writer = self._writer(step)
+        directory = self._path(step_dir_name(step))
+        if _rank() == 0 and self.fs.exists(directory):
+            self.fs.rm(directory, recursive=True)  # a stale partial save of the same step
+        if _distributed():
+            dist.barrier(group=self.group)
+        kwargs: dict[str, Any] = {"storage_writer": writer, "process_group": self.group,
+                                  "no_dist": not _distributed()}
+        if self.async_save:
+            future = dcp.async_save(state_dict, **kwargs)
+            if not isinstance(future, Future):  # AsyncSaveResponse in newer torch
+                future = future.upload_completion
+            with self._lock:
+                self._pending, self._pending_step = future, step
+            pending_state = TrainState(**asdict(state))
+            future.add_done_callback(lambda f: self._on_written(f, step, pending_state))
+        else:
+            dcp.save(state_dict, **kwargs)
+            self._commit(step, state)
+
+    def _on_written(self, future: Future, step: int, state: TrainState) -> None:
+        try:
+            future.result()
+            self._commit(step, state)
+        except BaseException as exc:  # surfaced by wait(); the checkpoint stays uncommitted
+            self._commit_error = exc
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) is written and committed."""
+        with self._lock:
+            pending, step = self._pending, self._pending_step
+            self._pending = self._pending_step = None
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception as exc:
+                raise CheckpointError(f"checkpoint save at step {step} failed: {exc}") from exc
+            # result() can return before the done-callback has committed: wait for the marker
+            marker = self._path(step_dir_name(step or 0), COMMIT_FILE)
+            while self._commit_error is None and _rank() == 0 and not self.fs.exists(marker):
+                threading.Event().wait(0.01)
+        if self._commit_error is not None:
+            error, self._commit_error = self._commit_error, None
+            raise CheckpointError(f"checkpoint commit at step {step} failed: {error}") from error
+
+    def _commit(self, step: int, state: TrainState) -> None:
+        """Rank 0, after every rank's shards and DCP's metadata are written."""
+        if _rank() != 0:
+            return
+        directory = self._path(step_dir_name(step))
+        with self.fs.open(f"{directory}/{STATE_FILE}", "w") as f:
+            json.dump(asdict(state), f, indent=1)
+        files = {}
+        for entry in self.fs.ls(directory, detail=True):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            files[name] = {"size": int(entry["size"]), "crc32": _crc32(self.fs, entry["name"])}
+        tmp = f"{directory}/{COMMIT_FILE}.tmp"
+        with self.fs.open(tmp, "w") as f:
+            json.dump({"step": step, "files": files}, f, indent=1)
+        self.fs.mv(tmp, f"{directory}/{COMMIT_FILE}")  # the commit point
+        log.info("checkpoint committed: %s (%d files)", directory, len(files))
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        committed = self.committed_steps()
+        keep = set(committed[-self.keep_last:])
+        if self.keep_every > 0:
+            keep |= {s for s in committed if s % self.keep_every == 0}
+        newest = committed[-1] if committed else -1
+        for step, path in self._step_dirs().items():
+            partial = step not in committed
+            if (not partial and step not in keep) or (partial and step < newest):
+                self.fs.rm(path, recursive=True)
+
+    def _writer(self, step: int) -> dcp.StorageWriter:
+        if self._is_url:
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+            writer: dcp.StorageWriter = FsspecWriter(self._url(step))
+        else:
+            writer = dcp.FileSystemWriter(self._url(step))
+        hook = os.environ.get(DIE_DURING_SAVE_ENV, "")
+        if hook:
+            die_step, die_rank = (int(x) for x in hook.split(":"))
+            if die_step == step and die_rank == _rank():
+                writer = _DyingWriter(writer)
+        return writer
+
+    @staticmethod
+    def _state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        if optimizer is not None:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            sd: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+        else:
+            sd = {"model": get_state_dict(model, [])[0]}
+        sd["rng"] = {"cpu": torch.get_rng_state()}
+        return sd
+
+    # ------------------------------------------------------------------ restore
+    def verify(self, step: int) -> None:
+        """Raise CheckpointError naming the first missing, truncated or corrupted file."""
+        directory = self._path(step_dir_name(step))
+        try:
+            with self.fs.open(f"{directory}/{COMMIT_FILE}") as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{directory}/{COMMIT_FILE}: unreadable ({exc})") from exc
+        for name, expect in manifest["files"].items():
+            path = f"{directory}/{name}"
+            if not self.fs.exists(path):
+                raise CheckpointError(f"{path}: missing (listed in {COMMIT_FILE})")
+            size = int(self.fs.size(path))
+            if size != expect["size"]:
+                raise CheckpointError(f"{path}: {size} bytes, committed with {expect['size']} "
+                                      "(truncated or overwritten)")
+            if _crc32(self.fs, path) != expect["crc32"]:
+                raise CheckpointError(f"{path}: CRC32 mismatch (corrupted)")
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                step: int | None = None) -> TrainState | None:
+        """Load the newest committed checkpoint (or ``step``) into model/optimizer, resharding.
+
+        A checkpoint that fails verification or loading is reported (file and reason) and the
+        previous committed one is tried; ``None`` when there is no checkpoint at all.
+        """
+        self.wait()
+        candidates = self.committed_steps()
+        if step is not None:
+            if step not in candidates:
+                raise CheckpointError(f"{self.root}: no committed checkpoint at step {step}; "
+                                      f"committed: {candidates}")
+            candidates = [step]
+        if _rank() == 0:
+            newest = candidates[-1] if candidates else -1
+            for s, path in self._step_dirs().items():
+                if s not in candidates and s > newest:
+                    log.warning("removing partial checkpoint %s (never committed)", path)
+                    self.fs.rm(path, recursive=True)
+        failures = []
+        for candidate in reversed(candidates):
+            error = self._try_load(candidate, model, optimizer)
+            if error is None:
+                with self.fs.open(self._path(step_dir_name(candidate), STATE_FILE)) as f:
+                    state = TrainState(**json.load(f))
+                if failures:
+                    log.error("restored step %d after skipping: %s", candidate, "; ".join(failures))
+                return state
+            failures.append(error)
+            log.error("checkpoint at step %d unusable, falling back: %s", candidate, error)
+        if failures:
+            raise CheckpointError("no committed checkpoint could be restored: " + "; ".join(failures))
+        return None
+
+    def _try_load(self, step: int, model: nn.Module,
+                  optimizer: torch.optim.Optimizer | None) -> str | None:
+        error = None
+        try:
+            self.verify(step)
+        except CheckpointError as exc:
+            error = str(exc)
+        if _distributed():  # every rank must agree before the collective load
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), None)
+        if error:
+            return error
+        state_dict = self._state_dict(model, optimizer)
+        try:
+            if self._is_url:
+                from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+                reader: dcp.StorageReader = FsspecReader(self._url(step))
+            else:
+                reader = dcp.FileSystemReader(self._url(step))
+            dcp.load(state_dict, storage_reader=reader, process_group=self.group,
+                     no_dist=not _distributed())
+        except Exception as exc:  # DCP raises on every rank when any rank fails
+            return f"{self._url(step)}: load failed ({type(exc).__name__}: {exc})"
+        options = StateDictOptions(strict=True)
+        if optimizer is not None:
+            set_state_dict(model, optimizer, model_state_dict=state_dict["model"],
+                           optim_state_dict=state_dict["optim"], options=options)
+        else:
+            set_state_dict(model, [], model_state_dict=state_dict["model"],
+                           optim_state_dict={}, options=options)
+        torch.set_rng_state(state_dict["rng"]["cpu"])
+        return None
+
+    def read_state(self, step: int) -> TrainState:
+        with self.fs.open(self._path(step_dir_name(step), STATE_FILE)) as f:
+            return TrainState(**json.load(f))
+
+
+class _DyingWriter(dcp.StorageWriter):
+    """Delegating writer that kills the process after writing part of its data (test hook)."""
+
+    def __init__(self, inner: dcp.StorageWriter) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def reset(self, checkpoint_id=None):  # type: ignore[no-untyped-def]
+        return self.inner.reset(checkpoint_id)
+
+    def set_up_storage_writer(self, is_coordinator, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.inner.set_up_storage_writer(is_coordinator, *args, **kwargs)
+
+    def prepare_local_plan(self, plan):  # type: ignore[no-untyped-def]
+        return self.inner.prepare_local_plan(plan)
+
+    def prepare_global_plan(self, plans):  # type: ignore[no-untyped-def]
+        return self.inner.prepare_global_plan(plans)
+
+    def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+        half = plan.items[: max(len(plan.items) // 2, 1)]
+        half_plan = type(plan)(items=half, storage_data=plan.storage_data,
+                               planner_data=plan.planner_data)
+        self.inner.write_data(half_plan, planner).wait()
+        log.error("test hook %s: rank %d exits in the middle of its save", DIE_DURING_SAVE_ENV,
+                  _rank())
+        os._exit(17)
+
+    def finish(self, metadata, results):  # type: ignore[no-untyped-def]
+        return self.inner.finish(metadata, results)
+
+    def storage_meta(self):  # type: ignore[no-untyped-def]
+        return self.inner.storage_meta()
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:  # type: ignore[no-untyped-def]
+        return True

@@ -1,0 +1,94 @@
+"""Train a DeepSeek-V3-style MoE model, elastically, on Ray.
+
+    python jobs/train.py                       # embedded local Ray, debug recipe, bundled corpus
+    python jobs/train.py --recipe small --workers 8:64 --set train.lr=3e-4
+    python jobs/train.py --recipe deepseek_v3_671b --describe
+    ray job submit --working-dir . -- python jobs/train.py --recipe small --workers 8:64
+
+With ``RAY_ADDRESS`` set (as under ``ray job submit``) it attaches to that cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python jobs/train.py` from a checkout, without installing
+    sys.path.insert(0, ROOT)
+
+from elastic_moe.config import RECIPES, Config, apply_overrides, get_recipe  # noqa: E402
+
+
+def parse_workers(text: str) -> tuple[int, int]:
+    try:
+        if ":" in text:
+            low, high = (int(part) for part in text.split(":", 1))
+        else:
+            low = high = int(text)
+    except ValueError:
+        raise ValueError(f"--workers {text!r}: expected N or MIN:MAX, e.g. 2:4") from None
+    if low < 1 or high < low:
+        raise ValueError(f"--workers {text!r}: need 1 <= MIN <= MAX")
+    return low, high
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    cfg = get_recipe(args.recipe)
+    overrides = list(args.set or [])
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.data:
+        overrides.append(f"data.manifest={args.data}")
+    if args.workers:
+        low, high = parse_workers(args.workers)
+        overrides += [f"parallel.min_workers={low}", f"parallel.max_workers={high}"]
+    return apply_overrides(cfg, overrides)
+
+
+def describe(cfg: Config) -> str:
+    from elastic_moe.model import count_parameters
+
+    counts = count_parameters(cfg.model)
+    lines = [json.dumps(dataclasses.asdict(cfg), indent=2),
+             f"total parameters: {counts.total}",
+             f"activated parameters per token: {counts.activated}",
+             f"MTP parameters (not in the totals above): {counts.mtp}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="debug", choices=sorted(RECIPES))
+    parser.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    parser.add_argument("--workers", help="elastic worker count MIN:MAX (or N)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set model.dim=128 (repeatable)")
+    parser.add_argument("--data", help="manifest.json of prepared data (default: bundled corpus)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run of the same name from its last committed checkpoint")
+    parser.add_argument("--run-name", help="run name (checkpoints and MLflow run); default: recipe")
+    parser.add_argument("--describe", action="store_true",
+                        help="print the resolved config and parameter counts, then exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = build_config(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.describe:
+        print(describe(cfg))
+        return 0
+    from elastic_moe.train.elastic import run_training
+
+    result = run_training(cfg, run_name=args.run_name or cfg.name, resume=args.resume)
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
