@@ -21,6 +21,7 @@ import os
 import re
 import threading
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -137,10 +138,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-             state: TrainState) -> None:
+             state: TrainState, on_commit: Callable[[int, str], None] | None = None) -> None:
         """Checkpoint after ``step`` completed steps. Async: returns once state is staged.
 
         At most one save is in flight: a new save first waits for (and commits) the previous one.
+        ``on_commit(step, path)`` runs on rank 0 right after the commit marker is written.
         """
         self.wait()
         state_dict = self._state_dict(model, optimizer)
@@ -159,15 +161,17 @@ class Checkpointer:
             with self._lock:
                 self._pending, self._pending_step = future, step
             pending_state = TrainState(**asdict(state))
-            future.add_done_callback(lambda f: self._on_written(f, step, pending_state))
+            future.add_done_callback(
+                lambda f: self._on_written(f, step, pending_state, on_commit))
         else:
             dcp.save(state_dict, **kwargs)
-            self._commit(step, state)
+            self._commit(step, state, on_commit)
 
-    def _on_written(self, future: Future, step: int, state: TrainState) -> None:
+    def _on_written(self, future: Future, step: int, state: TrainState,
+                    on_commit: Callable[[int, str], None] | None) -> None:
         try:
             future.result()
-            self._commit(step, state)
+            self._commit(step, state, on_commit)
         except BaseException as exc:  # surfaced by wait(); the checkpoint stays uncommitted
             self._commit_error = exc
 
@@ -189,7 +193,8 @@ class Checkpointer:
             error, self._commit_error = self._commit_error, None
             raise CheckpointError(f"checkpoint commit at step {step} failed: {error}") from error
 
-    def _commit(self, step: int, state: TrainState) -> None:
+    def _commit(self, step: int, state: TrainState,
+                on_commit: Callable[[int, str], None] | None = None) -> None:
         """Rank 0, after every rank's shards and DCP's metadata are written."""
         if _rank() != 0:
             return
@@ -206,6 +211,8 @@ class Checkpointer:
         self.fs.mv(tmp, f"{directory}/{COMMIT_FILE}")  # the commit point
         log.info("checkpoint committed: %s (%d files)", directory, len(files))
         self._apply_retention()
+        if on_commit is not None:
+            on_commit(step, self._url(step))
 
     def _apply_retention(self) -> None:
         committed = self.committed_steps()
@@ -263,23 +270,26 @@ class Checkpointer:
                 raise CheckpointError(f"{path}: CRC32 mismatch (corrupted)")
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                step: int | None = None) -> TrainState | None:
-        """Load the newest committed checkpoint (or ``step``) into model/optimizer, resharding.
+                step: int | None = None, max_step: int | None = None) -> TrainState | None:
+        """Load the newest committed checkpoint (or exactly ``step``, or the newest at or below
+        ``max_step``) into model/optimizer, resharding to their current layout.
 
-        A checkpoint that fails verification or loading is reported (file and reason) and the
-        previous committed one is tried; ``None`` when there is no checkpoint at all.
+        Without ``step``, a checkpoint that fails verification or loading is reported (file and
+        reason) and the previous committed one is tried; ``None`` when there is none at all.
         """
         self.wait()
-        candidates = self.committed_steps()
+        committed = candidates = self.committed_steps()
+        if max_step is not None:
+            candidates = [s for s in candidates if s <= max_step]
         if step is not None:
             if step not in candidates:
                 raise CheckpointError(f"{self.root}: no committed checkpoint at step {step}; "
                                       f"committed: {candidates}")
             candidates = [step]
         if _rank() == 0:
-            newest = candidates[-1] if candidates else -1
+            newest = committed[-1] if committed else -1
             for s, path in self._step_dirs().items():
-                if s not in candidates and s > newest:
+                if s not in committed and s > newest:
                     log.warning("removing partial checkpoint %s (never committed)", path)
                     self.fs.rm(path, recursive=True)
         failures = []
@@ -294,7 +304,8 @@ class Checkpointer:
             failures.append(error)
             log.error("checkpoint at step %d unusable, falling back: %s", candidate, error)
         if failures:
-            raise CheckpointError("no committed checkpoint could be restored: " + "; ".join(failures))
+            raise CheckpointError("no committed checkpoint could be restored: "
+                                  + "; ".join(failures))
         return None
 
     def _try_load(self, step: int, model: nn.Module,

@@ -5,7 +5,8 @@ applies ``--set section.field=value`` overrides (unknown keys are rejected). Eve
 itself in ``__post_init__`` and raises ``ValueError`` naming the field, its value and the rule.
 
 Model field names follow DeepSeek-V3's inference code where they exist, with counts prefixed
-``num_`` (STYLE.md): ``num_routed_experts`` is DeepSeek's ``n_routed_experts``, ``num_expert_groups``
+``num_`` (STYLE.md): ``num_routed_experts`` is DeepSeek's ``n_routed_experts``,
+``num_expert_groups``
 its ``n_expert_groups`` (HF ``n_group``), ``num_limited_groups`` its ``n_limited_groups`` (HF
 ``topk_group``), ``num_activated_experts`` its ``n_activated_experts`` (HF
 ``num_experts_per_tok``).
@@ -140,7 +141,8 @@ class TrainConfig:
         for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "log_freq"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
         _require(self.lr > 0, "lr", self.lr, "must be positive")
-        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr,
+                 f"must be in [0, lr={self.lr}]")
         _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         _require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
         _require(self.mtp_loss_weight >= 0, "mtp_loss_weight", self.mtp_loss_weight, "must be >= 0")
@@ -176,6 +178,10 @@ class ParallelConfig:
     gpus_per_node: int = 8
     expert_parallel_degree: int = 0  # 0 = let the planner choose
     dp_replicate_degree: int = 0  # 0 = let the planner choose (HSDP replicas across nodes)
+    # Training-state budget per accelerator for the planner (fp32 weights + grads + Adam);
+    # 0 = no check. Big MoEs need it: without it the planner keeps EP inside a node even when
+    # the experts then cannot fit.
+    memory_per_gpu_gib: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.min_workers > 0, "min_workers", self.min_workers, "must be positive")
@@ -186,6 +192,8 @@ class ParallelConfig:
                  self.expert_parallel_degree, "must be >= 0 (0 = auto)")
         _require(self.dp_replicate_degree >= 0, "dp_replicate_degree",
                  self.dp_replicate_degree, "must be >= 0 (0 = auto)")
+        _require(self.memory_per_gpu_gib >= 0, "memory_per_gpu_gib", self.memory_per_gpu_gib,
+                 "must be >= 0 (0 = no check)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -203,6 +211,21 @@ class CheckpointConfig:
         _require(self.keep_last > 0, "keep_last", self.keep_last,
                  "must be positive (the latest checkpoint is always kept)")
         _require(self.keep_every >= 0, "keep_every", self.keep_every, "must be >= 0 (0 = off)")
+
+
+@dataclass(kw_only=True, slots=True)
+class ElasticConfig:
+    """Failure handling and resizing of the worker group (Ray Train V2)."""
+
+    max_failures: int = 3  # worker-group restarts after failures before the job fails; -1 = inf
+    collective_timeout_s: float = 120.0  # a dead or hung rank is detected within this
+    resize_check_s: float = 10.0  # how often Ray Train looks for capacity to grow the group
+
+    def __post_init__(self) -> None:
+        _require(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1")
+        _require(self.collective_timeout_s > 0, "collective_timeout_s",
+                 self.collective_timeout_s, "must be positive (seconds)")
+        _require(self.resize_check_s >= 0, "resize_check_s", self.resize_check_s, "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -224,6 +247,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -232,6 +256,17 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Inverse of :meth:`to_dict` (configs travel to Ray workers as plain dicts)."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "name"}
+        types = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig,
+                 "parallel": ParallelConfig, "checkpoint": CheckpointConfig,
+                 "elastic": ElasticConfig, "tracking": TrackingConfig}
+        assert set(types) == set(sections), "Config.from_dict is missing a section"
+        return cls(name=d.get("name", "custom"),
+                   **{name: types[name](**d[name]) for name in types if name in d})
 
     def flat(self) -> dict[str, Any]:
         """``{"model.dim": 7168, ...}``: the form MLflow params and ``--set`` use."""
@@ -295,6 +330,7 @@ def debug() -> Config:
         data=DataConfig(tokenizer_vocab_size=2048),
         parallel=ParallelConfig(min_workers=2, max_workers=2, gpus_per_node=2),
         checkpoint=CheckpointConfig(every_steps=10, keep_last=2),
+        elastic=ElasticConfig(max_failures=3, collective_timeout_s=30.0, resize_check_s=5.0),
     )
 
 

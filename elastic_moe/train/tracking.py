@@ -153,7 +153,8 @@ class Tracker:
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i:i + 100])
         elif record.kind == "tags":
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in record.payload.items()])
+            tags = [RunTag(k, v) for k, v in record.payload.items()]
+            self.client.log_batch(self.run_id, tags=tags)
         elif record.kind == "text":
             self.client.log_text(self.run_id, *record.payload)
         elif record.kind == "artifact":

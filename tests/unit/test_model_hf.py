@@ -28,7 +28,7 @@ def _hf_model(q_lora_rank, seed=0):
         num_mtp_layers=0)
     model = transformers.DeepseekV3ForCausalLM(cfg).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
         for name, b in model.named_buffers():
             if "e_score_correction_bias" in name:

@@ -77,7 +77,7 @@ def test_bias_update_balances_a_skewed_load():
 
 
 def test_sequence_balance_loss_zero_when_balanced_positive_when_skewed():
-    num_experts, k, seq = 4, 2, 8
+    num_experts, seq = 4, 8
     scores = torch.full((1, seq, num_experts), 0.5)
     # every expert chosen exactly seq*k/E times
     ids = torch.tensor([[0, 1], [2, 3]] * (seq // 2)).unsqueeze(0)

@@ -1,0 +1,205 @@
+"""The per-worker training function that Ray Train V2 runs on every worker of a group.
+
+Each (re)start of the worker group runs it from the top (DESIGN.md "The flow", step 3): plan the
+mesh for this world size -> build the model on the meta device and parallelize it -> restore the
+coordinator's last committed checkpoint, resharding to this layout -> stream this rank's share of
+each global batch from the world-size-independent data position -> train -> checkpoint (async)
+every N steps, rank 0 committing to the coordinator -> MLflow on rank 0.
+
+How a global batch is shared out at each size is in :mod:`elastic_moe.train.elastic`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from elastic_moe.checkpoint import Checkpointer, CheckpointError, TrainState
+from elastic_moe.config import Config
+from elastic_moe.data.sampler import DataPosition, advance, make_batch, stream_samples
+from elastic_moe.data.shards import TokenDataset
+from elastic_moe.train.elastic import effective_batch, rank_share
+from elastic_moe.train.step import build_optimizer, train_step
+
+log = logging.getLogger(__name__)
+
+
+def _maybe_inject_fault(faults: list[dict[str, Any]], step: int, rank: int, coordinator: Any,
+                        phase: str) -> None:
+    """Test hooks: ``{"step": s, "rank": r, "mode": "exit"|"hang", "phase": "step"|"save"}``."""
+    import ray
+
+    for fault in faults:
+        if fault["step"] != step or fault["rank"] != rank or fault.get("phase", "step") != phase:
+            continue
+        key = f"{fault['mode']}:{phase}:{step}:{rank}"
+        if not ray.get(coordinator.fault_once.remote(key)):
+            continue
+        log.error("test fault %s on rank %d at step %d", fault["mode"], rank, step)
+        if fault["mode"] == "exit":
+            os._exit(3)
+        if fault["mode"] == "hang":
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Ray Train V2 per-worker entry point; ``config`` comes from :func:`elastic.run_training`."""
+    import ray
+    import ray.train
+
+    from elastic_moe.parallel import plan_mesh, setup_model
+
+    cfg = Config.from_dict(config["cfg"])
+    coordinator = config["coordinator"]
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", ctx.get_local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+
+    plan = plan_mesh(world_size, cfg.parallel.gpus_per_node, cfg.model, cfg.parallel)
+    if rank == 0:
+        log.info("mesh plan for %d workers: %s", world_size, plan.describe())
+    model = setup_model(cfg.model, plan, device, seed=cfg.train.seed)
+    optimizer = build_optimizer(model, cfg.train)
+    ckpt = Checkpointer(config["checkpoint_dir"], keep_last=cfg.checkpoint.keep_last,
+                        keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
+
+    # ---- restore exactly the coordinator's committed step (never an older one silently)
+    committed = ray.get(coordinator.restore_point.remote())
+    state: TrainState | None = None
+    if committed is not None:
+        target = committed["step"]
+        try:
+            state = ckpt.restore(model, optimizer, step=target)
+        except CheckpointError as exc:
+            log.error("committed checkpoint step %d unusable (%s); trying older ones", target, exc)
+            state = ckpt.restore(model, optimizer, max_step=target - 1)
+            if rank == 0:
+                coordinator.fell_back.remote(target, state.step if state else 0, str(exc))
+    step = state.step if state else 0
+    tokens_seen = state.tokens_seen if state else 0
+    position = (DataPosition.from_dict(state.data_position) if state and state.data_position
+                else DataPosition(seed=cfg.train.seed))
+
+    dataset = TokenDataset(config["manifest"])
+    global_batch, lr_scale = effective_batch(cfg.train, world_size, cfg.parallel.max_workers)
+    train_cfg = dataclasses.replace(cfg.train, lr=cfg.train.lr * lr_scale,
+                                    min_lr=cfg.train.min_lr * lr_scale)
+    start, count = rank_share(global_batch, rank, world_size)
+    if count == 0:
+        raise ValueError(f"train.global_batch_size={global_batch}: fewer samples than the "
+                         f"{world_size} workers; raise it or lower --workers")
+
+    tracker = None
+    if rank == 0:
+        if lr_scale != 1.0 or cfg.train.resize_policy == "scale_lr":
+            log.info("resize policy scale_lr: global batch %d at %d workers, lr x%.3f",
+                     global_batch, world_size, lr_scale)
+        epoch = ray.get(coordinator.start_epoch.remote(world_size, plan.to_dict(), step))
+        snapshot = ray.get(coordinator.snapshot.remote())
+        tracker = _open_tracker(cfg, config, coordinator, snapshot)
+        tracker.log_event(epoch["cause"], step, world_size=world_size, plan=plan.describe(),
+                          previous_world_size=epoch["previous_world_size"],
+                          steps_redone=epoch["steps_redone"], downtime_s=epoch["downtime_s"])
+        log.info("epoch %d (%s): %d workers, continuing at step %d, global batch %d",
+                 epoch["epoch"], epoch["cause"], world_size, step, global_batch)
+    samples_log = config.get("record_samples_dir")
+    faults = list(config.get("faults", []))
+    first = True
+    last_metrics = None
+    while step < cfg.train.steps:
+        _maybe_inject_fault(faults, step, rank, coordinator, "step")
+        ids = stream_samples(position, start, count, dataset.num_sequences)
+        micro = [make_batch(dataset, ids[i:i + cfg.train.micro_batch_size])
+                 for i in range(0, len(ids), cfg.train.micro_batch_size)]
+        metrics = train_step(model, optimizer, micro, step, train_cfg, cfg.model,
+                             batch_fraction=count / global_batch, world_size=world_size)
+        if samples_log:
+            _record_samples(samples_log, rank, step, ids)
+        position = advance(position, global_batch, dataset.num_sequences)
+        step += 1
+        tokens_seen += metrics.tokens
+        last_metrics = metrics
+        if rank == 0:
+            assert tracker is not None
+            values = metrics.as_dict()
+            values.update(world_size=world_size, ep_degree=plan.expert_parallel_degree,
+                          tokens_seen=tokens_seen)
+            tracker.log_metrics(values, step)
+            coordinator.heartbeat.remote(step, first)
+            if step % cfg.train.log_freq == 0 or first:
+                log.info("step %d loss %.4f lm %.4f mtp %.4f grad_norm %.3f lr %.2e tok/s %.0f "
+                         "load max/mean %.2f", step, metrics.loss, metrics.lm_loss,
+                         metrics.mtp_loss, metrics.grad_norm, metrics.lr,
+                         values["tokens_per_s"], values.get("moe/load_max_over_mean", 0.0))
+        first = False
+        if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
+            _maybe_inject_fault(faults, step, rank, coordinator, "save")
+            train_state = TrainState(step=step, tokens_seen=tokens_seen,
+                                     data_position=position.to_dict(), mesh_plan=plan.to_dict(),
+                                     model_config=dataclasses.asdict(cfg.model))
+            ckpt.save(step, model, optimizer, train_state,
+                      on_commit=(lambda s, path, st=train_state: _commit(coordinator, tracker, s,
+                                                                         path, st))
+                      if rank == 0 else None)
+            ray.train.report({"step": step, "loss": metrics.loss})
+    ckpt.wait()
+    if rank == 0 and tracker is not None:
+        if last_metrics is not None and last_metrics.expert_loads is not None:
+            tracker.log_expert_heatmap(last_metrics.expert_loads.numpy(), step)
+        snapshot = ray.get(coordinator.snapshot.remote())
+        tracker.log_text(_summary_text(snapshot, step), "summary.json")
+        tracker.finish("FINISHED")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _commit(coordinator: Any, tracker: Any, step: int, path: str, state: TrainState) -> None:
+    coordinator.commit.remote(step, path, state.data_position, state.tokens_seen)
+    if tracker is not None:
+        tracker.set_tags({"last_checkpoint": path, "last_checkpoint_step": str(step)})
+
+
+def _open_tracker(cfg: Config, config: dict[str, Any], coordinator: Any,
+                  snapshot: dict[str, Any]) -> Any:
+    import ray
+
+    from elastic_moe.train.tracking import Tracker
+
+    run_id = snapshot.get("mlflow_run_id")
+    tracker = Tracker.open(config["tracking_uri"], cfg.tracking.experiment,
+                           cfg.tracking.run_name or config["run_name"], run_id=run_id)
+    if run_id is None:
+        ray.get(coordinator.set_mlflow_run_id.remote(tracker.run_id))
+        tracker.log_params(cfg.flat())
+        tracker.set_tags({"checkpoint_dir": config["checkpoint_dir"],
+                          "manifest": config["manifest"]})
+    return tracker
+
+
+def _record_samples(directory: str, rank: int, step: int, ids: list[tuple[int, int]]) -> None:
+    """Test bookkeeping: which samples each rank consumed at each (possibly re-run) step."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"rank{rank}.jsonl"), "a") as f:
+        f.write(f'{{"step": {step}, "time": {time.time()}, "ids": {[list(i) for i in ids]}}}\n')
+
+
+def _summary_text(snapshot: dict[str, Any], step: int) -> str:
+    import json
+
+    return json.dumps({"final_step": step, "world_sizes": snapshot["world_sizes"],
+                       "events": snapshot["events"], "committed": snapshot["committed"]},
+                      indent=1, default=str)
