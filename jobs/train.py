@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.describe:
         print(describe(cfg))
         return 0
-    from elastic_moe.train.elastic import run_training
+    from actors.training import run_training
 
     result = run_training(cfg, run_name=args.run_name or cfg.name, resume=args.resume)
     print(result.summary())

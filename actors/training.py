@@ -1,0 +1,172 @@
+"""Launch an elastic training run: data, coordinator, Ray Train V2 worker group, MLflow.
+
+The training workers are Ray Train V2 ``TorchTrainer`` workers (Ray actors, one per accelerator;
+CPU + gloo without GPUs), each holding its expert-parallel shard of the routed experts and its
+FSDP shard of the rest. ``ScalingConfig(num_workers=(min, max))`` makes the group elastic: Ray
+Train restarts it at a new size when nodes fail or capacity appears, and every restart runs
+:func:`elastic_moe.train.loop.train_func` from the coordinator's last committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from actors import coordinator as coordinator_mod
+from elastic_moe.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingResult:
+    ok: bool
+    run_name: str
+    run_dir: str
+    checkpoint_dir: str
+    tracking_uri: str
+    mlflow_run_id: str | None
+    final_step: int
+    error: str | None = None
+    coordinator_state: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        state = self.coordinator_state
+        sizes = " -> ".join(str(w["world_size"]) for w in state.get("world_sizes", []))
+        lines = [
+            f"run {self.run_name}: {'FINISHED' if self.ok else 'FAILED'} at step {self.final_step}",
+            f"  world sizes:  {sizes or '-'}",
+            f"  checkpoints:  {self.checkpoint_dir}",
+            f"  MLflow:       {self.tracking_uri}  (run id {self.mlflow_run_id})",
+            f"  dashboard:    mlflow ui --backend-store-uri {self.tracking_uri}",
+        ]
+        if self.error:
+            lines.append(f"  error:        {self.error}")
+        return "\n".join(lines)
+
+
+def _prepare_data(cfg: Config) -> str:
+    from elastic_moe.data.sample_corpus import ensure_prepared
+    from elastic_moe.data.shards import TokenDataset
+
+    if cfg.data.manifest:
+        manifest = os.path.abspath(cfg.data.manifest)
+        if not os.path.exists(manifest):
+            raise ValueError(f"data.manifest={cfg.data.manifest!r}: no such file (run "
+                             "jobs/prepare_data.py first)")
+    else:
+        log.info("preparing the bundled sample corpus under %s", cfg.data.cache_dir)
+        manifest = ensure_prepared(cfg.data.cache_dir, cfg.data.tokenizer_vocab_size,
+                                   cfg.train.seq_len)
+    dataset = TokenDataset(manifest)
+    if dataset.seq_len != cfg.train.seq_len:
+        raise ValueError(f"train.seq_len={cfg.train.seq_len}: the data in {manifest} is packed "
+                         f"to seq_len {dataset.seq_len}")
+    if dataset.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer "
+                         f"vocab ({dataset.vocab_size}) of {manifest}")
+    if dataset.num_sequences < cfg.train.global_batch_size:
+        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size}: more than the "
+                         f"{dataset.num_sequences} sequences in {manifest}")
+    return manifest
+
+
+def _init_ray(num_cpus: int | None) -> None:
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Workers import elastic_moe/actors/kernels from the job's working dir on a cluster; locally
+    # the checkout is on sys.path already.
+    runtime_env = {"env_vars": {"PYTHONPATH": root}} if not address else None
+    if address:
+        log.info("attaching to the Ray cluster at %s", address)
+        ray.init(address=address, namespace=coordinator_mod.NAMESPACE)
+    else:
+        log.info("starting an embedded local Ray")
+        ray.init(num_cpus=num_cpus, namespace=coordinator_mod.NAMESPACE,
+                 runtime_env=runtime_env, include_dashboard=False)
+
+
+def run_training(cfg: Config, run_name: str, resume: bool = False, *,
+                 output_dir: str = "outputs", faults: list[dict[str, Any]] | None = None,
+                 record_samples_dir: str | None = None, num_cpus: int | None = None,
+                 threads_per_worker: int = 1) -> TrainingResult:
+    """Run (or with ``resume`` continue) training; blocks until the run ends."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from elastic_moe.train.loop import train_func
+    from elastic_moe.train.tracking import default_tracking_uri
+
+    run_dir = os.path.abspath(os.path.join(output_dir, run_name))
+    checkpoint_dir = cfg.checkpoint.dir
+    if "://" not in checkpoint_dir and not os.path.isabs(checkpoint_dir):
+        checkpoint_dir = os.path.join(run_dir, "checkpoints")
+    state_path = os.path.join(run_dir, "coordinator.json")
+    if os.path.exists(state_path) and not resume:
+        raise ValueError(f"run {run_name!r} already exists in {run_dir}: pass --resume to continue "
+                         "it or --run-name NAME for a new run")
+    tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri()
+    manifest = _prepare_data(cfg)
+    _init_ray(num_cpus)
+    coordinator = coordinator_mod.get_or_create(run_name, state_path)
+    snapshot = ray.get(coordinator.snapshot.remote())
+    if resume:
+        committed = snapshot.get("committed")
+        log.info("resuming run %s from %s", run_name,
+                 f"step {committed['step']}" if committed else "the start (nothing committed)")
+
+    use_gpu = bool(ray.cluster_resources().get("GPU", 0)) and cfg.parallel.max_workers > 0
+    low, high = cfg.parallel.min_workers, cfg.parallel.max_workers
+    scaling = ScalingConfig(num_workers=(low, high) if high > low else low, use_gpu=use_gpu,
+                            resources_per_worker=None if use_gpu else {"CPU": 1},
+                            elastic_resize_monitor_interval_s=cfg.elastic.resize_check_s)
+    loop_config = {
+        "cfg": dataclasses.asdict(cfg), "coordinator": coordinator, "manifest": manifest,
+        "checkpoint_dir": checkpoint_dir, "tracking_uri": tracking_uri, "run_name": run_name,
+        "faults": faults or [], "record_samples_dir": record_samples_dir,
+        "threads_per_worker": threads_per_worker,
+    }
+    trainer = TorchTrainer(
+        train_func, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
+                                 timeout_s=int(cfg.elastic.collective_timeout_s)),
+        scaling_config=scaling,
+        run_config=RunConfig(name=run_name, storage_path=os.path.join(run_dir, "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.elastic.max_failures)),
+    )
+    started = time.time()
+    error = None
+    try:
+        trainer.fit()
+    except Exception as exc:  # TrainingFailedError and friends: report, mark, don't lose state
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("training failed after %.0f s: %s", time.time() - started, error)
+    ok = error is None
+    ray.get(coordinator.finish.remote("FINISHED" if ok else "FAILED"))
+    snapshot = ray.get(coordinator.snapshot.remote())
+    run_id = snapshot.get("mlflow_run_id")
+    if not ok and run_id:
+        _mark_mlflow_failed(tracking_uri, run_id, error or "")
+    return TrainingResult(ok=ok, run_name=run_name, run_dir=run_dir, checkpoint_dir=checkpoint_dir,
+                          tracking_uri=tracking_uri, mlflow_run_id=run_id,
+                          final_step=max(snapshot.get("last_step", 0), 0), error=error,
+                          coordinator_state=snapshot)
+
+
+def _mark_mlflow_failed(tracking_uri: str, run_id: str, error: str) -> None:
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.set_tag(run_id, "failure", error[:5000])
+        client.set_terminated(run_id, status="FAILED")
+    except Exception as exc:
+        log.error("could not mark MLflow run %s FAILED: %s", run_id, exc)
