@@ -121,11 +121,13 @@ def _edit_words(rng: random.Random, text: str, rate: float, vocab: list[str]) ->
 
 def generate(out_dir: str, num_docs: int = 1200, seed: int = 0, min_sentences: int = 6,
              max_sentences: int = 20, exact_frac: float = 0.08, near_frac: float = 0.12,
-             url_frac: float = 0.01, num_wet: int = 2, num_jsonl: int = 2) -> dict[str, Any]:
+             url_frac: float = 0.01, num_wet: int = 2, num_jsonl: int = 2,
+             jsonl_gzip: bool = True) -> dict[str, Any]:
     """Write the corpus (WET + JSONL files and ``ground_truth.json``) into ``out_dir``.
 
     ``num_docs`` originals; ``exact_frac``/``near_frac``/``url_frac`` of them get planted copies
-    (near-copied originals get one or two copies). Deterministic for a given Python and seed.
+    (near-copied originals get one or two copies). Every other JSONL file is gzipped unless
+    ``jsonl_gzip`` is False. Deterministic for a given Python and seed.
     Returns the ground truth.
     """
     rng = random.Random(seed)
@@ -192,7 +194,7 @@ def generate(out_dir: str, num_docs: int = 1200, seed: int = 0, min_sentences: i
                 ids[d["key"]] = f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, d['key'] + str(seed))}>"
             _write_wet(path, part, ids)
         else:
-            suffix = ".jsonl.gz" if (f - num_wet) % 2 else ".jsonl"
+            suffix = ".jsonl.gz" if jsonl_gzip and (f - num_wet) % 2 else ".jsonl"
             path = os.path.join(out_dir, f"docs-{f - num_wet:03d}{suffix}")
             for d in part:
                 ids[d["key"]] = f"doc-{d['key']}"
