@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from elastic_moe.config import ModelConfig
 from elastic_moe.model.attention import MLA, attention_mask, rope_frequencies
@@ -142,8 +143,14 @@ def _normal_(t: torch.Tensor, std: float, gen: torch.Generator | None) -> None:
         return
     if gen is None:
         nn.init.normal_(t, 0.0, std)
-    else:
-        t.copy_(torch.empty(t.shape, dtype=t.dtype).normal_(0.0, std, generator=gen))
+        return
+    full = torch.empty(t.shape, dtype=t.dtype).normal_(0.0, std, generator=gen)
+    if isinstance(t, DTensor):
+        # Sharded parameter (FSDP / expert parallel): draw the full tensor as a single process
+        # would, keep this rank's shard (src_data_rank=None: split locally, no communication).
+        full = distribute_tensor(full.to(t.device), t.device_mesh, t.placements,
+                                 src_data_rank=None)
+    t.copy_(full)
 
 
 # ---------------------------------------------------------------------- parameter accounting

@@ -1,0 +1,82 @@
+"""Parallelism: mesh planning, FSDP2/HSDP for dense weights, expert parallelism for experts.
+
+The training loop (per worker, after ``dist.init_process_group``)::
+
+    plan = plan_mesh(world_size, gpus_per_node, cfg.model, cfg.parallel,
+                     global_batch_size=cfg.train.global_batch_size)
+    model = setup_model(cfg.model, plan, device, seed=cfg.train.seed)
+    optimizer = build_optimizer(model, cfg.train)
+    metrics = train_step(model, optimizer, my_micro_batches, step, cfg.train, cfg.model,
+                         dp_size=plan.dp_degree)
+
+``train_step`` finishes the expert-gradient reduction (:func:`reduce_expert_grads`) and clips
+with a norm computed across every mesh. For comparisons and export, :func:`full_state_dict`
+gathers unsharded tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from elastic_moe.config import ModelConfig
+from elastic_moe.model.transformer import Transformer
+from elastic_moe.parallel.expert_parallel import (
+    ExpertParallelExperts,
+    all_to_all_rows,
+    reduce_expert_grads,
+)
+from elastic_moe.parallel.fsdp import parallelize
+from elastic_moe.parallel.mesh import MeshPlan, ParallelMeshes, build_mesh, plan_mesh
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExpertParallelExperts", "MeshPlan", "ParallelMeshes", "all_to_all_rows",
+           "build_mesh", "full_state_dict", "parallelize", "plan_mesh", "reduce_expert_grads",
+           "setup_model"]
+
+
+def setup_model(model_cfg: ModelConfig, plan: MeshPlan, device: torch.device | str,
+                seed: int, *, meshes: ParallelMeshes | None = None,
+                mixed_precision: bool | None = None) -> nn.Module:
+    """Build, parallelize and initialize the model for this rank.
+
+    Meta-device build -> expert parallelism + FSDP2/HSDP (``world_size > 1``) -> ``to_empty``
+    on ``device`` -> ``init_weights(seed)``. Every full tensor is drawn from the same seeded
+    generator as a single-process ``Transformer(cfg).init_weights(seed)`` and each rank keeps
+    its shard, so values match the single-process model exactly at any world size (the cost:
+    every rank draws every tensor once, one tensor at a time). A checkpoint restore overwrites
+    them anyway.
+
+    ``plan.world_size == 1`` returns a plain ``Transformer`` (no process group needed).
+    ``mixed_precision`` defaults to ``device.type == "cuda"``. ``meshes`` defaults to
+    ``build_mesh(plan, device.type)``; the default process group must be initialized.
+    """
+    device = torch.device(device)
+    if mixed_precision is None:
+        mixed_precision = device.type == "cuda"
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    if plan.world_size > 1:
+        if not dist.is_initialized() or dist.get_world_size() != plan.world_size:
+            actual = dist.get_world_size() if dist.is_initialized() else None
+            raise ValueError(f"plan.world_size={plan.world_size}: the default process group "
+                             f"has world size {actual}; init it before setup_model")
+        meshes = meshes or build_mesh(plan, device.type)
+        parallelize(model, plan, meshes, mixed_precision=mixed_precision)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copies of every parameter and persistent buffer, on every rank.
+
+    Collective: every rank of the model's meshes must call it.
+    """
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().cpu().clone() for k, v in state.items()}

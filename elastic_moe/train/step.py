@@ -16,9 +16,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from elastic_moe.config import ModelConfig, TrainConfig
 from elastic_moe.model.moe import update_router_biases
+from elastic_moe.parallel.expert_parallel import reduce_expert_grads
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -72,10 +74,42 @@ class StepMetrics:
 
 
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Total gradient norm over all parameters (and clipping when ``max_norm`` > 0)."""
+    """Total L2 gradient norm over all parameters (and clipping when ``max_norm`` > 0).
+
+    Works for plain tensors and for DTensors on different meshes (dense weights on the FSDP
+    mesh, routed experts on the EP mesh), where ``torch.nn.utils.clip_grad_norm_`` fails: the
+    squared norm of each (mesh, placements) layout is computed from local shards and summed over
+    the mesh dims the layout is sharded on (never over replicated dims), in float64. Every rank
+    returns the same norm. Collective when any gradient is a DTensor.
+    """
     params = [p for p in parameters if p.grad is not None]
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"),
-                                          foreach=False)
+    # Insertion-ordered: parameter order is identical on every rank, so are the collectives.
+    squares: dict[Any, torch.Tensor] = {}
+    locals_: list[torch.Tensor] = []
+    for param in params:
+        grad = param.grad
+        key: Any = None
+        if isinstance(grad, DTensor):
+            key = (grad.device_mesh, tuple(grad.placements))
+            grad = grad.to_local()
+        locals_.append(grad)
+        sq = grad.detach().to(torch.float64).pow(2).sum()
+        squares[key] = squares[key] + sq if key in squares else sq
+    total = torch.zeros((), dtype=torch.float64)
+    for key, sq in squares.items():
+        if key is not None:
+            mesh, placements = key
+            for dim, placement in enumerate(placements):
+                if placement.is_shard() or placement.is_partial():
+                    dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+        total = total + sq.cpu()
+    norm = total.sqrt()
+    if max_norm > 0:
+        coef = min(max_norm / (float(norm) + 1e-6), 1.0)
+        if coef < 1.0:
+            for grad in locals_:
+                grad.mul_(coef)
+    return norm.to(torch.float32)
 
 
 def _mean_over_ranks(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -115,6 +149,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         sums += torch.tensor([out.loss.item(), out.lm_loss.item(), out.mtp_loss.item(),
                               out.balance_loss.item()], dtype=torch.float64)
         tokens += out.num_tokens
+    # Expert weights live outside FSDP: sum their gradients over the ranks that hold them.
+    reduce_expert_grads(model)
     grad_norm = clip_grad_norm(model.parameters(), train_cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,70 @@
+"""FSDP2 / HSDP wrapping of the dense weights; routed experts go to expert parallelism.
+
+Per transformer block (and per MTP block, then the root) ``fully_shard`` on the dense mesh:
+1-D ``dp_shard`` (FSDP, ZeRO-3) or 2-D ``(dp_replicate, dp_shard)`` (HSDP: shard inside a node,
+all-reduce across replicas). Mixed precision (bf16 compute params, fp32 gradient reduction) on
+GPU only. With ``ep > 1`` each ``RoutedExperts`` is replaced by
+:class:`~elastic_moe.parallel.expert_parallel.ExpertParallelExperts` and its parameters are
+ignored by FSDP; with ``ep = 1`` FSDP shards the experts like any other weight.
+
+Gradient reduction uses SUM, never AVG: gloo has no ``ReduceOp.AVG`` (and FSDP2 would otherwise
+pick AVG or PREMUL_SUM), and ``train_step`` already scales the loss by ``1 / data-parallel
+size``, so a plain sum gives the gradient of the global-batch mean.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from elastic_moe.model.moe import moe_layers
+from elastic_moe.parallel.expert_parallel import ExpertParallelExperts, expert_parallel_modules
+from elastic_moe.parallel.mesh import MeshPlan, ParallelMeshes
+
+logger = logging.getLogger(__name__)
+
+
+def apply_expert_parallel(model: nn.Module, plan: MeshPlan, meshes: ParallelMeshes, *,
+                          compute_dtype: torch.dtype | None = None) -> int:
+    """Replace every ``RoutedExperts`` with its EP shard; returns how many were replaced."""
+    if plan.expert_parallel_degree == 1:
+        return 0
+    count = 0
+    for moe in moe_layers(model):
+        moe.experts = ExpertParallelExperts(moe.experts, meshes.ep, meshes.expert_replicate,
+                                            compute_dtype=compute_dtype)
+        count += 1
+    return count
+
+
+def parallelize(model: nn.Module, plan: MeshPlan, meshes: ParallelMeshes, *,
+                mixed_precision: bool) -> nn.Module:
+    """Apply expert parallelism and FSDP2/HSDP to a ``Transformer`` in place (meta or real).
+
+    ``mixed_precision`` should be true only on GPU (bf16 params for compute, fp32 reduction).
+    Returns the same module object (now an ``FSDPModule``).
+    """
+    compute_dtype = torch.bfloat16 if mixed_precision else None
+    num_ep = apply_expert_parallel(model, plan, meshes, compute_dtype=compute_dtype)
+    ignored = {p for m in expert_parallel_modules(model) for p in m.parameters()}
+    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if mixed_precision else MixedPrecisionPolicy())
+    kwargs = dict(mesh=meshes.dense, mp_policy=mp_policy, ignored_params=ignored or None)
+    # MTP: only the block is its own unit; ``shared_head.norm`` is called from the root's
+    # forward, outside the MTP module's, so its small params stay with the root unit.
+    units = [*model.layers, *(module.block for module in model.mtp)]
+    for unit in units:
+        fully_shard(unit, **kwargs)
+    # The root keeps embedding, final norm and lm_head (which the MTP modules share).
+    fully_shard(model, **kwargs)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+            module.set_gradient_divide_factor(1.0)
+    logger.info("parallelized: %d FSDP units on %s, %d MoE layers with EP=%d (%s)",
+                len(units) + 1, meshes.dense, num_ep, plan.expert_parallel_degree,
+                "bf16 params / fp32 reduce" if mixed_precision else "fp32")
+    return model
