@@ -23,9 +23,10 @@ group, no device, so it is tested for every W from 1 to 1024.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass, fields
 from typing import Any
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -130,8 +131,15 @@ def _expert_group_nodes(num_experts: int, num_groups: int, ep: int,
 
 def _param_counts(model_cfg: ModelConfig) -> tuple[int, int]:
     """(dense, routed-expert) parameter counts, MTP included (it trains too)."""
+    return _param_counts_cached(astuple(model_cfg))
+
+
+@functools.lru_cache(maxsize=8)
+def _param_counts_cached(key: tuple) -> tuple[int, int]:
     from elastic_moe.model.transformer import count_parameters
 
+    names = [f.name for f in fields(ModelConfig)]
+    model_cfg = ModelConfig(**dict(zip(names, key, strict=True)))
     counts = count_parameters(model_cfg)
     routed = ((model_cfg.num_moe_layers + model_cfg.num_mtp_modules)
               * model_cfg.num_routed_experts * 3 * model_cfg.dim * model_cfg.moe_inter_dim)
@@ -163,7 +171,7 @@ def plan_mesh(world_size: int, gpus_per_node: int, model_cfg: ModelConfig,
       on NVLink). With ``prefs.memory_per_gpu_gib`` set, an ``ep`` whose training state does not
       fit is skipped, and EP groups spanning nodes are used only when no node-local one fits.
     """
-    prefs = prefs or ParallelConfig(min_workers=1, max_workers=max(world_size, 1),
+    prefs = prefs or ParallelConfig(min_workers=1, max_workers=max(world_size, 1 << 20),
                                     gpus_per_node=max(gpus_per_node, 1))
     if world_size <= 0:
         raise ValueError(f"world_size={world_size!r}: must be positive")
@@ -186,62 +194,79 @@ def plan_mesh(world_size: int, gpus_per_node: int, model_cfg: ModelConfig,
     num_experts = model_cfg.num_routed_experts
     reasons = []
 
-    # --- dense weights: HSDP degrees
+    # --- dense weights: HSDP candidates, most preferred first
     if prefs.dp_replicate_degree > 0:
-        dp_replicate = prefs.dp_replicate_degree
-        if world_size % dp_replicate != 0:
-            raise ValueError(f"parallel.dp_replicate_degree={dp_replicate}: must divide "
-                             f"world_size={world_size}; nearest valid: "
-                             f"{_nearest(_divisors(world_size), dp_replicate)}")
-        reasons.append(f"dp_replicate={dp_replicate} requested")
+        replicate_options = [prefs.dp_replicate_degree]
+        if world_size % prefs.dp_replicate_degree != 0:
+            raise ValueError(f"parallel.dp_replicate_degree={prefs.dp_replicate_degree}: must "
+                             f"divide world_size={world_size}; nearest valid: "
+                             f"{_nearest(_divisors(world_size), prefs.dp_replicate_degree)}")
     elif world_size > gpus_per_node and world_size % gpus_per_node == 0:
-        dp_replicate = world_size // gpus_per_node
-        reasons.append("dense shards inside a node, replicas across nodes")
+        # One replica per node keeps FSDP all-gathers on NVLink; fewer replicas (shards that span
+        # nodes) only when the experts need a cross-node EP group that a node cannot hold.
+        replicate_options = sorted(_divisors(world_size // gpus_per_node), reverse=True)
     else:
-        dp_replicate = 1
-        reasons.append("dense weights sharded over all ranks")
-    dp_shard = world_size // dp_replicate
+        replicate_options = [1]
 
-    # --- routed experts: EP degree
     budget = int(prefs.memory_per_gpu_gib * 2**30)
 
-    def fits(ep: int) -> bool:
+    def fits(dp_shard: int, ep: int) -> bool:
         return budget <= 0 or estimate_bytes_per_rank(model_cfg, dp_shard, ep) <= budget
 
-    valid_ep = [d for d in _divisors(math.gcd(num_experts, dp_shard))]
-    if prefs.expert_parallel_degree > 0:
-        ep = prefs.expert_parallel_degree
-        if num_experts % ep != 0 or dp_shard % ep != 0:
-            rule = (f"must divide model.num_routed_experts={num_experts}"
-                    if num_experts % ep != 0 else
-                    f"must divide dp_shard={dp_shard} (world_size={world_size} / "
-                    f"dp_replicate={dp_replicate})")
-            if ep > num_experts:
-                rule += " (more EP ranks than experts)"
-            raise ValueError(f"parallel.expert_parallel_degree={ep}: {rule}; nearest valid: "
-                             f"{_nearest(valid_ep, ep)}")
-        if not fits(ep):
-            need = estimate_bytes_per_rank(model_cfg, dp_shard, ep) / 2**30
-            raise ValueError(f"parallel.expert_parallel_degree={ep}: needs ~{need:.1f} GiB of "
-                             f"training state per rank > parallel.memory_per_gpu_gib="
-                             f"{prefs.memory_per_gpu_gib}; valid larger degrees: "
-                             f"{[d for d in valid_ep if d > ep and fits(d)]}")
-        reasons.append(f"ep={ep} requested")
-    else:
-        local = [d for d in valid_ep if _ep_is_node_local(d, world_size, gpus_per_node)]
-        local_fit = [d for d in local if fits(d)]
-        remote_fit = [d for d in valid_ep if d not in local and fits(d)]
-        if local_fit:
-            ep = max(local_fit)
-            reasons.append("largest node-local ep" + (" that fits memory" if budget else ""))
-        elif remote_fit:
-            ep = min(remote_fit)
-            reasons.append("no node-local ep fits memory; smallest cross-node ep that does")
+    errors = []
+    for dp_replicate in replicate_options:
+        dp_shard = world_size // dp_replicate
+        valid_ep = _divisors(math.gcd(num_experts, dp_shard))
+        if prefs.expert_parallel_degree > 0:
+            ep = prefs.expert_parallel_degree
+            if num_experts % ep != 0 or dp_shard % ep != 0:
+                rule = (f"must divide model.num_routed_experts={num_experts}"
+                        if num_experts % ep != 0 else
+                        f"must divide dp_shard={dp_shard} (world_size={world_size} / "
+                        f"dp_replicate={dp_replicate})")
+                if ep > num_experts:
+                    rule += " (more EP ranks than experts)"
+                errors.append(f"parallel.expert_parallel_degree={ep}: {rule}; nearest valid: "
+                              f"{_nearest(valid_ep, ep)}")
+                continue
+            if not fits(dp_shard, ep):
+                need = estimate_bytes_per_rank(model_cfg, dp_shard, ep) / 2**30
+                errors.append(f"parallel.expert_parallel_degree={ep}: needs ~{need:.1f} GiB of "
+                              f"training state per rank > parallel.memory_per_gpu_gib="
+                              f"{prefs.memory_per_gpu_gib}; larger degrees that fit: "
+                              f"{[d for d in valid_ep if d > ep and fits(dp_shard, d)]}")
+                continue
+            ep_reason = f"ep={ep} requested"
         else:
-            need = estimate_bytes_per_rank(model_cfg, dp_shard, max(valid_ep)) / 2**30
-            raise ValueError(f"world_size={world_size}: even ep={max(valid_ep)} needs ~{need:.1f}"
-                             f" GiB of training state per rank > parallel.memory_per_gpu_gib="
-                             f"{prefs.memory_per_gpu_gib}; use more workers or raise the budget")
+            local = [d for d in valid_ep if _ep_is_node_local(d, world_size, gpus_per_node)]
+            local_fit = [d for d in local if fits(dp_shard, d)]
+            remote_fit = [d for d in valid_ep if d not in local and fits(dp_shard, d)]
+            if local_fit:
+                ep = max(local_fit)
+                ep_reason = "largest node-local ep" + (" that fits memory" if budget else "")
+            elif remote_fit:
+                ep = min(remote_fit)
+                ep_reason = "no node-local ep fits memory: smallest cross-node ep that does"
+            else:
+                need = estimate_bytes_per_rank(model_cfg, dp_shard, max(valid_ep)) / 2**30
+                errors.append(f"world_size={world_size}: even ep={max(valid_ep)} with dp_shard="
+                              f"{dp_shard} needs ~{need:.1f} GiB of training state per rank > "
+                              f"parallel.memory_per_gpu_gib={prefs.memory_per_gpu_gib}; use "
+                              f"more workers or raise the budget")
+                continue
+        if prefs.dp_replicate_degree > 0:
+            reasons.append(f"dp_replicate={dp_replicate} requested")
+        elif dp_replicate > 1:
+            reasons.append("dense shards inside a node, replicas across nodes"
+                           if dp_shard == gpus_per_node else
+                           f"dense shards span {dp_shard // gpus_per_node} nodes so EP fits")
+        else:
+            reasons.append("dense weights sharded over all ranks")
+        reasons.append(ep_reason)
+        break
+    else:
+        # The last option is the most permissive (largest dp_shard): its reason is the one to fix.
+        raise ValueError(errors[-1])
     plan = MeshPlan(
         world_size=world_size, gpus_per_node=gpus_per_node, num_nodes=num_nodes,
         dp_replicate_degree=dp_replicate, dp_shard_degree=dp_shard, expert_parallel_degree=ep,
