@@ -2,7 +2,8 @@
 
 The model calls :func:`routed_experts` (local experts) and expert parallelism calls
 :func:`expert_mlp` on rows it has already dispatched. ``backend`` is ``"torch"``, ``"triton"`` or
-``"auto"`` (Triton on CUDA tensors, torch elsewhere).
+``"auto"`` (Triton on CUDA tensors, torch elsewhere). ``"triton"`` on CPU tensors runs Triton's
+interpreter and needs ``TRITON_INTERPRET=1`` set before triton is first imported (tests only).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def expert_mlp(x_MD: torch.Tensor, counts_E: torch.Tensor, w13_EHD: torch.Tensor
     return expert_mlp_reference(x_MD, counts_E, w13_EHD, w2_EDI)
 
 
-def routed_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                   w13_EHD: torch.Tensor, w2_EDI: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def routed_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
+                   topk_weights_TK: torch.Tensor, w13_EHD: torch.Tensor, w2_EDI: torch.Tensor,
+                   backend: str = "auto") -> torch.Tensor:
     """permute -> SwiGLU experts -> unpermute + weighted combine; differentiable."""
     if resolve_backend(backend, x_TD.device) == "triton":
         from kernels.moe import routed_experts_triton

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 
-def permute_reference(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def permute_reference(topk_ids_TK: torch.Tensor,
+                      num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert-sorted order of the T*K routed rows.
 
     Returns ``order_M`` (index into the flattened T*K assignments, stable: a token's rows keep
@@ -32,8 +33,9 @@ def gather_reference(x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> t
     return x_TD.index_select(0, order_M // top_k)
 
 
-def grouped_mm_reference(x_MK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """Y[seg_e] = X[seg_e] @ W[e]^T for contiguous segments of ``counts_E`` rows (per-expert loop)."""
+def grouped_mm_reference(x_MK: torch.Tensor, w_ENK: torch.Tensor,
+                         counts_E: torch.Tensor) -> torch.Tensor:
+    """Y[seg_e] = X[seg_e] @ W[e]^T for contiguous segments of ``counts_E`` rows (a loop)."""
     outs = []
     for e, x_mK in enumerate(torch.split(x_MK, counts_E.tolist())):
         outs.append(x_mK @ w_ENK[e].t())
@@ -55,7 +57,8 @@ def expert_mlp_reference(x_MD: torch.Tensor, counts_E: torch.Tensor, w13_EHD: to
     return grouped_mm_reference(swiglu_reference(h_MH), w2_EDI, counts_E)
 
 
-def unpermute_reference(y_MD: torch.Tensor, order_M: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+def unpermute_reference(y_MD: torch.Tensor, order_M: torch.Tensor,
+                        topk_weights_TK: torch.Tensor) -> torch.Tensor:
     """Scatter rows back to token order and combine the K outputs with their gate weights.
 
     Deterministic: rows are put back in (token, k) order and summed over k in a fixed order.
@@ -67,8 +70,9 @@ def unpermute_reference(y_MD: torch.Tensor, order_M: torch.Tensor, topk_weights_
     return (y_TKD * topk_weights_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
 
 
-def routed_experts_reference(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                             w13_EHD: torch.Tensor, w2_EDI: torch.Tensor) -> torch.Tensor:
+def routed_experts_reference(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
+                             topk_weights_TK: torch.Tensor, w13_EHD: torch.Tensor,
+                             w2_EDI: torch.Tensor) -> torch.Tensor:
     """The whole routed-expert computation: permute -> SwiGLU experts -> unpermute + combine."""
     num_experts = w13_EHD.shape[0]
     top_k = topk_ids_TK.shape[1]
