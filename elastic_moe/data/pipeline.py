@@ -127,6 +127,8 @@ def tokenize_stage(path: str, keep: np.ndarray, reader: ReaderConfig, tokenizer_
 
     tok = Tokenizer.from_str(tokenizer_json)
     eos = tok.token_to_id(EOS_TOKEN)
+    if eos is None:
+        raise ValueError(f"tokenizer: has no {EOS_TOKEN!r} token (needed as EOS)")
     texts = _kept_texts(path, keep, reader)
     packer = Packer(seq_len)
     num_tokens = 0
@@ -176,22 +178,31 @@ def _run_stage(name: str, fn: Callable[..., Any], calls: Sequence[tuple], use_ra
         bar.close()
 
 
-def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
-            use_ray: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Run the whole pipeline; writes shards, ``tokenizer.json``, ``removed.jsonl`` and
-    ``manifest.json`` under ``output_dir`` and returns the manifest.
+@dataclass(slots=True)
+class DedupResult:
+    """Outcome of stages 1-4 over ``paths`` in global document order."""
 
-    With ``use_ray=True`` Ray must be importable; an uninitialized Ray is started with
-    ``ray.init()`` (which joins ``RAY_ADDRESS`` when set).
-    """
-    t0 = time.perf_counter()
-    paths = list_inputs(inputs)
-    os.makedirs(output_dir, exist_ok=True)
+    paths: list[str]
+    ids: list[str]  # every usable document, in global order
+    keeps: list[np.ndarray]  # per file: bool mask of kept documents
+    removed: dict[int, tuple[str, int]]  # global doc -> (reason, global doc it duplicates)
+    skipped: Counter
+    file_errors: list[dict[str, str]]
+    timings: dict[str, float]
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS when it is set
+
+
+def deduplicate(paths: list[str], config: PrepareConfig, *, use_ray: bool = True,
+                progress: bool = True) -> DedupResult:
+    """Stages 1-4: signatures, exact + URL dedup, LSH buckets, union-find clusters."""
     if use_ray:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init()
+        _ensure_ray()
     timings: dict[str, float] = {}
 
     # 1. signatures
@@ -236,13 +247,14 @@ def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
         if removed:
             alive[list(removed)] = False
         doc_index = np.flatnonzero(alive)
-        keys = keys[doc_index]
-        if use_ray:
+        keys_arg: Any = keys[doc_index]
+        index_arg: Any = doc_index
+        if use_ray:  # one object-store copy shared by every band task
             import ray
 
-            keys, doc_index = ray.put(keys), ray.put(doc_index)
+            keys_arg, index_arg = ray.put(keys_arg), ray.put(index_arg)
         edges = _run_stage("buckets", bucket_stage,
-                           [(keys, doc_index, b) for b in range(config.dedup.num_bands)],
+                           [(keys_arg, index_arg, b) for b in range(config.dedup.num_bands)],
                            use_ray, progress)
         near = _run_stage("clusters", cluster_stage, [tuple(edges)], use_ray, progress)[0]
         for d, root in near.items():
@@ -254,6 +266,26 @@ def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
         keep_all[list(removed)] = False
     bounds = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
     keeps = [keep_all[bounds[i]:bounds[i + 1]] for i in range(len(paths))]
+    return DedupResult(paths=paths, ids=ids, keeps=keeps, removed=removed, skipped=skipped,
+                       file_errors=file_errors, timings=timings)
+
+
+def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
+            use_ray: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Run the whole pipeline; writes shards, ``tokenizer.json``, ``removed.jsonl`` and
+    ``manifest.json`` under ``output_dir`` and returns the manifest.
+
+    With ``use_ray=True`` Ray must be importable; an uninitialized Ray is started with
+    ``ray.init()`` (which joins ``RAY_ADDRESS`` when set).
+    """
+    t0 = time.perf_counter()
+    paths = list_inputs(inputs)
+    os.makedirs(output_dir, exist_ok=True)
+    result = deduplicate(paths, config, use_ray=use_ray, progress=progress)
+    ids, keeps, removed, timings = result.ids, result.keeps, result.removed, result.timings
+    n = len(ids)
+    keep_all = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
+
 
     # 5. tokenizer
     t = time.perf_counter()
@@ -274,9 +306,14 @@ def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
     t = time.perf_counter()
     shard_dir = os.path.join(output_dir, "shards")
     os.makedirs(shard_dir, exist_ok=True)
+    tok_arg: Any = tokenizer_json
+    if use_ray:  # one object-store copy of the (MBs-large) tokenizer JSON for all tasks
+        import ray
+
+        tok_arg = ray.put(tokenizer_json)
     packed = _run_stage(
         "tokenize+pack", tokenize_stage,
-        [(p, keeps[i], config.reader, tokenizer_json, config.seq_len,
+        [(p, keeps[i], config.reader, tok_arg, config.seq_len,
           os.path.join(shard_dir, f"shard-{i:05d}.arrow"), config.encode_batch_docs)
          for i, p in enumerate(paths)], use_ray, progress)
     tail = Packer(config.seq_len)
@@ -319,8 +356,8 @@ def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
         "exact_duplicates": reasons.get("exact", 0),
         "url_duplicates": reasons.get("url", 0),
         "near_duplicates": reasons.get("near", 0),
-        "skipped": dict(sorted(skipped.items())),
-        "file_errors": file_errors,
+        "skipped": dict(sorted(result.skipped.items())),
+        "file_errors": result.file_errors,
         "tokens": int(sum(r["tokens"] for r in packed)),
         "tokens_packed": num_sequences * width,
         "tokens_dropped_tail": int(dropped),

@@ -154,7 +154,8 @@ def generate(out_dir: str, num_docs: int = 1200, seed: int = 0, min_sentences: i
         copies.append({"key": key, "text": docs[i]["text"], "url": f"https://mirror.example/{j}"})
         groups.append({"kind": "exact", "original": f"orig-{i}", "copies": [key]})
     for j, i in enumerate(near_src):
-        group = {"kind": "near", "original": f"orig-{i}", "copies": [], "jaccard": []}
+        group: dict[str, Any] = {"kind": "near", "original": f"orig-{i}", "copies": [],
+                                 "jaccard": []}
         for c in range(1 + (rng.random() < 0.3)):
             original = docs[i]["text"]
             for _ in range(20):  # retry until the copy is a near dup by the definition
