@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -356,28 +357,44 @@ def save(model: Transformer, path: str, dtype: torch.dtype | None = None,
     """Write ``config.json``, safetensors shards and the index in the released DeepSeek layout.
 
     Tensors are converted and written one shard at a time. DTensor parameters are gathered one
-    tensor at a time. Returns the shard file names.
+    tensor at a time (collective: call on every rank; only rank 0 needs to keep the files).
+    Returns the shard file names.
     """
-    cfg = model.cfg
-    os.makedirs(path, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items()
              if not k.startswith("rope_") and "tokens_per_expert" not in k}
     if dtype is None:
         dtype = next(iter(state.values())).dtype
 
-    def full(name: str) -> torch.Tensor:
-        t = state[name]
-        if hasattr(t, "full_tensor"):
-            t = t.full_tensor()
-        t = t.detach().cpu()
-        return t if name.endswith("e_score_correction_bias") else t.to(dtype)
+    def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in names:
+            t = state[name]
+            if hasattr(t, "full_tensor"):
+                t = t.full_tensor()
+            out[name] = t.detach().cpu()
+        return out
+
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    return write_sharded(model.cfg, shapes, fetch, path, dtype, max_shard_bytes)
+
+
+def write_sharded(cfg: ModelConfig, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                  fetch: Callable[[list[str]], dict[str, torch.Tensor]], path: str,
+                  dtype: torch.dtype, max_shard_bytes: int = 4 * 1024**3) -> list[str]:
+    """Write our state (``name -> (shape, dtype)``, tensors produced by ``fetch(names)`` one
+    shard's worth at a time) as an HF-layout checkpoint; the router bias stays float32."""
+    os.makedirs(path, exist_ok=True)
+
+    def out_dtype(name: str, src: torch.dtype) -> torch.dtype:
+        if name.endswith("e_score_correction_bias") or not src.is_floating_point:
+            return src
+        return dtype
 
     # Plan shards from sizes alone so each shard is materialized once.
     plan: list[list[str]] = [[]]
     size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * (torch.finfo(dtype).bits // 8 if t.is_floating_point() else
-                              t.element_size())
+    for name, (shape, src) in shapes.items():
+        nbytes = math.prod(shape) * torch.empty((), dtype=out_dtype(name, src)).element_size()
         if plan[-1] and size + nbytes > max_shard_bytes:
             plan.append([])
             size = 0
@@ -389,11 +406,11 @@ def save(model: Transformer, path: str, dtype: torch.dtype | None = None,
     for i, names in enumerate(plan):
         fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
         tensors: dict[str, torch.Tensor] = {}
-        for name in names:
-            for hf_name, t in ours_to_hf(cfg, name, full(name)):
-                tensors[hf_name] = t.contiguous()
+        for name, t in fetch(names).items():
+            for hf_name, part in ours_to_hf(cfg, name, t.to(out_dtype(name, t.dtype))):
+                tensors[hf_name] = part.contiguous()
                 weight_map[hf_name] = fname
-                total += _tensor_bytes(t)
+                total += _tensor_bytes(part)
         save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
         files.append(fname)
         del tensors
@@ -403,4 +420,3 @@ def save(model: Transformer, path: str, dtype: torch.dtype | None = None,
         json.dump(config_to_hf(cfg, dtype), f, indent=1)
     log.info("saved %s (%d shards, %.1f MB)", path, len(files), total / 1e6)
     return files
-
