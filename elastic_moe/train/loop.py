@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from elastic_moe.checkpoint import Checkpointer, CheckpointError, TrainState
+from elastic_moe.checkpoint import DIE_DURING_SAVE_ENV, Checkpointer, CheckpointError, TrainState
 from elastic_moe.config import Config
 from elastic_moe.data.sampler import DataPosition, advance, make_batch, stream_samples
 from elastic_moe.data.shards import TokenDataset
@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 
 def _maybe_inject_fault(faults: list[dict[str, Any]], step: int, rank: int, coordinator: Any,
                         phase: str) -> None:
-    """Test hooks: ``{"step": s, "rank": r, "mode": "exit"|"hang", "phase": "step"|"save"}``."""
+    """Test hooks, each fired once per run: ``{"step": s, "rank": r, "mode": m, "phase": p}``.
+
+    ``phase="step"`` acts before step ``s`` runs: ``mode="exit"`` ends the process, ``"hang"``
+    stops it (SIGSTOP, a hung rank). ``phase="save"`` makes the rank exit half-way through
+    writing its shards of the checkpoint taken after step ``s``.
+    """
     import ray
 
     for fault in faults:
@@ -42,10 +47,12 @@ def _maybe_inject_fault(faults: list[dict[str, Any]], step: int, rank: int, coor
         key = f"{fault['mode']}:{phase}:{step}:{rank}"
         if not ray.get(coordinator.fault_once.remote(key)):
             continue
-        log.error("test fault %s on rank %d at step %d", fault["mode"], rank, step)
-        if fault["mode"] == "exit":
+        log.error("test fault %s (%s) on rank %d at step %d", fault["mode"], phase, rank, step)
+        if phase == "save":
+            os.environ[DIE_DURING_SAVE_ENV] = f"{step}:{rank}"
+        elif fault["mode"] == "exit":
             os._exit(3)
-        if fault["mode"] == "hang":
+        elif fault["mode"] == "hang":
             os.kill(os.getpid(), signal.SIGSTOP)
 
 
