@@ -96,8 +96,8 @@ class Checkpointer:
         self.async_save = async_save
         self.fs, self.base = fsspec.core.url_to_fs(root)
         self._is_url = "://" in root
-        self._pending: Future | None = None
-        self._pending_step: int | None = None
+        # (future, step, event set once the outcome is known on this rank)
+        self._pending: tuple[Future, int, threading.Event] | None = None
         self._commit_error: BaseException | None = None
         self._lock = threading.Lock()
         # DCP's async writer runs collectives from a background thread: give it its own group so
@@ -158,40 +158,70 @@ class Checkpointer:
             future = dcp.async_save(state_dict, **kwargs)
             if not isinstance(future, Future):  # AsyncSaveResponse in newer torch
                 future = future.upload_completion
+            committed = threading.Event()
             with self._lock:
-                self._pending, self._pending_step = future, step
+                self._pending = (future, step, committed)
             pending_state = TrainState(**asdict(state))
             future.add_done_callback(
-                lambda f: self._on_written(f, step, pending_state, on_commit))
+                lambda f: self._on_written(f, step, pending_state, on_commit, committed))
         else:
             dcp.save(state_dict, **kwargs)
-            self._commit(step, state, on_commit)
+            error = self._commit_everywhere(step, state, on_commit, None)
+            if error:
+                raise CheckpointError(f"checkpoint commit at step {step} failed: {error}")
 
     def _on_written(self, future: Future, step: int, state: TrainState,
-                    on_commit: Callable[[int, str], None] | None) -> None:
+                    on_commit: Callable[[int, str], None] | None,
+                    committed: threading.Event) -> None:
         try:
-            future.result()
-            self._commit(step, state, on_commit)
-        except BaseException as exc:  # surfaced by wait(); the checkpoint stays uncommitted
+            try:
+                future.result()
+                write_error = None
+            except BaseException as exc:  # DCP fails the save on every rank when one fails
+                write_error = f"{type(exc).__name__}: {exc}"
+            error = self._commit_everywhere(step, state, on_commit, write_error)
+            if error:
+                self._commit_error = CheckpointError(
+                    f"checkpoint save at step {step} failed: {error}")
+        except BaseException as exc:  # a dead peer breaks the broadcast: surfaced by wait()
             self._commit_error = exc
+        finally:
+            committed.set()
+
+    def _commit_everywhere(self, step: int, state: TrainState,
+                           on_commit: Callable[[int, str], None] | None,
+                           write_error: str | None) -> str | None:
+        """Rank 0 commits (unless the write failed) and tells every rank the outcome.
+
+        The broadcast makes ``save``/``wait`` return on every rank only after the marker is on
+        storage, so any rank may rely on ``committed_steps()`` (and on a retention pass that
+        has finished) right away.
+        """
+        error = write_error
+        if error is None and _rank() == 0:
+            try:
+                self._commit(step, state, on_commit)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("checkpoint commit at step %d failed: %s", step, error)
+        if _distributed():
+            outcome = [error]
+            dist.broadcast_object_list(outcome, group=self.group, group_src=0)
+            error = outcome[0]
+        return error
 
     def wait(self) -> None:
-        """Block until the in-flight save (if any) is written and committed."""
+        """Block until the in-flight save (if any) is written and committed on every rank."""
         with self._lock:
-            pending, step = self._pending, self._pending_step
-            self._pending = self._pending_step = None
+            pending, self._pending = self._pending, None
         if pending is not None:
-            try:
-                pending.result()
-            except Exception as exc:
-                raise CheckpointError(f"checkpoint save at step {step} failed: {exc}") from exc
-            # result() can return before the done-callback has committed: wait for the marker
-            marker = self._path(step_dir_name(step or 0), COMMIT_FILE)
-            while self._commit_error is None and _rank() == 0 and not self.fs.exists(marker):
-                threading.Event().wait(0.01)
+            future, step, committed = pending
+            committed.wait()
         if self._commit_error is not None:
             error, self._commit_error = self._commit_error, None
-            raise CheckpointError(f"checkpoint commit at step {step} failed: {error}") from error
+            if isinstance(error, CheckpointError):
+                raise error
+            raise CheckpointError(f"checkpoint save failed: {error}") from error
 
     def _commit(self, step: int, state: TrainState,
                 on_commit: Callable[[int, str], None] | None = None) -> None:
