@@ -123,6 +123,11 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
         log.info("resuming run %s from %s", run_name,
                  f"step {committed['step']}" if committed else "the start (nothing committed)")
 
+    # A hung rank stops answering Ray Train's health polls too: give up on it as quickly as the
+    # collectives do (Ray's default is 10 minutes). Read by the controller, which Ray Train
+    # starts with the driver's environment.
+    os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S",
+                          str(cfg.elastic.collective_timeout_s))
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) and cfg.parallel.max_workers > 0
     low, high = cfg.parallel.min_workers, cfg.parallel.max_workers
     scaling = ScalingConfig(num_workers=(low, high) if high > low else low, use_gpu=use_gpu,

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run of the same name from its last committed checkpoint")
     parser.add_argument("--run-name", help="run name (checkpoints and MLflow run); default: recipe")
+    parser.add_argument("--output-dir", default="outputs",
+                        help="where runs keep checkpoints and coordinator state (shared storage "
+                             "on a cluster)")
     parser.add_argument("--describe", action="store_true",
                         help="print the resolved config and parameter counts, then exit")
     args = parser.parse_args(argv)
@@ -85,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from actors.training import run_training
 
-    result = run_training(cfg, run_name=args.run_name or cfg.name, resume=args.resume)
+    try:
+        result = run_training(cfg, run_name=args.run_name or cfg.name, resume=args.resume,
+                              output_dir=args.output_dir)
+    except ValueError as exc:  # bad data/config found at launch: one clear line, no traceback
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
     print(result.summary())
     return 0 if result.ok else 1
 
