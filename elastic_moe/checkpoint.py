@@ -31,11 +31,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,7 @@ class Checkpointer:
         if process_group is None and _distributed() and async_save:
             process_group = dist.new_group(backend="gloo")
         self.group = process_group
+        self._stager = _CachedStager() if async_save else None
         if _rank() == 0:
             self.fs.makedirs(self.base, exist_ok=True)
 
@@ -155,7 +159,7 @@ class Checkpointer:
         kwargs: dict[str, Any] = {"storage_writer": writer, "process_group": self.group,
                                   "no_dist": not _distributed()}
         if self.async_save:
-            future = dcp.async_save(state_dict, **kwargs)
+            future = dcp.async_save(state_dict, async_stager=self._stager, **kwargs)
             if not isinstance(future, Future):  # AsyncSaveResponse in newer torch
                 future = future.upload_completion
             committed = threading.Event()
@@ -376,6 +380,48 @@ class Checkpointer:
     def read_state(self, step: int) -> TrainState:
         with self.fs.open(self._path(step_dir_name(step), STATE_FILE)) as f:
             return TrainState(**json.load(f))
+
+
+def _layout(obj: Any, path: str = "") -> list[tuple]:
+    """What a staging buffer depends on: keys, tensor shapes/dtypes, DTensor meshes/placements."""
+    if isinstance(obj, dict):
+        return [item for key, value in obj.items() for item in _layout(value, f"{path}/{key}")]
+    if isinstance(obj, list | tuple):
+        return [item for i, value in enumerate(obj) for item in _layout(value, f"{path}/{i}")]
+    if isinstance(obj, DTensor):
+        return [(path, obj.dtype, obj.shape, id(obj.device_mesh), obj.placements)]
+    if isinstance(obj, torch.Tensor):
+        return [(path, obj.dtype, obj.shape)]
+    return [(path, type(obj))]
+
+
+class _CachedStager(AsyncStager):
+    """Stages async saves into CPU buffers allocated once and reused by every later save.
+
+    DCP's default staging allocates a fresh copy per save and deep-copies each DTensor (mesh and
+    placement metadata included) on the way; that Python overhead, not the memory copy, was most
+    of what async save blocked the training loop for (benchmarks/results/checkpoint-cpu.md).
+    Reuse is safe because a save starts only after the previous one is written (``wait``). Cost:
+    one resident copy of the state (pinned on CUDA hosts, as DCP's own cache option does). The
+    buffers are rebuilt when the layout changes (another optimizer, another mesh).
+    """
+
+    _synchronize_after_execute = False  # ``stage`` returns only once the copy is complete
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Any] | None = None
+        self._layout: list[tuple] | None = None
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        layout = _layout(state_dict)
+        if self._buffers is None or layout != self._layout:
+            self._buffers = _create_cpu_state_dict(state_dict,
+                                                   pin_memory=torch.cuda.is_available())
+            self._layout = layout
+        return _copy_state_dict(state_dict, self._buffers)
+
+    def close(self) -> None:
+        self._buffers = self._layout = None
 
 
 class _DyingWriter(dcp.StorageWriter):

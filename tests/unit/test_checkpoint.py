@@ -134,3 +134,34 @@ def test_export_rejects_a_directory_without_checkpoints(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "out")])
     assert "no committed checkpoint" in capsys.readouterr().err
+
+
+def test_async_saves_reuse_staging_buffers_without_mixing_steps(tmp_path):
+    """The async stager copies into the same CPU buffers every save: each committed step must
+    still hold exactly the state of its own step (and training may mutate the model meanwhile)."""
+    cfg = debug()
+    model, opt = _trained(steps=1)
+    ckpt = Checkpointer(str(tmp_path), async_save=True, keep_last=5)
+    snapshots = []
+    for step in (1, 2, 3):
+        ckpt.save(step, model, opt, TrainState(step=step))
+        snapshots.append(({k: v.clone() for k, v in model.state_dict().items()},
+                          {i: {k: torch.as_tensor(v).clone() for k, v in s.items()}
+                           for i, s in opt.state_dict()["state"].items()}))
+        x = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(step))
+        train_step(model, opt, [{"input_ids": x[:, :-1], "labels": x[:, 1:]}], step, cfg.train,
+                   cfg.model)  # mutates parameters while the save may still be writing
+    ckpt.wait()
+    assert ckpt.committed_steps() == [1, 2, 3]
+    assert not torch.equal(snapshots[0][0]["embed_tokens.weight"],
+                           snapshots[2][0]["embed_tokens.weight"])
+    for step, (want_model, want_optim) in zip((1, 2, 3), snapshots, strict=True):
+        fresh, fresh_opt = _trained(seed=5)
+        assert ckpt.restore(fresh, fresh_opt, step=step).step == step
+        for name, got in fresh.state_dict().items():
+            assert torch.equal(got, want_model[name]), (step, name)
+        got_optim = fresh_opt.state_dict()["state"]
+        assert got_optim.keys() == want_optim.keys()
+        for i, moments in want_optim.items():
+            for key, value in moments.items():
+                assert torch.equal(torch.as_tensor(got_optim[i][key]), value), (step, i, key)
