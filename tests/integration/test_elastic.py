@@ -150,14 +150,14 @@ def test_resubmit_resumes_in_the_same_mlflow_run(local_ray, tmp_path):
 
 
 def test_nodes_join_and_leave(tmp_path):
-    """Capacity below min (waits), a node joins (scale up), a node leaves (scale down)."""
+    """Capacity below min (waits), nodes join (start, then scale up), a node leaves (scale down)."""
     from ray.cluster_utils import Cluster
 
     from actors import coordinator as coordinator_mod
     from actors.training import run_training
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    nodes = [cluster.add_node(num_cpus=1)]
+    nodes = []
     ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, namespace="elastic-moe")
     try:
         cfg = tiny_config(tmp_path, steps=60, every=2, workers=(2, 3),
@@ -165,7 +165,6 @@ def test_nodes_join_and_leave(tmp_path):
         outcome = {}
         runner = threading.Thread(target=lambda: outcome.update(result=run_training(
             cfg, "join-leave", output_dir=str(tmp_path))))
-        # head + 1 node = 2 CPUs, but the coordinator/controller need none; start with 2 workers
         runner.start()
 
         def state():
@@ -183,6 +182,12 @@ def test_nodes_join_and_leave(tmp_path):
                 time.sleep(1)
             raise AssertionError(f"timed out; last state {state()}")
 
+        # 1 CPU < min_workers=2: the run waits without starting a worker group ...
+        time.sleep(20)
+        waiting = state()
+        assert waiting is not None and waiting["world_sizes"] == [] and waiting["last_step"] == -1
+        assert runner.is_alive()
+        nodes.append(cluster.add_node(num_cpus=1))  # ... and starts once capacity arrives
         wait_for(lambda s: s["last_step"] >= 4)
         nodes.append(cluster.add_node(num_cpus=1))  # capacity for a third worker
         wait_for(lambda s: any(e["world_size"] == 3 for e in s["world_sizes"]))
