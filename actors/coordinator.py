@@ -60,9 +60,13 @@ class CoordinatorState:
         os.replace(tmp, self.state_path)
 
     # ------------------------------------------------------------------ membership
-    def start_epoch(self, world_size: int, plan: dict[str, Any],
-                    restored_step: int) -> dict[str, Any]:
-        """A worker group (rank 0) starts; returns the new epoch with its cause and downtime."""
+    def start_epoch(self, world_size: int, plan: dict[str, Any], restored_step: int,
+                    timings: dict[str, float] | None = None) -> dict[str, Any]:
+        """A worker group (rank 0) starts; returns the new epoch with its cause and downtime.
+
+        ``timings``: rank 0's wall-clock marks (worker_start, setup_done, restore_done) for the
+        recovery-time breakdown.
+        """
         now = time.time()
         history = self.state["world_sizes"]
         previous = history[-1] if history else None
@@ -80,7 +84,9 @@ class CoordinatorState:
                  "previous_world_size": previous["world_size"] if previous else None,
                  "steps_redone": max(self.state["last_step"] - restored_step, 0),
                  "downtime_s": (now - self.state["last_heartbeat"]) if (
-                     previous and self.state["last_heartbeat"]) else None}
+                     previous and self.state["last_heartbeat"]) else None,
+                 "timings": dict(timings or {}),
+                 "last_heartbeat_before": self.state["last_heartbeat"]}
         history.append(epoch)
         self.record_event(cause, restored_step, world_size=world_size,
                           previous_world_size=epoch["previous_world_size"],

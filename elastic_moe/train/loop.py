@@ -48,6 +48,8 @@ def _maybe_inject_fault(faults: list[dict[str, Any]], step: int, rank: int, coor
         if not ray.get(coordinator.fault_once.remote(key)):
             continue
         log.error("test fault %s (%s) on rank %d at step %d", fault["mode"], phase, rank, step)
+        ray.get(coordinator.record_event.remote("fault_injected", step, rank=rank,
+                                                mode=fault["mode"], phase=phase))
         if phase == "save":
             os.environ[DIE_DURING_SAVE_ENV] = f"{step}:{rank}"
         elif fault["mode"] == "exit":
@@ -63,6 +65,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     from elastic_moe.parallel import plan_mesh, setup_model
 
+    timings = {"worker_start": time.time()}  # recovery-time breakdown, reported by rank 0
     cfg = Config.from_dict(config["cfg"])
     coordinator = config["coordinator"]
     ctx = ray.train.get_context()
@@ -76,13 +79,15 @@ def train_func(config: dict[str, Any]) -> None:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
 
-    plan = plan_mesh(world_size, cfg.parallel.gpus_per_node, cfg.model, cfg.parallel)
+    plan = plan_mesh(world_size, cfg.parallel.gpus_per_node, cfg.model, cfg.parallel,
+                     global_batch_size=cfg.train.global_batch_size)
     if rank == 0:
         log.info("mesh plan for %d workers: %s", world_size, plan.describe())
     model = setup_model(cfg.model, plan, device, seed=cfg.train.seed)
     optimizer = build_optimizer(model, cfg.train)
     ckpt = Checkpointer(config["checkpoint_dir"], keep_last=cfg.checkpoint.keep_last,
                         keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
+    timings["setup_done"] = time.time()
 
     # ---- restore exactly the coordinator's committed step (never an older one silently)
     committed = ray.get(coordinator.restore_point.remote())
@@ -96,6 +101,7 @@ def train_func(config: dict[str, Any]) -> None:
             state = ckpt.restore(model, optimizer, max_step=target - 1)
             if rank == 0:
                 coordinator.fell_back.remote(target, state.step if state else 0, str(exc))
+    timings["restore_done"] = time.time()
     step = state.step if state else 0
     tokens_seen = state.tokens_seen if state else 0
     position = (DataPosition.from_dict(state.data_position) if state and state.data_position
@@ -115,7 +121,7 @@ def train_func(config: dict[str, Any]) -> None:
         if lr_scale != 1.0 or cfg.train.resize_policy == "scale_lr":
             log.info("resize policy scale_lr: global batch %d at %d workers, lr x%.3f",
                      global_batch, world_size, lr_scale)
-        epoch = ray.get(coordinator.start_epoch.remote(world_size, plan.to_dict(), step))
+        epoch = ray.get(coordinator.start_epoch.remote(world_size, plan.to_dict(), step, timings))
         snapshot = ray.get(coordinator.snapshot.remote())
         tracker = _open_tracker(cfg, config, coordinator, snapshot)
         tracker.log_event(epoch["cause"], step, world_size=world_size, plan=plan.describe(),
@@ -127,42 +133,47 @@ def train_func(config: dict[str, Any]) -> None:
     faults = list(config.get("faults", []))
     first = True
     last_metrics = None
-    while step < cfg.train.steps:
-        _maybe_inject_fault(faults, step, rank, coordinator, "step")
-        ids = stream_samples(position, start, count, dataset.num_sequences)
-        micro = [make_batch(dataset, ids[i:i + cfg.train.micro_batch_size])
-                 for i in range(0, len(ids), cfg.train.micro_batch_size)]
-        metrics = train_step(model, optimizer, micro, step, train_cfg, cfg.model,
-                             batch_fraction=count / global_batch, world_size=world_size)
-        if samples_log:
-            _record_samples(samples_log, rank, step, ids)
-        position = advance(position, global_batch, dataset.num_sequences)
-        step += 1
-        tokens_seen += metrics.tokens
-        last_metrics = metrics
-        if rank == 0:
-            assert tracker is not None
-            values = metrics.as_dict()
-            values.update(world_size=world_size, ep_degree=plan.expert_parallel_degree,
-                          tokens_seen=tokens_seen)
-            tracker.log_metrics(values, step)
-            coordinator.heartbeat.remote(step, first)
-            if step % cfg.train.log_freq == 0 or first:
-                log.info("step %d loss %.4f lm %.4f mtp %.4f grad_norm %.3f lr %.2e tok/s %.0f "
-                         "load max/mean %.2f", step, metrics.loss, metrics.lm_loss,
-                         metrics.mtp_loss, metrics.grad_norm, metrics.lr,
-                         values["tokens_per_s"], values.get("moe/load_max_over_mean", 0.0))
-        first = False
-        if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
-            _maybe_inject_fault(faults, step, rank, coordinator, "save")
-            train_state = TrainState(step=step, tokens_seen=tokens_seen,
-                                     data_position=position.to_dict(), mesh_plan=plan.to_dict(),
-                                     model_config=dataclasses.asdict(cfg.model))
-            ckpt.save(step, model, optimizer, train_state,
-                      on_commit=(lambda s, path, st=train_state: _commit(coordinator, tracker, s,
-                                                                         path, st))
-                      if rank == 0 else None)
-            ray.train.report({"step": step, "loss": metrics.loss})
+    try:
+        while step < cfg.train.steps:
+            _maybe_inject_fault(faults, step, rank, coordinator, "step")
+            ids = stream_samples(position, start, count, dataset.num_sequences)
+            micro = [make_batch(dataset, ids[i:i + cfg.train.micro_batch_size])
+                     for i in range(0, len(ids), cfg.train.micro_batch_size)]
+            metrics = train_step(model, optimizer, micro, step, train_cfg, cfg.model,
+                                 batch_fraction=count / global_batch, world_size=world_size)
+            if samples_log:
+                _record_samples(samples_log, rank, step, ids)
+            position = advance(position, global_batch, dataset.num_sequences)
+            step += 1
+            tokens_seen += metrics.tokens
+            last_metrics = metrics
+            if rank == 0:
+                assert tracker is not None
+                values = metrics.as_dict()
+                values.update(world_size=world_size, ep_degree=plan.expert_parallel_degree,
+                              tokens_seen=tokens_seen)
+                tracker.log_metrics(values, step)
+                coordinator.heartbeat.remote(step, first)
+                if step % cfg.train.log_freq == 0 or first:
+                    log.info("step %d loss %.4f lm %.4f mtp %.4f grad_norm %.3f lr %.2e tok/s %.0f "
+                             "load max/mean %.2f", step, metrics.loss, metrics.lm_loss,
+                             metrics.mtp_loss, metrics.grad_norm, metrics.lr,
+                             values["tokens_per_s"], values.get("moe/load_max_over_mean", 0.0))
+            first = False
+            if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
+                _maybe_inject_fault(faults, step, rank, coordinator, "save")
+                train_state = TrainState(step=step, tokens_seen=tokens_seen,
+                                         data_position=position.to_dict(), mesh_plan=plan.to_dict(),
+                                         model_config=dataclasses.asdict(cfg.model))
+                ckpt.save(step, model, optimizer, train_state,
+                          on_commit=(lambda s, path, st=train_state: _commit(coordinator, tracker, s,
+                                                                             path, st))
+                          if rank == 0 else None)
+                ray.train.report({"step": step, "loss": metrics.loss})
+    except Exception as exc:  # when a rank noticed a failure: the "detection" of recovery time
+        coordinator.record_event.remote("worker_error", step, rank=rank,
+                                        error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        raise
     ckpt.wait()
     if rank == 0 and tracker is not None:
         if last_metrics is not None and last_metrics.expert_loads is not None:
