@@ -7,7 +7,7 @@ The training loop (per worker, after ``dist.init_process_group``)::
     model = setup_model(cfg.model, plan, device, seed=cfg.train.seed)
     optimizer = build_optimizer(model, cfg.train)
     metrics = train_step(model, optimizer, my_micro_batches, step, cfg.train, cfg.model,
-                         dp_size=plan.dp_degree)
+                         batch_fraction=my_sequences / global_batch, world_size=world_size)
 
 ``train_step`` finishes the expert-gradient reduction (:func:`reduce_expert_grads`) and clips
 with a norm computed across every mesh. For comparisons and export, :func:`full_state_dict`
@@ -79,4 +79,5 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Collective: every rank of the model's meshes must call it.
     """
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
+    return {k: v.detach().cpu().clone() for k, v in state.items()
+            if isinstance(v, torch.Tensor)}

@@ -9,12 +9,13 @@ ignored by FSDP; with ``ep = 1`` FSDP shards the experts like any other weight.
 
 Gradient reduction uses SUM, never AVG: gloo has no ``ReduceOp.AVG`` (and FSDP2 would otherwise
 pick AVG or PREMUL_SUM), and ``train_step`` already scales the loss by ``1 / data-parallel
-size``, so a plain sum gives the gradient of the global-batch mean.
+size`` (its ``batch_fraction``), so a plain sum gives the gradient of the global-batch mean.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 from torch import nn
@@ -52,14 +53,15 @@ def parallelize(model: nn.Module, plan: MeshPlan, meshes: ParallelMeshes, *,
     ignored = {p for m in expert_parallel_modules(model) for p in m.parameters()}
     mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                  if mixed_precision else MixedPrecisionPolicy())
-    kwargs = dict(mesh=meshes.dense, mp_policy=mp_policy, ignored_params=ignored or None)
+    layers = cast(nn.ModuleList, model.layers)
+    mtp = cast(nn.ModuleList, model.mtp)
     # MTP: only the block is its own unit; ``shared_head.norm`` is called from the root's
     # forward, outside the MTP module's, so its small params stay with the root unit.
-    units = [*model.layers, *(module.block for module in model.mtp)]
-    for unit in units:
-        fully_shard(unit, **kwargs)
-    # The root keeps embedding, final norm and lm_head (which the MTP modules share).
-    fully_shard(model, **kwargs)
+    units: list[nn.Module] = [*layers, *(cast(nn.Module, module.block) for module in mtp)]
+    # The root unit comes last: it keeps embedding, final norm and lm_head (shared with MTP).
+    for unit in [*units, model]:
+        fully_shard(unit, mesh=meshes.dense, mp_policy=mp_policy,
+                    ignored_params=ignored or None)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from elastic_moe.config import ModelConfig, TrainConfig
-from elastic_moe.model.moe import update_router_biases
+from elastic_moe.model.moe import moe_layers, update_router_biases
 from elastic_moe.parallel.expert_parallel import reduce_expert_grads
 
 
@@ -34,7 +34,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms and other 1-D parameters."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
@@ -88,6 +89,7 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
     locals_: list[torch.Tensor] = []
     for param in params:
         grad = param.grad
+        assert grad is not None
         key: Any = None
         if isinstance(grad, DTensor):
             key = (grad.device_mesh, tuple(grad.placements))
@@ -112,52 +114,96 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
     return norm.to(torch.float32)
 
 
-def _mean_over_ranks(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+def _sum_over_ranks(values: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         values = values.clone()
-        # SUM then divide: gloo's ReduceOp.AVG is not supported everywhere.
+        # SUM (never AVG: gloo lacks it); callers pre-weight each rank's share.
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
-        values /= dist.get_world_size(group)
     return values
+
+
+def _max_over_ranks(value: int, group: dist.ProcessGroup | None) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return int(tensor.item())
+
+
+def _zero_weight_pass(model: nn.Module, batch: dict[str, Any], device: torch.device,
+                      amp: torch.dtype | None, train_cfg: TrainConfig) -> None:
+    """Forward + backward that joins every collective but changes no gradient or load count."""
+    loads = [(m, m.tokens_per_expert.clone()) for m in moe_layers(model)]
+    doc_ids = batch.get("doc_ids")
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = model(batch["input_ids"].to(device), batch["labels"].to(device),
+                    doc_ids.to(device) if doc_ids is not None else None,
+                    mtp_loss_weight=train_cfg.mtp_loss_weight)
+    (out.loss * 0.0).backward()
+    for module, counts in loads:
+        module.tokens_per_expert.copy_(counts)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: Sequence[dict[str, Any]], step: int, train_cfg: TrainConfig,
                model_cfg: ModelConfig, *, dp_size: int = 1,
-               group: dist.ProcessGroup | None = None) -> StepMetrics:
+               group: dist.ProcessGroup | None = None, batch_fraction: float | None = None,
+               world_size: int | None = None) -> StepMetrics:
     """Run one optimizer step over this rank's micro-batches of the global batch.
 
-    Each micro-batch loss is scaled by ``1 / (micro-batches * dp_size)`` so that gradients summed
-    over ranks (FSDP reduce-scatter with SUM, or DDP) equal the gradient of the global-batch mean;
-    with no process group ``dp_size`` is 1.
+    ``batch_fraction`` is this rank's share of the global batch (its sequences / global batch
+    size); ranks may hold different shares (an uneven split after a resize). Default: an even
+    split, ``1 / dp_size`` (``world_size`` is accepted as another name for ``dp_size``). Each
+    micro-batch loss (a mean over its tokens) is scaled by ``batch_fraction * rows / rows on this
+    rank``, so gradients summed over ranks (FSDP reduce-scatter with SUM, the expert all-reduce)
+    equal the gradient of the mean over the global batch's sequences -- equal to the
+    single-process step on the same batch. Reported losses are the same weighted means, summed
+    over ``group`` (default: the whole world); ``tokens`` is the global batch's token count.
     """
     start = time.perf_counter()
+    dp_size = world_size or dp_size
+    if batch_fraction is None:
+        batch_fraction = 1.0 / dp_size
+    if not 0.0 < batch_fraction <= 1.0:
+        raise ValueError(f"batch_fraction={batch_fraction!r}: must be in (0, 1]")
     device = next(model.parameters()).device
     amp = autocast_dtype(train_cfg, device)
     lr = lr_at(step, train_cfg)
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
     model.train()
-    sums = torch.zeros(4, dtype=torch.float64)
-    tokens = 0
-    for batch in micro_batches:
+    if not micro_batches:
+        raise ValueError("micro_batches=[]: every rank needs at least one sequence")
+    rows_local = sum(int(batch["input_ids"].shape[0]) for batch in micro_batches)
+    sums = torch.zeros(5, dtype=torch.float64)  # 4 weighted losses + tokens
+    # FSDP all-gathers and EP all-to-alls run once per forward/backward on every rank, so all
+    # ranks must run the same number of micro-batches. After an uneven split (a resize) a rank
+    # with fewer pads with zero-weight passes over its last micro-batch (no gradient, no loads).
+    num_passes = _max_over_ranks(len(micro_batches), group)
+    for index in range(num_passes):
+        if index >= len(micro_batches):
+            _zero_weight_pass(model, micro_batches[-1], device, amp, train_cfg)
+            continue
+        batch = micro_batches[index]
+        doc_ids = batch.get("doc_ids")
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(batch["input_ids"].to(device), batch["labels"].to(device),
-                        batch.get("doc_ids").to(device) if batch.get("doc_ids") is not None
-                        else None, mtp_loss_weight=train_cfg.mtp_loss_weight)
-        (out.loss / (len(micro_batches) * dp_size)).backward()
-        sums += torch.tensor([out.loss.item(), out.lm_loss.item(), out.mtp_loss.item(),
-                              out.balance_loss.item()], dtype=torch.float64)
-        tokens += out.num_tokens
+                        doc_ids.to(device) if doc_ids is not None else None,
+                        mtp_loss_weight=train_cfg.mtp_loss_weight)
+        weight = batch_fraction * int(batch["input_ids"].shape[0]) / rows_local
+        (out.loss * weight).backward()
+        sums += torch.tensor([weight * out.loss.item(), weight * out.lm_loss.item(),
+                              weight * out.mtp_loss.item(), weight * out.balance_loss.item(),
+                              out.num_tokens], dtype=torch.float64)
     # Expert weights live outside FSDP: sum their gradients over the ranks that hold them.
     reduce_expert_grads(model)
     grad_norm = clip_grad_norm(model.parameters(), train_cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     expert_stats, loads = update_router_biases(model, model_cfg.bias_update_speed, group=group)
-    means = _mean_over_ranks(sums / max(len(micro_batches), 1), group)
-    return StepMetrics(step=step, loss=float(means[0]), lm_loss=float(means[1]),
-                       mtp_loss=float(means[2]), balance_loss=float(means[3]),
-                       grad_norm=float(grad_norm), lr=lr, tokens=tokens * dp_size,
+    totals = _sum_over_ranks(sums, group)
+    return StepMetrics(step=step, loss=float(totals[0]), lm_loss=float(totals[1]),
+                       mtp_loss=float(totals[2]), balance_loss=float(totals[3]),
+                       grad_norm=float(grad_norm), lr=lr, tokens=int(totals[4]),
                        seconds=time.perf_counter() - start, expert_stats=expert_stats,
                        expert_loads=loads)

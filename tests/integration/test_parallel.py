@@ -38,8 +38,10 @@ SEED = 7
 GLOBAL_BATCH = 8
 SEQ_LEN = 32
 STEP = 3
-# (gpus_per_node, ep) per world size: covers FSDP and HSDP, ep = 1, 2 and world.
-LAYOUTS = {2: [(2, 1), (2, 2)], 4: [(2, 1), (2, 2), (4, 4)]}
+# (gpus_per_node, ep, sequences per rank) per world size: FSDP and HSDP, ep = 1, 2 and world,
+# and an uneven split of the global batch (as after a resize), weighted by batch_fraction.
+LAYOUTS = {2: [(2, 1, (4, 4)), (2, 2, (4, 4)), (2, 2, (5, 3))],
+           4: [(2, 1, (2, 2, 2, 2)), (2, 2, (2, 2, 2, 2)), (4, 4, (2, 2, 2, 2))]}
 
 
 def _cfgs():
@@ -59,7 +61,7 @@ def _global_batch() -> dict[str, torch.Tensor]:
 
 
 def _micro_batches(batch: dict[str, torch.Tensor], rows: range, size: int):
-    return [{k: v[i:i + size] for k, v in batch.items()}
+    return [{k: v[i:min(i + size, rows.stop)] for k, v in batch.items()}
             for i in range(rows.start, rows.stop, size)]
 
 
@@ -132,9 +134,9 @@ def _equivalence_worker(rank: int, world_size: int, ref_path: str) -> None:
     ref = torch.load(ref_path)
     model_cfg, train_cfg = _cfgs()
     batch = _global_batch()
-    per_rank = GLOBAL_BATCH // world_size
-    mine = _micro_batches(batch, range(rank * per_rank, (rank + 1) * per_rank), 2)
-    for gpus_per_node, ep in LAYOUTS[world_size]:
+    for gpus_per_node, ep, shares in LAYOUTS[world_size]:
+        first = sum(shares[:rank])
+        mine = _micro_batches(batch, range(first, first + shares[rank]), 2)
         prefs = ParallelConfig(max_workers=world_size, gpus_per_node=gpus_per_node,
                                expert_parallel_degree=ep)
         plan = plan_mesh(world_size, gpus_per_node, model_cfg, prefs,
@@ -147,7 +149,9 @@ def _equivalence_worker(rank: int, world_size: int, ref_path: str) -> None:
         optimizer = build_optimizer(model, train_cfg)
         grads = _capture_grads(model, optimizer)
         metrics = train_step(model, optimizer, mine, STEP, train_cfg, model_cfg,
-                             dp_size=plan.dp_degree)
+                             batch_fraction=shares[rank] / GLOBAL_BATCH, world_size=world_size)
+        what += f" shares {shares}"
+        assert metrics.tokens == GLOBAL_BATCH * SEQ_LEN, f"{what}: tokens {metrics.tokens}"
         for field in ("loss", "lm_loss", "grad_norm"):
             got, want = getattr(metrics, field), ref[field]
             assert abs(got - want) <= 1e-5 * abs(want), f"{what}: {field} {got} != {want}"
