@@ -161,8 +161,8 @@ def plan_mesh(world_size: int, gpus_per_node: int, model_cfg: ModelConfig,
     sizes):
 
     * ``prefs.min_workers <= world_size <= prefs.max_workers`` when ``prefs`` is given;
-    * ``global_batch_size`` (when given) is a multiple of ``world_size``: every data-parallel
-      rank takes the same number of whole sequences, which the loss averaging relies on;
+    * ``world_size <= global_batch_size`` (when given): every data-parallel rank needs at least
+      one sequence (uneven shares are fine, ``train_step`` weights them);
     * dense: ``dp_replicate`` (``prefs.dp_replicate_degree``, or auto: one replica per full node
       when ``world_size`` is a multiple of ``gpus_per_node`` and spans several nodes, so
       parameter all-gathers stay on NVLink; otherwise 1 = plain FSDP) divides ``world_size``;
@@ -182,14 +182,12 @@ def plan_mesh(world_size: int, gpus_per_node: int, model_cfg: ModelConfig,
         raise ValueError(f"world_size={world_size}: must be in [parallel.min_workers="
                          f"{prefs.min_workers}, parallel.max_workers={prefs.max_workers}]; "
                          f"nearest valid size: {nearest}")
-    if global_batch_size is not None and global_batch_size % world_size != 0:
-        valid = [w for w in _divisors(global_batch_size)
-                 if prefs.min_workers <= w <= prefs.max_workers]
-        what = ("more workers than sequences in the global batch"
-                if world_size > global_batch_size else "uneven split of the global batch")
-        raise ValueError(f"world_size={world_size}: must divide train.global_batch_size="
-                         f"{global_batch_size} ({what}); nearest valid sizes: "
-                         f"{_nearest(valid, world_size)}")
+    if global_batch_size is not None and world_size > global_batch_size:
+        # Uneven splits are fine (train_step weights each rank by its share and pads short
+        # ranks' micro-batches); a rank without any sequence is not.
+        raise ValueError(f"world_size={world_size}: more workers than sequences in "
+                         f"train.global_batch_size={global_batch_size}; nearest valid size: "
+                         f"{min(global_batch_size, prefs.max_workers)}")
     num_nodes = -(-world_size // gpus_per_node)
     num_experts = model_cfg.num_routed_experts
     reasons = []
