@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python jobs/train.py` from a checkout, without installing
@@ -50,6 +51,23 @@ def build_config(args: argparse.Namespace) -> Config:
     return apply_overrides(cfg, overrides)
 
 
+def choose_run_name(cfg: Config, run_name: str | None, resume: bool, output_dir: str) -> str:
+    """An explicit name wins; a new run gets ``<recipe>-<time>``; ``--resume`` alone continues
+    the newest run of this recipe in ``output_dir``."""
+    if run_name:
+        return run_name
+    if not resume:
+        return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    runs = sorted((os.path.getmtime(os.path.join(output_dir, d)), d)
+                  for d in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+                  if d.startswith(cfg.name + "-")
+                  and os.path.exists(os.path.join(output_dir, d, "coordinator.json")))
+    if not runs:
+        raise ValueError(f"--resume: no earlier {cfg.name!r} run in {output_dir}; "
+                         "give --run-name")
+    return runs[-1][1]
+
+
 def describe(cfg: Config) -> str:
     from elastic_moe.model import count_parameters
 
@@ -71,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="manifest.json of prepared data (default: bundled corpus)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run of the same name from its last committed checkpoint")
-    parser.add_argument("--run-name", help="run name (checkpoints and MLflow run); default: recipe")
+    parser.add_argument("--run-name", help="run name (checkpoints, coordinator, MLflow run name); "
+                                           "default: <recipe>-<time>, or with --resume the newest")
     parser.add_argument("--output-dir", default="outputs",
                         help="where runs keep checkpoints and coordinator state (shared storage "
                              "on a cluster)")
@@ -89,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     from actors.training import run_training
 
     try:
-        result = run_training(cfg, run_name=args.run_name or cfg.name, resume=args.resume,
+        run_name = choose_run_name(cfg, args.run_name, args.resume, args.output_dir)
+        result = run_training(cfg, run_name=run_name, resume=args.resume,
                               output_dir=args.output_dir)
     except ValueError as exc:  # bad data/config found at launch: one clear line, no traceback
         print(f"train.py: error: {exc}", file=sys.stderr)
