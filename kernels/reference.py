@@ -66,7 +66,7 @@ def unpermute_reference(y_MD: torch.Tensor, order_M: torch.Tensor,
     num_tokens, top_k = topk_weights_TK.shape
     unsorted_MD = torch.empty_like(y_MD)
     unsorted_MD[order_M] = y_MD
-    y_TKD = unsorted_MD.view(num_tokens, top_k, -1)
+    y_TKD = unsorted_MD.view(num_tokens, top_k, y_MD.shape[-1])  # -1 fails for 0 tokens
     return (y_TKD * topk_weights_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
 
 

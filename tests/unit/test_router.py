@@ -85,3 +85,11 @@ def test_sequence_balance_loss_zero_when_balanced_positive_when_skewed():
     skewed_scores = torch.tensor([0.9, 0.8, 0.1, 0.1]).expand(1, seq, num_experts)
     skewed_ids = torch.tensor([[0, 1]] * seq).unsqueeze(0)
     assert sequence_balance_loss(skewed_scores, skewed_ids, alpha=1e-4).item() > 1e-5
+
+
+def test_reference_experts_accept_zero_tokens():
+    from kernels.reference import routed_experts_reference
+
+    out = routed_experts_reference(torch.zeros(0, 8), torch.zeros(0, 2, dtype=torch.long),
+                                   torch.zeros(0, 2), torch.randn(4, 6, 8), torch.randn(4, 8, 3))
+    assert out.shape == (0, 8)
