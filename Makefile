@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(PY) jobs/train.py
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check elastic_moe actors kernels jobs tests benchmarks
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

@@ -326,7 +326,7 @@ class Checkpointer:
                 if s not in committed and s > newest:
                     log.warning("removing partial checkpoint %s (never committed)", path)
                     self.fs.rm(path, recursive=True)
-        failures = []
+        failures: list[str] = []
         for candidate in reversed(candidates):
             error = self._try_load(candidate, model, optimizer)
             if error is None:
@@ -419,6 +419,10 @@ class _CachedStager(AsyncStager):
                                                    pin_memory=torch.cuda.is_available())
             self._layout = layout
         return _copy_state_dict(state_dict, self._buffers)
+
+    def synchronize_staging(self) -> None:
+        """Staging copies synchronously (see ``stage``): nothing to wait for."""
+        return None
 
     def close(self) -> None:
         self._buffers = self._layout = None

@@ -117,7 +117,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
             dy_MD, h_MH, x_TD, tokens_M, w13_EHD, w2_EDI, offsets_E1,
             (need_x, need_w13, need_w2))
         # Each token's K row-gradients are summed in k order (a gather, not a scatter-add).
-        dx_TD = combine(dx_MD, rows_TK, None) if need_x else None
+        dx_TD = combine(dx_MD, rows_TK, None) if need_x and dx_MD is not None else None
         return dx_TD, None, dweights_TK if need_weights else None, dw13_EHD, dw2_EDI, None
 
 

@@ -43,8 +43,8 @@ def rope_frequencies(cfg: ModelConfig, device: torch.device | None = None) -> to
             return dim * math.log(cfg.original_seq_len / (num_rotations * 2 * math.pi)) / (
                 2 * math.log(base))
 
-        low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
-        high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+        low = float(max(math.floor(correction_dim(cfg.beta_fast)), 0))
+        high = float(min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1))
         if low == high:
             high += 0.001  # avoid a zero-width ramp
         ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low)

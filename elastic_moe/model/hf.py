@@ -301,9 +301,9 @@ def load(path: str, dtype: torch.dtype | None = None, device: str | torch.device
                     weight_name = hf_name.removesuffix("_scale_inv")
                     scale = f.get_tensor(hf_name).float()
                     if weight_name in fp8.unscaled:
-                        target = fp8.unscaled.pop(weight_name)
-                        dest = state[target.name].data[target.index] if target.index else \
-                            state[target.name].data
+                        pending = fp8.unscaled.pop(weight_name)
+                        dest = state[pending.name].data[pending.index] if pending.index else \
+                            state[pending.name].data
                         dest.mul_(_dequant_scale(scale, dest.shape, fp8.block).to(dest.dtype))
                     else:
                         fp8.scales[weight_name] = scale

@@ -47,6 +47,8 @@ class Routing:
 class Router(nn.Module):
     """Top-k gate with group-limited selection and a selection-only bias."""
 
+    e_score_correction_bias: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_experts = cfg.num_routed_experts
@@ -125,6 +127,8 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, topk_ids_BSK: torch.Tensor,
 
 class MoE(nn.Module):
     """Shared experts + routed experts; records tokens per expert for balancing and telemetry."""
+
+    tokens_per_expert: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -48,6 +48,9 @@ class LossOutput:
 
 
 class Transformer(nn.Module):
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -122,6 +125,7 @@ class Transformer(nn.Module):
                 doc_ids_BS[:, depth:], keep, input_ids_BS.device)
             h_BSD = module(h_BSD[:, :keep], emb_BSD[:, depth:], cos_SH[:keep], sin_SH[:keep],
                            sub_mask)
+            assert isinstance(module, MTPModule)
             mtp_logits = self.lm_head(module.shared_head.norm(h_BSD))
             mtp_losses.append(_cross_entropy(mtp_logits, labels_BS[:, depth:]))
         zero = lm_loss.new_zeros(())

@@ -12,6 +12,7 @@ How a global batch is shared out at each size is in :mod:`elastic_moe.train.elas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -165,10 +166,9 @@ def train_func(config: dict[str, Any]) -> None:
                 train_state = TrainState(step=step, tokens_seen=tokens_seen,
                                          data_position=position.to_dict(), mesh_plan=plan.to_dict(),
                                          model_config=dataclasses.asdict(cfg.model))
+                on_commit = functools.partial(_commit, coordinator, tracker, state=train_state)
                 ckpt.save(step, model, optimizer, train_state,
-                          on_commit=(lambda s, path, st=train_state: _commit(coordinator, tracker, s,
-                                                                             path, st))
-                          if rank == 0 else None)
+                          on_commit=on_commit if rank == 0 else None)
                 ray.train.report({"step": step, "loss": metrics.loss})
     except Exception as exc:  # when a rank noticed a failure: the "detection" of recovery time
         coordinator.record_event.remote("worker_error", step, rank=rank,
@@ -185,7 +185,7 @@ def train_func(config: dict[str, Any]) -> None:
         dist.barrier()
 
 
-def _commit(coordinator: Any, tracker: Any, step: int, path: str, state: TrainState) -> None:
+def _commit(coordinator: Any, tracker: Any, step: int, path: str, *, state: TrainState) -> None:
     coordinator.commit.remote(step, path, state.data_position, state.tokens_seen)
     if tracker is not None:
         tracker.set_tags({"last_checkpoint": path, "last_checkpoint_step": str(step)})

@@ -44,7 +44,7 @@ from elastic_moe.config import ParallelConfig, debug
 from elastic_moe.model.transformer import Transformer
 from elastic_moe.parallel import ExpertParallelExperts, plan_mesh, setup_model
 from elastic_moe.train.step import build_optimizer, train_step
-from tests.integration.test_parallel import _launch
+from tests.integration.multiproc import launch
 
 pytestmark = pytest.mark.integration
 
@@ -185,7 +185,7 @@ def _single_process_next_step(want: dict) -> tuple[float, dict[str, torch.Tensor
 def saved_at_4(tmp_path_factory) -> tuple[str, str]:
     tmp = tmp_path_factory.mktemp("reshard")
     root, ref_path = str(tmp / "ckpt"), str(tmp / "gathered.pt")
-    _launch(_save_worker, 4, root, ref_path)
+    launch(_save_worker, 4, root, ref_path)
     assert Checkpointer(root, async_save=False).committed_steps() == [1]
     return root, ref_path
 
@@ -202,7 +202,7 @@ def test_restore_at_another_world_size(world_size: int, saved_at_4, tmp_path) ->
     if world_size == 1:
         _restore_worker(0, 1, root, ref_path, out_path)  # no process group at all
     else:
-        _launch(_restore_worker, world_size, root, ref_path, out_path)
+        launch(_restore_worker, world_size, root, ref_path, out_path)
     got = torch.load(out_path)
     ref_loss, ref_state = _single_process_next_step(want)
     assert abs(got["loss"] - ref_loss) <= 1e-5 * abs(ref_loss), (got["loss"], ref_loss)
@@ -248,7 +248,7 @@ def test_rank_dies_in_the_middle_of_a_save(tmp_path, monkeypatch) -> None:
     root, ref_path = str(tmp_path / "ckpt"), str(tmp_path / "gathered.pt")
     monkeypatch.setenv(DIE_DURING_SAVE_ENV, "2:1")  # inherited by the spawned ranks
     with pytest.raises(mp.ProcessExitedException) as excinfo:
-        _launch(_dying_save_worker, 2, root, ref_path)
+        launch(_dying_save_worker, 2, root, ref_path)
     assert excinfo.value.exit_code == 17 and excinfo.value.error_index == 1, excinfo.value
     monkeypatch.delenv(DIE_DURING_SAVE_ENV)
 
@@ -256,5 +256,5 @@ def test_rank_dies_in_the_middle_of_a_save(tmp_path, monkeypatch) -> None:
     assert partial.is_dir() and not (partial / COMMIT_FILE).exists()
     assert any(p.suffix == ".distcp" for p in partial.iterdir()), "the hook wrote nothing"
     assert Checkpointer(root, async_save=False).committed_steps() == [1]
-    _launch(_restore_after_crash_worker, 2, root, ref_path)
+    launch(_restore_after_crash_worker, 2, root, ref_path)
     assert Checkpointer(root, async_save=False).committed_steps() == [1, 2]

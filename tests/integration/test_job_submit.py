@@ -5,22 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 
 import pytest
 
+from tests.integration.multiproc import free_port
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -30,8 +25,8 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="emoe-", dir="/tmp")  # short: Ray's socket paths
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bin_dir}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
-    dashboard = _free_port()
-    subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", f"--port={_free_port()}",
+    dashboard = free_port()
+    subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", f"--port={free_port()}",
                     f"--dashboard-port={dashboard}", "--num-cpus=3", "--include-dashboard=true",
                     "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                    check=True, env=env, capture_output=True, timeout=180)

@@ -8,14 +8,9 @@ once in the test process and handed to the workers through a file.
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 import kernels
@@ -31,6 +26,7 @@ from elastic_moe.parallel import (
     setup_model,
 )
 from elastic_moe.train.step import build_optimizer, train_step
+from tests.integration.multiproc import launch
 
 pytestmark = pytest.mark.integration
 
@@ -96,30 +92,6 @@ def _capture_grads(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
 
     optimizer.register_step_pre_hook(hook)
     return grads
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(fn, world_size: int, *args) -> None:
-    port = _free_port()
-    mp.spawn(_entry, args=(fn, world_size, port, *args), nprocs=world_size, join=True)
-
-
-def _entry(rank: int, fn, world_size: int, port: int, *args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def _assert_state_close(got: dict, want: dict, what: str, atol: float = 0.0) -> None:
@@ -251,4 +223,4 @@ def reference_path(tmp_path_factory) -> str:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_parallel_matches_single_process(world_size: int, reference_path: str) -> None:
     """Dispatch edge cases with ep = world, then one train step per layout in LAYOUTS."""
-    _launch(_world_worker, world_size, reference_path)
+    launch(_world_worker, world_size, reference_path)

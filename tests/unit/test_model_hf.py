@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from elastic_moe.config import debug
+from elastic_moe.config import ModelConfig, debug
 from elastic_moe.model import Transformer, hf
 
 transformers = pytest.importorskip("transformers")
@@ -80,8 +80,11 @@ def test_save_load_round_trip_is_bit_exact_with_mtp(tmp_path):
     files = hf.save(model, str(tmp_path), max_shard_bytes=400_000)
     assert len(files) > 1  # sharded, with an index
     loaded = hf.load(str(tmp_path))
-    # architecture fields round-trip; expert_backend/init_std are training choices, not in HF
-    assert loaded.cfg == dataclasses.replace(cfg, expert_backend="auto", init_std=0.006)
+    # architecture fields round-trip; backend, init and bias speed are training choices, not in HF
+    defaults = ModelConfig()
+    assert loaded.cfg == dataclasses.replace(cfg, expert_backend=defaults.expert_backend,
+                                             init_std=defaults.init_std,
+                                             bias_update_speed=defaults.bias_update_speed)
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys()
     for key in ours:

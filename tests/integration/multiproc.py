@@ -1,0 +1,36 @@
+"""Run a function on W local processes joined in a real gloo process group."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(fn, world_size: int, *args) -> None:
+    """``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; raises if any fails."""
+    port = free_port()
+    mp.spawn(_entry, args=(fn, world_size, port, *args), nprocs=world_size, join=True)
+
+
+def _entry(rank: int, fn, world_size: int, port: int, *args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
