@@ -97,6 +97,8 @@ class CoordinatorState:
         now = time.time()
         self.state["last_heartbeat"] = now
         self.state["last_step"] = max(self.state["last_step"], step)
+        if self.state["world_sizes"]:
+            self.state["world_sizes"][-1]["last_step"] = step  # this epoch's own progress
         if first_after_start and self.state["world_sizes"]:
             epoch = self.state["world_sizes"][-1]
             epoch["first_step_time"] = now

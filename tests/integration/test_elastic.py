@@ -190,8 +190,10 @@ def test_nodes_join_and_leave(tmp_path):
         nodes.append(cluster.add_node(num_cpus=1))  # ... and starts once capacity arrives
         wait_for(lambda s: s["last_step"] >= 4)
         nodes.append(cluster.add_node(num_cpus=1))  # capacity for a third worker
-        wait_for(lambda s: any(e["world_size"] == 3 for e in s["world_sizes"]))
-        wait_for(lambda s: s["world_sizes"][-1]["world_size"] == 3 and s["last_step"] >= 20)
+        # ... and 3 workers have trained a few steps of their own before a node is taken away
+        wait_for(lambda s: s["world_sizes"] and s["world_sizes"][-1]["world_size"] == 3
+                 and s["world_sizes"][-1].get("last_step", -1)
+                 >= s["world_sizes"][-1]["restored_step"] + 3)
         cluster.remove_node(nodes.pop(0))  # a node fails: back to 2 workers
         runner.join(600)
         result = outcome["result"]
