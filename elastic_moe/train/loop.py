@@ -60,7 +60,7 @@ def _maybe_inject_fault(faults: list[dict[str, Any]], step: int, rank: int, coor
 
 
 def train_func(config: dict[str, Any]) -> None:
-    """Ray Train V2 per-worker entry point; ``config`` comes from :func:`elastic.run_training`."""
+    """Ray Train V2 per-worker entry point; ``config`` comes from :func:`actors.training.run_training`."""
     import ray
     import ray.train
 
