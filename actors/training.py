@@ -128,6 +128,8 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     # starts with the driver's environment.
     os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S",
                           str(cfg.elastic.collective_timeout_s))
+    # The controller notices a dead worker at its next poll (default every 2 s).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) and cfg.parallel.max_workers > 0
     low, high = cfg.parallel.min_workers, cfg.parallel.max_workers
     scaling = ScalingConfig(num_workers=(low, high) if high > low else low, use_gpu=use_gpu,

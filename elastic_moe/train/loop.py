@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -71,6 +72,9 @@ def train_func(config: dict[str, Any]) -> None:
     coordinator = config["coordinator"]
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    # Opening the MLflow run (store, run id, history) is slow: overlap it with setup and restore.
+    opening = (ThreadPoolExecutor(1, thread_name_prefix="mlflow-open").submit(
+        _open_tracker, cfg, config, coordinator) if rank == 0 else None)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
     if torch.cuda.is_available():
@@ -123,8 +127,8 @@ def train_func(config: dict[str, Any]) -> None:
             log.info("resize policy scale_lr: global batch %d at %d workers, lr x%.3f",
                      global_batch, world_size, lr_scale)
         epoch = ray.get(coordinator.start_epoch.remote(world_size, plan.to_dict(), step, timings))
-        snapshot = ray.get(coordinator.snapshot.remote())
-        tracker = _open_tracker(cfg, config, coordinator, snapshot)
+        assert opening is not None
+        tracker = opening.result()
         tracker.log_event(epoch["cause"], step, world_size=world_size, plan=plan.describe(),
                           previous_world_size=epoch["previous_world_size"],
                           steps_redone=epoch["steps_redone"], downtime_s=epoch["downtime_s"])
@@ -191,17 +195,19 @@ def _commit(coordinator: Any, tracker: Any, step: int, path: str, *, state: Trai
         tracker.set_tags({"last_checkpoint": path, "last_checkpoint_step": str(step)})
 
 
-def _open_tracker(cfg: Config, config: dict[str, Any], coordinator: Any,
-                  snapshot: dict[str, Any]) -> Any:
+def _open_tracker(cfg: Config, config: dict[str, Any], coordinator: Any) -> Any:
+    """The run's MLflow tracker: the same run across restarts, params logged once."""
     import ray
 
     from elastic_moe.train.tracking import Tracker
 
-    run_id = snapshot.get("mlflow_run_id")
+    snapshot = ray.get(coordinator.snapshot.remote())
     tracker = Tracker.open(config["tracking_uri"], cfg.tracking.experiment,
-                           cfg.tracking.run_name or config["run_name"], run_id=run_id)
-    if run_id is None:
-        ray.get(coordinator.set_mlflow_run_id.remote(tracker.run_id))
+                           cfg.tracking.run_name or config["run_name"],
+                           run_id=snapshot.get("mlflow_run_id"),
+                           on_run_id=lambda run_id: ray.get(
+                               coordinator.set_mlflow_run_id.remote(run_id)))
+    if tracker.is_new_run:
         tracker.log_params(cfg.flat())
         tracker.set_tags({"checkpoint_dir": config["checkpoint_dir"],
                           "manifest": config["manifest"]})

@@ -18,6 +18,7 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,45 +44,71 @@ class _Record:
 class Tracker:
     """Buffered, retrying MLflow logger for rank 0. Create with :meth:`open`."""
 
-    def __init__(self, client: Any, run_id: str, last_logged_step: int = -1,
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str,
+                 run_id: str | None = None, last_logged_step: int = -1,
+                 on_run_id: Callable[[str], None] | None = None,
                  retry_seconds: float = 2.0) -> None:
-        self.client = client
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_name = run_name
         self.run_id = run_id
+        self.is_new_run = run_id is None
+        self.on_run_id = on_run_id
+        self.client: Any = None
         self.last_logged_step = last_logged_step
+        self.history_max_step = -1  # newest step already in the run (read when connecting)
         self.retry_seconds = retry_seconds
         self._queue: queue.Queue[_Record | None] = queue.Queue()
         self._pending: list[_Record] = []
         self._failures = 0
+        self._connected = threading.Event()
         self._thread = threading.Thread(target=self._drain, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
     @classmethod
-    def open(cls, tracking_uri: str, experiment: str, run_name: str,
-             run_id: str | None = None) -> Tracker:
-        """Resume ``run_id`` (same run across restarts) or create a run in ``experiment``."""
+    def open(cls, tracking_uri: str, experiment: str, run_name: str, run_id: str | None = None,
+             last_logged_step: int = -1, on_run_id: Callable[[str], None] | None = None,
+             retry_seconds: float = 2.0) -> Tracker:
+        """Resume ``run_id`` (the same run across restarts) or create a run in ``experiment``.
+
+        Returns at once: connecting (and creating the run, reported through ``on_run_id``) happens
+        in the background thread and is retried like any other record, so a tracking server that
+        is down at start-up costs nothing but a delay in the dashboard. Metrics of steps the run
+        already holds (re-executed after a restore) are dropped when sent, so each step is logged
+        once; ``last_logged_step`` gates steps in this process.
+        """
         # Fail fast on an unreachable server; the tracker retries in the background instead.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        return cls(tracking_uri, experiment, run_name, run_id, last_logged_step, on_run_id,
+                   retry_seconds)
+
+    def _connect(self) -> None:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=tracking_uri)
-        last = -1
-        if run_id is None:
-            exp = client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-            run_id = client.create_run(exp_id, run_name=run_name).info.run_id
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        if self.run_id is None:
+            exp = client.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+            self.run_id = client.create_run(exp_id, run_name=self.run_name).info.run_id
+            if self.on_run_id is not None:
+                self.on_run_id(self.run_id)
         else:
-            client.update_run(run_id, status="RUNNING")
-            history = client.get_metric_history(run_id, "loss")
-            last = max((m.step for m in history), default=-1)
-        return cls(client, run_id, last_logged_step=last)
+            client.update_run(self.run_id, status="RUNNING")
+            history = client.get_metric_history(self.run_id, "loss")
+            self.history_max_step = max((m.step for m in history), default=-1)
+        self.client = client
+        self._connected.set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
 
     # ------------------------------------------------------------------ logging API
     def log_params(self, params: dict[str, Any]) -> None:
         self._queue.put(_Record("params", {k: str(v)[:6000] for k, v in params.items()}))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> bool:
-        """Queue metrics for ``step``; False (and nothing queued) if this step was logged before."""
+        """Queue metrics for ``step``; False (nothing queued) if this process logged it already."""
         if step <= self.last_logged_step:
             return False
         self.last_logged_step = step
@@ -133,6 +160,8 @@ class Tracker:
         self._thread.join(timeout)
         left = len(self._pending) + self._queue.qsize()
         try:
+            if self.client is None:
+                raise RuntimeError("never connected to the tracking server")
             self.client.set_terminated(self.run_id, status=status)
         except Exception as exc:  # the run stays RUNNING in the UI; say so
             log.error("could not mark MLflow run %s %s: %s", self.run_id, status, exc)
@@ -145,6 +174,8 @@ class Tracker:
         from mlflow.entities import Metric, Param, RunTag
 
         if record.kind == "metrics":
+            if record.step <= self.history_max_step:
+                return  # logged by an earlier worker group before the restore
             metrics = [Metric(k, float(v), record.timestamp_ms, record.step)
                        for k, v in record.payload.items()]
             self.client.log_batch(self.run_id, metrics=metrics)
@@ -178,6 +209,8 @@ class Tracker:
                 else:
                     self._pending.append(item)
             try:
+                if self.client is None:
+                    self._connect()
                 self._send(self._pending[0])
                 self._pending.pop(0)
                 self._failures = 0
