@@ -105,11 +105,16 @@ def test_transformers_reads_what_we_write(tmp_path):
         assert torch.equal(again(tokens).logits, ref(tokens).logits)
 
 
-def test_unknown_and_missing_tensors_are_listed(tmp_path):
+def _saved_debug_model(path):
+    """A debug model saved as one HF shard under ``path``; returns it and the shard path."""
     model = Transformer(debug().model)
     model.init_weights(seed=0)
-    hf.save(model, str(tmp_path))
-    shard = tmp_path / "model-00001-of-00001.safetensors"
+    hf.save(model, str(path))
+    return model, path / "model-00001-of-00001.safetensors"
+
+
+def test_unknown_and_missing_tensors_are_listed(tmp_path):
+    model, shard = _saved_debug_model(tmp_path)
     tensors = load_file(shard)
     tensors["model.layers.0.mystery.weight"] = torch.zeros(2)
     del tensors["model.layers.2.mlp.experts.3.up_proj.weight"]
@@ -125,10 +130,7 @@ def test_unknown_and_missing_tensors_are_listed(tmp_path):
 
 
 def test_missing_mtp_is_an_error_unless_allowed(tmp_path):
-    model = Transformer(debug().model)
-    model.init_weights(seed=0)
-    hf.save(model, str(tmp_path))
-    shard = tmp_path / "model-00001-of-00001.safetensors"
+    model, shard = _saved_debug_model(tmp_path)
     n = debug().model.num_layers
     tensors = {k: v for k, v in load_file(shard).items()
                if not k.startswith(f"model.layers.{n}.")}
@@ -144,10 +146,7 @@ def test_missing_mtp_is_an_error_unless_allowed(tmp_path):
 
 
 def test_fp8_block_quantized_weights_are_dequantized(tmp_path):
-    model = Transformer(debug().model)
-    model.init_weights(seed=0)
-    hf.save(model, str(tmp_path))
-    shard = tmp_path / "model-00001-of-00001.safetensors"
+    model, shard = _saved_debug_model(tmp_path)
     tensors = load_file(shard)
     block = 16
     name = "model.layers.1.self_attn.kv_b_proj.weight"  # 64 x 32: 4 x 2 blocks
@@ -180,10 +179,7 @@ def test_unsupported_configs_are_named(tmp_path):
 
 
 def test_truncated_shard_is_a_clear_error(tmp_path):
-    model = Transformer(debug().model)
-    model.init_weights(seed=0)
-    hf.save(model, str(tmp_path))
-    shard = tmp_path / "model-00001-of-00001.safetensors"
+    model, shard = _saved_debug_model(tmp_path)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model-00001-of-00001.safetensors"):
