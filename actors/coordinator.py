@@ -22,6 +22,7 @@ import ray
 log = logging.getLogger(__name__)
 
 NAMESPACE = "elastic-moe"
+HEARTBEAT_PERSIST_S = 5.0
 
 
 def actor_name(run_name: str) -> str:
@@ -33,6 +34,7 @@ class CoordinatorState:
 
     def __init__(self, run_name: str, state_path: str | None = None) -> None:
         self.state_path = state_path
+        self._last_saved = 0.0
         self.state: dict[str, Any] = {
             "run_name": run_name,
             "membership_epoch": 0,
@@ -51,6 +53,7 @@ class CoordinatorState:
             self.state["status"] = "RUNNING"
 
     def _save(self) -> None:
+        self._last_saved = time.time()
         if not self.state_path:
             return
         os.makedirs(os.path.dirname(self.state_path) or ".", exist_ok=True)
@@ -103,7 +106,10 @@ class CoordinatorState:
             epoch = self.state["world_sizes"][-1]
             epoch["first_step_time"] = now
             epoch["start_to_first_step_s"] = now - epoch["time"]
-        self._save()
+        # Every step is a heartbeat: persist the first of an epoch and then at most every few
+        # seconds, not a JSON rewrite per step (events and commits persist immediately).
+        if first_after_start or now - self._last_saved >= HEARTBEAT_PERSIST_S:
+            self._save()
 
     # ------------------------------------------------------------------ checkpoints
     def commit(self, step: int, path: str, data_position: dict[str, Any], tokens_seen: int) -> bool:
