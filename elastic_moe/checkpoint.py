@@ -377,10 +377,6 @@ class Checkpointer:
         torch.set_rng_state(state_dict["rng"]["cpu"])
         return None
 
-    def read_state(self, step: int) -> TrainState:
-        with self.fs.open(self._path(step_dir_name(step), STATE_FILE)) as f:
-            return TrainState(**json.load(f))
-
 
 def _layout(obj: Any, path: str = "") -> list[tuple]:
     """What a staging buffer depends on: keys, tensor shapes/dtypes, DTensor meshes/placements."""
