@@ -118,6 +118,8 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     _init_ray(num_cpus)
     coordinator = coordinator_mod.get_or_create(run_name, state_path)
     snapshot = ray.get(coordinator.snapshot.remote())
+    if not snapshot.get("mlflow_run_id"):
+        _create_mlflow_run(coordinator, tracking_uri, cfg.tracking.experiment, run_name)
     if resume:
         committed = snapshot.get("committed")
         log.info("resuming run %s from %s", run_name,
@@ -166,6 +168,22 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                           tracking_uri=tracking_uri, mlflow_run_id=run_id,
                           final_step=max(snapshot.get("last_step", 0), 0), error=error,
                           coordinator_state=snapshot)
+
+
+def _create_mlflow_run(coordinator: Any, tracking_uri: str, experiment: str, run_name: str) -> None:
+    """Open the tracking store and create the run here, once, before any worker can touch it.
+
+    A store that cannot be reached now is not fatal: rank 0's tracker retries in the background.
+    """
+    from elastic_moe.train.tracking import create_run
+
+    try:
+        run_id = create_run(tracking_uri, experiment, run_name)
+    except Exception as exc:
+        log.warning("MLflow store %s not reachable at launch (%s); rank 0 will keep trying",
+                    tracking_uri, exc)
+        return
+    ray.get(coordinator.set_mlflow_run_id.remote(run_id))
 
 
 def _mark_mlflow_failed(tracking_uri: str, run_id: str, error: str) -> None:

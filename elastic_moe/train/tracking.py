@@ -33,6 +33,28 @@ def default_tracking_uri(cwd: str | None = None) -> str:
     return "sqlite:///" + os.path.abspath(os.path.join(cwd or os.getcwd(), "mlflow.db"))
 
 
+def _fail_fast_http() -> None:
+    """An unreachable server fails a call at once; our callers retry (or skip) it themselves."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def create_run(tracking_uri: str, experiment: str, run_name: str) -> str:
+    """Create ``run_name`` in ``experiment`` (made if missing); returns the run id.
+
+    The launcher calls this before any worker starts: the first client to open a fresh sqlite
+    store runs its schema migrations, and a worker killed half-way through them (a planted or real
+    failure early in the run) would leave a store that no later client can open.
+    """
+    from mlflow.tracking import MlflowClient
+
+    _fail_fast_http()
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    return str(client.create_run(exp_id, run_name=run_name).info.run_id)
+
+
 @dataclass
 class _Record:
     kind: str  # "metrics" | "params" | "tags" | "text" | "artifact"
@@ -77,9 +99,7 @@ class Tracker:
         already holds (re-executed after a restore) are dropped when sent, so each step is logged
         once; ``last_logged_step`` gates steps in this process.
         """
-        # Fail fast on an unreachable server; the tracker retries in the background instead.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        _fail_fast_http()
         return cls(tracking_uri, experiment, run_name, run_id, last_logged_step, on_run_id,
                    retry_seconds)
 
@@ -88,9 +108,7 @@ class Tracker:
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
         if self.run_id is None:
-            exp = client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
-            self.run_id = client.create_run(exp_id, run_name=self.run_name).info.run_id
+            self.run_id = create_run(self.tracking_uri, self.experiment, self.run_name)
             if self.on_run_id is not None:
                 self.on_run_id(self.run_id)
         else:
