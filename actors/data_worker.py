@@ -2,17 +2,23 @@
 
 Implements step 2 ("Streaming") of DESIGN.md. A data worker opens a prepared manifest
 (:class:`~elastic_moe.data.shards.TokenDataset`, memory-mapped) and serves, for each
-data-parallel rank, its contiguous part of each global batch (:mod:`elastic_moe.data.sampler`).
+data-parallel rank, its contiguous share of each global batch (:mod:`elastic_moe.data.sampler`).
 Batches are built ahead by a small thread pool (``prefetch`` per rank) so a training step never
 waits on shard reads.
 
-Position bookkeeping: the worker counts global batches handed out per rank since its restore
-point; ``state()`` is the position of the first global batch that has *not* been handed to every
-rank. A step needs all ranks (the gradient all-reduce), so a batch handed to only some ranks
-belongs to an unfinished step and is served again after a restore: no sample is lost. Restoring
-with another ``dp_size`` re-splits the remaining stream over the new ranks. The training loop
-should checkpoint the position of the steps it actually completed (``sampler.advance``) and
-restore from that; ``state()`` is the right value when the worker is the one being saved.
+Two ways to ask for batches, sharing one prefetch cache:
+
+- **By position** (:meth:`DataWorkerCore.batch_at`), what the training loop uses: the trainer
+  names the global batch by the data position it checkpoints, so the worker keeps no state a
+  restart could desynchronise. A restarted worker group, a restarted data worker (Ray restarts it
+  on another node) or a resize all just ask for the position they restored; any number of ranks
+  and any split work.
+- **By cursor** (:meth:`DataWorkerCore.next_batch`, ``state()``, ``restore()``): the worker counts
+  global batches handed out per rank since its restore point; ``state()`` is the position of the
+  first global batch that has *not* been handed to every rank. A step needs all ranks (the
+  gradient all-reduce), so a batch handed to only some ranks belongs to an unfinished step and is
+  served again after a restore: no sample is lost. Restoring with another ``dp_size`` re-splits
+  the remaining stream over the new ranks.
 """
 
 from __future__ import annotations
@@ -24,20 +30,25 @@ from typing import Any
 
 import ray
 
-from elastic_moe.data.sampler import DataPosition, advance, batch_sample_ids, make_batch
+from elastic_moe.data.sampler import DataPosition, advance, batch_sample_ids, make_batch, rank_share
 from elastic_moe.data.shards import TokenDataset
 
 logger = logging.getLogger(__name__)
+
+# (seed, stream offset, global batch, dp_rank, dp_size): one rank's share of one global batch
+_Key = tuple[int, int, int, int, int]
+_MAX_CACHED = 512  # bound on prefetched batches held (stale ones after a restart age out)
 
 
 class DataWorkerCore:
     """The data worker's logic as a plain class (``DataWorker`` is its Ray actor)."""
 
-    def __init__(self, manifest_path: str, global_batch_size: int, dp_size: int,
+    def __init__(self, manifest_path: str, global_batch_size: int, dp_size: int = 1,
                  position: dict[str, Any] | None = None, seed: int = 0, prefetch: int = 4,
                  ranks: list[int] | None = None) -> None:
-        """``ranks``: the dp ranks this worker serves (default all); with several workers the
-        run's position is the minimum of their ``state()`` positions."""
+        """``global_batch_size``/``dp_size``/``position``/``ranks`` set up the cursor API only
+        (``ranks``: the dp ranks this worker serves, default all; with several workers the run's
+        position is the minimum of their ``state()`` positions). ``batch_at`` ignores them."""
         if prefetch < 0:
             raise ValueError(f"prefetch={prefetch!r}: must be >= 0")
         self.dataset = TokenDataset(manifest_path)
@@ -45,6 +56,9 @@ class DataWorkerCore:
         self.prefetch = prefetch
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="data-prefetch")
         self._lock = threading.Lock()
+        self._cache: dict[_Key, Future] = {}
+        self.served_batches = 0
+        self.waited_batches = 0  # requests whose batch was not ready yet (prefetch fell behind)
         pos = DataPosition.from_dict(position) if position else DataPosition(seed=seed)
         self._reset(pos, dp_size, ranks)
 
@@ -58,24 +72,59 @@ class DataWorkerCore:
         if bad or not self.ranks:
             raise ValueError(f"ranks={ranks!r}: must be a non-empty subset of [0, {dp_size})")
         self._served = {r: 0 for r in self.ranks}  # global batches handed out since `origin`
-        self._cache: dict[tuple[int, int], Future] = {}
 
     # -- batches ------------------------------------------------------------------------------
 
-    def _build(self, rank: int, step: int) -> dict[str, Any]:
-        start = advance(self.origin, self.global_batch_size, self.dataset.num_sequences, step) \
-            if step else self.origin
-        ids = batch_sample_ids(start, self.dataset.num_sequences, self.global_batch_size, rank,
-                               self.dp_size)
+    def _build(self, key: _Key) -> dict[str, Any]:
+        seed, offset, global_batch, rank, dp_size = key
+        epoch, index = divmod(offset, self.dataset.num_sequences)
+        ids = batch_sample_ids(DataPosition(epoch=epoch, index=index, seed=seed),
+                               self.dataset.num_sequences, global_batch, rank, dp_size)
         return make_batch(self.dataset, ids)
 
-    def _future(self, rank: int, step: int) -> Future:
-        key = (rank, step)
+    def _future(self, key: _Key) -> Future:
         fut = self._cache.get(key)
         if fut is None:
-            fut = self._pool.submit(self._build, rank, step)
+            fut = self._pool.submit(self._build, key)
             self._cache[key] = fut
         return fut
+
+    def _serve(self, position: DataPosition, global_batch: int, rank: int,
+               dp_size: int) -> Future:
+        """The future for one share; queues the same rank's next ``prefetch`` shares. Locked."""
+        offset = position.offset(self.dataset.num_sequences)
+        key = (position.seed, offset, global_batch, rank, dp_size)
+        # What this rank asked for before (older positions, another split) is not needed again
+        # unless a restart rewinds it, and then it is simply rebuilt.
+        for old in [k for k in self._cache if k[3] == rank and k != key
+                    and (k[4] != dp_size or k[2] != global_batch or k[1] <= offset)]:
+            self._cache.pop(old).cancel()
+        fut = self._cache.pop(key, None)
+        if fut is None:
+            fut = self._pool.submit(self._build, key)
+        elif not fut.done():
+            self.waited_batches += 1
+        for ahead in range(1, self.prefetch + 1):
+            self._future((position.seed, offset + ahead * global_batch, global_batch, rank,
+                          dp_size))
+        while len(self._cache) > _MAX_CACHED:
+            self._cache.pop(next(iter(self._cache))).cancel()
+        self.served_batches += 1
+        return fut
+
+    def batch_at(self, position: dict[str, Any], global_batch_size: int, dp_rank: int,
+                 dp_size: int) -> dict[str, Any]:
+        """Rank ``dp_rank`` of ``dp_size``'s share of the global batch starting at ``position``
+        (a ``DataPosition`` dict), as ``sampler.make_batch`` returns it. Shares may be uneven
+        (``sampler.rank_share``). Prefetches this rank's next global batches."""
+        pos = DataPosition.from_dict(position)
+        if global_batch_size > self.dataset.num_sequences:
+            raise ValueError(f"global_batch_size={global_batch_size!r}: must be <= the "
+                             f"{self.dataset.num_sequences} sequences of the dataset")
+        rank_share(global_batch_size, dp_rank, dp_size)  # ValueError naming a bad rank/size
+        with self._lock:
+            fut = self._serve(pos, global_batch_size, dp_rank, dp_size)
+        return fut.result()
 
     def next_batch(self, dp_rank: int, dp_size: int) -> dict[str, Any]:
         """This rank's part of its next global batch (see ``sampler.make_batch`` for keys)."""
@@ -87,11 +136,14 @@ class DataWorkerCore:
                 raise ValueError(f"dp_rank={dp_rank!r}: not served here (ranks {self.ranks})")
             step = self._served[dp_rank]
             self._served[dp_rank] = step + 1
-            fut = self._future(dp_rank, step)
-            del self._cache[(dp_rank, step)]
-            for ahead in range(step + 1, step + 1 + self.prefetch):
-                self._future(dp_rank, ahead)
+            pos = self._position_after(step)
+            fut = self._serve(pos, self.global_batch_size, dp_rank, dp_size)
         return fut.result()
+
+    def _position_after(self, batches: int) -> DataPosition:
+        if not batches:
+            return self.origin
+        return advance(self.origin, self.global_batch_size, self.dataset.num_sequences, batches)
 
     # -- position -----------------------------------------------------------------------------
 
@@ -99,32 +151,45 @@ class DataWorkerCore:
         """``{"position": DataPosition dict, ...}``: the first global batch not yet handed to
         every rank. Independent of the world size."""
         with self._lock:
-            done = min(self._served.values())
-            pos = advance(self.origin, self.global_batch_size, self.dataset.num_sequences, done) \
-                if done else self.origin
+            pos = self._position_after(min(self._served.values()))
         return {"position": pos.to_dict(), "global_batch_size": self.global_batch_size,
                 "num_sequences": self.dataset.num_sequences, "dp_size": self.dp_size}
 
     def restore(self, state: dict[str, Any], new_dp_size: int,
                 ranks: list[int] | None = None) -> None:
         """Continue from ``state`` (a ``state()`` dict or a bare position dict) with
-        ``new_dp_size`` consumers; prefetched batches of the old split are discarded."""
+        ``new_dp_size`` consumers; prefetched batches of the old split are dropped as the new
+        ranks ask."""
         pos = DataPosition.from_dict(state.get("position", state))
         if state.get("num_sequences", self.dataset.num_sequences) != self.dataset.num_sequences:
             raise ValueError(f"state num_sequences={state['num_sequences']!r}: does not match "
                              f"the dataset ({self.dataset.num_sequences})")
         with self._lock:
-            for fut in self._cache.values():
-                fut.cancel()
             self._reset(pos, new_dp_size, ranks)
         logger.info("data worker restored at epoch %d index %d for dp_size %d", pos.epoch,
                     pos.index, new_dp_size)
 
     def info(self) -> dict[str, int]:
         return {"num_sequences": self.dataset.num_sequences, "seq_len": self.dataset.seq_len,
-                "vocab_size": self.dataset.vocab_size}
+                "vocab_size": self.dataset.vocab_size, "served_batches": self.served_batches,
+                "waited_batches": self.waited_batches}
 
 
 # num_cpus=0: the worker mostly waits on page cache and must not take a training slot on small
 # clusters; max_concurrency lets every rank's call (and prefetch) proceed at once.
-DataWorker = ray.remote(num_cpus=0, max_concurrency=16)(DataWorkerCore)
+DataWorker = ray.remote(num_cpus=0, max_concurrency=16)(DataWorkerCore)  # type: ignore[call-overload]
+
+
+def start_data_workers(run_name: str, manifest_path: str, count: int, prefetch: int,
+                       global_batch_size: int, namespace: str | None = None
+                       ) -> list[ray.actor.ActorHandle]:
+    """The run's ``count`` data workers (named ``<run>-data-<i>``; reused if they exist).
+
+    Training asks them by position (``batch_at``), so they hold nothing that must survive: Ray
+    restarts a lost one (its node failed) and retries the calls that were in flight.
+    """
+    return [DataWorker.options(  # type: ignore[attr-defined]
+        name=f"{run_name}-data-{i}", namespace=namespace, get_if_exists=True,
+        max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD",
+    ).remote(manifest_path, global_batch_size=global_batch_size, prefetch=prefetch)
+        for i in range(count)]

@@ -14,11 +14,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import ray
 
 from actors import coordinator as coordinator_mod
+from actors import data_worker as data_worker_mod
 from elastic_moe.config import Config
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     manifest = _prepare_data(cfg)
     _init_ray(num_cpus)
     coordinator = coordinator_mod.get_or_create(run_name, state_path)
-    snapshot = ray.get(coordinator.snapshot.remote())
+    snapshot = cast(dict[str, Any], ray.get(coordinator.snapshot.remote()))
     if not snapshot.get("mlflow_run_id"):
         _create_mlflow_run(coordinator, tracking_uri, cfg.tracking.experiment, run_name)
     if resume:
@@ -137,8 +138,12 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     scaling = ScalingConfig(num_workers=(low, high) if high > low else low, use_gpu=use_gpu,
                             resources_per_worker=None if use_gpu else {"CPU": 1},
                             elastic_resize_monitor_interval_s=cfg.elastic.resize_check_s)
+    data_workers = data_worker_mod.start_data_workers(
+        run_name, manifest, cfg.data.num_workers, cfg.data.prefetch,
+        cfg.train.global_batch_size, namespace=coordinator_mod.NAMESPACE)
     loop_config = {
         "cfg": dataclasses.asdict(cfg), "coordinator": coordinator, "manifest": manifest,
+        "data_workers": data_workers,
         "checkpoint_dir": checkpoint_dir, "tracking_uri": tracking_uri, "run_name": run_name,
         "faults": faults or [], "record_samples_dir": record_samples_dir,
         "threads_per_worker": threads_per_worker,
@@ -158,6 +163,9 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     except Exception as exc:  # TrainingFailedError and friends: report, mark, don't lose state
         error = f"{type(exc).__name__}: {exc}"
         log.error("training failed after %.0f s: %s", time.time() - started, error)
+    finally:
+        for worker in data_workers:  # they hold no state; a resubmit starts new ones
+            ray.kill(worker)
     ok = error is None
     ray.get(coordinator.finish.remote("FINISHED" if ok else "FAILED"))
     snapshot = ray.get(coordinator.snapshot.remote())

@@ -7,7 +7,7 @@ split, and no sample is lost or seen twice.
 The sample stream is the concatenation of seeded epoch permutations of the packed sequences:
 stream offset ``t`` is sample ``(epoch = t // N, index = perm_epoch[t % N])``. A global batch is
 the next ``global_batch_size`` offsets; rank ``r`` of ``dp_size`` gets the ``r``-th contiguous
-``global_batch_size / dp_size`` of them.
+share of them (sizes differ by at most one when ``dp_size`` does not divide the batch).
 
 **Epoch tail**: when ``N`` is not a multiple of the global batch, the last global batch of an
 epoch takes the epoch's remaining samples and continues with the first samples of the next
@@ -88,23 +88,33 @@ def stream_samples(position: DataPosition, start: int, count: int,
     return out
 
 
-def batch_sample_ids(position: DataPosition, num_sequences: int, global_batch_size: int,
-                     dp_rank: int, dp_size: int) -> list[tuple[int, int]]:
-    """This rank's ``(epoch, sequence index)`` pairs for the NEXT global batch.
+def rank_share(global_batch_size: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
+    """(start, count) of a rank's contiguous share of a global batch; shares differ by <= 1.
 
-    The global batch is the next ``global_batch_size`` samples of the stream, split into
-    ``dp_size`` contiguous equal parts; ``global_batch_size`` must be divisible by ``dp_size``.
+    The first ``global_batch_size % dp_size`` ranks take one sample more, so any data-parallel
+    size up to the batch size works (the trainer weights each rank's loss by count / batch).
     """
-    _check(num_sequences, global_batch_size)
     if dp_size <= 0:
         raise ValueError(f"dp_size={dp_size!r}: must be positive")
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank!r}: must be in [0, dp_size={dp_size})")
-    if global_batch_size % dp_size:
-        raise ValueError(f"global_batch_size={global_batch_size!r}: must be divisible by "
-                         f"dp_size={dp_size}")
-    per_rank = global_batch_size // dp_size
-    return stream_samples(position, dp_rank * per_rank, per_rank, num_sequences)
+    if dp_size > global_batch_size:
+        raise ValueError(f"dp_size={dp_size!r}: more consumers than the global batch "
+                         f"({global_batch_size} samples); some would get nothing")
+    base, extra = divmod(global_batch_size, dp_size)
+    return dp_rank * base + min(dp_rank, extra), base + (1 if dp_rank < extra else 0)
+
+
+def batch_sample_ids(position: DataPosition, num_sequences: int, global_batch_size: int,
+                     dp_rank: int, dp_size: int) -> list[tuple[int, int]]:
+    """This rank's ``(epoch, sequence index)`` pairs for the global batch starting at ``position``.
+
+    The global batch is the next ``global_batch_size`` samples of the stream, split into
+    ``dp_size`` contiguous shares (:func:`rank_share`).
+    """
+    _check(num_sequences, global_batch_size)
+    start, count = rank_share(global_batch_size, dp_rank, dp_size)
+    return stream_samples(position, start, count, num_sequences)
 
 
 def advance(position: DataPosition, global_batch_size: int, num_sequences: int,
@@ -138,3 +148,13 @@ def make_batch(dataset: Any, sample_ids: list[tuple[int, int]]) -> dict[str, Any
         "doc_ids": torch.from_numpy(docs[:, :-1].copy()),
         "sample_ids": list(sample_ids),
     }
+
+
+def split_batch(batch: dict[str, Any], micro_batch_size: int) -> list[dict[str, Any]]:
+    """A :func:`make_batch` dict cut into consecutive micro-batches of ``micro_batch_size`` rows
+    (the last may be smaller)."""
+    if micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size={micro_batch_size!r}: must be positive")
+    rows = len(batch["sample_ids"])
+    return [{key: value[i:i + micro_batch_size] for key, value in batch.items()}
+            for i in range(0, rows, micro_batch_size)]

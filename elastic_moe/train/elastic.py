@@ -11,13 +11,9 @@ instead and scales the LR linearly with the resulting batch.
 from __future__ import annotations
 
 from elastic_moe.config import TrainConfig
+from elastic_moe.data.sampler import rank_share
 
-
-def rank_share(global_batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
-    """(start, count) of this rank's contiguous share of a global batch (sizes differ by <= 1)."""
-    base, extra = divmod(global_batch_size, world_size)
-    start = rank * base + min(rank, extra)
-    return start, base + (1 if rank < extra else 0)
+__all__ = ["effective_batch", "rank_share"]
 
 
 def effective_batch(cfg: TrainConfig, world_size: int, max_workers: int) -> tuple[int, float]:

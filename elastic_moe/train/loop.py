@@ -3,7 +3,9 @@
 Each (re)start of the worker group runs it from the top (DESIGN.md "The flow", step 3): plan the
 mesh for this world size -> build the model on the meta device and parallelize it -> restore the
 coordinator's last committed checkpoint, resharding to this layout -> stream this rank's share of
-each global batch from the world-size-independent data position -> train -> checkpoint (async)
+each global batch from the run's data-worker actors, asked by the world-size-independent data
+position the checkpoint holds (one step ahead, so the next batch is in flight while a step runs)
+-> train -> checkpoint (async)
 every N steps, rank 0 committing to the coordinator -> MLflow on rank 0.
 
 How a global batch is shared out at each size is in :mod:`elastic_moe.train.elastic`.
@@ -25,9 +27,8 @@ import torch.distributed as dist
 
 from elastic_moe.checkpoint import DIE_DURING_SAVE_ENV, Checkpointer, CheckpointError, TrainState
 from elastic_moe.config import Config
-from elastic_moe.data.sampler import DataPosition, advance, make_batch, stream_samples
-from elastic_moe.data.shards import TokenDataset
-from elastic_moe.train.elastic import effective_batch, rank_share
+from elastic_moe.data.sampler import DataPosition, advance, split_batch
+from elastic_moe.train.elastic import effective_batch
 from elastic_moe.train.step import build_optimizer, train_step
 
 log = logging.getLogger(__name__)
@@ -112,14 +113,15 @@ def train_func(config: dict[str, Any]) -> None:
     position = (DataPosition.from_dict(state.data_position) if state and state.data_position
                 else DataPosition(seed=cfg.train.seed))
 
-    dataset = TokenDataset(config["manifest"])
     global_batch, lr_scale = effective_batch(cfg.train, world_size, cfg.parallel.max_workers)
     train_cfg = dataclasses.replace(cfg.train, lr=cfg.train.lr * lr_scale,
                                     min_lr=cfg.train.min_lr * lr_scale)
-    start, count = rank_share(global_batch, rank, world_size)
-    if count == 0:
+    if global_batch < world_size:
         raise ValueError(f"train.global_batch_size={global_batch}: fewer samples than the "
                          f"{world_size} workers; raise it or lower --workers")
+    data_workers = config["data_workers"]
+    feed = _BatchFeed(data_workers[rank % len(data_workers)], global_batch, rank, world_size)
+    feed.request(position)
 
     tracker = None
     if rank == 0:
@@ -141,14 +143,16 @@ def train_func(config: dict[str, Any]) -> None:
     try:
         while step < cfg.train.steps:
             _maybe_inject_fault(faults, step, rank, coordinator, "step")
-            ids = stream_samples(position, start, count, dataset.num_sequences)
-            micro = [make_batch(dataset, ids[i:i + cfg.train.micro_batch_size])
-                     for i in range(0, len(ids), cfg.train.micro_batch_size)]
-            metrics = train_step(model, optimizer, micro, step, train_cfg, cfg.model,
-                                 batch_fraction=count / global_batch, world_size=world_size)
+            batch = feed.take()
+            position = advance(position, global_batch, feed.num_sequences)
+            if step + 1 < cfg.train.steps:
+                feed.request(position)  # fetched while this step runs
+            ids = batch["sample_ids"]
+            metrics = train_step(model, optimizer, split_batch(batch, cfg.train.micro_batch_size),
+                                 step, train_cfg, cfg.model,
+                                 batch_fraction=len(ids) / global_batch, world_size=world_size)
             if samples_log:
                 _record_samples(samples_log, rank, step, ids)
-            position = advance(position, global_batch, dataset.num_sequences)
             step += 1
             tokens_seen += metrics.tokens
             last_metrics = metrics
@@ -156,7 +160,7 @@ def train_func(config: dict[str, Any]) -> None:
                 assert tracker is not None
                 values = metrics.as_dict()
                 values.update(world_size=world_size, ep_degree=plan.expert_parallel_degree,
-                              tokens_seen=tokens_seen)
+                              tokens_seen=tokens_seen, data_wait_s=feed.last_wait_s)
                 tracker.log_metrics(values, step)
                 coordinator.heartbeat.remote(step, first)
                 if step % cfg.train.log_freq == 0 or first:
@@ -187,6 +191,34 @@ def train_func(config: dict[str, Any]) -> None:
         tracker.finish("FINISHED")
     if dist.is_initialized():
         dist.barrier()
+
+
+class _BatchFeed:
+    """This rank's stream of batches from a data-worker actor, one request kept in flight."""
+
+    def __init__(self, worker: Any, global_batch: int, rank: int, world_size: int) -> None:
+        import ray
+
+        self.worker, self.global_batch = worker, global_batch
+        self.rank, self.world_size = rank, world_size
+        self.num_sequences = int(ray.get(worker.info.remote())["num_sequences"])
+        self.pending: Any = None
+        self.last_wait_s = 0.0  # how long the last take() blocked: > 0 means data was late
+
+    def request(self, position: DataPosition) -> None:
+        self.pending = self.worker.batch_at.remote(position.to_dict(), self.global_batch,
+                                                   self.rank, self.world_size)
+
+    def take(self) -> dict[str, Any]:
+        import ray
+
+        if self.pending is None:
+            raise RuntimeError("take() without a request(): the feed has nothing in flight")
+        started = time.perf_counter()
+        batch = ray.get(self.pending)
+        self.last_wait_s = time.perf_counter() - started
+        self.pending = None
+        return batch
 
 
 def _commit(coordinator: Any, tracker: Any, step: int, path: str, *, state: TrainState) -> None:

@@ -57,16 +57,43 @@ def _recovery_seconds(epoch) -> float | None:
     return epoch["downtime_s"] + epoch["start_to_first_step_s"]
 
 
+def _kill_data_worker_at(run_name: str, step: int, out: dict, timeout: float = 300) -> None:
+    """Kill (restartable) the run's data worker once the coordinator reports ``step``."""
+    from actors import coordinator as coordinator_mod
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            coordinator = coordinator_mod.get(run_name)
+            worker = ray.get_actor(f"{run_name}-data-0", namespace=coordinator_mod.NAMESPACE)
+            last = ray.get(coordinator.snapshot.remote())["last_step"]
+        except ValueError:  # not created yet
+            last = -1
+        if last >= step:
+            ray.kill(worker, no_restart=False)
+            out["at_step"] = last
+            return
+        time.sleep(0.05)
+
+
 def test_killed_worker_recovers_to_the_fault_free_result(local_ray, tmp_path):
     from actors.training import run_training
 
     steps, batch = 10, 12
     samples = tmp_path / "samples"
+    # The data worker is killed too (at step >= 2, before the training worker's fault): Ray
+    # restarts it and retries the request in flight, without restarting the training group.
+    data_kill: dict = {}
+    killer = threading.Thread(target=_kill_data_worker_at, args=("kill-worker", 2, data_kill),
+                              daemon=True)
+    killer.start()
     faulty = run_training(tiny_config(tmp_path / "a", steps=steps, every=4), "kill-worker",
                           output_dir=str(tmp_path / "a"),
                           faults=[{"step": 6, "rank": 1, "mode": "exit"}],
                           record_samples_dir=str(samples))
+    killer.join(timeout=5)
     assert faulty.ok, faulty.error
+    assert 2 <= data_kill.get("at_step", -1) < 6, data_kill
     assert faulty.final_step == steps
     epochs = faulty.coordinator_state["world_sizes"]
     assert [e["world_size"] for e in epochs] == [2, 2]

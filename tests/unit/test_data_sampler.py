@@ -13,6 +13,7 @@ from elastic_moe.data.sampler import (
     batch_sample_ids,
     epoch_permutation,
     make_batch,
+    split_batch,
 )
 from elastic_moe.data.shards import TokenDataset, write_manifest, write_shard
 
@@ -98,8 +99,11 @@ def test_batch_split_rules():
     parts = [batch_sample_ids(pos, 100, 12, r, 4) for r in range(4)]
     assert sum(parts, []) == whole  # contiguous equal parts of the same global batch
     assert [i for _, i in whole] == epoch_permutation(5, 0, 100)[:12].tolist()
-    with pytest.raises(ValueError, match="divisible by dp_size=5"):
-        batch_sample_ids(pos, 100, 12, 0, 5)
+    uneven = [batch_sample_ids(pos, 100, 12, r, 5) for r in range(5)]
+    assert sum(uneven, []) == whole  # 12 over 5 ranks: 3, 3, 2, 2, 2, still contiguous
+    assert [len(p) for p in uneven] == [3, 3, 2, 2, 2]
+    with pytest.raises(ValueError, match="more consumers than the global batch"):
+        batch_sample_ids(pos, 100, 12, 0, 13)
     with pytest.raises(ValueError, match="dp_rank=4"):
         batch_sample_ids(pos, 100, 12, 4, 4)
     with pytest.raises(ValueError, match="global_batch_size=200"):
@@ -153,5 +157,47 @@ def test_resume_and_resize_covers_the_epoch_exactly_once(dataset_path, prefetch)
     ids = [i for e, i in seen]
     assert all(e == 0 for e, _ in seen)
     assert len(ids) == n and sorted(ids) == list(range(n))
-    with pytest.raises(ValueError, match="divisible by dp_size=5"):
-        fresh.restore(fresh.state(), new_dp_size=5)
+    with pytest.raises(ValueError, match="dp_size=13"):
+        fresh.restore(fresh.state(), new_dp_size=13)
+
+
+def test_batch_at_serves_any_split_by_position_exactly_once(dataset_path):
+    """The training path: shares asked by position across resizes 4 -> 5 -> 2 (uneven splits)
+    and a restart that re-asks a step, against batches read straight from the dataset."""
+    path, _, _ = dataset_path
+    g, n = 12, 60
+    worker = DataWorkerCore(path, global_batch_size=g, prefetch=2)
+    reference = TokenDataset(path)
+    pos, committed = DataPosition(seed=3), []
+    for step, world in enumerate([4, 4, 5, 5, 2, 2]):
+        got = [worker.batch_at(pos.to_dict(), g, r, world) for r in range(world)]
+        for r, batch in enumerate(got):
+            want = make_batch(reference, batch_sample_ids(pos, n, g, r, world))
+            assert batch["sample_ids"] == want["sample_ids"]
+            for key in ("input_ids", "labels", "doc_ids"):
+                assert batch[key].equal(want[key])
+        if step == 2:  # the group fails before finishing step 2: it is asked again
+            continue
+        committed += [i for b in got for i in b["sample_ids"]]
+        pos = advance(pos, g, n)
+    # 5 committed steps x 12 = the epoch once; the first of epoch 1 after that
+    assert len(committed) == n and sorted(i for e, i in committed if e == 0) == list(range(n))
+    # this rank's next two global batches are already being built
+    offset = pos.offset(n) - g
+    assert {(3, offset + g, g, 1, 2), (3, offset + 2 * g, g, 1, 2)} <= set(worker._cache)
+    with pytest.raises(ValueError, match="dp_rank=2"):
+        worker.batch_at(pos.to_dict(), g, 2, 2)
+    with pytest.raises(ValueError, match="global_batch_size=61"):
+        worker.batch_at(pos.to_dict(), 61, 0, 1)
+
+
+def test_split_batch_into_micro_batches(dataset_path):
+    path, _, _ = dataset_path
+    batch = make_batch(TokenDataset(path), [(0, i) for i in range(5)])
+    parts = split_batch(batch, 2)
+    assert [len(p["sample_ids"]) for p in parts] == [2, 2, 1]
+    assert [i for p in parts for i in p["sample_ids"]] == batch["sample_ids"]
+    for key in ("input_ids", "labels", "doc_ids"):
+        assert np.array_equal(np.concatenate([p[key].numpy() for p in parts]), batch[key].numpy())
+    with pytest.raises(ValueError, match="micro_batch_size=0"):
+        split_batch(batch, 0)
