@@ -133,6 +133,9 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                           str(cfg.elastic.collective_timeout_s))
     # The controller notices a dead worker at its next poll (default every 2 s).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Before restarting, Ray Train asks every worker to destroy its process group and waits for
+    # all of them (30 s by default); a hung rank never answers. Healthy ranks answer in ms.
+    _propagate_to_controller("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "3")
     use_gpu = bool(ray.cluster_resources().get("GPU", 0)) and cfg.parallel.max_workers > 0
     low, high = cfg.parallel.min_workers, cfg.parallel.max_workers
     scaling = ScalingConfig(num_workers=(low, high) if high > low else low, use_gpu=use_gpu,
@@ -176,6 +179,21 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                           tracking_uri=tracking_uri, mlflow_run_id=run_id,
                           final_step=max(snapshot.get("last_step", 0), 0), error=error,
                           coordinator_state=snapshot)
+
+
+def _propagate_to_controller(name: str, default: str) -> None:
+    """Set ``name`` (unless the user did) for the Ray Train controller too.
+
+    The controller is an actor that gets only the driver variables Ray Train lists for
+    propagation; ``TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S`` is read there but not listed (Ray 2.60).
+    """
+    os.environ.setdefault(name, default)
+    try:
+        from ray.train.v2._internal import constants
+    except ImportError:  # another Ray layout: the variable then only reaches this process
+        log.warning("cannot hand %s to the Ray Train controller in this Ray version", name)
+        return
+    constants.ENV_VARS_TO_PROPAGATE.add(name)
 
 
 def _create_mlflow_run(coordinator: Any, tracking_uri: str, experiment: str, run_name: str) -> None:
