@@ -23,9 +23,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Dense bf16 tensor-core peaks (TFLOP/s), for MFU.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
 CONFIGS = {
     "debug": ("debug", [], 4),
     # the small recipe's layer widths (dim 2048, MLA, expert width 1408, top-6), cut to 2 layers,
@@ -37,21 +34,12 @@ CONFIGS = {
 }
 
 
-def _flops_per_token(cfg) -> float:
-    """6 * activated params (matmul FLOPs of fwd+bwd) + attention's 12 * L * S * H * d."""
-    from elastic_moe.model import count_parameters
-
-    counts = count_parameters(cfg.model)
-    m = cfg.model
-    attn = 12 * m.num_layers * cfg.train.seq_len * m.num_heads * (m.qk_head_dim + m.v_head_dim) / 2
-    return 6 * (counts.activated + counts.mtp) + attn
-
-
 def run_one(name: str, steps: int) -> dict:
     import torch
 
     from elastic_moe.config import apply_overrides, get_recipe
     from elastic_moe.model import Transformer
+    from elastic_moe.model.flops import peak_tflops, training_flops_per_token
     from elastic_moe.train.step import build_optimizer, train_step
 
     recipe, overrides, batch = CONFIGS[name]
@@ -80,9 +68,8 @@ def run_one(name: str, steps: int) -> dict:
            "median_step_s": median, "tokens_per_s": tok / median}
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        gpu = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-        achieved = _flops_per_token(cfg) * tok / median / 1e12
+        peak = peak_tflops(device)
+        achieved = training_flops_per_token(cfg.model, cfg.train.seq_len) * tok / median / 1e12
         out["tflops"] = achieved
         out["mfu"] = achieved / peak if peak else None
     else:

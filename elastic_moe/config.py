@@ -235,6 +235,12 @@ class TrackingConfig:
     tracking_uri: str = ""
     experiment: str = "elastic-moe"
     run_name: str = ""
+    # Dense bf16 peak of one accelerator in TFLOP/s for the logged MFU; 0 = known GPUs by name
+    # (elastic_moe.model.flops), no MFU elsewhere.
+    peak_tflops: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)

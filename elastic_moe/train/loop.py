@@ -28,6 +28,7 @@ import torch.distributed as dist
 from elastic_moe.checkpoint import DIE_DURING_SAVE_ENV, Checkpointer, CheckpointError, TrainState
 from elastic_moe.config import Config
 from elastic_moe.data.sampler import DataPosition, advance, split_batch
+from elastic_moe.model.flops import peak_tflops, training_flops_per_token
 from elastic_moe.train.elastic import effective_batch
 from elastic_moe.train.step import build_optimizer, train_step
 
@@ -124,6 +125,8 @@ def train_func(config: dict[str, Any]) -> None:
     feed.request(position)
 
     tracker = None
+    flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
+    peak = cfg.tracking.peak_tflops or peak_tflops(device)
     if rank == 0:
         if lr_scale != 1.0 or cfg.train.resize_policy == "scale_lr":
             log.info("resize policy scale_lr: global batch %d at %d workers, lr x%.3f",
@@ -161,6 +164,11 @@ def train_func(config: dict[str, Any]) -> None:
                 values = metrics.as_dict()
                 values.update(world_size=world_size, ep_degree=plan.expert_parallel_degree,
                               tokens_seen=tokens_seen, data_wait_s=feed.last_wait_s)
+                # model TFLOP/s per worker; MFU against the accelerator's peak where known
+                values["tflops_per_worker"] = (flops_per_token * values["tokens_per_s"]
+                                               / world_size / 1e12)
+                if peak:
+                    values["mfu"] = values["tflops_per_worker"] / peak
                 tracker.log_metrics(values, step)
                 coordinator.heartbeat.remote(step, first)
                 if step % cfg.train.log_freq == 0 or first:
