@@ -38,7 +38,7 @@ def _entry(rank: int, fn, world_size: int, port: int, *args) -> None:
     finally:
         dist.destroy_process_group()
     # Done and checked: leave without interpreter finalisation. One CI run saw a rank end with
-    # SIGSEGV here (not reproduced in 18 reruns); gloo's threads alive during static destructors
+    # SIGSEGV here (not reproduced in 6 reruns); gloo's threads alive during static destructors
     # at exit are a known source of such crashes, and they would fail a test that had passed.
     sys.stdout.flush()
     sys.stderr.flush()
