@@ -120,7 +120,7 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     coordinator = coordinator_mod.get_or_create(run_name, state_path)
     snapshot = cast(dict[str, Any], ray.get(coordinator.snapshot.remote()))
     if not snapshot.get("mlflow_run_id"):
-        _create_mlflow_run(coordinator, tracking_uri, cfg.tracking.experiment, run_name)
+        _create_mlflow_run(coordinator, tracking_uri, cfg, run_name, checkpoint_dir, manifest)
     if resume:
         committed = snapshot.get("committed")
         log.info("resuming run %s from %s", run_name,
@@ -196,15 +196,20 @@ def _propagate_to_controller(name: str, default: str) -> None:
     constants.ENV_VARS_TO_PROPAGATE.add(name)
 
 
-def _create_mlflow_run(coordinator: Any, tracking_uri: str, experiment: str, run_name: str) -> None:
-    """Open the tracking store and create the run here, once, before any worker can touch it.
+def _create_mlflow_run(coordinator: Any, tracking_uri: str, cfg: Config, run_name: str,
+                       checkpoint_dir: str, manifest: str) -> None:
+    """Open the tracking store and create the run (params, tags) here, once, before any worker
+    can touch it.
 
-    A store that cannot be reached now is not fatal: rank 0's tracker retries in the background.
+    A store that cannot be reached now is not fatal: rank 0's tracker creates the run instead,
+    retrying in the background.
     """
-    from elastic_moe.train.tracking import create_run
+    from elastic_moe.train.tracking import create_run, new_run_record
 
+    params, tags = new_run_record(cfg.flat(), checkpoint_dir, manifest)
     try:
-        run_id = create_run(tracking_uri, experiment, run_name)
+        run_id = create_run(tracking_uri, cfg.tracking.experiment,
+                            cfg.tracking.run_name or run_name, params, tags)
     except Exception as exc:
         log.warning("MLflow store %s not reachable at launch (%s); rank 0 will keep trying",
                     tracking_uri, exc)

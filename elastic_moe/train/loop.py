@@ -125,9 +125,10 @@ def train_func(config: dict[str, Any]) -> None:
     feed.request(position)
 
     tracker = None
-    flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
-    peak = cfg.tracking.peak_tflops or peak_tflops(device)
+    flops_per_token, peak = 0.0, None  # rank 0 logs the model FLOP rate and MFU
     if rank == 0:
+        flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
+        peak = cfg.tracking.peak_tflops or peak_tflops(device)
         if lr_scale != 1.0 or cfg.train.resize_policy == "scale_lr":
             log.info("resize policy scale_lr: global batch %d at %d workers, lr x%.3f",
                      global_batch, world_size, lr_scale)
@@ -239,7 +240,7 @@ def _open_tracker(cfg: Config, config: dict[str, Any], coordinator: Any) -> Any:
     """The run's MLflow tracker: the same run across restarts, params logged once."""
     import ray
 
-    from elastic_moe.train.tracking import Tracker
+    from elastic_moe.train.tracking import Tracker, new_run_record
 
     snapshot = ray.get(coordinator.snapshot.remote())
     tracker = Tracker.open(config["tracking_uri"], cfg.tracking.experiment,
@@ -247,10 +248,10 @@ def _open_tracker(cfg: Config, config: dict[str, Any], coordinator: Any) -> Any:
                            run_id=snapshot.get("mlflow_run_id"),
                            on_run_id=lambda run_id: ray.get(
                                coordinator.set_mlflow_run_id.remote(run_id)))
-    if tracker.is_new_run:
-        tracker.log_params(cfg.flat())
-        tracker.set_tags({"checkpoint_dir": config["checkpoint_dir"],
-                          "manifest": config["manifest"]})
+    if tracker.is_new_run:  # the launcher could not create it (store unreachable then)
+        params, tags = new_run_record(cfg.flat(), config["checkpoint_dir"], config["manifest"])
+        tracker.log_params(params)
+        tracker.set_tags(tags)
     return tracker
 
 

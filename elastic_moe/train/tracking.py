@@ -39,20 +39,38 @@ def _fail_fast_http() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def create_run(tracking_uri: str, experiment: str, run_name: str) -> str:
-    """Create ``run_name`` in ``experiment`` (made if missing); returns the run id.
+def _param_values(params: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v)[:6000] for k, v in params.items()}  # MLflow's limit on a param value
+
+
+def new_run_record(flat_config: dict[str, Any], checkpoint_dir: str,
+                   manifest: str) -> tuple[dict[str, str], dict[str, str]]:
+    """``(params, tags)`` a run gets once, when it is created: the flattened config, and where
+    its checkpoints and data are."""
+    return (_param_values(flat_config),
+            {"checkpoint_dir": checkpoint_dir, "manifest": manifest})
+
+
+def create_run(tracking_uri: str, experiment: str, run_name: str,
+               params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> str:
+    """Create ``run_name`` in ``experiment`` (made if missing) with ``params`` and ``tags``;
+    returns the run id.
 
     The launcher calls this before any worker starts: the first client to open a fresh sqlite
     store runs its schema migrations, and a worker killed half-way through them (a planted or real
     failure early in the run) would leave a store that no later client can open.
     """
+    from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
     _fail_fast_http()
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    return str(client.create_run(exp_id, run_name=run_name).info.run_id)
+    run_id = str(client.create_run(exp_id, run_name=run_name).info.run_id)
+    client.log_batch(run_id, params=[Param(k, v) for k, v in (params or {}).items()],
+                     tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+    return run_id
 
 
 @dataclass
@@ -123,7 +141,7 @@ class Tracker:
 
     # ------------------------------------------------------------------ logging API
     def log_params(self, params: dict[str, Any]) -> None:
-        self._queue.put(_Record("params", {k: str(v)[:6000] for k, v in params.items()}))
+        self._queue.put(_Record("params", _param_values(params)))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> bool:
         """Queue metrics for ``step``; False (nothing queued) if this process logged it already."""

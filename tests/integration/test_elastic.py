@@ -117,6 +117,12 @@ def test_killed_worker_recovers_to_the_fault_free_result(local_ray, tmp_path):
     # one MLflow run, each step logged once although steps 5-6 ran twice
     steps_logged = [s for s, _ in _metric_history(faulty, "loss")]
     assert steps_logged == list(range(1, steps + 1))
+    # the config as params and the run's locations as tags, set once when the run was created
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(faulty.tracking_uri).get_run(faulty.mlflow_run_id)
+    assert run.data.params["train.steps"] == str(steps)
+    assert run.data.tags["checkpoint_dir"] == faulty.checkpoint_dir
     # model TFLOP/s per worker and data waits are logged; no MFU without a known peak (CPU)
     assert all(v > 0 for _, v in _metric_history(faulty, "tflops_per_worker"))
     assert len(_metric_history(faulty, "data_wait_s")) == steps
