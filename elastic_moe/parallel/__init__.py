@@ -7,7 +7,7 @@ The training loop (per worker, after ``dist.init_process_group``)::
     model = setup_model(cfg.model, plan, device, seed=cfg.train.seed)
     optimizer = build_optimizer(model, cfg.train)
     metrics = train_step(model, optimizer, my_micro_batches, step, cfg.train, cfg.model,
-                         batch_fraction=my_sequences / global_batch, world_size=world_size)
+                         batch_fraction=my_sequences / global_batch)
 
 ``train_step`` finishes the expert-gradient reduction (:func:`reduce_expert_grads`) and clips
 with a norm computed across every mesh. For comparisons and export, :func:`full_state_dict`

@@ -154,7 +154,7 @@ def train_func(config: dict[str, Any]) -> None:
             ids = batch["sample_ids"]
             metrics = train_step(model, optimizer, split_batch(batch, cfg.train.micro_batch_size),
                                  step, train_cfg, cfg.model,
-                                 batch_fraction=len(ids) / global_batch, world_size=world_size)
+                                 batch_fraction=len(ids) / global_batch)
             if samples_log:
                 _record_samples(samples_log, rank, step, ids)
             step += 1

@@ -147,21 +147,20 @@ def _zero_weight_pass(model: nn.Module, batch: dict[str, Any], device: torch.dev
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: Sequence[dict[str, Any]], step: int, train_cfg: TrainConfig,
                model_cfg: ModelConfig, *, dp_size: int = 1,
-               group: dist.ProcessGroup | None = None, batch_fraction: float | None = None,
-               world_size: int | None = None) -> StepMetrics:
+               group: dist.ProcessGroup | None = None,
+               batch_fraction: float | None = None) -> StepMetrics:
     """Run one optimizer step over this rank's micro-batches of the global batch.
 
     ``batch_fraction`` is this rank's share of the global batch (its sequences / global batch
     size); ranks may hold different shares (an uneven split after a resize). Default: an even
-    split, ``1 / dp_size`` (``world_size`` is accepted as another name for ``dp_size``). Each
-    micro-batch loss (a mean over its tokens) is scaled by ``batch_fraction * rows / rows on this
-    rank``, so gradients summed over ranks (FSDP reduce-scatter with SUM, the expert all-reduce)
-    equal the gradient of the mean over the global batch's sequences -- equal to the
-    single-process step on the same batch. Reported losses are the same weighted means, summed
-    over ``group`` (default: the whole world); ``tokens`` is the global batch's token count.
+    split, ``1 / dp_size``. Each micro-batch loss (a mean over its tokens) is scaled by
+    ``batch_fraction * rows / rows on this rank``, so gradients summed over ranks (FSDP
+    reduce-scatter with SUM, the expert all-reduce) equal the gradient of the mean over the
+    global batch's sequences -- equal to the single-process step on the same batch. Reported
+    losses are the same weighted means, summed over ``group`` (default: the whole world);
+    ``tokens`` is the global batch's token count.
     """
     start = time.perf_counter()
-    dp_size = world_size or dp_size
     if batch_fraction is None:
         batch_fraction = 1.0 / dp_size
     if not 0.0 < batch_fraction <= 1.0:

@@ -121,7 +121,7 @@ def _equivalence_worker(rank: int, world_size: int, ref_path: str) -> None:
         optimizer = build_optimizer(model, train_cfg)
         grads = _capture_grads(model, optimizer)
         metrics = train_step(model, optimizer, mine, STEP, train_cfg, model_cfg,
-                             batch_fraction=shares[rank] / GLOBAL_BATCH, world_size=world_size)
+                             batch_fraction=shares[rank] / GLOBAL_BATCH)
         what += f" shares {shares}"
         assert metrics.tokens == GLOBAL_BATCH * SEQ_LEN, f"{what}: tokens {metrics.tokens}"
         for field in ("loss", "lm_loss", "grad_norm"):
