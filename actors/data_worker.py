@@ -30,7 +30,14 @@ from typing import Any
 
 import ray
 
-from elastic_moe.data.sampler import DataPosition, advance, batch_sample_ids, make_batch, rank_share
+from elastic_moe.data.sampler import (
+    DataPosition,
+    advance,
+    batch_sample_ids,
+    check_global_batch,
+    make_batch,
+    rank_share,
+)
 from elastic_moe.data.shards import TokenDataset
 
 logger = logging.getLogger(__name__)
@@ -57,8 +64,6 @@ class DataWorkerCore:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="data-prefetch")
         self._lock = threading.Lock()
         self._cache: dict[_Key, Future] = {}
-        self.served_batches = 0
-        self.waited_batches = 0  # requests whose batch was not ready yet (prefetch fell behind)
         pos = DataPosition.from_dict(position) if position else DataPosition(seed=seed)
         self._reset(pos, dp_size, ranks)
 
@@ -102,14 +107,11 @@ class DataWorkerCore:
         fut = self._cache.pop(key, None)
         if fut is None:
             fut = self._pool.submit(self._build, key)
-        elif not fut.done():
-            self.waited_batches += 1
         for ahead in range(1, self.prefetch + 1):
             self._future((position.seed, offset + ahead * global_batch, global_batch, rank,
                           dp_size))
         while len(self._cache) > _MAX_CACHED:
             self._cache.pop(next(iter(self._cache))).cancel()
-        self.served_batches += 1
         return fut
 
     def batch_at(self, position: dict[str, Any], global_batch_size: int, dp_rank: int,
@@ -118,10 +120,9 @@ class DataWorkerCore:
         (a ``DataPosition`` dict), as ``sampler.make_batch`` returns it. Shares may be uneven
         (``sampler.rank_share``). Prefetches this rank's next global batches."""
         pos = DataPosition.from_dict(position)
-        if global_batch_size > self.dataset.num_sequences:
-            raise ValueError(f"global_batch_size={global_batch_size!r}: must be <= the "
-                             f"{self.dataset.num_sequences} sequences of the dataset")
-        rank_share(global_batch_size, dp_rank, dp_size)  # ValueError naming a bad rank/size
+        # a bad batch/rank/size raises here, not inside (and cached in) the prefetch futures
+        check_global_batch(self.dataset.num_sequences, global_batch_size)
+        rank_share(global_batch_size, dp_rank, dp_size)
         with self._lock:
             fut = self._serve(pos, global_batch_size, dp_rank, dp_size)
         return fut.result()
@@ -171,8 +172,7 @@ class DataWorkerCore:
 
     def info(self) -> dict[str, int]:
         return {"num_sequences": self.dataset.num_sequences, "seq_len": self.dataset.seq_len,
-                "vocab_size": self.dataset.vocab_size, "served_batches": self.served_batches,
-                "waited_batches": self.waited_batches}
+                "vocab_size": self.dataset.vocab_size}
 
 
 # num_cpus=0: the worker mostly waits on page cache and must not take a training slot on small

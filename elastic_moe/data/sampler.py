@@ -63,7 +63,7 @@ def epoch_permutation(seed: int, epoch: int, num_sequences: int) -> np.ndarray:
     return perm
 
 
-def _check(num_sequences: int, global_batch_size: int) -> None:
+def check_global_batch(num_sequences: int, global_batch_size: int) -> None:
     if num_sequences <= 0:
         raise ValueError(f"num_sequences={num_sequences!r}: must be positive")
     if global_batch_size <= 0:
@@ -112,7 +112,7 @@ def batch_sample_ids(position: DataPosition, num_sequences: int, global_batch_si
     The global batch is the next ``global_batch_size`` samples of the stream, split into
     ``dp_size`` contiguous shares (:func:`rank_share`).
     """
-    _check(num_sequences, global_batch_size)
+    check_global_batch(num_sequences, global_batch_size)
     start, count = rank_share(global_batch_size, dp_rank, dp_size)
     return stream_samples(position, start, count, num_sequences)
 
@@ -120,7 +120,7 @@ def batch_sample_ids(position: DataPosition, num_sequences: int, global_batch_si
 def advance(position: DataPosition, global_batch_size: int, num_sequences: int,
             num_batches: int = 1) -> DataPosition:
     """The position after ``num_batches`` global batches; rolls into the next epoch(s)."""
-    _check(num_sequences, global_batch_size)
+    check_global_batch(num_sequences, global_batch_size)
     epoch, index = divmod(position.offset(num_sequences) + num_batches * global_batch_size,
                           num_sequences)
     return DataPosition(epoch=epoch, index=index, seed=position.seed)
