@@ -117,9 +117,6 @@ def train_func(config: dict[str, Any]) -> None:
     global_batch, lr_scale = effective_batch(cfg.train, world_size, cfg.parallel.max_workers)
     train_cfg = dataclasses.replace(cfg.train, lr=cfg.train.lr * lr_scale,
                                     min_lr=cfg.train.min_lr * lr_scale)
-    if global_batch < world_size:
-        raise ValueError(f"train.global_batch_size={global_batch}: fewer samples than the "
-                         f"{world_size} workers; raise it or lower --workers")
     data_workers = config["data_workers"]
     feed = _BatchFeed(data_workers[rank % len(data_workers)], global_batch, rank, world_size)
     feed.request(position)
