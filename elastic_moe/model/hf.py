@@ -4,9 +4,11 @@ The layout is the one DeepSeek released and ``transformers``' DeepseekV3ForCausa
 ``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`` per expert (the fused
 ``experts.gate_up_proj`` / ``experts.down_proj`` form written by newer ``transformers`` is read too),
 and the MTP modules as extra layers ``model.layers.{num_layers + d}`` with ``enorm``, ``hnorm``,
-``eh_proj`` and ``shared_head``. Loading and saving stream one shard at a time: no more than one
-shard's tensors are in memory beside the model. FP8 block-quantized weights (``weight_scale_inv``)
-are dequantized while loading.
+``eh_proj`` and ``shared_head``. Saving streams one shard at a time. Loading goes through
+:func:`elastic_moe.model.hf_sharded.load_hf_into` (one tensor chunk at a time, FP8
+block-quantized weights -- ``weight_scale_inv`` -- dequantized on the way), the same reader
+every rank of a sharded ``--init-from`` uses. Checkpoints saved by ``transformers`` carry no MTP
+weights although their config asks for MTP: those modules start fresh, with a warning.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from elastic_moe.config import ModelConfig
@@ -30,7 +31,6 @@ from elastic_moe.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,119 +228,32 @@ def ours_to_hf(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> Iterator[tu
 # load
 
 
-@dataclass
-class _Fp8Pending:
-    """Scales and weights of FP8 tensors whose partner has not been read yet."""
-
-    block: tuple[int, int]
-    scales: dict[str, torch.Tensor] = field(default_factory=dict)
-    unscaled: dict[str, _Target] = field(default_factory=dict)
-
-
-def _shard_files(path: str) -> list[str]:
-    index = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return sorted(set(weight_map.values()))
-    if os.path.exists(os.path.join(path, SINGLE_FILE)):
-        return [SINGLE_FILE]
-    raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
-
-
-def _dequant_scale(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int]) -> torch.Tensor:
-    rows = scale.repeat_interleave(block[0], 0)[: shape[0]]
-    return rows.repeat_interleave(block[1], 1)[:, : shape[1]]
-
-
 def load(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-         allow_missing_mtp: bool = False) -> Transformer:
-    """Build the model described by ``path/config.json`` and fill it from its safetensors shards.
+         seed: int = 0) -> Transformer:
+    """Build the model described by ``path/config.json`` in this process and fill it.
 
     ``dtype`` defaults to the config's ``torch_dtype`` (float32 if absent); the router bias stays
-    float32. ``allow_missing_mtp`` initializes MTP modules absent from the checkpoint (HF exports
-    usually drop them) instead of failing.
+    float32. Streams through :func:`~elastic_moe.model.hf_sharded.load_hf_into` (the loader
+    ``--init-from`` uses on every rank), so the same checkpoints load, with the same errors:
+    MTP modules a checkpoint lacks (transformers saves none) start from a fresh init with
+    ``seed``, with a warning; any other missing or unknown tensor is an error.
     """
-    with open(os.path.join(path, "config.json")) as f:
-        hf_cfg = json.load(f)
-    cfg = config_from_hf(hf_cfg)
+    from elastic_moe.model.hf_sharded import hf_config_to_model_config, load_hf_into
+    from elastic_moe.model.safetensors_files import CheckpointFiles
+
+    cfg = hf_config_to_model_config(path)
+    hf_cfg = CheckpointFiles.read_config(path)
     if dtype is None:
         dtype = getattr(torch, str(hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"))
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)
-    model.init_weights(seed=0)  # buffers and anything allowed to be missing
+    model.init_weights(seed=seed)  # buffers, and MTP modules the checkpoint may lack
     model.to(dtype)
     for module in model.modules():  # the bias only ever moves by +-gamma: keep it exact
         if hasattr(module, "e_score_correction_bias"):
             module.e_score_correction_bias.data = module.e_score_correction_bias.float()
-    state = model.state_dict(keep_vars=True)
-    expected = {k for k in state if not k.startswith("rope_") and "tokens_per_expert" not in k}
-    filled: dict[str, int] = {}  # elements written per tensor
-    unknown: list[str] = []
-    quant = hf_cfg.get("quantization_config")
-    fp8 = _Fp8Pending(tuple(quant["weight_block_size"])) if quant else None
-
-    def put(target: _Target, value: torch.Tensor, hf_name: str) -> None:
-        dest = state[target.name].data[target.index] if target.index else state[target.name].data
-        if tuple(dest.shape) != tuple(value.shape):
-            raise ValueError(f"{hf_name}: shape {tuple(value.shape)} does not fit {target.name}"
-                             f"{list(target.index) if target.index else ''} {tuple(dest.shape)}")
-        dest.copy_(value.to(dest.dtype))
-        filled[target.name] = filled.get(target.name, 0) + value.numel()
-
-    for shard in _shard_files(path):
-        shard_path = os.path.join(path, shard)
-        try:
-            handle = safe_open(shard_path, framework="pt", device="cpu")
-        except Exception as exc:
-            raise ValueError(f"{shard_path}: not a readable safetensors file ({exc})") from exc
-        with handle as f:
-            for hf_name in f.keys():
-                if fp8 is not None and hf_name.endswith("_scale_inv"):
-                    weight_name = hf_name.removesuffix("_scale_inv")
-                    scale = f.get_tensor(hf_name).float()
-                    if weight_name in fp8.unscaled:
-                        pending = fp8.unscaled.pop(weight_name)
-                        dest = state[pending.name].data[pending.index] if pending.index else \
-                            state[pending.name].data
-                        dest.mul_(_dequant_scale(scale, dest.shape, fp8.block).to(dest.dtype))
-                    else:
-                        fp8.scales[weight_name] = scale
-                    continue
-                try:
-                    target = hf_to_ours(cfg, hf_name)
-                except KeyError:
-                    unknown.append(hf_name)
-                    continue
-                if target is None:
-                    continue
-                if target.name not in state:
-                    unknown.append(hf_name)
-                    continue
-                value = f.get_tensor(hf_name)
-                if fp8 is not None and value.dtype == torch.float8_e4m3fn:
-                    value = value.float()
-                    if hf_name in fp8.scales:
-                        value = value * _dequant_scale(fp8.scales.pop(hf_name), value.shape,
-                                                       fp8.block)
-                    else:
-                        fp8.unscaled[hf_name] = target
-                put(target, value, hf_name)
-    if fp8 is not None and fp8.unscaled:
-        raise ValueError(f"{path}: FP8 weights without weight_scale_inv: {sorted(fp8.unscaled)[:10]}")
-    missing = sorted(name for name in expected if filled.get(name, 0) < state[name].numel())
-    if allow_missing_mtp:
-        missing = [name for name in missing if not name.startswith("mtp.")]
-    if unknown or missing:
-        lines = []
-        if unknown:
-            lines.append(f"{len(unknown)} unknown tensors: {unknown[:20]}"
-                         + (" ..." if len(unknown) > 20 else ""))
-        if missing:
-            lines.append(f"{len(missing)} missing tensors: {missing[:20]}"
-                         + (" ..." if len(missing) > 20 else ""))
-        raise ValueError(f"{path}: checkpoint does not match config.json; " + "; ".join(lines))
+    load_hf_into(model, path, cfg)
     return model
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from elastic_moe.config import ModelConfig
 from elastic_moe.model.attention import MLA, attention_mask, rope_frequencies
+from elastic_moe.model.init import seeded_normal_
 from elastic_moe.model.moe import MLP, MoE, RoutedExperts, Router
 from elastic_moe.model.mtp import MTPModule
 from elastic_moe.model.norm import RMSNorm
@@ -70,23 +70,24 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """(Re)initialize every parameter and buffer in place: also after ``to_empty`` from meta.
 
-        Values depend only on the seed and the module order, never on the device count, so a
-        sharded model initialized the same way matches a single-process one.
+        With a seed, each weight is a function of (seed, parameter name) only, drawn block by
+        block for the rows this rank holds (:mod:`elastic_moe.model.init`): a sharded model
+        (FSDP2, expert parallelism) gets exactly the slices of the single-process model, at any
+        world size, and no rank ever draws a full tensor it does not hold. Without a seed,
+        torch's global generator (not reproducible across layouts).
         """
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
         std = self.cfg.init_std
-        for module in self.modules():
+        for prefix, module in self.named_modules():
+            dot = prefix + "." if prefix else ""
             if isinstance(module, RMSNorm):
                 module.reset_parameters()
             elif isinstance(module, (nn.Linear, nn.Embedding)):
-                _normal_(module.weight, std, gen)
+                _normal_(module.weight, std, seed, dot + "weight")
             elif isinstance(module, RoutedExperts):
-                _normal_(module.w13, std, gen)
-                _normal_(module.w2, std, gen)
+                _normal_(module.w13, std, seed, dot + "w13")
+                _normal_(module.w2, std, seed, dot + "w2")
             elif isinstance(module, Router):
-                _normal_(module.weight, std, gen)
+                _normal_(module.weight, std, seed, dot + "weight")
                 module.e_score_correction_bias.zero_()
             elif isinstance(module, MoE):
                 module.tokens_per_expert.zero_()
@@ -142,19 +143,13 @@ def _cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.T
                            ignore_index=IGNORE_INDEX)
 
 
-def _normal_(t: torch.Tensor, std: float, gen: torch.Generator | None) -> None:
+def _normal_(t: torch.Tensor, std: float, seed: int | None, fqn: str) -> None:
     if t.device.type == "meta":
         return
-    if gen is None:
+    if seed is None:
         nn.init.normal_(t, 0.0, std)
         return
-    full = torch.empty(t.shape, dtype=t.dtype).normal_(0.0, std, generator=gen)
-    if isinstance(t, DTensor):
-        # Sharded parameter (FSDP / expert parallel): draw the full tensor as a single process
-        # would, keep this rank's shard (src_data_rank=None: split locally, no communication).
-        full = distribute_tensor(full.to(t.device), t.device_mesh, t.placements,
-                                 src_data_rank=None)
-    t.copy_(full)
+    seeded_normal_(t, std, seed, fqn)
 
 
 # ---------------------------------------------------------------------- parameter accounting

@@ -46,11 +46,10 @@ def setup_model(model_cfg: ModelConfig, plan: MeshPlan, device: torch.device | s
     """Build, parallelize and initialize the model for this rank.
 
     Meta-device build -> expert parallelism + FSDP2/HSDP (``world_size > 1``) -> ``to_empty``
-    on ``device`` -> ``init_weights(seed)``. Every full tensor is drawn from the same seeded
-    generator as a single-process ``Transformer(cfg).init_weights(seed)`` and each rank keeps
-    its shard, so values match the single-process model exactly at any world size (the cost:
-    every rank draws every tensor once, one tensor at a time). A checkpoint restore overwrites
-    them anyway.
+    on ``device`` -> ``init_weights(seed)``. Each rank draws only the row blocks of its own
+    shards (:mod:`elastic_moe.model.init`), and the values are those of a single-process
+    ``Transformer(cfg).init_weights(seed)`` at any world size and EP degree. A checkpoint
+    restore or an ``--init-from`` load overwrites them.
 
     ``plan.world_size == 1`` returns a plain ``Transformer`` (no process group needed).
     ``mixed_precision`` defaults to ``device.type == "cuda"``. ``meshes`` defaults to

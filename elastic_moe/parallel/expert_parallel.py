@@ -70,9 +70,9 @@ def all_to_all_rows(x_MD: torch.Tensor, output_splits: list[int], input_splits: 
 class ExpertParallelExperts(RoutedExperts):
     """Routed experts sharded over the ``ep`` mesh; a drop-in for ``RoutedExperts``.
 
-    Subclasses ``RoutedExperts`` so ``Transformer.init_weights`` (which initializes the full
-    ``[E, ...]`` tensors from one seeded generator and copies each rank's shard) and parameter
-    accounting treat it the same way. ``compute_dtype`` (bf16 on GPU) casts the fp32 master
+    Subclasses ``RoutedExperts`` so ``Transformer.init_weights`` (which draws each rank's
+    experts from per-row-block seeded generators) and parameter accounting treat it the same
+    way. ``compute_dtype`` (bf16 on GPU) casts the fp32 master
     weights for the expert matmuls; gradients flow back to the fp32 weights.
     """
 

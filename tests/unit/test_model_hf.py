@@ -129,20 +129,36 @@ def test_unknown_and_missing_tensors_are_listed(tmp_path):
     assert "layers.2.mlp.experts.w13" in message and "missing" in message
 
 
-def test_missing_mtp_is_an_error_unless_allowed(tmp_path):
-    model, shard = _saved_debug_model(tmp_path)
-    n = debug().model.num_layers
-    tensors = {k: v for k, v in load_file(shard).items()
-               if not k.startswith(f"model.layers.{n}.")}
+def _drop_from_checkpoint(path, shard, prefixes):
+    tensors = {k: v for k, v in load_file(shard).items() if not k.startswith(prefixes)}
     save_file(tensors, shard)
-    index_path = tmp_path / "model.safetensors.index.json"
+    index_path = path / "model.safetensors.index.json"
     index = json.load(open(index_path))
     index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in tensors}
     json.dump(index, open(index_path, "w"))
-    with pytest.raises(ValueError, match="missing tensors.*mtp.0"):
+
+
+def test_missing_mtp_module_starts_fresh_with_one_warning(tmp_path, caplog):
+    model, shard = _saved_debug_model(tmp_path)
+    n = debug().model.num_layers
+    _drop_from_checkpoint(tmp_path, shard, (f"model.layers.{n}.",))
+    with caplog.at_level("WARNING"):
+        loaded = hf.load(str(tmp_path), seed=5)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "mtp.0" in warnings[0].getMessage()
+    fresh = Transformer(loaded.cfg)  # init_std is not in config.json: the default one
+    fresh.init_weights(seed=5)
+    for name, value in loaded.state_dict().items():
+        want = (fresh if name.startswith("mtp.") else model).state_dict()[name]
+        assert torch.equal(value, want), name
+
+
+def test_partly_missing_mtp_module_is_an_error(tmp_path):
+    _, shard = _saved_debug_model(tmp_path)
+    n = debug().model.num_layers
+    _drop_from_checkpoint(tmp_path, shard, (f"model.layers.{n}.eh_proj.",))
+    with pytest.raises(ValueError, match=r"1 missing tensors.*mtp\.0\.eh_proj\.weight"):
         hf.load(str(tmp_path))
-    loaded = hf.load(str(tmp_path), allow_missing_mtp=True)
-    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
 def test_fp8_block_quantized_weights_are_dequantized(tmp_path):
