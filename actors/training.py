@@ -70,8 +70,11 @@ def _prepare_data(cfg: Config) -> str:
         raise ValueError(f"train.seq_len={cfg.train.seq_len}: the data in {manifest} is packed "
                          f"to seq_len {dataset.seq_len}")
     if dataset.vocab_size > cfg.model.vocab_size:
+        hint = (f"; prepare the data with the model's tokenizer: jobs/prepare_data.py "
+                f"--tokenizer {cfg.checkpoint.init_from.rstrip('/')}/tokenizer.json"
+                if cfg.checkpoint.init_from else "")
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer "
-                         f"vocab ({dataset.vocab_size}) of {manifest}")
+                         f"vocab ({dataset.vocab_size}) of {manifest}{hint}")
     if dataset.num_sequences < cfg.train.global_batch_size:
         raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size}: more than the "
                          f"{dataset.num_sequences} sequences in {manifest}")
@@ -116,6 +119,9 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                          "it or --run-name NAME for a new run")
     tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri()
     manifest = _prepare_data(cfg)
+    from elastic_moe.train.evaluate import validation_manifest
+
+    val_manifest = validation_manifest(cfg, manifest)
     _init_ray(num_cpus)
     coordinator = coordinator_mod.get_or_create(run_name, state_path)
     snapshot = cast(dict[str, Any], ray.get(coordinator.snapshot.remote()))
@@ -146,6 +152,7 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
         cfg.train.global_batch_size, namespace=coordinator_mod.NAMESPACE)
     loop_config = {
         "cfg": dataclasses.asdict(cfg), "coordinator": coordinator, "manifest": manifest,
+        "val_manifest": val_manifest,
         "data_workers": data_workers,
         "checkpoint_dir": checkpoint_dir, "tracking_uri": tracking_uri, "run_name": run_name,
         "faults": faults or [], "record_samples_dir": record_samples_dir,

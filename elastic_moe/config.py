@@ -133,14 +133,19 @@ class TrainConfig:
     mixed_precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast where the device has it
     seed: int = 0
     log_freq: int = 1
+    eval_every: int = 0  # steps between validation-loss evaluations (val_loss to MLflow); 0 = off
+    eval_sequences: int = 32  # the fixed validation set: the first N sequences of its manifest
     # What happens to the global batch when the data-parallel size changes: "constant_batch"
     # keeps it (grad accumulation adapts), "scale_lr" keeps the per-rank batch and scales LR.
     resize_policy: Literal["constant_batch", "scale_lr"] = "constant_batch"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "log_freq"):
+        for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "log_freq",
+                     "eval_sequences"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
-        _require(self.lr > 0, "lr", self.lr, "must be positive")
+        _require(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0 (0 = off)")
+        # lr = 0 freezes the weights: a round trip through training, or evaluation only
+        _require(self.lr >= 0, "lr", self.lr, "must be >= 0")
         _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr,
                  f"must be in [0, lr={self.lr}]")
         _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
@@ -157,6 +162,9 @@ class DataConfig:
     """Where training data comes from; an empty manifest means the bundled sample corpus."""
 
     manifest: str = ""  # path of a prepared manifest.json; "" = prepare the bundled corpus
+    # Validation manifest for train.eval_every; "" = the one prepare_data.py --val-fraction
+    # wrote beside data.manifest, or the bundled corpus's held-out set.
+    val_manifest: str = ""
     cache_dir: str = "outputs/data"  # where the bundled corpus is prepared
     tokenizer_vocab_size: int = 102400  # BPE vocab when a tokenizer is trained on the corpus
     num_workers: int = 1  # data-worker actors
@@ -205,6 +213,9 @@ class CheckpointConfig:
     keep_last: int = 3  # retention: the last K committed checkpoints ...
     keep_every: int = 0  # ... plus every N-th step (0 = none extra)
     async_save: bool = True
+    # A new run starts from these HF-layout weights (directory or fsspec URL; jobs/train.py
+    # --init-from) instead of random init, until it has committed its first checkpoint.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _require(self.every_steps > 0, "every_steps", self.every_steps, "must be positive")
@@ -333,7 +344,8 @@ def debug() -> Config:
     return Config(
         name="debug", model=model,
         train=TrainConfig(steps=40, seq_len=128, global_batch_size=8, micro_batch_size=4,
-                          lr=3e-3, min_lr=3e-4, warmup_steps=5, mixed_precision="fp32"),
+                          lr=3e-3, min_lr=3e-4, warmup_steps=5, mixed_precision="fp32",
+                          eval_every=10, eval_sequences=16),
         data=DataConfig(tokenizer_vocab_size=2048),
         parallel=ParallelConfig(min_workers=2, max_workers=2, gpus_per_node=2),
         checkpoint=CheckpointConfig(every_steps=10, keep_last=2),

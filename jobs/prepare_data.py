@@ -2,13 +2,17 @@
 
     python jobs/prepare_data.py --input data/crawl/ --output outputs/prepared --seq-len 4096
     python jobs/prepare_data.py --input 'data/**/*.jsonl.zst' --output out --removed-ids rm.txt
+    python jobs/prepare_data.py --input data/ --output out --val-fraction 0.01 \
+        --tokenizer hf-model/tokenizer.json       # held-out split, a published model's tokenizer
     ray job submit --working-dir . -- python jobs/prepare_data.py --input /shared/in --output ...
 
 Runs the stages of ``elastic_moe.data.pipeline`` as Ray tasks: on a local Ray started here, or on
 the cluster named by ``RAY_ADDRESS`` / ``--address`` (then the output directory must be on storage
 every node can reach). ``--no-ray`` runs the same stages in this process. Prints a summary table;
 ``<output>/manifest.json`` holds the counts (documents_in, documents_kept, exact_duplicates,
-near_duplicates, skipped by reason, tokens, ...).
+near_duplicates, skipped by reason, tokens, ...). With ``--val-fraction`` the held-out documents
+are packed under ``<output>/val/`` with their own ``manifest.json`` (named in the main one as
+``val_manifest``), which training evaluates on every ``train.eval_every`` steps.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--vocab-size", type=int, default=102400, help="when training a tokenizer")
     p.add_argument("--tokenizer", default="", help="load this tokenizer.json instead of training")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction of the kept documents (whole documents, after "
+                        "dedup) as a validation set under <output>/val/")
     p.add_argument("--text-column", default="text")
     p.add_argument("--id-column", default="id")
     p.add_argument("--max-chars", type=int, default=1_000_000)
@@ -64,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = PrepareConfig(
         seq_len=args.seq_len, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
+        val_fraction=args.val_fraction,
         reader=ReaderConfig(text_column=args.text_column, id_column=args.id_column,
                             max_chars=args.max_chars),
         dedup=DedupConfig(ngram_size=args.ngram_size, num_bands=args.num_bands,

@@ -3,6 +3,8 @@
     python jobs/train.py                       # embedded local Ray, debug recipe, bundled corpus
     python jobs/train.py --recipe small --workers 8:64 --set train.lr=3e-4
     python jobs/train.py --recipe deepseek_v3_671b --describe
+    python jobs/train.py --recipe deepseek_v3_671b --init-dry-run 256   # init bytes per rank
+    python jobs/train.py --init-from hf-model/ --data prepared/manifest.json --steps 100
     ray job submit --working-dir . -- python jobs/train.py --recipe small --workers 8:64
 
 With ``RAY_ADDRESS`` set (as under ``ray job submit``) it attaches to that cluster.
@@ -45,10 +47,56 @@ def build_config(args: argparse.Namespace) -> Config:
         overrides.append(f"train.steps={args.steps}")
     if args.data:
         overrides.append(f"data.manifest={args.data}")
+    if args.val_data:
+        overrides.append(f"data.val_manifest={args.val_data}")
     if args.workers:
         low, high = parse_workers(args.workers)
         overrides += [f"parallel.min_workers={low}", f"parallel.max_workers={high}"]
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    if args.init_from:
+        cfg = model_from_checkpoint(cfg, args.init_from, overrides)
+    return cfg
+
+
+def model_from_checkpoint(cfg: Config, path: str, overrides: list[str]) -> Config:
+    """``cfg`` with the model section from ``path/config.json`` and ``checkpoint.init_from``;
+    training settings (and the model's training choices) keep the recipe's and --set values."""
+    from elastic_moe.model.hf_sharded import TRAINING_CHOICES, hf_config_to_model_config
+
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("model.") and key.removeprefix("model.") not in TRAINING_CHOICES:
+            raise ValueError(f"--set {key}: with --init-from the model comes from "
+                             f"{path.rstrip('/')}/config.json; only model."
+                             f"{{{','.join(TRAINING_CHOICES)}}} can be overridden")
+    choices = {name: getattr(cfg.model, name) for name in TRAINING_CHOICES}
+    model = hf_config_to_model_config(path, **choices)
+    return dataclasses.replace(cfg, model=model,
+                               checkpoint=dataclasses.replace(cfg.checkpoint, init_from=path))
+
+
+def check_init_from(init_from: str | None, resume: bool, run_dir: str) -> None:
+    """``--init-from`` starts new runs only: never with ``--resume`` or on an existing run."""
+    if not init_from:
+        return
+    if resume:
+        raise ValueError("--init-from with --resume: --resume continues a run from its own "
+                         "checkpoints, --init-from starts a new run from published weights; "
+                         "drop one of them")
+    if os.path.exists(os.path.join(run_dir, "coordinator.json")):
+        raise ValueError(f"--init-from: run {os.path.basename(run_dir)!r} already exists in "
+                         f"{run_dir}; a run takes its starting weights once, when it is created "
+                         "(restarts restore its own checkpoints): give a new --run-name")
+
+
+def init_dry_run(cfg: Config, world_size: int) -> str:
+    """Per-rank parameter bytes after init at ``world_size``, from shapes alone (no allocation)."""
+    from elastic_moe.model.init import init_bytes_per_rank
+    from elastic_moe.parallel.mesh import plan_mesh
+
+    plan = plan_mesh(world_size, cfg.parallel.gpus_per_node, cfg.model, cfg.parallel,
+                     global_batch_size=cfg.train.global_batch_size)
+    return "\n".join([plan.describe(), init_bytes_per_rank(cfg.model, plan).describe()])
 
 
 def choose_run_name(cfg: Config, run_name: str | None, resume: bool, output_dir: str) -> str:
@@ -87,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config field, e.g. --set model.dim=128 (repeatable)")
     parser.add_argument("--data", help="manifest.json of prepared data (default: bundled corpus)")
+    parser.add_argument("--val-data", metavar="MANIFEST",
+                        help="validation manifest for train.eval_every (default: the split "
+                             "prepare_data.py --val-fraction wrote beside --data)")
+    parser.add_argument("--init-from", metavar="PATH",
+                        help="start a new run from HF-layout weights (directory or fsspec URL: "
+                             "config.json + safetensors); the model section comes from its "
+                             "config.json")
+    parser.add_argument("--init-dry-run", type=int, metavar="WORLD_SIZE",
+                        help="print the per-rank bytes of the initialised model at this world "
+                             "size (nothing is allocated), then exit")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run of the same name from its last committed checkpoint")
     parser.add_argument("--run-name", help="run name (checkpoints, coordinator, MLflow run name); "
@@ -105,10 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.describe:
         print(describe(cfg))
         return 0
+    if args.init_dry_run is not None:
+        try:
+            print(init_dry_run(cfg, args.init_dry_run))
+        except ValueError as exc:
+            parser.error(str(exc))
+        return 0
     from actors.training import run_training
 
     try:
         run_name = choose_run_name(cfg, args.run_name, args.resume, args.output_dir)
+        check_init_from(args.init_from, args.resume, os.path.join(args.output_dir, run_name))
         result = run_training(cfg, run_name=run_name, resume=args.resume,
                               output_dir=args.output_dir)
     except ValueError as exc:  # bad data/config found at launch: one clear line, no traceback

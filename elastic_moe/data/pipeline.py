@@ -19,6 +19,7 @@ On a multi-node cluster the output directory must be on storage every node can w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +55,10 @@ class PrepareConfig:
     vocab_size: int = 102400  # BPE vocabulary when training a tokenizer
     tokenizer_path: str = ""  # load this tokenizer.json instead of training one
     tokenizer_train_bytes: int = 256 << 20  # train on at most this much kept text
+    # Fraction of kept documents held out, whole, into <output>/val/ (chosen by a hash of the
+    # document id, after dedup over the whole corpus, so no held-out document has a
+    # near-duplicate among the training ones). 0 = no validation split.
+    val_fraction: float = 0.0
     encode_batch_docs: int = 1024  # documents per tokenizers.encode_batch call
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     dedup: dd.DedupConfig = field(default_factory=dd.DedupConfig)
@@ -61,6 +66,8 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.seq_len <= 0:
             raise ValueError(f"seq_len={self.seq_len!r}: must be positive")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
         if not self.tokenizer_path and self.vocab_size < 260:
             raise ValueError(f"vocab_size={self.vocab_size!r}: must be >= 260")
 
@@ -285,7 +292,11 @@ def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
     ids, keeps, removed, timings = result.ids, result.keeps, result.removed, result.timings
     n = len(ids)
     keep_all = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
-
+    held_out = _held_out(ids, config.val_fraction) & keep_all
+    train_keeps = [k & ~held_out[o:o + k.size] for k, o in zip(keeps, _file_offsets(keeps),
+                                                                 strict=True)]
+    val_keeps = [k & held_out[o:o + k.size] for k, o in zip(keeps, _file_offsets(keeps),
+                                                              strict=True)]
 
     # 5. tokenizer
     t = time.perf_counter()
@@ -295,41 +306,39 @@ def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
     else:
         tokenizer_json = _run_stage(
             "tokenizer", tokenizer_stage,
-            [(paths, keeps, config.reader, config.vocab_size, config.tokenizer_train_bytes)],
+            [(paths, train_keeps, config.reader, config.vocab_size,
+              config.tokenizer_train_bytes)],
             use_ray, progress)[0]
     with open(tok_path, "w") as fh:
         fh.write(tokenizer_json)
     tok = load_tokenizer(tok_path)
     timings["tokenizer_s"] = time.perf_counter() - t
 
-    # 6. tokenize + pack + shards
+    # 6. tokenize + pack + shards (training documents; then the held-out ones under val/)
     t = time.perf_counter()
-    shard_dir = os.path.join(output_dir, "shards")
-    os.makedirs(shard_dir, exist_ok=True)
     tok_arg: Any = tokenizer_json
     if use_ray:  # one object-store copy of the (MBs-large) tokenizer JSON for all tasks
         import ray
 
         tok_arg = ray.put(tokenizer_json)
-    packed = _run_stage(
-        "tokenize+pack", tokenize_stage,
-        [(p, keeps[i], config.reader, tok_arg, config.seq_len,
-          os.path.join(shard_dir, f"shard-{i:05d}.arrow"), config.encode_batch_docs)
-         for i, p in enumerate(paths)], use_ray, progress)
-    tail = Packer(config.seq_len)
-    for r in packed:
-        tail.add(r["rem_tokens"], r["rem_starts"])
-    tail_tokens, tail_starts = tail.take()
-    dropped = len(tail)
-    shards = [{"path": os.path.relpath(r["path"], output_dir), "num_sequences": r["num_sequences"]}
-              for r in packed if r["num_sequences"]]
-    if len(tail_tokens):
-        tail_path = os.path.join(shard_dir, "shard-tail.arrow")
-        shards.append({"path": os.path.relpath(tail_path, output_dir),
-                       "num_sequences": write_shard(tail_path, tail_tokens, tail_starts)})
-    width = config.seq_len + 1
-    for s in shards:
-        s["num_tokens"] = s["num_sequences"] * width
+    shards, packed, dropped = _pack(paths, train_keeps, config, tok_arg, output_dir, use_ray,
+                                    progress)
+    val_manifest = None
+    if config.val_fraction > 0:
+        val_dir = os.path.join(output_dir, VAL_DIR)
+        val_shards, val_packed, val_dropped = _pack(paths, val_keeps, config, tok_arg, val_dir,
+                                                    use_ray, progress)
+        val_manifest = _split_manifest(tok, tok_path, config, val_shards, val_packed, val_dropped,
+                                       int(sum(k.sum() for k in val_keeps)), val_dir)
+        with open(os.path.join(val_dir, "documents.txt"), "w") as fh:
+            for keep_file, offset in zip(val_keeps, _file_offsets(val_keeps), strict=True):
+                for d in np.flatnonzero(keep_file).tolist():
+                    fh.write(ids[offset + d] + "\n")
+        if val_manifest["num_sequences"] == 0:
+            raise ValueError(f"val_fraction={config.val_fraction}: the {val_manifest['documents']}"
+                             " held-out documents do not fill one sequence of seq_len="
+                             f"{config.seq_len}; raise val_fraction")
+        write_manifest(os.path.join(val_dir, "manifest.json"), val_manifest)
     timings["tokenize_pack_s"] = time.perf_counter() - t
 
     # removed documents, with the reason and the kept document they duplicate
@@ -340,6 +349,7 @@ def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
                      + "\n")
     reasons = Counter(r for r, _ in removed.values())
     num_sequences = sum(s["num_sequences"] for s in shards)
+    width = config.seq_len + 1
     timings["total_s"] = time.perf_counter() - t0
     manifest = {
         "version": MANIFEST_VERSION,
@@ -352,7 +362,7 @@ def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
         "shards": shards,
         "num_sequences": num_sequences,
         "documents_in": n,
-        "documents_kept": int(keep_all.sum()),
+        "documents_kept": int(keep_all.sum()),  # validation documents included
         "exact_duplicates": reasons.get("exact", 0),
         "url_duplicates": reasons.get("url", 0),
         "near_duplicates": reasons.get("near", 0),
@@ -366,10 +376,74 @@ def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
                   "threshold": round(config.dedup.threshold, 4)},
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+    if val_manifest is not None:
+        manifest["val_manifest"] = f"{VAL_DIR}/manifest.json"
+        manifest["documents_val"] = val_manifest["documents"]
+        manifest["val_fraction"] = config.val_fraction
     write_manifest(os.path.join(output_dir, "manifest.json"), manifest)
     logger.info("prepared %d sequences from %d/%d documents in %.1fs", num_sequences,
                 manifest["documents_kept"], n, timings["total_s"])
     return manifest
+
+
+VAL_DIR = "val"
+
+
+def _file_offsets(keeps: list[np.ndarray]) -> list[int]:
+    return np.concatenate(([0], np.cumsum([k.size for k in keeps])))[:-1].astype(int).tolist()
+
+
+def _held_out(ids: list[str], fraction: float) -> np.ndarray:
+    """Documents chosen for validation: a hash of the id below ``fraction`` (deterministic,
+    independent of file order and of the other documents)."""
+    if fraction <= 0:
+        return np.zeros(len(ids), dtype=bool)
+    limit = int(fraction * 2**64)
+    return np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(),
+                                    "little") < limit for i in ids], dtype=bool)
+
+
+def _pack(paths: list[str], keeps: list[np.ndarray], config: PrepareConfig, tok_arg: Any,
+          out_dir: str, use_ray: bool, progress: bool
+          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Tokenize and pack the kept documents into ``out_dir/shards``: (shards, per-file results,
+    tokens dropped in the last partial sequence)."""
+    shard_dir = os.path.join(out_dir, "shards")
+    os.makedirs(shard_dir, exist_ok=True)
+    packed = _run_stage(
+        "tokenize+pack", tokenize_stage,
+        [(p, keeps[i], config.reader, tok_arg, config.seq_len,
+          os.path.join(shard_dir, f"shard-{i:05d}.arrow"), config.encode_batch_docs)
+         for i, p in enumerate(paths)], use_ray, progress)
+    tail = Packer(config.seq_len)
+    for r in packed:
+        tail.add(r["rem_tokens"], r["rem_starts"])
+    tail_tokens, tail_starts = tail.take()
+    dropped = len(tail)
+    shards = [{"path": os.path.relpath(r["path"], out_dir), "num_sequences": r["num_sequences"]}
+              for r in packed if r["num_sequences"]]
+    if len(tail_tokens):
+        tail_path = os.path.join(shard_dir, "shard-tail.arrow")
+        shards.append({"path": os.path.relpath(tail_path, out_dir),
+                       "num_sequences": write_shard(tail_path, tail_tokens, tail_starts)})
+    for s in shards:
+        s["num_tokens"] = s["num_sequences"] * (config.seq_len + 1)
+    return shards, packed, int(dropped)
+
+
+def _split_manifest(tok: Any, tok_path: str, config: PrepareConfig, shards: list[dict[str, Any]],
+                    packed: list[dict[str, Any]], dropped: int, documents: int,
+                    out_dir: str) -> dict[str, Any]:
+    """The manifest of the validation split (readable by ``TokenDataset`` like the main one)."""
+    num_sequences = sum(s["num_sequences"] for s in shards)
+    return {"version": MANIFEST_VERSION, "split": "validation", "seq_len": config.seq_len,
+            "vocab_size": tok.get_vocab_size(), "eos_id": tok.token_to_id(EOS_TOKEN),
+            "tokenizer": {"path": os.path.relpath(tok_path, out_dir),
+                          "sha256": tokenizer_sha256(tok_path)},
+            "shards": shards, "num_sequences": num_sequences, "documents": documents,
+            "tokens": int(sum(r["tokens"] for r in packed)),
+            "tokens_packed": num_sequences * (config.seq_len + 1),
+            "tokens_dropped_tail": dropped}
 
 
 def removed_ids(output_dir: str) -> list[str]:
@@ -385,6 +459,8 @@ def summary_table(manifest: dict[str, Any]) -> str:
             ("url duplicates", manifest["url_duplicates"]),
             ("near duplicates", manifest["near_duplicates"]),
             ("documents kept", manifest["documents_kept"])]
+    if "documents_val" in manifest:
+        rows.append(("  of which held out for validation", manifest["documents_val"]))
     rows += [(f"skipped: {k}", v) for k, v in manifest["skipped"].items()]
     rows += [("files with errors", len(manifest["file_errors"])),
              ("tokens (kept docs + EOS)", manifest["tokens"]),

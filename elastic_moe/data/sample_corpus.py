@@ -304,3 +304,42 @@ def ensure_prepared(cache_dir: str, vocab_size: int, seq_len: int, use_ray: bool
                 use_ray=use_ray, progress=False)
         os.replace(tmp_out, out_dir)
     return manifest
+
+
+def ensure_validation(cache_dir: str, vocab_size: int, seq_len: int) -> str:
+    """A validation set for the bundled corpus; returns its ``manifest.json``.
+
+    The bundled training data stays exactly what :func:`ensure_prepared` makes (runs and tests
+    depend on it), so the held-out documents are not taken from it: they are new originals from
+    the same generator with another seed (no planted copies), tokenized with the training
+    tokenizer. Sentences come from the same pool, so like any two originals they share almost
+    no word 5-grams with a training document: none is a near-duplicate of one. Idempotent and
+    process-safe like :func:`ensure_prepared`.
+    """
+    from elastic_moe.data.pipeline import PrepareConfig, prepare
+
+    train_manifest = ensure_prepared(cache_dir, vocab_size, seq_len)
+    cache_dir = os.path.abspath(cache_dir)
+    out_dir = os.path.join(cache_dir, f"validation-v{CORPUS_VERSION}-vocab{vocab_size}-seq{seq_len}")
+    manifest = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(manifest):
+        return manifest
+    with open(os.path.join(cache_dir, ".prepare.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(manifest):
+            return manifest
+        corpus_dir = os.path.join(cache_dir, f"validation-corpus-v{CORPUS_VERSION}")
+        if not os.path.exists(os.path.join(corpus_dir, "ground_truth.json")):
+            tmp = corpus_dir + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            generate(tmp, num_docs=80, seed=1, exact_frac=0.0, near_frac=0.0, url_frac=0.0,
+                     num_wet=0, num_jsonl=1)
+            shutil.rmtree(corpus_dir, ignore_errors=True)
+            os.replace(tmp, corpus_dir)
+        tmp_out = out_dir + ".tmp"
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        tokenizer = os.path.join(os.path.dirname(train_manifest), "tokenizer.json")
+        prepare(corpus_dir, tmp_out, PrepareConfig(seq_len=seq_len, tokenizer_path=tokenizer),
+                use_ray=False, progress=False)
+        os.replace(tmp_out, out_dir)
+    return manifest

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from elastic_moe.config import Config
 from elastic_moe.data.sampler import make_batch, rank_share, split_batch
 from elastic_moe.model.moe import moe_layers
 from elastic_moe.model.transformer import IGNORE_INDEX
@@ -29,6 +30,41 @@ from elastic_moe.model.transformer import IGNORE_INDEX
 logger = logging.getLogger(__name__)
 
 WEIGHT_KEY = "eval_weight"  # a micro-batch with weight 0 only joins the collectives
+
+
+def validation_manifest(cfg: Config, train_manifest: str) -> str | None:
+    """The validation manifest a run evaluates on, checked against the training data; ``None``
+    when ``train.eval_every`` is 0. Raises ``ValueError`` naming the fix when there is none."""
+    import json
+    import os
+
+    from elastic_moe.data.shards import TokenDataset
+
+    if cfg.train.eval_every == 0:
+        return None
+    path = cfg.data.val_manifest
+    if not path and not cfg.data.manifest:
+        from elastic_moe.data.sample_corpus import ensure_validation
+
+        path = ensure_validation(cfg.data.cache_dir, cfg.data.tokenizer_vocab_size,
+                                 cfg.train.seq_len)
+    elif not path:
+        with open(train_manifest) as fh:
+            named = json.load(fh).get("val_manifest")
+        if not named:
+            raise ValueError(f"train.eval_every={cfg.train.eval_every}: {train_manifest} has no "
+                             "validation split; prepare it with jobs/prepare_data.py "
+                             "--val-fraction F, pass --val-data MANIFEST, or --set "
+                             "train.eval_every=0")
+        path = os.path.join(os.path.dirname(os.path.abspath(train_manifest)), named)
+    if not os.path.exists(path):
+        raise ValueError(f"data.val_manifest={path!r}: no such file")
+    val, train = TokenDataset(path), TokenDataset(train_manifest)
+    if val.seq_len != train.seq_len or val.vocab_size != train.vocab_size:
+        raise ValueError(f"data.val_manifest={path!r}: seq_len {val.seq_len} / vocab "
+                         f"{val.vocab_size}, but the training data has {train.seq_len} / "
+                         f"{train.vocab_size}: prepare both with the same --seq-len and tokenizer")
+    return path
 
 
 def val_micro_batches(manifest: str, num_sequences: int, rank: int, world_size: int,

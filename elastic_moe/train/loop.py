@@ -108,6 +108,10 @@ def train_func(config: dict[str, Any]) -> None:
             state = ckpt.restore(model, optimizer, max_step=target - 1)
             if rank == 0:
                 coordinator.fell_back.remote(target, state.step if state else 0, str(exc))
+    if state is None and cfg.checkpoint.init_from:  # a new run from published weights
+        from elastic_moe.model.hf_sharded import load_hf_into
+
+        load_hf_into(model, cfg.checkpoint.init_from, cfg.model)
     timings["restore_done"] = time.time()
     step = state.step if state else 0
     tokens_seen = state.tokens_seen if state else 0
@@ -137,6 +141,12 @@ def train_func(config: dict[str, Any]) -> None:
                           steps_redone=epoch["steps_redone"], downtime_s=epoch["downtime_s"])
         log.info("epoch %d (%s): %d workers, continuing at step %d, global batch %d",
                  epoch["epoch"], epoch["cause"], world_size, step, global_batch)
+    val_batches = None
+    if cfg.train.eval_every and config.get("val_manifest"):
+        from elastic_moe.train.evaluate import val_micro_batches
+
+        val_batches = val_micro_batches(config["val_manifest"], cfg.train.eval_sequences, rank,
+                                        world_size, cfg.train.micro_batch_size)
     samples_log = config.get("record_samples_dir")
     faults = list(config.get("faults", []))
     first = True
@@ -175,6 +185,8 @@ def train_func(config: dict[str, Any]) -> None:
                              metrics.mtp_loss, metrics.grad_norm, metrics.lr,
                              values["tokens_per_s"], values.get("moe/load_max_over_mean", 0.0))
             first = False
+            if val_batches is not None and step % cfg.train.eval_every == 0:
+                _evaluate(model, val_batches, step, cfg, device, tracker)
             if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
                 _maybe_inject_fault(faults, step, rank, coordinator, "save")
                 train_state = TrainState(step=step, tokens_seen=tokens_seen,
@@ -197,6 +209,19 @@ def train_func(config: dict[str, Any]) -> None:
         tracker.finish("FINISHED")
     if dist.is_initialized():
         dist.barrier()
+
+
+def _evaluate(model: Any, val_batches: list[dict[str, Any]], step: int, cfg: Config,
+              device: torch.device, tracker: Any) -> None:
+    """Validation loss on every rank (collective); rank 0 (the one with a tracker) logs it."""
+    from elastic_moe.train.evaluate import evaluate
+    from elastic_moe.train.step import autocast_dtype
+
+    values = evaluate(model, val_batches, amp=autocast_dtype(cfg.train, device))
+    if tracker is not None:
+        tracker.log_metrics(values, step)
+        log.info("step %d val_loss %.4f val_mtp_loss %.4f (%d tokens)", step,
+                 values["val_loss"], values["val_mtp_loss"], values["val_tokens"])
 
 
 class _BatchFeed:
