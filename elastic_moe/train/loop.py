@@ -167,9 +167,12 @@ def train_func(config: dict[str, Any]) -> None:
             step += 1
             tokens_seen += metrics.tokens
             last_metrics = metrics
+            val = (_evaluate(model, val_batches, step, cfg, device, rank)
+                   if val_batches is not None and step % cfg.train.eval_every == 0 else {})
             if rank == 0:
                 assert tracker is not None
                 values = metrics.as_dict()
+                values.update(val)  # one record per step: the tracker drops a second one
                 values.update(world_size=world_size, ep_degree=plan.expert_parallel_degree,
                               tokens_seen=tokens_seen, data_wait_s=feed.last_wait_s)
                 # model TFLOP/s per worker; MFU against the accelerator's peak where known
@@ -185,8 +188,6 @@ def train_func(config: dict[str, Any]) -> None:
                              metrics.mtp_loss, metrics.grad_norm, metrics.lr,
                              values["tokens_per_s"], values.get("moe/load_max_over_mean", 0.0))
             first = False
-            if val_batches is not None and step % cfg.train.eval_every == 0:
-                _evaluate(model, val_batches, step, cfg, device, tracker)
             if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
                 _maybe_inject_fault(faults, step, rank, coordinator, "save")
                 train_state = TrainState(step=step, tokens_seen=tokens_seen,
@@ -212,16 +213,16 @@ def train_func(config: dict[str, Any]) -> None:
 
 
 def _evaluate(model: Any, val_batches: list[dict[str, Any]], step: int, cfg: Config,
-              device: torch.device, tracker: Any) -> None:
-    """Validation loss on every rank (collective); rank 0 (the one with a tracker) logs it."""
+              device: torch.device, rank: int) -> dict[str, float]:
+    """Validation losses, the same on every rank (a collective: all ranks call it)."""
     from elastic_moe.train.evaluate import evaluate
     from elastic_moe.train.step import autocast_dtype
 
     values = evaluate(model, val_batches, amp=autocast_dtype(cfg.train, device))
-    if tracker is not None:
-        tracker.log_metrics(values, step)
+    if rank == 0:
         log.info("step %d val_loss %.4f val_mtp_loss %.4f (%d tokens)", step,
                  values["val_loss"], values["val_mtp_loss"], values["val_tokens"])
+    return values
 
 
 class _BatchFeed:
