@@ -23,9 +23,14 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed.tensor import DTensor
+
+if TYPE_CHECKING:
+    from elastic_moe.config import ModelConfig
+    from elastic_moe.parallel.mesh import MeshPlan
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +121,9 @@ def _chunk_rows(rows: int, parts: int, index: int) -> int:
     return max(0, min(size, rows - index * size))
 
 
-def init_bytes_per_rank(model_cfg, plan, dtype: torch.dtype = torch.float32) -> InitReport:  # type: ignore[no-untyped-def]
-    """What each rank of ``plan`` (a ``MeshPlan``) holds after ``setup_model``; allocates nothing.
+def init_bytes_per_rank(model_cfg: ModelConfig, plan: MeshPlan,
+                        dtype: torch.dtype = torch.float32) -> InitReport:
+    """What each rank of ``plan`` holds after ``setup_model``; allocates nothing.
 
     Routed experts are split over ``ep`` ranks (then replicated); with ``ep == 1`` FSDP shards
     them like the dense weights: dim 0 in ``torch.chunk`` pieces over ``dp_shard``.

@@ -1,4 +1,4 @@
-"""Sharded HF import, sharded seeded init and validation loss at W = 1, 2 and 3 (real gloo).
+"""Sharded HF import, sharded seeded init and validation loss at W = 1, 2, 3, 4 (real gloo).
 
 References, all independent of the code under test's sharded path:
 
@@ -44,7 +44,8 @@ TRUTH_SEED, INIT_SEED = 3, 41
 BLOCK = 16
 FP8_NAMES = ("model.embed_tokens.weight", "model.layers.1.self_attn.kv_b_proj.weight",
              "model.layers.2.mlp.experts.5.down_proj.weight")
-EP_DEGREES = {1: [1], 2: [1, 2], 3: [1]}
+# (gpus_per_node, ep) per world size; W=4 with 2 per node is HSDP 2x2 (Replicate, Shard(0))
+LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (2, 2)], 3: [(3, 1)], 4: [(2, 2)]}
 VAL_SEQUENCES, VAL_SEQ_LEN = 6, 32
 
 
@@ -172,11 +173,11 @@ def _worker(rank: int, world_size: int, paths: dict[str, str]) -> None:
     refs = torch.load(paths["refs"])
     cfg = _checkpoint_cfg(paths["plain"])
     assert cfg == _model_cfg()
-    for ep in EP_DEGREES[world_size]:
-        prefs = ParallelConfig(max_workers=world_size, gpus_per_node=world_size,
+    for gpus_per_node, ep in LAYOUTS[world_size]:
+        prefs = ParallelConfig(max_workers=world_size, gpus_per_node=gpus_per_node,
                                expert_parallel_degree=ep)
-        plan = plan_mesh(world_size, world_size, cfg, prefs)
-        what = f"W={world_size} ep={ep} rank {rank}"
+        plan = plan_mesh(world_size, gpus_per_node, cfg, prefs)
+        what = f"{plan.describe()} rank {rank}"
 
         # seeded init: this rank's rows of the single-process init; bytes as the dry run says
         model = setup_model(cfg, plan, "cpu", seed=INIT_SEED)
@@ -204,9 +205,9 @@ def _worker(rank: int, world_size: int, paths: dict[str, str]) -> None:
         _assert_shards_equal(fp8_model, refs["fp8_truth"], f"{what} fp8 load")
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_sharded_load_init_and_val_loss(world_size: int, setup) -> None:
-    """W=1 (no process group), 2 (ep 1 and 2) and 3 (uneven FSDP shards)."""
+    """W=1 (no process group), 2 (ep 1 and 2), 3 (uneven FSDP shards), 4 (HSDP 2x2, ep 2)."""
     if world_size == 1:
         _worker(0, 1, setup)
     else:

@@ -99,6 +99,24 @@ def test_model_built_for_another_config_is_refused(sharded):
         load_hf_into(model, str(path), other)
 
 
+def test_loads_from_an_fsspec_url(sharded):
+    """The same checkpoint from fsspec's in-memory filesystem (no local path involved)."""
+    import fsspec
+
+    path, files = sharded
+    fs = fsspec.filesystem("memory")
+    for name in os.listdir(path):
+        fs.pipe(f"/ckpt14/{name}", (path / name).read_bytes())
+    try:
+        want = hf.load(str(path)).state_dict()
+        got = hf.load("memory://ckpt14").state_dict()
+    finally:
+        fs.rm("/ckpt14", recursive=True)
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+
+
 # --------------------------------------------------------------------------- command line
 @pytest.fixture
 def hf_dir(tmp_path):
