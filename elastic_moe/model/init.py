@@ -61,12 +61,16 @@ def local_box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return (0,) * t.dim(), tuple(t.shape)
 
 
-def draw_normal(full_shape: tuple[int, ...], offset: tuple[int, ...], shape: tuple[int, ...],
-                std: float, seed: int, fqn: str) -> torch.Tensor:
-    """The box ``offset + shape`` of the seeded N(0, std) tensor ``fqn`` (float32, CPU)."""
-    out = torch.empty(shape, dtype=torch.float32)
+def fill_normal_(dest: torch.Tensor, full_shape: tuple[int, ...], offset: tuple[int, ...],
+                 std: float, seed: int, fqn: str) -> torch.Tensor:
+    """Write the box ``offset + dest.shape`` of the seeded N(0, std) tensor ``fqn`` into ``dest``.
+
+    Values are drawn in float32 on the CPU one row block at a time and copied straight into
+    ``dest`` (any dtype or device): the only transient is one block.
+    """
+    shape = tuple(dest.shape)
     if math.prod(shape) == 0:
-        return out
+        return dest
     rows = rows_per_block(full_shape)
     lo, hi = offset[0], offset[0] + shape[0]
     inner = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:], strict=True))
@@ -77,8 +81,15 @@ def draw_normal(full_shape: tuple[int, ...], offset: tuple[int, ...], shape: tup
         values = torch.empty((count, *full_shape[1:]), dtype=torch.float32)
         values.normal_(0.0, std, generator=gen)
         a, z = max(lo, start), min(hi, start + count)
-        out[a - lo:z - lo] = values[(slice(a - start, z - start), *inner)]
-    return out
+        dest[a - lo:z - lo].copy_(values[(slice(a - start, z - start), *inner)])
+    return dest
+
+
+def draw_normal(full_shape: tuple[int, ...], offset: tuple[int, ...], shape: tuple[int, ...],
+                std: float, seed: int, fqn: str) -> torch.Tensor:
+    """The box ``offset + shape`` of the seeded N(0, std) tensor ``fqn`` (float32, CPU)."""
+    return fill_normal_(torch.empty(shape, dtype=torch.float32), full_shape, offset, std, seed,
+                        fqn)
 
 
 @torch.no_grad()
@@ -86,9 +97,9 @@ def seeded_normal_(t: torch.Tensor, std: float, seed: int, fqn: str) -> None:
     """Fill this rank's part of parameter ``fqn`` with its slice of the seeded tensor."""
     if t.device.type == "meta":
         return
-    offset, shape = local_box(t)
+    offset, _ = local_box(t)
     local = t.to_local() if isinstance(t, DTensor) else t
-    local.copy_(draw_normal(tuple(t.shape), offset, shape, std, seed, fqn))
+    fill_normal_(local.data, tuple(t.shape), offset, std, seed, fqn)
 
 
 # ---------------------------------------------------------------------------------------------
