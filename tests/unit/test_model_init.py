@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elastic_moe.config import ParallelConfig, deepseek_v3_671b, debug
+from elastic_moe.config import ParallelConfig, debug, deepseek_v3_671b
 from elastic_moe.model.init import BLOCK_ELEMENTS, draw_normal, init_bytes_per_rank, rows_per_block
 from elastic_moe.parallel.mesh import TRAIN_BYTES_PER_PARAM, estimate_bytes_per_rank, plan_mesh
 
