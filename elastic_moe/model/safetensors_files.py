@@ -110,7 +110,7 @@ class CheckpointFiles:
                     weight_map = json.load(f)["weight_map"]
                 except (ValueError, KeyError) as exc:
                     raise HFCheckpointError(f"{self._where(INDEX_FILE)}: not a safetensors index "
-                                          f"({exc!r})") from exc
+                                            f"({exc!r})") from exc
             files: dict[str, list[str] | None] = {}
             for name, file in weight_map.items():
                 names = files.setdefault(file, [])
@@ -119,8 +119,8 @@ class CheckpointFiles:
             missing = sorted(f for f in files if not self.fs.exists(f"{self.base}/{f}"))
             if missing:
                 raise HFCheckpointError(f"{self._where(INDEX_FILE)}: names {len(missing)} shard "
-                                      f"file(s) that do not exist: {missing[:10]}; the download "
-                                      "is incomplete or the index belongs to another checkpoint")
+                                        f"file(s) that do not exist: {missing[:10]}; the download "
+                                        "is incomplete or the index belongs to another checkpoint")
             return files
         if self.fs.exists(f"{self.base}/{SINGLE_FILE}"):
             return {SINGLE_FILE: None}
@@ -133,11 +133,11 @@ class CheckpointFiles:
             raw = f.read(8)
             if len(raw) < 8:
                 raise HFCheckpointError(f"{where}: {size} bytes, too short for a safetensors "
-                                      "header (truncated download?)")
+                                        "header (truncated download?)")
             (length,) = struct.unpack("<Q", raw)
             if length > min(_MAX_HEADER_BYTES, size - 8):
                 raise HFCheckpointError(f"{where}: header length {length} exceeds the file "
-                                      f"({size} bytes): truncated or not a safetensors file")
+                                        f"({size} bytes): truncated or not a safetensors file")
             try:
                 header = json.loads(f.read(length))
             except ValueError as exc:
@@ -149,7 +149,7 @@ class CheckpointFiles:
                 continue
             if info["dtype"] not in DTYPES:
                 raise HFCheckpointError(f"{where}: tensor {name!r} has dtype {info['dtype']!r}, "
-                                      f"not one of {sorted(DTYPES)}")
+                                        f"not one of {sorted(DTYPES)}")
             begin, stop = info["data_offsets"]
             entry = TensorEntry(name=name, file=file, dtype=DTYPES[info["dtype"]],
                                 shape=tuple(int(d) for d in info["shape"]),
@@ -157,12 +157,12 @@ class CheckpointFiles:
             expect = math.prod(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
             if entry.end - entry.start != expect:
                 raise HFCheckpointError(f"{where}: tensor {name!r} spans {entry.end - entry.start} "
-                                      f"bytes but its shape {entry.shape} needs {expect}")
+                                        f"bytes but its shape {entry.shape} needs {expect}")
             entries[name] = entry
         last = max((e.end for e in entries.values()), default=data_start)
         if last > size:
             raise HFCheckpointError(f"{where}: {size} bytes but its header describes {last}: the "
-                                  "file is truncated (re-download it)")
+                                    "file is truncated (re-download it)")
         return entries
 
     # ------------------------------------------------------------------ reading
@@ -181,15 +181,13 @@ class CheckpointFiles:
         buffer = bytearray(count)
         view = memoryview(buffer)
         got = 0
-        while got < count:
-            chunk = handle.readinto(view[got:]) if hasattr(handle, "readinto") else None
-            if chunk is None:
-                data = handle.read(count - got)
-                view[got:got + len(data)] = data
-                chunk = len(data)
+        while got < count:  # reads from remote filesystems may come back short
+            data = handle.read(count - got)
+            view[got:got + len(data)] = data
+            chunk = len(data)
             if not chunk:
                 raise HFCheckpointError(f"{self._where(entry.file)}: ended while reading {name!r} "
-                                      "(truncated while being read?)")
+                                        "(truncated while being read?)")
             got += chunk
         if count == 0:
             return torch.empty((0, *entry.shape[1:]), dtype=entry.dtype)
