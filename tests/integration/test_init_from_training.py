@@ -5,7 +5,9 @@
    workers (gloo) with learning rate 0 and router-bias updates off. transformers loads the export
    and its logits equal the original model's to 1e-5 relative (fp32).
 2. A checkpoint this project saved, MTP included: the export holds exactly the saved tensors,
-   MTP layer too -- its MTP weights were loaded, not freshly initialised.
+   MTP layer too -- its MTP weights were loaded, not freshly initialised. This run stops after
+   its first committed checkpoint and is started again with the HF directory moved away: the
+   restart restores the run's own checkpoint and never reads --init-from again.
 
 In both, the validation loss logged to MLflow every 2 steps (on W=2) equals the loss of the
 original weights evaluated in this process (W=1), so it does not depend on the world size.
@@ -16,6 +18,7 @@ Training runs through :func:`train`, the only place that knows how training is l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import pytest
@@ -38,11 +41,12 @@ RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
 STEPS, EVAL_EVERY = 4, 2
 
 
-def train(cfg: Config, run_name: str, output_dir: str) -> tuple[str, str, str]:
+def train(cfg: Config, run_name: str, output_dir: str,
+          resume: bool = False) -> tuple[str, str, str]:
     """Run training to the end; returns (checkpoint root, MLflow URI, MLflow run id)."""
     from actors.training import run_training
 
-    result = run_training(cfg, run_name=run_name, output_dir=output_dir)
+    result = run_training(cfg, run_name=run_name, output_dir=output_dir, resume=resume)
     assert result.ok, result.error
     assert result.mlflow_run_id is not None
     return result.checkpoint_dir, result.tracking_uri, result.mlflow_run_id
@@ -144,7 +148,13 @@ def test_checkpoint_with_mtp_loads_its_mtp_weights(local_ray, tmp_path):
                 module.e_score_correction_bias.uniform_(0.0, 0.01)
     hf.save(model, str(tmp_path / "hf"), max_shard_bytes=400_000)
     cfg = _config(str(tmp_path / "hf"), tmp_path)
-    ckpt, uri, run_id = train(cfg, "from-ours", str(tmp_path / "runs"))
+    first_half = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, steps=EVAL_EVERY),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=EVAL_EVERY))
+    train(first_half, "from-ours", str(tmp_path / "runs"))
+    os.rename(tmp_path / "hf", tmp_path / "hf-away")  # a restart must not need it
+    ckpt, uri, run_id = train(cfg, "from-ours", str(tmp_path / "runs"), resume=True)
+    os.rename(tmp_path / "hf-away", tmp_path / "hf")
     assert export_main(["--checkpoint", ckpt, "--output", str(tmp_path / "export")]) == 0
 
     def tensors(path) -> dict[str, torch.Tensor]:
