@@ -45,6 +45,39 @@ PING_INTERVAL_S = 0.25
 STARTUP_GRACE_S = 30.0  # at start, how long workers already starting are waited for
 
 
+def _sigkill(pid: int) -> None:
+    """SIGKILL a process on this node (a stopped one too: Ray's own kill needs its cooperation)."""
+    import os
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+_kill_pid = ray.remote(num_cpus=0)(_sigkill)
+
+
+def fence(handle: Any, pid: int, node_id: str) -> None:
+    """Make sure a worker is gone for good: it can never rejoin with stale state, and its open
+    connections close, so peers blocked on it in a collective fail at once."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if node_id == ray.get_runtime_context().get_node_id():  # our node: no task needed
+        _sigkill(pid)
+    else:
+        try:
+            _kill_pid.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node_id, soft=False)).remote(pid)
+        except Exception as exc:  # the node is gone: so is the process
+            logger.debug("fencing pid %d on %s: %s", pid, node_id, exc)
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception as exc:
+        logger.debug("ray.kill of pid %d: %s", pid, exc)
+
+
 class TrainingFailed(RuntimeError):
     """The run cannot go on (failure budget spent, no capacity, a worker error)."""
 
@@ -217,13 +250,15 @@ class ElasticGroup:
             now = time.time()
             for ref, member in list(refs.items()):
                 silent = now - member.last_reply
-                # hung: no answer at all; or still in train() long after its peers broke off
-                stuck = broken_since is not None and now - broken_since > hang
+                # hung: no answer at all; or, answering, still in train() long after its peers
+                # broke off (its own collective timeout should have ended that step)
+                stuck = broken_since is not None and now - broken_since > (
+                    self.cfg.elastic.collective_timeout_s + hang)
                 if silent > hang or stuck:
                     logger.warning("worker rank %d (pid %s) %s: fencing it off", member.rank,
                                    member.info["pid"], f"silent for {silent:.1f} s"
                                    if silent > hang else "did not leave a broken step")
-                    ray.kill(member.handle, no_restart=True)
+                    fence(member.handle, member.info["pid"], member.info["node_id"])
                     refs.pop(ref)
                     failed.append(member)
                     broken_since = broken_since or now
@@ -271,7 +306,9 @@ class ElasticGroup:
                 continue
             self.logged_step = step
             self.last_step_time = time.time()
-            self.tracker.log_metrics(values, step)
+            values = dict(values)
+            committed_at = values.pop("committed_at", None)
+            self.tracker.log_metrics(values, step, timestamp=committed_at)
             self.coordinator.heartbeat(step, first_after_start=False)
             log_freq = self.cfg.train.log_freq
             if step % log_freq == 0 or step - self.last_log_step > log_freq or step == 1:
@@ -293,7 +330,7 @@ class ElasticGroup:
         self.coordinator.record_event("worker_lost", self.logged_step, ranks=ranks,
                                       pids=[m.info["pid"] for m in failed])
         for member in failed:
-            ray.kill(member.handle, no_restart=True)
+            fence(member.handle, member.info["pid"], member.info["node_id"])
         if limit >= 0 and self.failures > limit:
             raise TrainingFailed(f"{self.failures} failures, more than elastic.max_failures="
                                  f"{limit}; the last lost ranks {ranks}")
@@ -311,7 +348,7 @@ class ElasticGroup:
                 pass
         lost_now = [m for m in survivors if m.rank not in holdings]
         for member in lost_now:
-            ray.kill(member.handle, no_restart=True)
+            fence(member.handle, member.info["pid"], member.info["node_id"])
         survivors = [m for m in survivors if m.rank in holdings]
         decision = decide_restore(len(self.members), holdings)
         self._collect_joiners()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -200,7 +201,8 @@ class Trainer:
         self.last_metrics = metrics
         values = metrics.as_dict()
         values.update(world_size=self.world_size, ep_degree=self.plan.expert_parallel_degree,
-                      tokens_seen=self.tokens_seen, data_wait_s=self.batches.last_wait_s)
+                      tokens_seen=self.tokens_seen, data_wait_s=self.batches.last_wait_s,
+                      committed_at=time.time())
         if on_batch is not None:
             on_batch(batch)
         return CommittedStep(step=self.step, metrics=values, sample_ids=list(ids))
