@@ -96,6 +96,7 @@ class CoordinatorState:
                      previous and self.state["last_heartbeat"]) else None,
                  "timings": dict(timings or {}),
                  "previous_plan": previous["plan"] if previous else None,
+                 "workers": list(workers or []),
                  "last_heartbeat_before": self.state["last_heartbeat"], **(detail or {})}
         history.append(epoch)
         self.state["workers"] = list(workers or [])
