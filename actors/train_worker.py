@@ -189,8 +189,8 @@ class TrainWorker:
             self.trainer, self.epoch = trainer, epoch
             self.progress.step = trainer.step
         return {"rank": epoch.rank, "step": trainer.step, "marks": marks,
-                "snapshot_bytes": trainer.own_snapshots[-1].nbytes()
-                if trainer.own_snapshots else 0}
+                "snapshot_bytes": trainer.peers.own[-1].nbytes() if trainer.peers.own else 0,
+                "copies_bytes": trainer.peers.nbytes()}
 
     def _leave_group(self) -> None:
         import torch.distributed as dist
@@ -198,10 +198,13 @@ class TrainWorker:
         if self.trainer is not None:
             _wait_bounded(self.trainer.checkpointer, 10.0)
         if dist.is_initialized():
+            from elastic_moe.parallel.mesh import forget_layout_caches
+
             try:
                 dist.destroy_process_group()
             except Exception as exc:  # a broken group may complain while going away
                 logger.warning("destroying the previous process group: %s", exc)
+            forget_layout_caches()
 
     # ------------------------------------------------------------------ training
     def train(self) -> TrainOutcome:
@@ -268,9 +271,6 @@ class TrainWorker:
     def export(self, rank: int, step: int) -> tuple[Any, Any]:
         shards = self.trainer.export(rank, step)
         return shards.manifest(), shards
-
-    def final_state_bytes(self) -> int:
-        return self.trainer.own_snapshots[-1].nbytes() if self.trainer else 0
 
     def memory(self) -> dict[str, int]:
         import resource

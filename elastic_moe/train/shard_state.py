@@ -326,3 +326,52 @@ def exchange_snapshots(own: ShardSet, buddy: int | None, wards: Sequence[ShardMa
                                 tensors=_unflatten(received[ward.rank], ward.specs),
                                 meta=dict(own.meta))
             for ward in wards}
+
+
+class PeerCopies:
+    """One rank's in-memory copies: its own last snapshots and those of its wards (the ranks
+    whose buddy it is), ``versions`` of each. Collective: :meth:`link`, :meth:`refresh`."""
+
+    def __init__(self, rank: int, world_size: int, versions: int = 2) -> None:
+        from collections import deque
+
+        self.rank, self.world_size, self.versions = rank, world_size, versions
+        self.buddy: int | None = None
+        self.wards: list[ShardManifest] = []
+        self.own: deque[ShardSet] = deque(maxlen=versions)
+        self.ward_copies: dict[int, deque[ShardSet]] = {}
+
+    def link(self, own: ShardSet, node_of_rank: Sequence[str],
+             group: dist.ProcessGroup | None = None) -> None:
+        """Choose buddies for this layout, learn the wards' layouts and take the first copies."""
+        from collections import deque
+
+        self.buddy = buddy_of(self.rank, node_of_rank)
+        manifests: list[Any] = [own.manifest()]
+        if dist.is_initialized() and self.world_size > 1:
+            manifests = [None] * self.world_size
+            dist.all_gather_object(manifests, own.manifest(), group=group)
+        self.wards = [m for m in manifests if m.rank != self.rank
+                      and buddy_of(m.rank, node_of_rank) == self.rank]
+        self.own.clear()
+        self.ward_copies = {m.rank: deque(maxlen=self.versions) for m in self.wards}
+        self.refresh(own, group)
+
+    def refresh(self, own: ShardSet, group: dist.ProcessGroup | None = None) -> None:
+        """Send ``own`` to the buddy, keep the wards' copies of the same step."""
+        received = exchange_snapshots(own, self.buddy, self.wards, group)
+        self.own.append(own)
+        for ward_rank, shards in received.items():
+            self.ward_copies[ward_rank].append(shards)
+
+    def holdings(self) -> dict[str, Any]:
+        return {"own": [s.step for s in self.own],
+                "wards": {w: [s.step for s in copies] for w, copies in self.ward_copies.items()}}
+
+    def find(self, rank: int, step: int) -> ShardSet | None:
+        copies = self.own if rank == self.rank else self.ward_copies.get(rank, [])
+        return next((s for s in copies if s.step == step), None)
+
+    def nbytes(self) -> int:
+        return (sum(s.nbytes() for s in self.own)
+                + sum(s.nbytes() for c in self.ward_copies.values() for s in c))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,14 +29,7 @@ from elastic_moe.config import Config
 from elastic_moe.data.sampler import DataPosition, advance, split_batch
 from elastic_moe.parallel import MeshPlan, setup_model
 from elastic_moe.train.elastic import effective_batch
-from elastic_moe.train.shard_state import (
-    ShardManifest,
-    ShardSet,
-    buddy_of,
-    exchange_snapshots,
-    fill_from_shards,
-    take_shards,
-)
+from elastic_moe.train.shard_state import PeerCopies, ShardSet, fill_from_shards, take_shards
 from elastic_moe.train.step import StepMetrics, build_optimizer, train_step
 
 logger = logging.getLogger(__name__)
@@ -87,10 +79,7 @@ class Trainer:
         self.paused = False
         self.last_metrics: StepMetrics | None = None
         # ---- peer copies: this rank's buddy keeps its shards; this rank keeps its wards'
-        self.buddy: int | None = None
-        self.wards: list[ShardManifest] = []
-        self.own_snapshots: deque[ShardSet] = deque(maxlen=SNAPSHOT_VERSIONS)
-        self.ward_snapshots: dict[int, deque[ShardSet]] = {}
+        self.peers = PeerCopies(rank, self.world_size, versions=SNAPSHOT_VERSIONS)
 
     # ------------------------------------------------------------------ restore
     def _meta(self) -> dict[str, Any]:
@@ -126,53 +115,30 @@ class Trainer:
         return self.step
 
     # ------------------------------------------------------------------ peers
-    def link_peers(self, node_of_rank: list[str]) -> None:
-        """Choose buddies for this layout and learn the wards' shard layouts (collective)."""
-        own = take_shards(self.model, self.optimizer, rank=self.rank, step=self.step,
-                          meta=self._meta())
-        self.buddy = buddy_of(self.rank, node_of_rank)
-        manifests: list[Any] = [None] * self.world_size
-        if dist.is_initialized() and self.world_size > 1:
-            dist.all_gather_object(manifests, own.manifest())
-        else:
-            manifests = [own.manifest()]
-        self.wards = [m for m in manifests
-                      if m is not None and m.rank != self.rank
-                      and buddy_of(m.rank, node_of_rank) == self.rank]
-        self.own_snapshots.clear()
-        self.ward_snapshots = {m.rank: deque(maxlen=SNAPSHOT_VERSIONS) for m in self.wards}
-        self._exchange(own)
+    def _own_shards(self) -> ShardSet:
+        return take_shards(self.model, self.optimizer, rank=self.rank, step=self.step,
+                           meta=self._meta())
 
-    def _exchange(self, own: ShardSet) -> None:
-        received = exchange_snapshots(own, self.buddy, self.wards)
-        self.own_snapshots.append(own)
-        for ward_rank, shards in received.items():
-            self.ward_snapshots[ward_rank].append(shards)
+    def link_peers(self, node_of_rank: list[str]) -> None:
+        """Choose buddies for this layout and take the first peer copies (collective)."""
+        self.peers.link(self._own_shards(), node_of_rank)
 
     def snapshot(self) -> None:
         """Refresh the peer copies after a committed step (collective, point to point)."""
-        self._exchange(take_shards(self.model, self.optimizer, rank=self.rank, step=self.step,
-                                   meta=self._meta()))
+        self.peers.refresh(self._own_shards())
 
     def holdings(self) -> dict[str, Any]:
         """Which committed steps this rank can hand out, for itself and for its wards."""
-        return {"rank": self.rank, "live": self.step,
-                "own": [s.step for s in self.own_snapshots],
-                "wards": {w: [s.step for s in snaps] for w, snaps in self.ward_snapshots.items()}}
+        return {"rank": self.rank, "live": self.step, **self.peers.holdings()}
 
     def export(self, rank: int, step: int) -> ShardSet:
         """The shards of ``rank`` (this one or a ward) at committed ``step``."""
-        if rank == self.rank:
-            if step == self.step:
-                return take_shards(self.model, self.optimizer, rank=self.rank, step=self.step,
-                                   meta=self._meta())
-            candidates = list(self.own_snapshots)
-        else:
-            candidates = list(self.ward_snapshots.get(rank, []))
-        for shards in candidates:
-            if shards.step == step:
-                return shards
-        raise KeyError(f"rank {self.rank} holds no copy of rank {rank} at step {step}")
+        if rank == self.rank and step == self.step:
+            return self._own_shards()
+        shards = self.peers.find(rank, step)
+        if shards is None:
+            raise KeyError(f"rank {self.rank} holds no copy of rank {rank} at step {step}")
+        return shards
 
     # ------------------------------------------------------------------ step
     def _vote(self) -> None:

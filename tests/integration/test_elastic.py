@@ -139,7 +139,7 @@ def test_killed_worker_pauses_briefly_and_matches_the_fault_free_run(tmp_path):
         assert faulty.final_step == steps
         epochs = faulty.coordinator_state["world_sizes"]
         after = [e for e in epochs if e.get("failed_pids") == [victim]]
-        assert len(after) == 1, [{k: e.get(k) for k in ("world_size", "cause", "failed_pids", "restored_from", "workers")} for e in epochs]
+        assert len(after) == 1, epochs
         lost = after[0]
         assert lost["restored_from"] == "peers" and lost["world_size"] == 1
         assert lost["steps_redone"] <= 1
