@@ -225,7 +225,7 @@ class TrainWorker:
                     self.progress.metrics.append((committed.step, committed.metrics))
                 if self.spec.sample_log_dir:
                     self._log_samples(epoch, committed.step - 1, committed.sample_ids)
-                trainer.snapshot()
+                trainer.maybe_snapshot()
                 trainer.maybe_checkpoint(self._on_commit)
                 if trainer.paused:
                     return TrainOutcome("paused", trainer.step)

@@ -370,6 +370,9 @@ class ElasticGroup:
 
     def _grow(self, outcomes: dict[Member, TrainOutcome]) -> None:
         detected = time.time()
+        if self.cfg.elastic.recovery == "restart":
+            self._restart_all(list(self.members), detected)
+            return
         step = min(o.step for o in outcomes.values())
         holders = {m.rank: m.rank for m in self.members}
         sources = self._export(self.members, holders, step)

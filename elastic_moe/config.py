@@ -228,6 +228,9 @@ class ElasticConfig:
     # memory; DCP only when every copy of a shard is gone); restart: every change restarts
     # every worker from the last committed checkpoint (the slower path, for comparison).
     recovery: Literal["live", "restart"] = "live"
+    # Refresh each rank's in-memory copy on its buddy every N committed steps (0 = no copies:
+    # a lost worker then means the last committed checkpoint). 1 redoes at most one step.
+    snapshot_every: int = 1
 
     def __post_init__(self) -> None:
         _require(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1")
@@ -240,6 +243,8 @@ class ElasticConfig:
                  "must be >= 0 (seconds)")
         _require(self.recovery in ("live", "restart"), "recovery", self.recovery,
                  "must be 'live' or 'restart'")
+        _require(self.snapshot_every >= 0, "snapshot_every", self.snapshot_every,
+                 "must be >= 0 (0 = no peer copies)")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -342,16 +342,17 @@ class PeerCopies:
         self.ward_copies: dict[int, deque[ShardSet]] = {}
 
     def link(self, own: ShardSet, node_of_rank: Sequence[str],
-             group: dist.ProcessGroup | None = None) -> None:
-        """Choose buddies for this layout, learn the wards' layouts and take the first copies."""
+             group: dist.ProcessGroup | None = None, *, enabled: bool = True) -> None:
+        """Choose buddies for this layout, learn the wards' layouts and take the first copies.
+        ``enabled=False``: no buddy copies, only this rank's own last snapshots."""
         from collections import deque
 
-        self.buddy = buddy_of(self.rank, node_of_rank)
+        self.buddy = buddy_of(self.rank, node_of_rank) if enabled else None
         manifests: list[Any] = [own.manifest()]
         if dist.is_initialized() and self.world_size > 1:
             manifests = [None] * self.world_size
             dist.all_gather_object(manifests, own.manifest(), group=group)
-        self.wards = [m for m in manifests if m.rank != self.rank
+        self.wards = [m for m in manifests if enabled and m.rank != self.rank
                       and buddy_of(m.rank, node_of_rank) == self.rank]
         self.own.clear()
         self.ward_copies = {m.rank: deque(maxlen=self.versions) for m in self.wards}

@@ -121,11 +121,15 @@ class Trainer:
 
     def link_peers(self, node_of_rank: list[str]) -> None:
         """Choose buddies for this layout and take the first peer copies (collective)."""
-        self.peers.link(self._own_shards(), node_of_rank)
+        self.peers.link(self._own_shards(), node_of_rank,
+                        enabled=self.cfg.elastic.snapshot_every > 0)
 
-    def snapshot(self) -> None:
-        """Refresh the peer copies after a committed step (collective, point to point)."""
-        self.peers.refresh(self._own_shards())
+    def maybe_snapshot(self) -> None:
+        """Refresh the peer copies after every ``elastic.snapshot_every``-th committed step
+        (collective, point to point)."""
+        every = self.cfg.elastic.snapshot_every
+        if every > 0 and self.step % every == 0:
+            self.peers.refresh(self._own_shards())
 
     def holdings(self) -> dict[str, Any]:
         """Which committed steps this rank can hand out, for itself and for its wards."""
