@@ -1,12 +1,15 @@
-"""The run coordinator: one named, detached actor per run; the run's memory across restarts.
+"""The run coordinator: one named, detached actor per run; the run's record across restarts.
 
-Ray Train V2 restarts the worker group when a worker dies or the cluster grows or shrinks; the
-workers themselves keep nothing. The coordinator holds what must survive: the membership epoch
-and world-size history, the mesh plan of each epoch, the last *committed* checkpoint (restores
-never go back past it: Ray alone may hand out an older checkpoint after an ungraceful kill), the
-data position committed with it, the MLflow run id and last logged step, and every resize and
-failure event with its time and cause. Its state is also written to ``state_path`` on each
-change, so a coordinator recreated after a cluster restart (or a resubmitted job) carries on.
+The elastic worker group (:mod:`actors.worker_group`) decides membership and drives every
+change; the coordinator is where it writes down what must outlive any process: the membership
+epoch and world-size history with each epoch's mesh plan, cause, pause and the workers' pids,
+the last *committed* DCP checkpoint (a restore from storage never goes back past it) with its
+data position, the MLflow run id, the last committed step, and every resize and failure event.
+Its state is also written to ``state_path`` on each change, so a coordinator recreated after a
+cluster restart (or a resubmitted job with ``--resume``) carries on.
+
+Workers and the launcher talk to it through :class:`CoordinatorClient`, the one place where its
+methods are called by name over Ray.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
@@ -44,7 +47,7 @@ class CoordinatorState:
             "mlflow_run_id": None,
             "last_step": -1,  # highest step completed by any epoch
             "last_heartbeat": None,
-            "faults_injected": [],  # test hooks already fired (never fire twice)
+            "workers": [],  # the current epoch's workers: [{rank, pid, node_id}]
             "status": "RUNNING",
         }
         if state_path and os.path.exists(state_path):
@@ -64,11 +67,14 @@ class CoordinatorState:
 
     # ------------------------------------------------------------------ membership
     def start_epoch(self, world_size: int, plan: dict[str, Any], restored_step: int,
-                    timings: dict[str, float] | None = None) -> dict[str, Any]:
-        """A worker group (rank 0) starts; returns the new epoch with its cause and downtime.
+                    timings: dict[str, float] | None = None, *,
+                    workers: list[dict[str, Any]] | None = None,
+                    detail: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A membership epoch starts; returns it with its cause and downtime.
 
-        ``timings``: rank 0's wall-clock marks (worker_start, setup_done, restore_done) for the
-        recovery-time breakdown.
+        ``timings``: wall-clock marks of the change (detected, rebuilt, ...); ``workers``: the
+        members' ranks, pids and nodes; ``detail``: how the state was restored (peers or
+        checkpoint), who failed, the pause.
         """
         now = time.time()
         history = self.state["world_sizes"]
@@ -89,11 +95,15 @@ class CoordinatorState:
                  "downtime_s": (now - self.state["last_heartbeat"]) if (
                      previous and self.state["last_heartbeat"]) else None,
                  "timings": dict(timings or {}),
-                 "last_heartbeat_before": self.state["last_heartbeat"]}
+                 "previous_plan": previous["plan"] if previous else None,
+                 "workers": list(workers or []),
+                 "last_heartbeat_before": self.state["last_heartbeat"], **(detail or {})}
         history.append(epoch)
+        self.state["workers"] = list(workers or [])
         self.record_event(cause, restored_step, world_size=world_size,
                           previous_world_size=epoch["previous_world_size"],
-                          steps_redone=epoch["steps_redone"], downtime_s=epoch["downtime_s"])
+                          steps_redone=epoch["steps_redone"], downtime_s=epoch["downtime_s"],
+                          **(detail or {}))
         return epoch
 
     def heartbeat(self, step: int, first_after_start: bool = False) -> None:
@@ -141,14 +151,6 @@ class CoordinatorState:
         self.state["mlflow_run_id"] = run_id
         self._save()
 
-    def fault_once(self, key: str) -> bool:
-        """True the first time ``key`` is asked for (test fault injection fires once per run)."""
-        if key in self.state["faults_injected"]:
-            return False
-        self.state["faults_injected"].append(key)
-        self._save()
-        return True
-
     def finish(self, status: str) -> None:
         self.state["status"] = status
         self.record_event("finish", self.state["last_step"], status=status)
@@ -162,12 +164,76 @@ class Coordinator(CoordinatorState):
     """The Ray actor: ``Coordinator.options(name=actor_name(run), namespace=NAMESPACE, ...)``."""
 
 
-def get_or_create(run_name: str, state_path: str) -> ray.actor.ActorHandle:
+class CoordinatorAPI(Protocol):
+    """What the rest of the system asks of the coordinator (blocking calls)."""
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def restore_point(self) -> dict[str, Any] | None: ...
+
+    def commit(self, step: int, path: str, data_position: dict[str, Any],
+               tokens_seen: int) -> None: ...
+
+    def heartbeat(self, step: int, first_after_start: bool = False) -> None: ...
+
+    def start_epoch(self, world_size: int, plan: dict[str, Any], restored_step: int,
+                    timings: dict[str, float] | None = None, *,
+                    workers: list[dict[str, Any]] | None = None,
+                    detail: dict[str, Any] | None = None) -> dict[str, Any]: ...
+
+    def record_event(self, kind: str, step: int, **detail: Any) -> None: ...
+
+    def set_mlflow_run_id(self, run_id: str) -> None: ...
+
+    def finish(self, status: str) -> None: ...
+
+
+class CoordinatorClient:
+    """:class:`CoordinatorAPI` over the Ray actor: the one thin adapter of named remote calls.
+
+    Reads block; ``commit``, ``heartbeat`` and ``record_event`` are fire-and-forget (they are
+    ordered behind each other by Ray's per-caller actor ordering).
+    """
+
+    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+        self.handle = handle
+
+    def snapshot(self) -> dict[str, Any]:
+        return ray.get(self.handle.snapshot.remote())
+
+    def restore_point(self) -> dict[str, Any] | None:
+        return ray.get(self.handle.restore_point.remote())
+
+    def commit(self, step: int, path: str, data_position: dict[str, Any],
+               tokens_seen: int) -> None:
+        self.handle.commit.remote(step, path, data_position, tokens_seen)
+
+    def heartbeat(self, step: int, first_after_start: bool = False) -> None:
+        self.handle.heartbeat.remote(step, first_after_start)
+
+    def start_epoch(self, world_size: int, plan: dict[str, Any], restored_step: int,
+                    timings: dict[str, float] | None = None, *,
+                    workers: list[dict[str, Any]] | None = None,
+                    detail: dict[str, Any] | None = None) -> dict[str, Any]:
+        return ray.get(self.handle.start_epoch.remote(world_size, plan, restored_step, timings,
+                                                      workers=workers, detail=detail))
+
+    def record_event(self, kind: str, step: int, **detail: Any) -> None:
+        self.handle.record_event.remote(kind, step, **detail)
+
+    def set_mlflow_run_id(self, run_id: str) -> None:
+        ray.get(self.handle.set_mlflow_run_id.remote(run_id))
+
+    def finish(self, status: str) -> None:
+        ray.get(self.handle.finish.remote(status))
+
+
+def get_or_create(run_name: str, state_path: str) -> CoordinatorClient:
     """The run's coordinator, created (detached, so it outlives the job) if it does not exist."""
-    return Coordinator.options(  # type: ignore[attr-defined]
+    return CoordinatorClient(Coordinator.options(  # type: ignore[attr-defined]
         name=actor_name(run_name), namespace=NAMESPACE, lifetime="detached",
-        get_if_exists=True).remote(run_name, state_path)
+        get_if_exists=True).remote(run_name, state_path))
 
 
-def get(run_name: str) -> ray.actor.ActorHandle:
-    return ray.get_actor(actor_name(run_name), namespace=NAMESPACE)
+def get(run_name: str) -> CoordinatorClient:
+    return CoordinatorClient(ray.get_actor(actor_name(run_name), namespace=NAMESPACE))

@@ -1,25 +1,27 @@
-"""Launch an elastic training run: data, coordinator, Ray Train V2 worker group, MLflow.
+"""Launch an elastic training run: data readers, coordinator, the elastic worker group, MLflow.
 
-The training workers are Ray Train V2 ``TorchTrainer`` workers (Ray actors, one per accelerator;
-CPU + gloo without GPUs), each holding its expert-parallel shard of the routed experts and its
-FSDP shard of the rest. ``ScalingConfig(num_workers=(min, max))`` makes the group elastic: Ray
-Train restarts it at a new size when nodes fail or capacity appears, and every restart runs
-:func:`elastic_moe.train.loop.train_func` from the coordinator's last committed checkpoint.
+The training workers are the project's own Ray actors (:mod:`actors.train_worker`, one per
+accelerator; CPU + gloo without GPUs), each holding its expert-parallel shard of the routed
+experts and its FSDP shard of the rest. :class:`actors.worker_group.ElasticGroup` keeps them
+training through failures and joins without restarting the survivors. The MLflow run is created
+here, before any worker starts, and this process logs every committed step to it once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import ray
 
 from actors import coordinator as coordinator_mod
 from actors import data_worker as data_worker_mod
+from actors.coordinator import CoordinatorClient
+from actors.train_worker import WorkerSpec
+from actors.worker_group import ElasticGroup
 from elastic_moe.config import Config
 
 log = logging.getLogger(__name__)
@@ -99,14 +101,12 @@ def _init_ray(num_cpus: int | None) -> None:
 
 
 def run_training(cfg: Config, run_name: str, resume: bool = False, *,
-                 output_dir: str = "outputs", faults: list[dict[str, Any]] | None = None,
-                 record_samples_dir: str | None = None, num_cpus: int | None = None,
-                 threads_per_worker: int = 1) -> TrainingResult:
-    """Run (or with ``resume`` continue) training; blocks until the run ends."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+                 output_dir: str = "outputs", sample_log_dir: str | None = None,
+                 num_cpus: int | None = None, threads_per_worker: int = 1) -> TrainingResult:
+    """Run (or with ``resume`` continue) training; blocks until the run ends.
 
-    from elastic_moe.train.loop import train_func
+    ``sample_log_dir``: write an audit log of the samples every committed step consumed.
+    """
     from elastic_moe.train.tracking import default_tracking_uri
 
     run_dir = os.path.abspath(os.path.join(output_dir, run_name))
@@ -124,86 +124,76 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     val_manifest = validation_manifest(cfg, manifest)
     _init_ray(num_cpus)
     coordinator = coordinator_mod.get_or_create(run_name, state_path)
-    snapshot = cast(dict[str, Any], ray.get(coordinator.snapshot.remote()))
+    snapshot = coordinator.snapshot()
     if not snapshot.get("mlflow_run_id"):
         _create_mlflow_run(coordinator, tracking_uri, cfg, run_name, checkpoint_dir, manifest)
     if resume:
         committed = snapshot.get("committed")
         log.info("resuming run %s from %s", run_name,
                  f"step {committed['step']}" if committed else "the start (nothing committed)")
-
-    # A hung rank stops answering Ray Train's health polls too: give up on it as quickly as the
-    # collectives do (Ray's default is 10 minutes). Read by the controller, which Ray Train
-    # starts with the driver's environment.
-    os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S",
-                          str(cfg.elastic.collective_timeout_s))
-    # The controller notices a dead worker at its next poll (default every 2 s).
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # Before restarting, Ray Train asks every worker to destroy its process group and waits for
-    # all of them (30 s by default); a hung rank never answers. Healthy ranks answer in ms.
-    _propagate_to_controller("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "3")
-    use_gpu = bool(ray.cluster_resources().get("GPU", 0)) and cfg.parallel.max_workers > 0
-    low, high = cfg.parallel.min_workers, cfg.parallel.max_workers
-    scaling = ScalingConfig(num_workers=(low, high) if high > low else low, use_gpu=use_gpu,
-                            resources_per_worker=None if use_gpu else {"CPU": 1},
-                            elastic_resize_monitor_interval_s=cfg.elastic.resize_check_s)
-    data_workers = data_worker_mod.start_data_workers(
+    use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+    data_readers = data_worker_mod.start_data_workers(
         run_name, manifest, cfg.data.num_workers, cfg.data.prefetch,
         cfg.train.global_batch_size, namespace=coordinator_mod.NAMESPACE)
-    loop_config = {
-        "cfg": dataclasses.asdict(cfg), "coordinator": coordinator, "manifest": manifest,
-        "val_manifest": val_manifest,
-        "data_workers": data_workers,
-        "checkpoint_dir": checkpoint_dir, "tracking_uri": tracking_uri, "run_name": run_name,
-        "faults": faults or [], "record_samples_dir": record_samples_dir,
-        "threads_per_worker": threads_per_worker,
-    }
-    trainer = TorchTrainer(
-        train_func, train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
-                                 timeout_s=int(cfg.elastic.collective_timeout_s)),
-        scaling_config=scaling,
-        run_config=RunConfig(name=run_name, storage_path=os.path.join(run_dir, "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.elastic.max_failures)),
-    )
+    spec = WorkerSpec(cfg=cfg, run_name=run_name, checkpoint_dir=checkpoint_dir,
+                      coordinator=coordinator, data_readers=data_readers,
+                      threads_per_worker=threads_per_worker, sample_log_dir=sample_log_dir,
+                      val_manifest=val_manifest)
+    tracker = _open_tracker(cfg, coordinator, tracking_uri, run_name, checkpoint_dir, manifest)
+    group = ElasticGroup(cfg, spec, coordinator, tracker, use_gpu=use_gpu)
     started = time.time()
     error = None
+    final_step = 0
     try:
-        trainer.fit()
-    except Exception as exc:  # TrainingFailedError and friends: report, mark, don't lose state
+        outcome = group.run()
+        final_step = outcome.final_step
+        if outcome.expert_loads is not None:
+            tracker.log_expert_heatmap(outcome.expert_loads.numpy(), final_step)
+    except Exception as exc:  # TrainingFailed and friends: report, mark, don't lose state
         error = f"{type(exc).__name__}: {exc}"
         log.error("training failed after %.0f s: %s", time.time() - started, error)
     finally:
-        for worker in data_workers:  # they hold no state; a resubmit starts new ones
-            ray.kill(worker)
+        for reader in data_readers:  # they hold no state; a resubmit starts new ones
+            ray.kill(reader)
     ok = error is None
-    ray.get(coordinator.finish.remote("FINISHED" if ok else "FAILED"))
-    snapshot = ray.get(coordinator.snapshot.remote())
-    run_id = snapshot.get("mlflow_run_id")
-    if not ok and run_id:
-        _mark_mlflow_failed(tracking_uri, run_id, error or "")
+    coordinator.finish("FINISHED" if ok else "FAILED")
+    snapshot = coordinator.snapshot()
+    tracker.log_text(_summary_text(snapshot, max(snapshot.get("last_step", 0), 0)), "summary.json")
+    if not ok:
+        tracker.set_tags({"failure": (error or "")[:5000]})
+    tracker.finish("FINISHED" if ok else "FAILED")
     return TrainingResult(ok=ok, run_name=run_name, run_dir=run_dir, checkpoint_dir=checkpoint_dir,
-                          tracking_uri=tracking_uri, mlflow_run_id=run_id,
-                          final_step=max(snapshot.get("last_step", 0), 0), error=error,
-                          coordinator_state=snapshot)
+                          tracking_uri=tracking_uri, mlflow_run_id=snapshot.get("mlflow_run_id")
+                          or tracker.run_id,
+                          final_step=max(snapshot.get("last_step", 0), final_step, 0),
+                          error=error, coordinator_state=snapshot)
 
 
-def _propagate_to_controller(name: str, default: str) -> None:
-    """Set ``name`` (unless the user did) for the Ray Train controller too.
+def _open_tracker(cfg: Config, coordinator: CoordinatorClient, tracking_uri: str, run_name: str,
+                  checkpoint_dir: str, manifest: str) -> Any:
+    """The run's MLflow tracker, in this process: the same run across resubmissions."""
+    from elastic_moe.train.tracking import Tracker, new_run_record
 
-    The controller is an actor that gets only the driver variables Ray Train lists for
-    propagation; ``TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S`` is read there but not listed (Ray 2.60).
-    """
-    os.environ.setdefault(name, default)
-    try:
-        from ray.train.v2._internal import constants
-    except ImportError:  # another Ray layout: the variable then only reaches this process
-        log.warning("cannot hand %s to the Ray Train controller in this Ray version", name)
-        return
-    constants.ENV_VARS_TO_PROPAGATE.add(name)
+    tracker = Tracker.open(tracking_uri, cfg.tracking.experiment,
+                           cfg.tracking.run_name or run_name,
+                           run_id=coordinator.snapshot().get("mlflow_run_id"),
+                           on_run_id=coordinator.set_mlflow_run_id)
+    if tracker.is_new_run:  # the launcher could not create it (store unreachable then)
+        params, tags = new_run_record(cfg.flat(), checkpoint_dir, manifest)
+        tracker.log_params(params)
+        tracker.set_tags(tags)
+    return tracker
 
 
-def _create_mlflow_run(coordinator: Any, tracking_uri: str, cfg: Config, run_name: str,
+def _summary_text(snapshot: dict[str, Any], step: int) -> str:
+    import json
+
+    return json.dumps({"final_step": step, "world_sizes": snapshot["world_sizes"],
+                       "events": snapshot["events"], "committed": snapshot["committed"]},
+                      indent=1, default=str)
+
+
+def _create_mlflow_run(coordinator: CoordinatorClient, tracking_uri: str, cfg: Config, run_name: str,
                        checkpoint_dir: str, manifest: str) -> None:
     """Open the tracking store and create the run (params, tags) here, once, before any worker
     can touch it.
@@ -221,15 +211,4 @@ def _create_mlflow_run(coordinator: Any, tracking_uri: str, cfg: Config, run_nam
         log.warning("MLflow store %s not reachable at launch (%s); rank 0 will keep trying",
                     tracking_uri, exc)
         return
-    ray.get(coordinator.set_mlflow_run_id.remote(run_id))
-
-
-def _mark_mlflow_failed(tracking_uri: str, run_id: str, error: str) -> None:
-    try:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=tracking_uri)
-        client.set_tag(run_id, "failure", error[:5000])
-        client.set_terminated(run_id, status="FAILED")
-    except Exception as exc:
-        log.error("could not mark MLflow run %s FAILED: %s", run_id, exc)
+    coordinator.set_mlflow_run_id(run_id)

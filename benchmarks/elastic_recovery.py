@@ -1,20 +1,25 @@
-"""Recovery time after a killed worker: elastic-moe vs Ray Train's plain restart-from-checkpoint.
+"""Pause per fault: live recovery vs the restart path vs plain Ray Train, side by side.
 
     python benchmarks/elastic_recovery.py [--repeats 2]
 
-Both sides train the `debug` model with 2 CPU workers on a local multi-node Ray
-(``ray.cluster_utils.Cluster``: a head and two 1-CPU worker nodes), checkpoint every 4 steps and
-lose rank 1 (process exit) before step 10. Reported per side (medians over repeats):
+Every run trains the `debug` model on a local multi-node Ray (``ray.cluster_utils.Cluster``: a
+head with no CPUs and one 1-CPU node per worker), checkpointing every 5 steps. Faults come from
+outside, mid-interval, after step 8:
 
-- detection: fault -> the first surviving rank raises (gloo connection reset / timeout)
-- group restart: detection -> the new group's train function starts
-- setup: mesh plan + model build (+ optimizer) in the new group
-- restore: checkpoint load (+ reshard)
-- first step: restore done -> first completed step
-- total: fault -> first completed step after it; steps redone since the last checkpoint
+- **kill**: ``kill -9`` of one worker's pid (2 workers, ``--workers 1:2``);
+- **hang**: ``SIGSTOP`` of one worker's pid (2 workers, ``--workers 1:2``);
+- **join**: a third 1-CPU node is added (``--workers 2:3``).
 
-The baseline is the Ray Train idiom: DDP model, rank 0 ``torch.save`` into a
-``ray.train.Checkpoint`` passed to ``ray.train.report``, ``ray.train.get_checkpoint()`` on start.
+Sides: elastic-moe **live** (survivors keep their processes and rebuild in place from peer
+copies), elastic-moe **restart** (``elastic.recovery=restart``: every worker restarts from the
+last checkpoint, how the project recovered before), and **plain Ray Train** (``TorchTrainer``,
+DDP, ``torch.save`` checkpoints through ``ray.train.report``; kill and hang only).
+
+Pause = the time from the last step committed before the fault to the next step committed after
+it (MLflow step timestamps for elastic-moe; rank 0's step log for Ray Train). Steps redone = the
+last step before the fault minus the step training resumed from. Also measured, fault-free and
+interleaved: the median step time with and without per-step peer copies (the steady-state cost
+of redundancy), the bytes each worker copies to its buddy per step, and each worker's peak RSS.
 Prints a table and writes benchmarks/results/elastic_recovery-cpu.md.
 """
 
@@ -24,51 +29,106 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-STEPS, EVERY, FAULT_STEP = 14, 4, 10
+STEPS, EVERY, FAULT_AFTER = 20, 5, 8
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
+DATA = os.path.join(ROOT, "outputs", "data")
 
 
-def _cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, namespace="elastic-moe")
-    return cluster
-
-
-def run_ours(workdir: str, run_name: str) -> dict[str, float]:
-    from actors.training import run_training
+def _config(workdir: str, workers: tuple[int, int], extra: list[str] | None = None):
     from elastic_moe.config import apply_overrides, debug
 
-    cfg = apply_overrides(debug(), [
+    return apply_overrides(debug(), [
         f"train.steps={STEPS}", f"checkpoint.every_steps={EVERY}", "train.global_batch_size=8",
-        "elastic.collective_timeout_s=20", f"data.cache_dir={os.path.join(ROOT, 'outputs', 'data')}",
-        f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db"])
-    result = run_training(cfg, run_name, output_dir=workdir,
-                          faults=[{"step": FAULT_STEP - 1, "rank": 1, "mode": "exit"}])
+        f"parallel.min_workers={workers[0]}", f"parallel.max_workers={workers[1]}",
+        "elastic.collective_timeout_s=20", "elastic.resize_check_s=1", f"data.cache_dir={DATA}",
+        f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db", *(extra or [])])
+
+
+def _rss_watcher(run_name: str, peaks: dict[int, int], stop: threading.Event) -> None:
+    from actors import coordinator as coordinator_mod
+
+    while not stop.is_set():
+        try:
+            state = coordinator_mod.get(run_name).snapshot()
+            for worker in state.get("workers", []):
+                with open(f"/proc/{worker['pid']}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            peaks[worker["pid"]] = int(line.split()[1]) * 1024
+        except Exception:
+            pass
+        stop.wait(0.5)
+
+
+def run_ours(workdir: str, name: str, scenario: str, recovery: str, cluster) -> dict[str, float]:
+    """One elastic-moe run with one fault; returns pause, steps redone, bytes and memory."""
+    from mlflow.tracking import MlflowClient
+
+    from actors import coordinator as coordinator_mod
+    from actors.training import run_training
+
+    workers = (2, 3) if scenario == "join" else (1, 2)
+    snapshot_every = "0" if scenario == "steady-nocopy" else "1"
+    cfg = _config(workdir, workers, [f"elastic.recovery={recovery}",
+                                     f"elastic.snapshot_every={snapshot_every}"])
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=run_training(
+        cfg, name, output_dir=workdir)), daemon=True)
+    thread.start()
+    peaks: dict[int, int] = {}
+    stop = threading.Event()
+    threading.Thread(target=_rss_watcher, args=(name, peaks, stop), daemon=True).start()
+    fault_time = None
+    if scenario in ("kill", "hang", "join"):
+        while True:
+            try:
+                state = coordinator_mod.get(name).snapshot()
+                if state["last_step"] >= FAULT_AFTER and len(state["workers"]) == 2:
+                    break
+            except ValueError:
+                pass
+            if not thread.is_alive():
+                raise RuntimeError(f"{name}: ended before the fault")
+            time.sleep(0.02)
+        fault_time = time.time()
+        if scenario == "join":
+            added = cluster.add_node(num_cpus=1)
+        else:
+            os.kill(state["workers"][-1]["pid"], signal.SIGKILL if scenario == "kill"
+                    else signal.SIGSTOP)
+    thread.join(900)
+    stop.set()
+    result = out["result"]
+    if scenario == "join":
+        cluster.remove_node(added)
     if not result.ok:
-        raise RuntimeError(result.error)
-    state = result.coordinator_state
-    events = state["events"]
-    fault = next(e["time"] for e in events if e["kind"] == "fault_injected")
-    detect = min(e["time"] for e in events if e["kind"] == "worker_error" and e["time"] >= fault)
-    epoch = state["world_sizes"][-1]
-    marks = epoch["timings"]
-    return {"detection": detect - fault, "group_restart": marks["worker_start"] - detect,
-            "setup": marks["setup_done"] - marks["worker_start"],
-            "restore": marks["restore_done"] - marks["setup_done"],
-            "first_step": epoch["first_step_time"] - marks["restore_done"],
-            "total": epoch["first_step_time"] - fault, "steps_redone": epoch["steps_redone"]}
+        raise RuntimeError(f"{name}: {result.error}")
+    client = MlflowClient(result.tracking_uri)
+    stamps = sorted((m.step, m.timestamp / 1000) for m in client.get_metric_history(
+        result.mlflow_run_id, "loss"))
+    record: dict[str, float] = {"peak_rss_mib": max(peaks.values(), default=0) / 2**20}
+    epochs = result.coordinator_state["world_sizes"]
+    record["copy_mib_per_step"] = max(e.get("snapshot_bytes", 0) for e in epochs) / 2**20
+    if fault_time is None:  # steady state: median step time after warm-up
+        gaps = [b[1] - a[1] for a, b in zip(stamps[3:], stamps[4:], strict=False)]
+        record["step_s"] = statistics.median(gaps)
+        return record
+    before = [(s, t) for s, t in stamps if t <= fault_time]
+    after = [(s, t) for s, t in stamps if t > fault_time]
+    record["pause_s"] = after[0][1] - before[-1][1]
+    resumed = [e for e in epochs[1:] if e["time"] > fault_time]
+    record["steps_redone"] = max(before[-1][0] - resumed[0]["restored_step"], 0)
+    return record
 
 
 def _baseline_train_func(config):
@@ -84,16 +144,15 @@ def _baseline_train_func(config):
     from elastic_moe.model import Transformer
     from elastic_moe.train.step import build_optimizer
 
-    marks = {"worker_start": time.time()}
-    log_path = config["log"]
     rank = ray.train.get_context().get_world_rank()
+    with open(f"{config['log']}.pid{rank}", "w") as f:
+        f.write(str(os.getpid()))
     torch.set_num_threads(1)
     cfg = debug()
     model = Transformer(cfg.model)
     model.init_weights(0)
     model = ray.train.torch.prepare_model(model)
     opt = build_optimizer(model, cfg.train)
-    marks["setup_done"] = time.time()
     step = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -102,67 +161,68 @@ def _baseline_train_func(config):
         model.module.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         step = state["step"]
-    marks["restore_done"] = time.time()
+    restored = step
     gen = torch.Generator().manual_seed(rank)
-    first = True
-    try:
-        while step < config["steps"]:
-            if step == config["fault_step"] and rank == 1 and not os.path.exists(log_path + ".fault"):
-                with open(log_path + ".fault", "w") as f:
-                    f.write(str(time.time()))
-                os._exit(3)
-            for _ in range(config["micro_batches"]):
-                x = torch.randint(0, cfg.model.vocab_size, (4, cfg.train.seq_len + 1), generator=gen)
-                model(x[:, :-1], x[:, 1:]).loss.backward()
-            opt.step()
-            opt.zero_grad()
-            step += 1
-            if first and rank == 0:
-                marks["first_step_time"] = time.time()
-                marks["restored_step"] = step - 1
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(marks) + "\n")
-            first = False
-            checkpoint = None
-            if step % config["every"] == 0:
-                tmp = tempfile.mkdtemp()
-                if rank == 0:
-                    torch.save({"model": model.module.state_dict(), "optim": opt.state_dict(),
-                                "step": step}, os.path.join(tmp, "state.pt"))
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report({"step": step}, checkpoint=checkpoint)
-    except Exception:
-        with open(log_path + ".detect", "a") as f:
-            f.write(f"{time.time()}\n")
-        raise
+    while step < config["steps"]:
+        x = torch.randint(0, cfg.model.vocab_size, (4, cfg.train.seq_len + 1), generator=gen)
+        model(x[:, :-1], x[:, 1:]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        step += 1
+        if rank == 0:
+            with open(config["log"], "a") as f:
+                f.write(json.dumps({"step": step, "time": time.time(), "restored": restored})
+                        + "\n")
+        checkpoint = None
+        if step % config["every"] == 0:
+            tmp = tempfile.mkdtemp()
+            if rank == 0:
+                torch.save({"model": model.module.state_dict(), "optim": opt.state_dict(),
+                            "step": step}, os.path.join(tmp, "state.pt"))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"step": step}, checkpoint=checkpoint)
     if dist.is_initialized():
         dist.barrier()
 
 
-def run_baseline(workdir: str, run_name: str) -> dict[str, float]:
+def run_baseline(workdir: str, name: str, scenario: str) -> dict[str, float]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    log_path = os.path.join(workdir, f"{run_name}.jsonl")
+    log_path = os.path.join(workdir, f"{name}.jsonl")
     trainer = TorchTrainer(
         _baseline_train_func,
-        train_loop_config={"log": log_path, "steps": STEPS, "every": EVERY,
-                           "fault_step": FAULT_STEP - 1, "micro_batches": 1},
+        train_loop_config={"log": log_path, "steps": STEPS, "every": EVERY},
         torch_config=TorchConfig(backend="gloo", timeout_s=20),
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=run_name, storage_path=os.path.join(workdir, "ray"),
+        run_config=RunConfig(name=name, storage_path=os.path.join(workdir, "ray"),
                              failure_config=FailureConfig(max_failures=3)))
-    trainer.fit()
+    done = threading.Event()
+    fault: dict[str, float] = {}
+
+    def fault_from_outside() -> None:
+        while not done.is_set():
+            try:
+                steps = [json.loads(line) for line in open(log_path)]
+            except (OSError, ValueError):
+                steps = []
+            if steps and steps[-1]["step"] >= FAULT_AFTER:
+                pid = int(open(f"{log_path}.pid1").read())
+                fault["time"] = time.time()
+                os.kill(pid, signal.SIGKILL if scenario == "kill" else signal.SIGSTOP)
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=fault_from_outside, daemon=True).start()
+    try:
+        trainer.fit()
+    finally:
+        done.set()
     records = [json.loads(line) for line in open(log_path)]
-    fault = float(open(log_path + ".fault").read())
-    detect = min(float(t) for t in open(log_path + ".detect").read().split())
-    marks = records[-1]
-    return {"detection": detect - fault, "group_restart": marks["worker_start"] - detect,
-            "setup": marks["setup_done"] - marks["worker_start"],
-            "restore": marks["restore_done"] - marks["setup_done"],
-            "first_step": marks["first_step_time"] - marks["restore_done"],
-            "total": marks["first_step_time"] - fault,
-            "steps_redone": (FAULT_STEP - 1) - marks["restored_step"]}
+    before = [r for r in records if r["time"] <= fault["time"]]
+    after = [r for r in records if r["time"] > fault["time"]]
+    return {"pause_s": after[0]["time"] - before[-1]["time"],
+            "steps_redone": max(before[-1]["step"] - after[0]["restored"], 0)}
 
 
 def main() -> None:
@@ -171,39 +231,68 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "20")
     import ray
+    from ray.cluster_utils import Cluster
 
     from elastic_moe.config import debug
     from elastic_moe.data.sample_corpus import ensure_prepared
 
     cfg = debug()
-    ensure_prepared(os.path.join(ROOT, "outputs", "data"), cfg.data.tokenizer_vocab_size,
-                    cfg.train.seq_len)
-    results: dict[str, list[dict[str, float]]] = {"elastic-moe": [], "ray-train-plain": []}
+    ensure_prepared(DATA, cfg.data.tokenizer_vocab_size, cfg.train.seq_len)
+    cases = [("live", s) for s in ("kill", "hang", "join", "steady", "steady-nocopy")]
+    cases += [("restart", s) for s in ("kill", "hang", "join")]
+    cases += [("ray-train", s) for s in ("kill", "hang")]
+    results: dict[str, list[dict[str, float]]] = {f"{a}/{b}": [] for a, b in cases}
     workdir = tempfile.mkdtemp(prefix="recovery-")
-    cluster = _cluster()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, namespace="elastic-moe")
     try:
-        for i in range(args.repeats):  # interleaved, so both sides see the same machine load
-            results["elastic-moe"].append(run_ours(workdir, f"ours-{i}"))
-            results["ray-train-plain"].append(run_baseline(workdir, f"plain-{i}"))
-            print(json.dumps({k: v[-1] for k, v in results.items()}, indent=1), flush=True)
+        for i in range(args.repeats):  # interleaved: every side sees the same machine load
+            for side, scenario in cases:
+                name = f"{side}-{scenario}-{i}"
+                if side == "ray-train":
+                    record = run_baseline(workdir, name, scenario)
+                else:
+                    record = run_ours(workdir, name, scenario, side, cluster)
+                results[f"{side}/{scenario}"].append(record)
+                print(name, json.dumps(record), flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
-    phases = ["detection", "group_restart", "setup", "restore", "first_step", "total",
-              "steps_redone"]
-    med = {side: {p: statistics.median(r[p] for r in runs) for p in phases}
-           for side, runs in results.items()}
-    lines = [f"# elastic_recovery on CPU ({platform.machine()}, {os.cpu_count()} cores, shared)",
-             "", f"debug model, 2 workers on a local 2-node Ray cluster, checkpoint every {EVERY} "
-             f"steps, rank 1 exits before step {FAULT_STEP}; median of {args.repeats} interleaved "
-             "repeats (seconds).", "",
-             "| phase | elastic-moe | Ray Train plain | ratio |", "|---|---|---|---|"]
-    for p in phases:
-        a, b = med["elastic-moe"][p], med["ray-train-plain"][p]
-        ratio = f"{a / b:.2f}" if b else "-"
-        lines.append(f"| {p} | {a:.2f} | {b:.2f} | {ratio} |")
-    lines += ["", "Committed steps lost: 0 by construction (restore = the coordinator's last "
-              "committed step; steps after it are redone, not lost).", "",
+
+    def med(key: str, field: str) -> float:
+        values = [r[field] for r in results[key] if field in r]
+        return statistics.median(values) if values else float("nan")
+
+    lines = [f"# elastic_recovery on CPU ({platform.machine()}, {os.cpu_count()} cores, shared "
+             "box, no GPU)", "",
+             f"debug model on a local Ray cluster of 1-CPU nodes, checkpoint every {EVERY} steps, "
+             f"fault after step {FAULT_AFTER} (mid-interval); median of {args.repeats} "
+             "interleaved repeats. Pause = last step committed before the fault -> next step "
+             "committed after it.", "",
+             "| fault | live: pause s | live: steps redone | restart: pause s | restart: "
+             "redone | Ray Train: pause s | Ray Train: redone | restart / live | Ray Train / "
+             "live |", "|---|---|---|---|---|---|---|---|---|"]
+    for scenario in ("kill", "hang", "join"):
+        live, restart = med(f"live/{scenario}", "pause_s"), med(f"restart/{scenario}", "pause_s")
+        plain = med(f"ray-train/{scenario}", "pause_s") if scenario != "join" else float("nan")
+        lines.append(
+            f"| {scenario} | {live:.2f} | {med(f'live/{scenario}', 'steps_redone'):.0f} | "
+            f"{restart:.2f} | {med(f'restart/{scenario}', 'steps_redone'):.0f} | "
+            + (f"{plain:.2f} | {med(f'ray-train/{scenario}', 'steps_redone'):.0f} | "
+               if scenario != "join" else "- | - | ")
+            + f"{restart / live:.1f}x | " + (f"{plain / live:.1f}x |" if scenario != "join"
+                                            else "- |"))
+    with_copies, without = med("live/steady", "step_s"), med("live/steady-nocopy", "step_s")
+    lines += ["", "Steady state, 2 workers, fault-free (median step time):", "",
+              "| peer copies every step | no peer copies | overhead |", "|---|---|---|",
+              f"| {with_copies:.3f} s | {without:.3f} s | {100 * (with_copies / without - 1):+.1f}% |",
+              "", f"Copied to the buddy per worker per step: "
+              f"{med('live/steady', 'copy_mib_per_step'):.1f} MiB (parameters, Adam moments, "
+              "router biases). Peak RSS per worker: "
+              f"{med('live/steady', 'peak_rss_mib'):.0f} MiB with copies, "
+              f"{med('live/steady-nocopy', 'peak_rss_mib'):.0f} MiB without.", "",
               "Raw runs:", "```", json.dumps(results, indent=1), "```"]
     table = "\n".join(lines)
     print(table)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import zlib
@@ -45,9 +44,6 @@ log = logging.getLogger(__name__)
 COMMIT_FILE = "COMMITTED"
 STATE_FILE = "train_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-# Test hook: a rank whose number matches exits the process half-way through writing its shards
-# of the save at this step ("<step>:<rank>"), to test crash-during-save handling.
-DIE_DURING_SAVE_ENV = "ELASTIC_MOE_TEST_DIE_DURING_SAVE"
 
 
 class CheckpointError(RuntimeError):
@@ -90,13 +86,20 @@ class Checkpointer:
     """Save/restore training state under ``root``; collective calls on every rank."""
 
     def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0, async_save: bool = True,
-                 process_group: dist.ProcessGroup | None = None) -> None:
+                 process_group: dist.ProcessGroup | None = None, every_steps: int = 0,
+                 wrap_writer: Callable[[dcp.StorageWriter, int], dcp.StorageWriter] | None = None,
+                 ) -> None:
+        """``every_steps``: the save interval :meth:`due` answers by (0 = only when asked).
+        ``wrap_writer(writer, step)`` may wrap each save's storage writer (tests hand in one
+        that fails part-way)."""
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: must be >= 1 (the latest is always kept)")
         self.root = root
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = async_save
+        self.every_steps = every_steps
+        self.wrap_writer = wrap_writer
         self.fs, self.base = fsspec.core.url_to_fs(root)
         self._is_url = "://" in root
         # (future, step, event set once the outcome is known on this rank)
@@ -141,6 +144,11 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     # ------------------------------------------------------------------ save
+    def due(self, step: int, final_step: int) -> bool:
+        """Whether the state after ``step`` completed steps should be saved: every
+        ``every_steps`` steps and at the end of training."""
+        return step == final_step or (self.every_steps > 0 and step % self.every_steps == 0)
+
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
              state: TrainState, on_commit: Callable[[int, str], None] | None = None) -> None:
         """Checkpoint after ``step`` completed steps. Async: returns once state is staged.
@@ -266,12 +274,7 @@ class Checkpointer:
             writer: dcp.StorageWriter = FsspecWriter(self._url(step))
         else:
             writer = dcp.FileSystemWriter(self._url(step))
-        hook = os.environ.get(DIE_DURING_SAVE_ENV, "")
-        if hook:
-            die_step, die_rank = (int(x) for x in hook.split(":"))
-            if die_step == step and die_rank == _rank():
-                writer = _DyingWriter(writer)
-        return writer
+        return self.wrap_writer(writer, step) if self.wrap_writer is not None else writer
 
     @staticmethod
     def _state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -423,43 +426,3 @@ class _CachedStager(AsyncStager):
     def close(self) -> None:
         self._buffers = self._layout = None
 
-
-class _DyingWriter(dcp.StorageWriter):
-    """Delegating writer that kills the process after writing part of its data (test hook)."""
-
-    def __init__(self, inner: dcp.StorageWriter) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def reset(self, checkpoint_id=None):  # type: ignore[no-untyped-def]
-        return self.inner.reset(checkpoint_id)
-
-    def set_up_storage_writer(self, is_coordinator, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return self.inner.set_up_storage_writer(is_coordinator, *args, **kwargs)
-
-    def prepare_local_plan(self, plan):  # type: ignore[no-untyped-def]
-        return self.inner.prepare_local_plan(plan)
-
-    def prepare_global_plan(self, plans):  # type: ignore[no-untyped-def]
-        return self.inner.prepare_global_plan(plans)
-
-    def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
-        half = plan.items[: max(len(plan.items) // 2, 1)]
-        half_plan = type(plan)(items=half, storage_data=plan.storage_data,
-                               planner_data=plan.planner_data)
-        self.inner.write_data(half_plan, planner).wait()
-        log.error("test hook %s: rank %d exits in the middle of its save", DIE_DURING_SAVE_ENV,
-                  _rank())
-        os._exit(17)
-
-    def finish(self, metadata, results):  # type: ignore[no-untyped-def]
-        return self.inner.finish(metadata, results)
-
-    def storage_meta(self):  # type: ignore[no-untyped-def]
-        return self.inner.storage_meta()
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id) -> bool:  # type: ignore[no-untyped-def]
-        return True

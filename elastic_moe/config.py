@@ -226,17 +226,36 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ElasticConfig:
-    """Failure handling and resizing of the worker group (Ray Train V2)."""
+    """Failure handling and resizing of the elastic worker group (actors/worker_group.py)."""
 
-    max_failures: int = 3  # worker-group restarts after failures before the job fails; -1 = inf
-    collective_timeout_s: float = 120.0  # a dead or hung rank is detected within this
-    resize_check_s: float = 10.0  # how often Ray Train looks for capacity to grow the group
+    max_failures: int = 3  # failures the run survives before it fails; -1 = no limit
+    # Process-group timeout: the last resort for a collective that never completes. Dead and
+    # hung ranks are found much sooner (connection loss; missed pings, hang_timeout_s).
+    collective_timeout_s: float = 120.0
+    hang_timeout_s: float = 5.0  # a worker silent this long is hung: fenced off (killed)
+    resize_check_s: float = 10.0  # how often the group looks for capacity to grow
+    wait_for_capacity_s: float = 600.0  # how long to wait for min_workers before failing
+    # live: survivors keep their processes and state and rebuild in place (peer copies in
+    # memory; DCP only when every copy of a shard is gone); restart: every change restarts
+    # every worker from the last committed checkpoint (the slower path, for comparison).
+    recovery: Literal["live", "restart"] = "live"
+    # Refresh each rank's in-memory copy on its buddy every N committed steps (0 = no copies:
+    # a lost worker then means the last committed checkpoint). 1 redoes at most one step.
+    snapshot_every: int = 1
 
     def __post_init__(self) -> None:
         _require(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1")
         _require(self.collective_timeout_s > 0, "collective_timeout_s",
                  self.collective_timeout_s, "must be positive (seconds)")
+        _require(self.hang_timeout_s > 0, "hang_timeout_s", self.hang_timeout_s,
+                 "must be positive (seconds)")
         _require(self.resize_check_s >= 0, "resize_check_s", self.resize_check_s, "must be >= 0")
+        _require(self.wait_for_capacity_s >= 0, "wait_for_capacity_s", self.wait_for_capacity_s,
+                 "must be >= 0 (seconds)")
+        _require(self.recovery in ("live", "restart"), "recovery", self.recovery,
+                 "must be 'live' or 'restart'")
+        _require(self.snapshot_every >= 0, "snapshot_every", self.snapshot_every,
+                 "must be >= 0 (0 = no peer copies)")
 
 
 @dataclass(kw_only=True, slots=True)

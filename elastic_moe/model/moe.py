@@ -170,22 +170,32 @@ def moe_layers(model: nn.Module) -> Iterator[MoE]:
 
 
 @torch.no_grad()
-def update_router_biases(model: nn.Module, speed: float,
-                         group: dist.ProcessGroup | None = None,
-                         ) -> tuple[dict[str, float], torch.Tensor]:
-    """Apply one bias update to every MoE layer from loads summed over the global batch.
+def global_expert_loads(model: nn.Module, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Tokens routed to each expert over the global batch, ``[num_moe_layers, E]``.
 
     Every rank routes its own tokens over all experts, so summing the per-rank counts over all
-    ranks (one all-reduce for all layers) gives the global batch's load. Clears the counters and
-    returns load statistics for telemetry (max/mean load ratio, bias range) and the global loads
-    ``[num_moe_layers, E]``.
+    ranks (one all-reduce for all layers) gives the global batch's load. Collective.
+    """
+    layers = list(moe_layers(model))
+    if not layers:
+        return torch.zeros(0, 0)
+    loads_LE = torch.stack([layer.tokens_per_expert for layer in layers])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loads_LE, op=dist.ReduceOp.SUM, group=group)
+    return loads_LE
+
+
+@torch.no_grad()
+def apply_router_bias_update(model: nn.Module, loads_LE: torch.Tensor, speed: float,
+                             ) -> tuple[dict[str, float], torch.Tensor]:
+    """One aux-loss-free bias update per MoE layer from the global loads (local, no collective).
+
+    Clears the counters and returns load statistics for telemetry (max/mean load ratio, bias
+    range) and the loads on the CPU.
     """
     layers = list(moe_layers(model))
     if not layers:
         return {}, torch.zeros(0, 0)
-    loads_LE = torch.stack([layer.tokens_per_expert for layer in layers])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(loads_LE, op=dist.ReduceOp.SUM, group=group)
     stats: dict[str, float] = {}
     for i, (layer, load_E) in enumerate(zip(layers, loads_LE, strict=True)):
         layer.gate.update_bias(load_E, speed)
@@ -197,3 +207,4 @@ def update_router_biases(model: nn.Module, speed: float,
         stats[f"moe/{i}/bias_max"] = float(bias.max())
     stats["moe/load_max_over_mean"] = max(v for k, v in stats.items() if "load_max" in k)
     return stats, loads_LE.cpu()
+

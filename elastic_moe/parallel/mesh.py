@@ -307,3 +307,27 @@ def build_mesh(plan: MeshPlan, device_type: str) -> ParallelMeshes:
         full=full)
     logger.info("mesh: %s", plan.describe())
     return meshes
+
+
+def forget_layout_caches() -> None:
+    """Drop torch's DTensor sharding caches; call after destroying the process group and before
+    building meshes of a new membership in the same process.
+
+    DTensor caches sharding decisions keyed by specs whose meshes compare equal when they have the
+    same shape and names, whatever process group and rank they were built on. A process that
+    rebuilds an equal-looking mesh at a new rank (a survivor renumbered after a peer left) would
+    otherwise get the old mesh back from those caches -- with its old coordinate -- and FSDP
+    would shard its parameters for the wrong rank.
+    """
+    import torch
+    from torch.distributed.tensor import DTensor, _redistribute
+    from torch.distributed.tensor._sharding_prop import LocalLRUCache
+
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    # thread-local caches: a new object clears them for every thread, not only the caller's
+    propagator.propagate_op_sharding = LocalLRUCache(propagator.propagate_op_sharding_non_cached)
+    propagator._propagate_tensor_meta_cached.cache_clear()
+    _redistribute._gen_transform_infos.cache_clear()
+    clear_native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_native is not None:
+        clear_native()

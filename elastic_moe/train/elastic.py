@@ -10,10 +10,13 @@ instead and scales the LR linearly with the resulting batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from elastic_moe.config import TrainConfig
 from elastic_moe.data.sampler import rank_share
 
-__all__ = ["effective_batch", "rank_share"]
+__all__ = ["RestoreDecision", "decide_restore", "effective_batch", "rank_share"]
 
 
 def effective_batch(cfg: TrainConfig, world_size: int, max_workers: int) -> tuple[int, float]:
@@ -28,3 +31,53 @@ def effective_batch(cfg: TrainConfig, world_size: int, max_workers: int) -> tupl
     per_rank = max(cfg.global_batch_size // max_workers, 1)
     batch = per_rank * world_size
     return batch, batch / (per_rank * max_workers)
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreDecision:
+    """Where the next layout's state comes from after a membership change.
+
+    ``step``: the newest committed step of which some live process holds every rank's shards
+    (``None``: no such step; the last committed DCP checkpoint is the fallback). ``holders``:
+    for each rank of the old layout, the old rank of the survivor that hands its shards out
+    (itself, or the buddy keeping its copy).
+    """
+
+    step: int | None
+    holders: dict[int, int]
+    reason: str
+
+
+def decide_restore(world_size: int, holdings: dict[int, dict[str, Any]]) -> RestoreDecision:
+    """Pick the restore point from the survivors' holdings.
+
+    ``holdings``: for each surviving old rank, ``{"live": step, "own": [steps],
+    "wards": {rank: [steps]}}`` as ``Trainer.holdings`` reports it. Ranks missing from it are
+    lost. Newest step first; a survivor's own state beats a peer's copy.
+    """
+    lost = sorted(set(range(world_size)) - set(holdings))
+    steps = set()
+    for held in holdings.values():
+        steps.add(int(held["live"]))
+        steps.update(int(s) for s in held["own"])
+        for ward_steps in held["wards"].values():
+            steps.update(int(s) for s in ward_steps)
+    for step in sorted(steps, reverse=True):
+        holders: dict[int, int] = {}
+        for rank in range(world_size):
+            held = holdings.get(rank)
+            if held is not None and (int(held["live"]) == step or step in held["own"]):
+                holders[rank] = rank
+                continue
+            keeper = next((r for r, h in sorted(holdings.items())
+                           if step in h["wards"].get(rank, [])), None)
+            if keeper is None:
+                break
+            holders[rank] = keeper
+        else:
+            copies = {r: k for r, k in holders.items() if r != k}
+            return RestoreDecision(step, holders,
+                                   f"step {step}: lost ranks {lost} restored from peer copies "
+                                   f"{copies}" if lost else f"step {step}: every rank alive")
+    return RestoreDecision(None, {}, f"no committed step has a copy of every shard of the lost "
+                                     f"ranks {lost} (their peers are gone too)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from elastic_moe.config import ModelConfig, TrainConfig
-from elastic_moe.model.moe import moe_layers, update_router_biases
+from elastic_moe.model.moe import apply_router_bias_update, global_expert_loads, moe_layers
 from elastic_moe.parallel.expert_parallel import reduce_expert_grads
 
 
@@ -148,7 +148,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: Sequence[dict[str, Any]], step: int, train_cfg: TrainConfig,
                model_cfg: ModelConfig, *, dp_size: int = 1,
                group: dist.ProcessGroup | None = None,
-               batch_fraction: float | None = None) -> StepMetrics:
+               batch_fraction: float | None = None,
+               commit_vote: Callable[[], None] | None = None) -> StepMetrics:
     """Run one optimizer step over this rank's micro-batches of the global batch.
 
     ``batch_fraction`` is this rank's share of the global batch (its sequences / global batch
@@ -197,10 +198,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     # Expert weights live outside FSDP: sum their gradients over the ranks that hold them.
     reduce_expert_grads(model)
     grad_norm = clip_grad_norm(model.parameters(), train_cfg.grad_clip)
+    loads_LE = global_expert_loads(model, group)
+    totals = _sum_over_ranks(sums, group)
+    if commit_vote is not None:
+        commit_vote()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    expert_stats, loads = update_router_biases(model, model_cfg.bias_update_speed, group=group)
-    totals = _sum_over_ranks(sums, group)
+    expert_stats, loads = apply_router_bias_update(model, loads_LE, model_cfg.bias_update_speed)
     return StepMetrics(step=step, loss=float(totals[0]), lm_loss=float(totals[1]),
                        mtp_loss=float(totals[2]), balance_loss=float(totals[3]),
                        grad_norm=float(grad_norm), lr=lr, tokens=int(totals[4]),

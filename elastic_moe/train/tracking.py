@@ -143,12 +143,17 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         self._queue.put(_Record("params", _param_values(params)))
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> bool:
-        """Queue metrics for ``step``; False (nothing queued) if this process logged it already."""
+    def log_metrics(self, metrics: dict[str, float], step: int,
+                    timestamp: float | None = None) -> bool:
+        """Queue metrics for ``step`` (``timestamp``: when the step committed, default now);
+        False (nothing queued) if this process logged the step already."""
         if step <= self.last_logged_step:
             return False
         self.last_logged_step = step
-        self._queue.put(_Record("metrics", dict(metrics), step))
+        record = _Record("metrics", dict(metrics), step)
+        if timestamp is not None:
+            record.timestamp_ms = int(timestamp * 1000)
+        self._queue.put(record)
         return True
 
     def log_event(self, kind: str, step: int, **detail: Any) -> None:

@@ -19,6 +19,7 @@ def tiny_config(tmp_path, steps: int = 12, every: int = 4, workers: tuple[int, i
         f"parallel.min_workers={workers[0]}", f"parallel.max_workers={workers[1]}",
         "train.global_batch_size=12", "train.micro_batch_size=4", "train.warmup_steps=2",
         "elastic.collective_timeout_s=20", "elastic.resize_check_s=2",
+        "elastic.hang_timeout_s=4",
         f"data.cache_dir={tmp_path.parent / 'data-cache'}",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         *(extra or []),
@@ -26,19 +27,23 @@ def tiny_config(tmp_path, steps: int = 12, every: int = 4, workers: tuple[int, i
 
 
 def consumed_samples(directory: str) -> dict[int, list[tuple[int, int]]]:
-    """Samples consumed per step by the *last* execution of that step (re-runs replace)."""
-    per_step: dict[int, dict[int, tuple[float, list[tuple[int, int]]]]] = {}
-    for path in glob.glob(os.path.join(directory, "rank*.jsonl")):
-        rank = int(os.path.basename(path)[4:-6])
+    """Samples consumed per step, from the workers' audit logs (``worker-<pid>.jsonl``).
+
+    A step may have run more than once (re-done after a failure): the execution of the latest
+    membership epoch counts, its ranks' shares in rank order.
+    """
+    per_step: dict[int, dict[int, dict[int, list[tuple[int, int]]]]] = {}
+    for path in glob.glob(os.path.join(directory, "worker-*.jsonl")):
         with open(path) as f:
             for line in f:
                 rec = json.loads(line)
-                ids = [tuple(i) for i in rec["ids"]]
-                slot = per_step.setdefault(rec["step"], {})
-                if rank not in slot or slot[rank][0] < rec["time"]:
-                    slot[rank] = (rec["time"], ids)
-    return {step: [i for rank in sorted(slot) for i in slot[rank][1]]
-            for step, slot in per_step.items()}
+                by_epoch = per_step.setdefault(rec["step"], {})
+                by_epoch.setdefault(rec["epoch"], {})[rec["rank"]] = [tuple(i) for i in rec["ids"]]
+    out = {}
+    for step, by_epoch in per_step.items():
+        shares = by_epoch[max(by_epoch)]
+        out[step] = [i for rank in sorted(shares) for i in shares[rank]]
+    return out
 
 
 def assert_each_sample_once(directory: str, steps: int, global_batch: int, num_sequences: int,

@@ -39,11 +39,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from elastic_moe.checkpoint import COMMIT_FILE, DIE_DURING_SAVE_ENV, Checkpointer, TrainState
+from elastic_moe.checkpoint import COMMIT_FILE, Checkpointer, TrainState
 from elastic_moe.config import ParallelConfig, debug
 from elastic_moe.model.transformer import Transformer
 from elastic_moe.parallel import ExpertParallelExperts, plan_mesh, setup_model
 from elastic_moe.train.step import build_optimizer, train_step
+from tests.integration.faults import die_during_save
 from tests.integration.multiproc import launch
 
 pytestmark = pytest.mark.integration
@@ -214,9 +215,10 @@ def test_restore_at_another_world_size(world_size: int, saved_at_4, tmp_path) ->
 
 # ----------------------------------------------------------------------------- crash mid-save
 def _dying_save_worker(rank: int, world_size: int, root: str, ref_path: str) -> None:
-    """Commit step 1, then start an async save of step 2 during which rank 1 exits (the hook)."""
+    """Commit step 1, then start an async save of step 2 during which rank 1 exits (its
+    storage writer, handed in by the test, ends the process half-way)."""
     plan, model, optimizer = _build(world_size, SEED, ep=world_size)
-    ckpt = Checkpointer(root, async_save=True)
+    ckpt = Checkpointer(root, async_save=True, wrap_writer=die_during_save(step=2, rank=1))
     _step(model, optimizer, 0, world_size, rank)
     ckpt.save(1, model, optimizer, TrainState(step=1, mesh_plan=plan.to_dict()))
     ckpt.wait()
@@ -241,16 +243,14 @@ def _restore_after_crash_worker(rank: int, world_size: int, root: str, ref_path:
     assert ckpt.committed_steps() == [1, 2]
 
 
-def test_rank_dies_in_the_middle_of_a_save(tmp_path, monkeypatch) -> None:
+def test_rank_dies_in_the_middle_of_a_save(tmp_path) -> None:
     """A rank exits half-way through writing its shards of an async save (W=2, ep=2): step 1
     stays the latest committed checkpoint, restores bit-equal in a fresh group, and the partial
     step-2 directory is ignored and then removed."""
     root, ref_path = str(tmp_path / "ckpt"), str(tmp_path / "gathered.pt")
-    monkeypatch.setenv(DIE_DURING_SAVE_ENV, "2:1")  # inherited by the spawned ranks
     with pytest.raises(mp.ProcessExitedException) as excinfo:
         launch(_dying_save_worker, 2, root, ref_path)
     assert excinfo.value.exit_code == 17 and excinfo.value.error_index == 1, excinfo.value
-    monkeypatch.delenv(DIE_DURING_SAVE_ENV)
 
     partial = tmp_path / "ckpt" / "step_00000002"
     assert partial.is_dir() and not (partial / COMMIT_FILE).exists()

@@ -1,14 +1,16 @@
-"""The elastic training service on a real local Ray: failures, resizes, resubmission.
+"""The elastic training service on a real local Ray, faulted from outside.
 
-Every test runs real Ray Train V2 worker groups (CPU + gloo) training the debug model, with a
-run coordinator, DCP checkpoints and an MLflow sqlite store on disk. Faults are injected by the
-training loop's test hooks (process exit, SIGSTOP, exit in the middle of a checkpoint write);
-nodes are added and removed with ``ray.cluster_utils.Cluster``.
+Every test trains the debug model with the project's own worker group (Ray actors, CPU + gloo),
+a run coordinator, DCP checkpoints and an MLflow sqlite store on disk. Faults arrive the way they
+do in production: ``kill -9`` or ``SIGSTOP`` of a worker pid (read from the coordinator, as an
+operator would), ``ray.kill`` of a data reader, and nodes of ``ray.cluster_utils.Cluster`` added
+and removed. Results are read from MLflow, the coordinator's record and the files on disk.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -26,14 +28,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
+# Final weights after a resize (W=2 -> 1 -> 2) differ from a fault-free W=2 run only by the order
+# of float sums in the reductions: measured max |diff| / max |w| about 1e-6 over 14 steps.
+RESIZE_RTOL = 1e-4
 
 
-@pytest.fixture
-def local_ray():
-    ray.init(num_cpus=3, runtime_env=RUNTIME_ENV, include_dashboard=False,
-             namespace="elastic-moe")
-    yield
-    ray.shutdown()
+def _ray(num_cpus: int) -> None:
+    ray.init(address="local", num_cpus=num_cpus, runtime_env=RUNTIME_ENV,
+             include_dashboard=False, namespace="elastic-moe")
 
 
 def _num_sequences(cfg) -> int:
@@ -48,201 +50,305 @@ def _metric_history(result, name):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(result.tracking_uri)
-    return [(m.step, m.value) for m in client.get_metric_history(result.mlflow_run_id, name)]
+    return sorted((m.step, m.value, m.timestamp / 1000.0)
+                  for m in client.get_metric_history(result.mlflow_run_id, name))
 
 
-def _recovery_seconds(epoch) -> float | None:
-    if epoch.get("downtime_s") is None or epoch.get("start_to_first_step_s") is None:
-        return None
-    return epoch["downtime_s"] + epoch["start_to_first_step_s"]
-
-
-def _kill_data_worker_at(run_name: str, step: int, out: dict, timeout: float = 300) -> None:
-    """Kill (restartable) the run's data worker once the coordinator reports ``step``."""
+def _coordinator_state(run_name: str) -> dict | None:
     from actors import coordinator as coordinator_mod
 
+    try:
+        return coordinator_mod.get(run_name).snapshot()
+    except ValueError:  # not created yet
+        return None
+
+
+def _when(run_name: str, predicate, timeout: float = 300) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            coordinator = coordinator_mod.get(run_name)
-            worker = ray.get_actor(f"{run_name}-data-0", namespace=coordinator_mod.NAMESPACE)
-            last = ray.get(coordinator.snapshot.remote())["last_step"]
-        except ValueError:  # not created yet
-            last = -1
-        if last >= step:
-            ray.kill(worker, no_restart=False)
-            out["at_step"] = last
-            return
+        state = _coordinator_state(run_name)
+        if state and predicate(state):
+            return state
         time.sleep(0.05)
+    raise AssertionError(f"timed out waiting; last state {_coordinator_state(run_name)}")
 
 
-def test_killed_worker_recovers_to_the_fault_free_result(local_ray, tmp_path):
-    from actors.training import run_training
+class _Run:
+    """``run_training`` in a thread, so the test can fault it from outside while it trains."""
 
-    steps, batch = 10, 12
-    samples = tmp_path / "samples"
-    # The data worker is killed too (at step >= 2, before the training worker's fault): Ray
-    # restarts it and retries the request in flight, without restarting the training group.
-    data_kill: dict = {}
-    killer = threading.Thread(target=_kill_data_worker_at, args=("kill-worker", 2, data_kill),
-                              daemon=True)
-    killer.start()
-    faulty = run_training(tiny_config(tmp_path / "a", steps=steps, every=4), "kill-worker",
-                          output_dir=str(tmp_path / "a"),
-                          faults=[{"step": 6, "rank": 1, "mode": "exit"}],
-                          record_samples_dir=str(samples))
-    killer.join(timeout=5)
-    assert faulty.ok, faulty.error
-    assert 2 <= data_kill.get("at_step", -1) < 6, data_kill
-    assert faulty.final_step == steps
-    epochs = faulty.coordinator_state["world_sizes"]
-    assert [e["world_size"] for e in epochs] == [2, 2]
-    # restored exactly the last committed checkpoint (step 4), redoing steps 5-6 only
-    assert epochs[1]["restored_step"] == 4 and epochs[1]["cause"] == "restart"
-    recovery = _recovery_seconds(epochs[1])
-    print(f"\nkill worker: recovery (failure -> first step after it) {recovery:.1f} s, "
-          f"steps redone {epochs[1]['steps_redone']}")
-    assert recovery is not None and recovery > 0
+    def __init__(self, cfg, name: str, tmp_path, **kwargs) -> None:
+        from actors.training import run_training
 
-    reference = run_training(tiny_config(tmp_path / "b", steps=steps, every=4), "fault-free",
-                             output_dir=str(tmp_path / "b"))
-    assert reference.ok, reference.error
+        self.result = None
+        self.thread = threading.Thread(target=self._target, daemon=True, args=(
+            run_training, cfg, name, str(tmp_path), kwargs))
+        self.thread.start()
+
+    def _target(self, run_training, cfg, name, output_dir, kwargs) -> None:
+        self.result = run_training(cfg, name, output_dir=output_dir, **kwargs)
+
+    def wait(self, timeout: float = 600):
+        self.thread.join(timeout)
+        assert self.result is not None, "training did not finish"
+        return self.result
+
+
+def _pause_around(result, kill_time: float) -> tuple[float, int, int]:
+    """(pause, last step before the kill, first step logged after it) from MLflow's timestamps:
+    the time from the last step committed before ``kill_time`` to the next step committed."""
+    history = _metric_history(result, "loss")
+    before = [(s, t) for s, _, t in history if t <= kill_time]
+    after = [(s, t) for s, _, t in history if t > kill_time]
+    return after[0][1] - before[-1][1], before[-1][0], after[0][0]
+
+
+def _survivor_pids(state: dict, victim: int) -> list[int]:
+    return [w["pid"] for w in state["workers"] if w["pid"] != victim]
+
+
+def epoch_pids(result, index: int) -> list[int]:
+    """Pids of the members of membership epoch ``index``, in rank order."""
+    return [w["pid"] for w in result.coordinator_state["world_sizes"][index]["workers"]]
+
+
+def _kill_data_reader(run_name: str) -> None:
+    from actors import coordinator as coordinator_mod
+
+    reader = ray.get_actor(f"{run_name}-data-0", namespace=coordinator_mod.NAMESPACE)
+    ray.kill(reader, no_restart=False)  # Ray restarts it; requests in flight are retried
+
+
+def test_killed_worker_pauses_briefly_and_matches_the_fault_free_run(tmp_path):
+    """kill -9 of one of 2 workers mid-interval: the survivor goes on alone at once (its process
+    and pid unchanged), the freed slot's replacement joins later; the data reader is killed too.
+    Weights end within a measured tolerance of a fault-free 2-worker run (the split changed)."""
+    steps, batch = 14, 12
+    _ray(num_cpus=2)
+    try:
+        cfg = tiny_config(tmp_path / "a", steps=steps, every=5, workers=(1, 2))
+        run = _Run(cfg, "kill-worker", tmp_path / "a", sample_log_dir=str(tmp_path / "samples"))
+        _when("kill-worker", lambda s: s["last_step"] >= 2 and len(s["workers"]) == 2)
+        _kill_data_reader("kill-worker")
+        state = _when("kill-worker", lambda s: s["last_step"] >= 6)
+        victim = state["workers"][-1]["pid"]
+        survivors = _survivor_pids(state, victim)
+        kill_time = time.time()
+        os.kill(victim, signal.SIGKILL)
+        faulty = run.wait()
+        assert faulty.ok, faulty.error
+        assert faulty.final_step == steps
+        epochs = faulty.coordinator_state["world_sizes"]
+        after = [e for e in epochs if e.get("failed_pids") == [victim]]
+        assert len(after) == 1, epochs
+        lost = after[0]
+        assert lost["restored_from"] == "peers" and lost["world_size"] == 1
+        assert lost["steps_redone"] <= 1
+        # the survivor kept its process through the rebuild
+        assert epoch_pids(faulty, epochs.index(lost)) == survivors
+        pause, last_before, first_after = _pause_around(faulty, kill_time)
+        print(f"\nkill -9 at step {last_before}: pause {pause:.2f} s (to step {first_after}), "
+              f"rebuild {lost['rebuild_s']:.2f} s, steps redone {lost['steps_redone']}")
+        assert pause < 10.0  # the <= 2 s target is measured in benchmarks/elastic_recovery.py
+        # every step logged once in one MLflow run; every sample consumed once
+        assert [s for s, _, _ in _metric_history(faulty, "loss")] == list(range(1, steps + 1))
+        assert_each_sample_once(str(tmp_path / "samples"), steps, batch, _num_sequences(cfg))
+        from mlflow.tracking import MlflowClient
+
+        run_info = MlflowClient(faulty.tracking_uri).get_run(faulty.mlflow_run_id)
+        assert run_info.data.params["train.steps"] == str(steps)
+        assert any(k.startswith("event.") and "scale_down" in k for k in run_info.data.tags)
+
+        reference = _Run(tiny_config(tmp_path / "b", steps=steps, every=5, workers=(2, 2)),
+                         "fault-free", tmp_path / "b").wait()
+        assert reference.ok, reference.error
+    finally:
+        ray.shutdown()
     got, want = final_model_tensors(faulty.checkpoint_dir), final_model_tensors(
         reference.checkpoint_dir)
     assert got.keys() == want.keys()
+    worst = max(float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-12))
+                for k in want)
+    print(f"final weights vs fault-free: max relative difference {worst:.2e}")
+    assert worst < RESIZE_RTOL
+
+
+def test_replaced_worker_keeps_the_split_and_is_bit_exact(tmp_path):
+    """kill -9 of one of 3 workers with min = max = 3: the two survivors wait for a replacement
+    in the freed slot, then all three rebuild from the survivors' shards and peer copies. The
+    split is unchanged, so the final weights equal a fault-free run bit for bit."""
+    steps = 10
+    _ray(num_cpus=3)
+    try:
+        cfg = tiny_config(tmp_path / "a", steps=steps, every=5, workers=(3, 3))
+        run = _Run(cfg, "replace", tmp_path / "a")
+        state = _when("replace", lambda s: s["last_step"] >= 3 and len(s["workers"]) == 3)
+        victim = state["workers"][1]["pid"]
+        survivors = _survivor_pids(state, victim)
+        os.kill(victim, signal.SIGKILL)
+        faulty = run.wait()
+        assert faulty.ok, faulty.error
+        epochs = faulty.coordinator_state["world_sizes"]
+        assert [e["world_size"] for e in epochs] == [3, 3]
+        assert epochs[1]["restored_from"] == "peers" and epochs[1]["steps_redone"] <= 1
+        pids = epoch_pids(faulty, 1)
+        assert set(survivors) <= set(pids) and victim not in pids
+        reference = _Run(tiny_config(tmp_path / "b", steps=steps, every=5, workers=(3, 3)),
+                         "replace-ref", tmp_path / "b").wait()
+        assert reference.ok, reference.error
+    finally:
+        ray.shutdown()
+    got, want = final_model_tensors(faulty.checkpoint_dir), final_model_tensors(
+        reference.checkpoint_dir)
     for name in want:
         assert torch.equal(got[name], want[name]), name
-    cfg = tiny_config(tmp_path / "a")
-    assert_each_sample_once(str(samples), steps, batch, _num_sequences(cfg))
-    # one MLflow run, each step logged once although steps 5-6 ran twice
-    steps_logged = [s for s, _ in _metric_history(faulty, "loss")]
-    assert steps_logged == list(range(1, steps + 1))
-    # the config as params and the run's locations as tags, set once when the run was created
+
+
+def test_hung_rank_is_fenced_off_and_training_goes_on(tmp_path):
+    """SIGSTOP of one of 3 workers: it stops answering, is killed (never to rejoin with stale
+    state) and the other two go on from their live state."""
+    steps = 14
+    _ray(num_cpus=3)
+    try:
+        cfg = tiny_config(tmp_path, steps=steps, every=5, workers=(2, 3))
+        run = _Run(cfg, "hang", tmp_path)
+        state = _when("hang", lambda s: s["last_step"] >= 5 and len(s["workers"]) == 3)
+        victim = state["workers"][0]["pid"]
+        survivors = _survivor_pids(state, victim)
+        stop_time = time.time()
+        os.kill(victim, signal.SIGSTOP)
+        result = run.wait()
+        assert result.ok, result.error
+        with pytest.raises(ProcessLookupError):  # fenced: the stopped process is gone
+            os.kill(victim, 0)
+        epochs = result.coordinator_state["world_sizes"]
+        hung = [e for e in epochs if e.get("failed_pids") == [victim]]
+        assert len(hung) == 1 and hung[0]["restored_from"] == "peers"
+        assert sorted(epoch_pids(result, epochs.index(hung[0]))) == sorted(survivors)
+        pause, last_before, _ = _pause_around(result, stop_time)
+        print(f"\nSIGSTOP at step {last_before}: training went on after {pause:.1f} s")
+        assert pause < 20.0  # hang_timeout_s=4 here; the 10 s target is benchmarked
+        assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
+    finally:
+        ray.shutdown()
+
+
+def test_losing_every_copy_falls_back_to_the_checkpoint(tmp_path):
+    """Rank 1 and its buddy (rank 2, which keeps rank 1's copy on this one-node cluster) die
+    together: no copy of rank 1's shards survives, so the group says so and restores the last
+    committed checkpoint. No step past it is lost, and samples stay exactly-once."""
+    steps, batch = 14, 12
+    _ray(num_cpus=3)
+    try:
+        cfg = tiny_config(tmp_path, steps=steps, every=4, workers=(1, 3))
+        run = _Run(cfg, "all-copies", tmp_path, sample_log_dir=str(tmp_path / "samples"))
+        state = _when("all-copies", lambda s: s["last_step"] >= 6 and len(s["workers"]) == 3
+                      and s["committed"] is not None)
+        by_rank = {w["rank"]: w["pid"] for w in state["workers"]}
+        for rank in (1, 2):
+            os.kill(by_rank[rank], signal.SIGKILL)
+        result = run.wait()
+        assert result.ok, result.error
+        fallback = [e for e in result.coordinator_state["events"]
+                    if e["kind"] == "checkpoint_fallback"]
+        assert len(fallback) == 1 and "no committed step" in fallback[0]["reason"]
+        restored = [e for e in result.coordinator_state["world_sizes"]
+                    if e.get("restored_from") == "checkpoint"]
+        assert restored and restored[0]["restored_step"] % 4 == 0
+        assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
+        assert_each_sample_once(str(tmp_path / "samples"), steps, batch, _num_sequences(cfg))
+    finally:
+        ray.shutdown()
+
+
+def test_more_failures_than_allowed_fails_clearly(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    run = MlflowClient(faulty.tracking_uri).get_run(faulty.mlflow_run_id)
-    assert run.data.params["train.steps"] == str(steps)
-    assert run.data.tags["checkpoint_dir"] == faulty.checkpoint_dir
-    # model TFLOP/s per worker and data waits are logged; no MFU without a known peak (CPU)
-    assert all(v > 0 for _, v in _metric_history(faulty, "tflops_per_worker"))
-    assert len(_metric_history(faulty, "data_wait_s")) == steps
-    assert _metric_history(faulty, "mfu") == []
-
-
-def test_kill_during_save_and_hung_rank(local_ray, tmp_path):
-    from actors.training import run_training
-
-    cfg = tiny_config(tmp_path, steps=9, every=3, extra=["elastic.max_failures=3",
-                                                        "elastic.collective_timeout_s=15"])
-    result = run_training(cfg, "save-and-hang", output_dir=str(tmp_path),
-                          faults=[{"step": 6, "rank": 1, "mode": "exit", "phase": "save"},
-                                  {"step": 7, "rank": 0, "mode": "hang"}])
-    assert result.ok, result.error
-    epochs = result.coordinator_state["world_sizes"]
-    # crash while writing step 6: the previous checkpoint (3) is the restore point; then the
-    # re-run step 6 commits, and the hung rank at step 7 is detected and recovered from 6
-    assert [e["restored_step"] for e in epochs] == [0, 3, 6]
-    for epoch in epochs[1:]:
-        print(f"\n{epoch['cause']}: recovery {_recovery_seconds(epoch):.1f} s")
-    from elastic_moe.checkpoint import Checkpointer
-
-    ckpt = Checkpointer(result.checkpoint_dir, async_save=False)
-    assert ckpt.committed_steps()[-1] == 9
-    leftovers = [p for p in os.listdir(result.checkpoint_dir)
-                 if not os.path.exists(os.path.join(result.checkpoint_dir, p, "COMMITTED"))]
-    assert leftovers == []  # the partial save of step 6 was removed
-
-
-def test_more_failures_than_allowed_fails_clearly(local_ray, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from actors.training import run_training
-
-    cfg = tiny_config(tmp_path, steps=8, every=2, extra=["elastic.max_failures=1"])
-    result = run_training(cfg, "too-many-failures", output_dir=str(tmp_path),
-                          faults=[{"step": 2, "rank": 0, "mode": "exit"},
-                                  {"step": 3, "rank": 1, "mode": "exit"}])
+    _ray(num_cpus=2)
+    try:
+        cfg = tiny_config(tmp_path, steps=40, every=2, workers=(1, 2),
+                          extra=["elastic.max_failures=0"])
+        run = _Run(cfg, "too-many-failures", tmp_path)
+        state = _when("too-many-failures", lambda s: s["last_step"] >= 2 and len(s["workers"]) == 2)
+        os.kill(state["workers"][1]["pid"], signal.SIGKILL)
+        result = run.wait()
+    finally:
+        ray.shutdown()
     assert not result.ok
-    assert result.error and "fail" in result.error.lower()
+    assert result.error and "elastic.max_failures=0" in result.error
     assert "FAILED" in result.summary()
-    run = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
-    assert run.info.status == "FAILED"
+    run_info = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
+    assert run_info.info.status == "FAILED"
     assert result.coordinator_state["status"] == "FAILED"
 
 
-def test_resubmit_resumes_in_the_same_mlflow_run(local_ray, tmp_path):
+def test_resubmit_resumes_in_the_same_mlflow_run(tmp_path):
     from actors.training import run_training
 
-    first = run_training(tiny_config(tmp_path, steps=4, every=2), "resubmit",
+    _ray(num_cpus=2)
+    try:
+        first = run_training(tiny_config(tmp_path, steps=4, every=2), "resubmit",
+                             output_dir=str(tmp_path))
+        assert first.ok, first.error
+        with pytest.raises(ValueError, match="--resume"):
+            run_training(tiny_config(tmp_path, steps=8, every=2), "resubmit",
                          output_dir=str(tmp_path))
-    assert first.ok, first.error
-    with pytest.raises(ValueError, match="--resume"):
-        run_training(tiny_config(tmp_path, steps=8, every=2), "resubmit", output_dir=str(tmp_path))
-    second = run_training(tiny_config(tmp_path, steps=8, every=2), "resubmit", resume=True,
-                          output_dir=str(tmp_path))
+        second = run_training(tiny_config(tmp_path, steps=8, every=2), "resubmit", resume=True,
+                              output_dir=str(tmp_path))
+    finally:
+        ray.shutdown()
     assert second.ok, second.error
     assert second.mlflow_run_id == first.mlflow_run_id
     assert second.coordinator_state["world_sizes"][-1]["restored_step"] == 4
-    assert [s for s, _ in _metric_history(second, "loss")] == list(range(1, 9))
+    assert [s for s, _, _ in _metric_history(second, "loss")] == list(range(1, 9))
 
 
 def test_nodes_join_and_leave(tmp_path):
-    """Capacity below min (waits), nodes join (start, then scale up), a node leaves (scale down)."""
+    """Capacity below min (waits), nodes join (start, then grow without restarting anyone), a
+    node leaves (shrink): the plan and the EP degree change each time, survivors keep their pids,
+    and MLflow records each resize with the old plan, the new plan and the rebuild time."""
     from ray.cluster_utils import Cluster
-
-    from actors import coordinator as coordinator_mod
-    from actors.training import run_training
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = []
     ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, namespace="elastic-moe")
     try:
-        cfg = tiny_config(tmp_path, steps=60, every=2, workers=(2, 3),
+        cfg = tiny_config(tmp_path, steps=60, every=5, workers=(2, 3),
                           extra=["elastic.max_failures=6"])
-        outcome = {}
-        runner = threading.Thread(target=lambda: outcome.update(result=run_training(
-            cfg, "join-leave", output_dir=str(tmp_path))))
-        runner.start()
-
-        def state():
-            try:
-                return ray.get(coordinator_mod.get("join-leave").snapshot.remote())
-            except ValueError:
-                return None
-
-        def wait_for(predicate, timeout=240):
-            deadline = time.time() + timeout
-            while time.time() < deadline:
-                snap = state()
-                if snap and predicate(snap):
-                    return snap
-                time.sleep(1)
-            raise AssertionError(f"timed out; last state {state()}")
-
-        # 1 CPU < min_workers=2: the run waits without starting a worker group ...
-        time.sleep(20)
-        waiting = state()
+        run = _Run(cfg, "join-leave", tmp_path)
+        time.sleep(10)  # 1 CPU < min_workers=2: the run waits without forming a group ...
+        waiting = _coordinator_state("join-leave")
         assert waiting is not None and waiting["world_sizes"] == [] and waiting["last_step"] == -1
-        assert runner.is_alive()
         nodes.append(cluster.add_node(num_cpus=1))  # ... and starts once capacity arrives
-        wait_for(lambda s: s["last_step"] >= 4)
-        nodes.append(cluster.add_node(num_cpus=1))  # capacity for a third worker
-        # ... and 3 workers have trained a few steps of their own before a node is taken away
-        wait_for(lambda s: s["world_sizes"] and s["world_sizes"][-1]["world_size"] == 3
-                 and s["world_sizes"][-1].get("last_step", -1)
-                 >= s["world_sizes"][-1]["restored_step"] + 3)
+        _when("join-leave", lambda s: s["last_step"] >= 4)
+        nodes.append(cluster.add_node(num_cpus=1))  # capacity for a third worker: it joins
+        grown = _when("join-leave", lambda s: len(s["workers"]) == 3
+                      and s["world_sizes"][-1].get("last_step", -1)
+                      >= s["world_sizes"][-1]["restored_step"] + 3)
+        before = {w["pid"] for w in grown["workers"]}
         cluster.remove_node(nodes.pop(0))  # a node fails: back to 2 workers
-        runner.join(600)
-        result = outcome["result"]
+        result = run.wait()
         assert result.ok, result.error
-        sizes = [e["world_size"] for e in result.coordinator_state["world_sizes"]]
+        epochs = result.coordinator_state["world_sizes"]
+        sizes = [e["world_size"] for e in epochs]
         print(f"\nworld sizes: {sizes}")
         assert sizes[0] == 2 and 3 in sizes and sizes[-1] == 2
-        logged = dict(_metric_history(result, "world_size"))
+        grow = epochs[sizes.index(3)]
+        shrink = epochs[-1]
+        assert grow["restored_from"] == "peers" and shrink["restored_from"] == "peers"
+        assert grow["old_plan"] != grow["new_plan"] and shrink["old_plan"] != shrink["new_plan"]
+        ep = [e["plan"]["expert_parallel_degree"] for e in epochs]
+        assert ep[0] != ep[sizes.index(3)]  # EP degree re-planned at 3 workers (8 experts)
+        # survivors of the node loss kept their processes
+        assert {w["pid"] for w in shrink["workers"]} < before
+        logged = {s: v for s, v, _ in _metric_history(result, "world_size")}
         assert set(logged.values()) == {2.0, 3.0}
         assert sorted(logged) == list(range(1, 61))
-        plans = [e["plan"] for e in result.coordinator_state["world_sizes"]]
-        assert plans[0] != plans[sizes.index(3)]  # the mesh was re-planned at the new size
+        from mlflow.tracking import MlflowClient
+
+        tags = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.tags
+        resize = [v for k, v in tags.items() if k.startswith("event.") and "scale_" in k]
+        assert resize and all('"old_plan"' in v and '"new_plan"' in v and '"rebuild_s"' in v
+                              for v in resize)
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -1,0 +1,303 @@
+"""The training worker: a Ray actor per accelerator that keeps its state across membership changes.
+
+One process per rank for the whole run. The worker group (:mod:`actors.worker_group`) drives it:
+
+- ``join(epoch, sources)``: leave the previous process group, rendezvous in the epoch's new one,
+  build the trainer for the epoch's mesh plan and fill it -- from shards that survivors and
+  peers hold in memory (``sources``), or from the last committed DCP checkpoint, or fresh;
+- ``train()``: run committed steps until the run ends, the group votes a pause (a join), or a
+  collective fails (a peer died or was fenced off). It then returns; the process, its imports
+  and its state stay;
+- ``holdings()`` / ``export(rank, step)``: which committed states it can hand out (its own,
+  its wards' copies), and one of them, for the next layout;
+- ``ping()``: answered from another thread while ``train()`` runs: liveness (a stopped process
+  answers nothing), the step reached, and the metrics of committed steps for MLflow.
+
+The actor is threaded (``max_concurrency``): ``train()`` holds one thread, the control calls run
+beside it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from actors.coordinator import CoordinatorClient
+from elastic_moe.config import Config
+
+logger = logging.getLogger(__name__)
+
+METRICS_KEPT = 256  # committed steps' metrics a worker keeps until the group has logged them
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What every training worker of a run is given once, at start."""
+
+    cfg: Config
+    run_name: str
+    checkpoint_dir: str
+    coordinator: CoordinatorClient
+    data_readers: list[Any]  # data-reader actor handles (batch_at by data position)
+    threads_per_worker: int = 1
+    sample_log_dir: str | None = None  # audit log of the samples of every committed step
+    val_manifest: str | None = None  # held-out data for val_loss every train.eval_every steps
+
+
+@dataclass(frozen=True, slots=True)
+class EpochSpec:
+    """One membership epoch as one worker sees it."""
+
+    epoch: int
+    rank: int
+    world_size: int
+    plan: dict[str, Any]  # MeshPlan.to_dict()
+    master_addr: str
+    master_port: int
+    node_of_rank: list[str]  # node id of every rank (buddies go to another node)
+    restore: str  # "shards" | "checkpoint" | "fresh"
+    checkpoint_step: int | None = None  # with restore="checkpoint"
+
+
+@dataclass(slots=True)
+class TrainOutcome:
+    status: str  # "finished" | "paused" | "broken"
+    step: int
+    error: str | None = None
+    expert_loads: Any = None  # [num_moe_layers, E] of the last step (finished only)
+
+
+@dataclass(slots=True)
+class _Progress:
+    step: int = -1
+    metrics: deque = field(default_factory=lambda: deque(maxlen=METRICS_KEPT))
+
+
+class _Feed:
+    """This rank's stream of batches from a data reader, one request kept in flight."""
+
+    def __init__(self, reader: Any, global_batch: int, rank: int, world_size: int) -> None:
+        self.reader, self.global_batch = reader, global_batch
+        self.rank, self.world_size = rank, world_size
+        self.num_sequences = int(ray.get(reader.info.remote())["num_sequences"])
+        self.pending: Any = None
+        self.last_wait_s = 0.0
+
+    def request(self, position: Any) -> None:
+        self.pending = self.reader.batch_at.remote(position.to_dict(), self.global_batch,
+                                                   self.rank, self.world_size)
+
+    def take(self) -> dict[str, Any]:
+        if self.pending is None:
+            raise RuntimeError("take() without a request(): the feed has nothing in flight")
+        started = time.perf_counter()
+        batch = ray.get(self.pending)
+        self.last_wait_s = time.perf_counter() - started
+        self.pending = None
+        return batch
+
+
+@ray.remote(max_concurrency=4, max_restarts=0)
+class TrainWorker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s [worker %(process)d] %(name)s: %(message)s")
+        # the heavy imports happen here, off the critical path of a join
+        import torch
+
+        import elastic_moe.train.trainer  # noqa: F401
+
+        self.device = torch.device("cpu")
+        if torch.cuda.is_available():
+            gpu_ids = ray.get_gpu_ids()
+            self.device = torch.device("cuda", 0 if not gpu_ids else 0)
+            torch.cuda.set_device(self.device)
+        else:
+            torch.set_num_threads(max(1, spec.threads_per_worker))
+        self.trainer: Any = None
+        self.epoch: EpochSpec | None = None
+        self.progress = _Progress()
+        self.lock = threading.Lock()
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ identity
+    def info(self) -> dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(),
+                "ip": ray.util.get_node_ip_address()}
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return int(s.getsockname()[1])
+
+    # ------------------------------------------------------------------ membership
+    def join(self, epoch: EpochSpec, sources: list[Any] | None = None) -> dict[str, Any]:
+        """Enter ``epoch``: new process group, new layout, state filled in. ``sources``: the
+        (manifest, shards ref) of every rank of the previous layout, with restore="shards"."""
+        import torch.distributed as dist
+
+        from elastic_moe.checkpoint import Checkpointer
+        from elastic_moe.parallel import MeshPlan
+        from elastic_moe.train.shard_state import needed_sources
+        from elastic_moe.train.trainer import Trainer
+
+        marks = {"join_start": time.time()}
+        cfg = self.spec.cfg
+        self._leave_group()
+        timeout = datetime.timedelta(seconds=cfg.elastic.collective_timeout_s)
+        dist.init_process_group(
+            "nccl" if self.device.type == "cuda" else "gloo",
+            init_method=f"tcp://{epoch.master_addr}:{epoch.master_port}",
+            rank=epoch.rank, world_size=epoch.world_size, timeout=timeout)
+        marks["group_ready"] = time.time()
+        plan = MeshPlan.from_dict(epoch.plan)
+        ckpt = Checkpointer(self.spec.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
+                            keep_every=cfg.checkpoint.keep_every,
+                            async_save=cfg.checkpoint.async_save,
+                            every_steps=cfg.checkpoint.every_steps)
+        readers = self.spec.data_readers
+        feed = _Feed(readers[epoch.rank % len(readers)], cfg.train.global_batch_size,
+                     epoch.rank, epoch.world_size)
+        trainer = Trainer(cfg, rank=epoch.rank, plan=plan, device=self.device, checkpointer=ckpt,
+                          batches=feed)
+        feed.global_batch = trainer.global_batch
+        marks["built"] = time.time()
+        if epoch.restore == "shards":
+            assert sources is not None
+            manifests = [m for m, _ in sources]
+            wanted = needed_sources(trainer.model, trainer.optimizer, manifests)
+            shard_sets = ray.get([sources[i][1] for i in wanted])
+            trainer.restore_from_shards(shard_sets)
+            del shard_sets
+        elif epoch.restore == "checkpoint" and epoch.checkpoint_step is not None:
+            trainer.restore_from_checkpoint(epoch.checkpoint_step)
+        elif cfg.checkpoint.init_from:  # a new run from published weights
+            trainer.init_from_published(cfg.checkpoint.init_from)
+        if self.spec.val_manifest and cfg.train.eval_every:
+            trainer.load_validation(self.spec.val_manifest)
+        marks["restored"] = time.time()
+        trainer.link_peers(epoch.node_of_rank)
+        marks["linked"] = time.time()
+        with self.lock:
+            self.trainer, self.epoch = trainer, epoch
+            self.progress.step = trainer.step
+        return {"rank": epoch.rank, "step": trainer.step, "marks": marks,
+                "snapshot_bytes": trainer.peers.own[-1].nbytes() if trainer.peers.own else 0,
+                "copies_bytes": trainer.peers.nbytes()}
+
+    def _leave_group(self) -> None:
+        import torch.distributed as dist
+
+        if self.trainer is not None:
+            _wait_bounded(self.trainer.checkpointer, 10.0)
+        if dist.is_initialized():
+            from elastic_moe.parallel.mesh import forget_layout_caches
+
+            try:
+                dist.destroy_process_group()
+            except Exception as exc:  # a broken group may complain while going away
+                logger.warning("destroying the previous process group: %s", exc)
+            forget_layout_caches()
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> TrainOutcome:
+        """Committed steps until finished, paused by a vote, or broken by a failed peer."""
+        trainer = self.trainer
+        if trainer is None or self.epoch is None:
+            raise RuntimeError("train() before join(): the worker has no layout")
+        cfg = self.spec.cfg
+        epoch = self.epoch
+        trainer.pause_requested = False
+        trainer.paused = False
+        trainer.start_stream()
+        try:
+            while trainer.step < cfg.train.steps:
+                committed = trainer.train_one_step()
+                with self.lock:
+                    self.progress.step = committed.step
+                    self.progress.metrics.append((committed.step, committed.metrics))
+                if self.spec.sample_log_dir:
+                    self._log_samples(epoch, committed.step - 1, committed.sample_ids)
+                trainer.maybe_snapshot()
+                trainer.maybe_checkpoint(self._on_commit)
+                if trainer.paused:
+                    return TrainOutcome("paused", trainer.step)
+            trainer.checkpointer.wait()
+            loads = trainer.last_metrics.expert_loads if trainer.last_metrics else None
+            return TrainOutcome("finished", trainer.step, expert_loads=loads)
+        except Exception as exc:  # a peer died or was fenced off: collectives fail
+            error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            logger.warning("rank %d: step %d broken (%s)", epoch.rank, trainer.step + 1, error)
+            self._leave_group()  # closes our connections: peers blocked on us fail fast too
+            return TrainOutcome("broken", trainer.step, error=error)
+
+    def _on_commit(self, step: int, path: str, state: Any) -> None:
+        self.spec.coordinator.commit(step, path, state.data_position, state.tokens_seen)
+
+    def _log_samples(self, epoch: EpochSpec, step: int, ids: list[Any]) -> None:
+        directory = self.spec.sample_log_dir
+        assert directory is not None
+        os.makedirs(directory, exist_ok=True)
+        record = {"step": step, "epoch": epoch.epoch, "rank": epoch.rank, "time": time.time(),
+                  "ids": [list(i) for i in ids]}
+        with open(os.path.join(directory, f"worker-{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ control (other threads)
+    def ping(self, since_step: int = 0) -> dict[str, Any]:
+        with self.lock:
+            metrics = [(s, m) for s, m in self.progress.metrics if s > since_step]
+            return {"step": self.progress.step, "metrics": metrics}
+
+    def request_pause(self) -> int:
+        """Ask the group to stop after the current step (carried by the commit vote)."""
+        if self.trainer is not None:
+            self.trainer.pause_requested = True
+        return self.progress.step
+
+    def holdings(self) -> dict[str, Any]:
+        if self.trainer is None:
+            return {"rank": None, "live": None, "own": [], "wards": {}}
+        return self.trainer.holdings()
+
+    @ray.method(num_returns=2)
+    def export(self, rank: int, step: int) -> tuple[Any, Any]:
+        shards = self.trainer.export(rank, step)
+        return shards.manifest(), shards
+
+    def memory(self) -> dict[str, int]:
+        import resource
+
+        return {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+    def shutdown(self) -> None:
+        self._leave_group()
+
+
+def _wait_bounded(checkpointer: Any, seconds: float) -> None:
+    """Let an in-flight async save finish or fail (its peers are gone), but not forever."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            checkpointer.wait()
+        except Exception as exc:
+            logger.warning("in-flight checkpoint abandoned: %s", exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    if not done.wait(seconds):
+        logger.warning("in-flight checkpoint still busy after %.0f s; leaving it", seconds)

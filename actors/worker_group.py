@@ -1,0 +1,487 @@
+"""The elastic worker group on Ray core: membership, failure detection, live rebuilds, joins.
+
+The group runs in the launcher process and owns the run's training workers
+(:class:`actors.train_worker.TrainWorker`, one per accelerator, each in its own one-bundle
+placement group; ranks are ordered node by node). It writes every decision to the coordinator.
+
+- **Dead worker**: its ``train()`` call fails (Ray saw the process go) and its peers' collectives
+  fail within milliseconds (gloo sees the connection close).
+- **Hung worker** (stopped, deadlocked): it stops answering ``ping`` (served on another thread);
+  after ``elastic.hang_timeout_s`` it is fenced off -- killed, so it can never come back with
+  stale state -- and its peers' collectives fail at once.
+- **Rebuild in place**: the survivors return from ``train()`` with their state in memory. The
+  newest committed step of which a copy of every shard survives is chosen
+  (:func:`elastic_moe.train.elastic.decide_restore`): survivors hand out their own shards and the
+  copies they keep for lost peers. A new mesh plan is made for the new size, every member
+  rendezvouses in a new process group and fills its new layout from those shards. No process
+  restarts. Only when some shard has no surviving copy is the last committed DCP checkpoint read.
+- **Join**: a new worker starts, imports and warms up while the group trains; the group then
+  votes a pause at a step boundary, and pauses only for the rebuild.
+
+``elastic.recovery = "restart"`` keeps the old behaviour for comparison: every change restarts
+every worker from the last committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.coordinator import CoordinatorClient
+from actors.train_worker import EpochSpec, TrainOutcome, TrainWorker, WorkerSpec
+from elastic_moe.config import Config
+from elastic_moe.parallel import MeshPlan, plan_mesh
+from elastic_moe.train.elastic import decide_restore
+
+logger = logging.getLogger(__name__)
+
+PING_INTERVAL_S = 0.25
+STARTUP_GRACE_S = 30.0  # at start, how long workers already starting are waited for
+
+
+def _sigkill(pid: int) -> None:
+    """SIGKILL a process on this node (a stopped one too: Ray's own kill needs its cooperation)."""
+    import os
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+_kill_pid = ray.remote(num_cpus=0)(_sigkill)
+
+
+def fence(handle: Any, pid: int, node_id: str) -> None:
+    """Make sure a worker is gone for good: it can never rejoin with stale state, and its open
+    connections close, so peers blocked on it in a collective fail at once."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if node_id == ray.get_runtime_context().get_node_id():  # our node: no task needed
+        _sigkill(pid)
+    else:
+        try:
+            _kill_pid.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node_id, soft=False)).remote(pid)
+        except Exception as exc:  # the node is gone: so is the process
+            logger.debug("fencing pid %d on %s: %s", pid, node_id, exc)
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception as exc:
+        logger.debug("ray.kill of pid %d: %s", pid, exc)
+
+
+class TrainingFailed(RuntimeError):
+    """The run cannot go on (failure budget spent, no capacity, a worker error)."""
+
+
+@dataclass(eq=False)
+class Member:
+    handle: Any
+    slot: int
+    info: dict[str, Any]
+    rank: int = -1
+    last_reply: float = field(default_factory=time.time)
+    ping_ref: Any = None
+    ping_sent: float = 0.0
+
+
+@dataclass
+class GroupResult:
+    final_step: int
+    expert_loads: Any = None
+
+
+class ElasticGroup:
+    """Owns the workers of one run; :meth:`run` trains to the end or raises TrainingFailed."""
+
+    def __init__(self, cfg: Config, spec: WorkerSpec, coordinator: CoordinatorClient,
+                 tracker: Any, *, use_gpu: bool) -> None:
+        self.cfg, self.spec, self.coordinator, self.tracker = cfg, spec, coordinator, tracker
+        self.bundle = {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
+        self.use_gpu = use_gpu
+        self.slots: list[PlacementGroup] = []
+        self.members: list[Member] = []
+        self.joiners: list[Member] = []  # started, warming up or ready, not yet in the group
+        self.pending_joiners: dict[Any, tuple[Any, int]] = {}  # info ref -> (handle, slot)
+        self.plan: MeshPlan | None = None
+        self.epoch = 0
+        self.failures = 0
+        self.logged_step = 0
+        self.last_log_step = 0
+        self.last_step_time = time.time()
+        self.last_resize_check = time.time()
+
+    # ------------------------------------------------------------------ capacity
+    def _open_slots(self) -> None:
+        from ray.autoscaler.sdk import request_resources
+
+        high = self.cfg.parallel.max_workers
+        try:  # ask an autoscaling cluster for the maximum; a no-op on a fixed cluster
+            request_resources(bundles=[dict(self.bundle)] * high)
+        except Exception as exc:
+            logger.debug("request_resources: %s", exc)
+        self.slots = [placement_group([dict(self.bundle)]) for _ in range(high)]
+
+    def _ready_slots(self, timeout: float = 0.0) -> list[int]:
+        refs = {pg.ready(): i for i, pg in enumerate(self.slots)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        return sorted(refs[r] for r in ready)
+
+    def _free_slots(self) -> list[int]:
+        used = {m.slot for m in self.members + self.joiners}
+        used |= {slot for _, slot in self.pending_joiners.values()}
+        return [i for i in self._ready_slots() if i not in used]
+
+    def _start_worker(self, slot: int) -> tuple[Any, Any]:
+        options: dict[str, Any] = {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(self.slots[slot], 0),
+            "num_cpus": self.bundle["CPU"]}
+        if self.use_gpu:
+            options["num_gpus"] = 1
+        handle = TrainWorker.options(**options).remote(self.spec)  # type: ignore[attr-defined]
+        return handle, handle.info.remote()
+
+    def _spawn_joiners(self) -> None:
+        """Start workers in free slots, up to the maximum; they warm up in the background."""
+        room = self.cfg.parallel.max_workers - len(self.members) - len(self.joiners) - len(
+            self.pending_joiners)
+        for slot in self._free_slots()[:max(room, 0)]:
+            handle, info_ref = self._start_worker(slot)
+            self.pending_joiners[info_ref] = (handle, slot)
+            logger.info("capacity for another worker (slot %d): starting it", slot)
+
+    def _collect_joiners(self, timeout: float = 0.0) -> None:
+        if not self.pending_joiners:
+            return
+        ready, _ = ray.wait(list(self.pending_joiners), num_returns=len(self.pending_joiners),
+                            timeout=timeout)
+        for ref in ready:
+            handle, slot = self.pending_joiners.pop(ref)
+            try:
+                info = ray.get(ref)
+            except Exception as exc:  # it died while starting: its slot stays for a retry
+                logger.warning("a new worker failed to start: %s", exc)
+                continue
+            self.joiners.append(Member(handle, slot, info))
+
+    def _wait_for_minimum(self) -> None:
+        low = self.cfg.parallel.min_workers
+        deadline = time.time() + self.cfg.elastic.wait_for_capacity_s
+        last_log = 0.0
+        while True:
+            self._spawn_joiners()
+            self._collect_joiners(timeout=0.5)
+            have = len(self.members) + len(self.joiners)
+            if have >= low:
+                return
+            now = time.time()
+            if now > deadline:
+                raise TrainingFailed(
+                    f"waited {self.cfg.elastic.wait_for_capacity_s:.0f} s for {low} workers of "
+                    f"{self.bundle}; only {have} could be placed (cluster resources "
+                    f"{ray.cluster_resources()}); add nodes or lower --workers")
+            if now - last_log >= 30.0 and now > deadline - self.cfg.elastic.wait_for_capacity_s + 5:
+                last_log = now
+                logger.info("waiting for %d more worker(s) of %s; the cluster has %s available",
+                            low - have, self.bundle, ray.available_resources())
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> GroupResult:
+        self._open_slots()
+        try:
+            self._ready_slots(timeout=2.0)  # let the slots the cluster can place now get placed
+            self._wait_for_minimum()
+            self._spawn_joiners()
+            self._collect_joiners(timeout=STARTUP_GRACE_S)  # those still starting, briefly
+            committed = self.coordinator.restore_point()
+            start_step = committed["step"] if committed else 0
+            self._form_epoch(survivors=[], sources=None,
+                             restore="checkpoint" if committed else "fresh",
+                             checkpoint_step=start_step if committed else None,
+                             cause_detail={"restored_from": "checkpoint" if committed else "init"},
+                             marks={"detected": time.time()}, restored_step=start_step)
+            while True:
+                outcomes, failed = self._train_epoch()
+                if outcomes and all(o.status == "finished" for o in outcomes.values()) \
+                        and not failed:
+                    final = max(o.step for o in outcomes.values())
+                    loads = next((o.expert_loads for o in outcomes.values()
+                                  if o.expert_loads is not None), None)
+                    return GroupResult(final, loads)
+                if failed or any(o.status == "broken" for o in outcomes.values()):
+                    self._recover(outcomes, failed)
+                else:
+                    self._grow(outcomes)
+        finally:
+            self._shutdown()
+
+    def _train_epoch(self) -> tuple[dict[Member, TrainOutcome], list[Member]]:
+        """Run ``train()`` on every member until all return; detect dead and hung members."""
+        refs = {m.handle.train.remote(): m for m in self.members}
+        outcomes: dict[Member, TrainOutcome] = {}
+        failed: list[Member] = []
+        broken_since: float | None = None
+        pause_sent = False
+        hang = self.cfg.elastic.hang_timeout_s
+        for m in self.members:
+            m.last_reply, m.ping_ref = time.time(), None
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PING_INTERVAL_S)
+            for ref in done:
+                member = refs.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    logger.warning("worker rank %d (pid %s) died: %s", member.rank,
+                                   member.info["pid"], str(exc).splitlines()[0][:200])
+                    failed.append(member)
+                    broken_since = broken_since or time.time()
+                    continue
+                outcomes[member] = outcome
+                if outcome.status == "broken":
+                    broken_since = broken_since or time.time()
+            self._ping_all([m for m in refs.values()], since=self.logged_step)
+            now = time.time()
+            for ref, member in list(refs.items()):
+                silent = now - member.last_reply
+                # hung: no answer at all; or, answering, still in train() long after its peers
+                # broke off (its own collective timeout should have ended that step)
+                stuck = broken_since is not None and now - broken_since > (
+                    self.cfg.elastic.collective_timeout_s + hang)
+                if silent > hang or stuck:
+                    logger.warning("worker rank %d (pid %s) %s: fencing it off", member.rank,
+                                   member.info["pid"], f"silent for {silent:.1f} s"
+                                   if silent > hang else "did not leave a broken step")
+                    fence(member.handle, member.info["pid"], member.info["node_id"])
+                    refs.pop(ref)
+                    failed.append(member)
+                    broken_since = broken_since or now
+            if broken_since is None and not pause_sent and self._growth_ready():
+                for member in refs.values():
+                    member.handle.request_pause.remote()
+                pause_sent = True
+        survivors = [m for m in self.members if m not in failed]
+        self._ping_all(survivors, since=self.logged_step, wait=2.0)  # answers still in flight
+        self._ping_all(survivors, since=self.logged_step, wait=2.0)  # the last metrics
+        return outcomes, failed
+
+    def _growth_ready(self) -> bool:
+        now = time.time()
+        if now - self.last_resize_check >= self.cfg.elastic.resize_check_s:
+            self.last_resize_check = now
+            if len(self.members) < self.cfg.parallel.max_workers:
+                self._spawn_joiners()
+        self._collect_joiners()
+        return bool(self.joiners)
+
+    # ------------------------------------------------------------------ metrics
+    def _ping_all(self, members: list[Member], since: int, wait: float = 0.0) -> None:
+        now = time.time()
+        for m in members:
+            if m.ping_ref is None:
+                m.ping_ref, m.ping_sent = m.handle.ping.remote(since), now
+        refs = {m.ping_ref: m for m in members if m.ping_ref is not None}
+        if not refs:
+            return
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait)
+        for ref in done:
+            member = refs[ref]
+            member.ping_ref = None
+            try:
+                reply = ray.get(ref)
+            except ray.exceptions.RayError:
+                continue
+            member.last_reply = time.time()
+            self._log_metrics(reply["metrics"])
+
+    def _log_metrics(self, records: list[tuple[int, dict[str, float]]]) -> None:
+        for step, values in sorted(records, key=lambda r: r[0]):
+            if step <= self.logged_step:
+                continue
+            self.logged_step = step
+            self.last_step_time = time.time()
+            values = dict(values)
+            committed_at = values.pop("committed_at", None)
+            self.tracker.log_metrics(values, step, timestamp=committed_at)
+            self.coordinator.heartbeat(step, first_after_start=False)
+            log_freq = self.cfg.train.log_freq
+            if step % log_freq == 0 or step - self.last_log_step > log_freq or step == 1:
+                self.last_log_step = step
+                logger.info("step %d loss %.4f lm %.4f mtp %.4f grad_norm %.3f lr %.2e tok/s %.0f "
+                            "workers %d load max/mean %.2f", step, values["loss"],
+                            values["lm_loss"], values["mtp_loss"], values["grad_norm"],
+                            values["lr"], values["tokens_per_s"], values["world_size"],
+                            values.get("moe/load_max_over_mean", 0.0))
+            if "val_loss" in values:
+                logger.info("step %d val_loss %.4f val_mtp_loss %.4f", step, values["val_loss"],
+                            values["val_mtp_loss"])
+
+    # ------------------------------------------------------------------ membership changes
+    def _recover(self, outcomes: dict[Member, TrainOutcome], failed: list[Member]) -> None:
+        detected = time.time()
+        self.failures += 1
+        limit = self.cfg.elastic.max_failures
+        ranks = [m.rank for m in failed]
+        logger.warning("lost worker(s) rank %s (pids %s) at step %d; rebuilding", ranks,
+                       [m.info["pid"] for m in failed], self.logged_step)
+        self.coordinator.record_event("worker_lost", self.logged_step, ranks=ranks,
+                                      pids=[m.info["pid"] for m in failed])
+        for member in failed:
+            fence(member.handle, member.info["pid"], member.info["node_id"])
+        if limit >= 0 and self.failures > limit:
+            raise TrainingFailed(f"{self.failures} failures, more than elastic.max_failures="
+                                 f"{limit}; the last lost ranks {ranks}")
+        survivors = [m for m in self.members if m not in failed]
+        if self.cfg.elastic.recovery == "restart":
+            self._restart_all(survivors, detected)
+            return
+        holdings: dict[int, dict[str, Any]] = {}
+        refs = {m.handle.holdings.remote(): m for m in survivors}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=5.0)
+        for ref in done:
+            try:
+                holdings[refs[ref].rank] = ray.get(ref)
+            except ray.exceptions.RayError:
+                pass
+        lost_now = [m for m in survivors if m.rank not in holdings]
+        for member in lost_now:
+            fence(member.handle, member.info["pid"], member.info["node_id"])
+        survivors = [m for m in survivors if m.rank in holdings]
+        decision = decide_restore(len(self.members), holdings)
+        self._collect_joiners()
+        self.members = survivors
+        if decision.step is None:
+            logger.error("RESTORING FROM THE LAST COMMITTED CHECKPOINT: %s", decision.reason)
+            self._from_checkpoint(survivors, detected, decision.reason, failed)
+            return
+        logger.info("restore point: %s", decision.reason)
+        sources = self._export(survivors, decision.holders, decision.step)
+        self._form_epoch(survivors=survivors, sources=sources, restore="shards",
+                         marks={"detected": detected},
+                         restored_step=decision.step,
+                         cause_detail={"restored_from": "peers", "reason": decision.reason,
+                                       "failed_ranks": ranks,
+                                       "failed_pids": [m.info["pid"] for m in failed]})
+
+    def _grow(self, outcomes: dict[Member, TrainOutcome]) -> None:
+        detected = time.time()
+        if self.cfg.elastic.recovery == "restart":
+            self._restart_all(list(self.members), detected)
+            return
+        step = min(o.step for o in outcomes.values())
+        holders = {m.rank: m.rank for m in self.members}
+        sources = self._export(self.members, holders, step)
+        self._form_epoch(survivors=list(self.members), sources=sources, restore="shards",
+                         marks={"detected": detected}, restored_step=step,
+                         cause_detail={"restored_from": "peers", "reason": "join"})
+
+    def _export(self, survivors: list[Member], holders: dict[int, int], step: int
+                ) -> list[tuple[Any, Any]]:
+        by_rank = {m.rank: m for m in survivors}
+        pairs = [by_rank[holders[rank]].handle.export.remote(rank, step)
+                 for rank in sorted(holders)]
+        manifests = ray.get([p[0] for p in pairs])
+        return [(manifest, pair[1]) for manifest, pair in zip(manifests, pairs, strict=True)]
+
+    def _from_checkpoint(self, survivors: list[Member], detected: float, reason: str,
+                         failed: list[Member]) -> None:
+        committed = self.coordinator.restore_point()
+        self.coordinator.record_event("checkpoint_fallback", self.logged_step, reason=reason)
+        self.tracker.log_event("checkpoint_fallback", self.logged_step, reason=reason)
+        self._form_epoch(survivors=survivors, sources=None,
+                         restore="checkpoint" if committed else "fresh",
+                         checkpoint_step=committed["step"] if committed else None,
+                         marks={"detected": detected},
+                         restored_step=committed["step"] if committed else 0,
+                         cause_detail={"restored_from": "checkpoint", "reason": reason,
+                                       "failed_ranks": [m.rank for m in failed]})
+
+    def _restart_all(self, survivors: list[Member], detected: float) -> None:
+        """``recovery="restart"``: every worker is replaced and reads the last checkpoint."""
+        for member in survivors:
+            ray.kill(member.handle, no_restart=True)
+        self.members = []
+        self.joiners = []
+        self._from_checkpoint([], detected, "recovery=restart", [])
+
+    def _form_epoch(self, *, survivors: list[Member], sources: list[Any] | None, restore: str,
+                    marks: dict[str, float], restored_step: int,
+                    cause_detail: dict[str, Any], checkpoint_step: int | None = None) -> None:
+        """Choose members and plan, rendezvous everyone in a new group, fill the new layout."""
+        if len(survivors) + len(self.joiners) < self.cfg.parallel.min_workers:
+            self.members = survivors
+            self._wait_for_minimum()
+        high = self.cfg.parallel.max_workers
+        members = list(survivors) + self.joiners[:max(high - len(survivors), 0)]
+        self.joiners = self.joiners[len(members) - len(survivors):]
+        # node by node: ranks of one node are contiguous (EP groups stay inside a node)
+        members.sort(key=lambda m: (m.info["node_id"], m.rank if m.rank >= 0 else 1 << 30))
+        old_plan = self.plan
+        world = len(members)
+        plan = plan_mesh(world, self.cfg.parallel.gpus_per_node, self.cfg.model,
+                         self.cfg.parallel, global_batch_size=self.cfg.train.global_batch_size)
+        self.epoch += 1
+        master = members[0]
+        port = ray.get(master.handle.free_port.remote())
+        nodes = [m.info["node_id"] for m in members]
+        calls = []
+        for rank, member in enumerate(members):
+            member.rank = rank
+            spec = EpochSpec(epoch=self.epoch, rank=rank, world_size=world,
+                             plan=plan.to_dict(), master_addr=master.info["ip"],
+                             master_port=port, node_of_rank=nodes, restore=restore,
+                             checkpoint_step=checkpoint_step)
+            calls.append(member.handle.join.remote(spec, sources))
+        try:
+            joined = ray.get(calls, timeout=max(120.0, self.cfg.elastic.collective_timeout_s * 2))
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            raise TrainingFailed(f"rebuilding the group at {world} workers failed: {exc}") from exc
+        self.members = members
+        self.plan = plan
+        marks["rebuilt"] = time.time()
+        for key in ("join_start", "group_ready", "built", "restored", "linked"):
+            marks[key] = max(j["marks"][key] for j in joined)
+        logger.debug("rebuild marks: %s", {k: round(v - marks["detected"], 3)
+                                           for k, v in marks.items()})
+        pause_s = marks["rebuilt"] - marks["detected"]
+        step = joined[0]["step"]
+        workers = [{"rank": m.rank, "pid": m.info["pid"], "node_id": m.info["node_id"]}
+                   for m in members]
+        detail = {**cause_detail, "rebuild_s": round(pause_s, 3),
+                  "old_plan": old_plan.describe() if old_plan else None,
+                  "new_plan": plan.describe(),
+                  "snapshot_bytes": max(j["snapshot_bytes"] for j in joined)}
+        epoch = self.coordinator.start_epoch(world, plan.to_dict(), step, marks, workers=workers,
+                                             detail=detail)
+        self.tracker.log_event(epoch["cause"], step, world_size=world,
+                               previous_world_size=epoch["previous_world_size"],
+                               steps_redone=epoch["steps_redone"], **detail)
+        logger.info("epoch %d (%s): %d workers at step %d (%s), rebuilt in %.2f s; plan %s",
+                    self.epoch, epoch["cause"], world, step, cause_detail.get("restored_from"),
+                    pause_s, plan.describe())
+
+    # ------------------------------------------------------------------ pids, teardown
+    def worker_pids(self) -> list[int]:
+        return [m.info["pid"] for m in self.members]
+
+    def _shutdown(self) -> None:
+        for member in self.members + self.joiners:
+            try:
+                ray.kill(member.handle, no_restart=True)
+            except Exception:
+                pass
+        for handle, _ in self.pending_joiners.values():
+            ray.kill(handle, no_restart=True)
+        for pg in self.slots:
+            try:
+                remove_placement_group(pg)
+            except Exception:
+                pass

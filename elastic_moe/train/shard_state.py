@@ -1,0 +1,378 @@
+"""A rank's training state as shards with global coordinates: take, move, and refill in memory.
+
+Live recovery (the elastic worker group in ``actors/``) never restarts the survivors and never
+reads storage when it can help it. What it needs from the library is here:
+
+* :func:`take_shards` copies this rank's model parameters, persistent buffers and optimizer state
+  into a :class:`ShardSet`: per tensor the local block and where it sits in the global tensor
+  (DTensor shards of FSDP2 and expert parallelism know their global offset). Nothing collective.
+* :func:`fill_from_shards` writes any layout's model and optimizer from shard sets taken at
+  another layout (another world size, EP degree, HSDP split): each target block is assembled from
+  the overlapping source blocks, and every element must be covered, or it raises naming the
+  tensors that are not. Replicas (HSDP, expert replicas) simply overlap.
+* :func:`buddy_of` and :func:`exchange_snapshots` keep a copy of every rank's shards in a peer's
+  memory (on another node where there is one): after each committed step each rank sends its
+  flattened shards to its buddy over the process group and receives its wards' (Gemini, SOSP'23,
+  keeps such in-memory checkpoints in peer CPU memory; here the copy is refreshed every step).
+
+Per-step accumulators (``tokens_per_expert``) are not state: they are zero between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+logger = logging.getLogger(__name__)
+
+# Buffers that are zeroed at every step boundary: never carried across a rebuild.
+TRANSIENT_BUFFERS = ("tokens_per_expert",)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    """One tensor block: ``key`` names the tensor, the block is ``shape`` at ``offset`` of
+    ``global_shape``."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(slots=True)
+class ShardSet:
+    """One rank's state at one committed step: block specs, their tensors, and the step's
+    world-size-free counters (data position, tokens seen)."""
+
+    rank: int
+    step: int
+    specs: list[ShardSpec]
+    tensors: list[torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def manifest(self) -> ShardManifest:
+        return ShardManifest(rank=self.rank, step=self.step, specs=list(self.specs),
+                             meta=dict(self.meta))
+
+    # Pickled as one byte buffer per dtype: Ray moves numpy buffers without copies, while
+    # hundreds of small tensors would each be pickled on their own (torch's reductions even put
+    # each storage in shared memory).
+    def __getstate__(self) -> dict[str, Any]:
+        flat = _flatten(self.tensors)
+        return {"rank": self.rank, "step": self.step, "specs": self.specs, "meta": self.meta,
+                "buffers": {str(dtype).removeprefix("torch."): t.contiguous().view(torch.uint8)
+                            .numpy() for dtype, t in flat.items()}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import warnings
+
+        self.rank, self.step, self.specs, self.meta = (state["rank"], state["step"],
+                                                       state["specs"], state["meta"])
+        with warnings.catch_warnings():  # read-only buffers from the object store: never written
+            warnings.simplefilter("ignore", UserWarning)
+            flat = {getattr(torch, name): torch.from_numpy(buf).view(getattr(torch, name))
+                    for name, buf in state["buffers"].items()}
+        self.tensors = _unflatten(flat, self.specs)
+
+
+@dataclass(slots=True)
+class ShardManifest:
+    """A :class:`ShardSet` without its tensors: what a rank holds, cheap to send around."""
+
+    rank: int
+    step: int
+    specs: list[ShardSpec]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _local_and_offset(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if isinstance(tensor, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = tensor.to_local()
+        _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
+                                                          tensor.placements)
+        return local, tuple(int(o) for o in offset)
+    return tensor, (0,) * tensor.dim()
+
+
+def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None
+                  ) -> list[tuple[str, torch.Tensor]]:
+    """(key, tensor) for every piece of training state, in a fixed order on every rank.
+
+    Keys: ``model/<fqn>`` for parameters and persistent buffers, ``optim/<fqn>/<name>`` for the
+    optimizer's per-parameter state (created if the optimizer has not stepped yet).
+    """
+    persistent = set(model.state_dict().keys())
+    out: list[tuple[str, torch.Tensor]] = []
+    params = list(model.named_parameters())
+    for name, param in params:
+        out.append((f"model/{name}", param.data if not isinstance(param, DTensor) else param))
+    for name, buf in model.named_buffers():
+        if name in persistent and name.rsplit(".", 1)[-1] not in TRANSIENT_BUFFERS:
+            out.append((f"model/{name}", buf))
+    if optimizer is not None:
+        ensure_optimizer_state(optimizer)
+        for name, param in params:
+            state = optimizer.state.get(param, {})
+            for key in sorted(state):
+                value = state[key]
+                if isinstance(value, torch.Tensor):
+                    out.append((f"optim/{name}/{key}", value))
+    return out
+
+
+def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter AdamW-shaped state (zeros, step 0) if it has none yet, so a state
+    can be filled in before the first step."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param in optimizer.state and optimizer.state[param]:
+                continue
+            optimizer.state[param] = {
+                "step": torch.zeros((), dtype=torch.float32),
+                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            }
+
+
+def take_shards(model: nn.Module, optimizer: torch.optim.Optimizer | None, *, rank: int,
+                step: int, meta: dict[str, Any] | None = None) -> ShardSet:
+    """A CPU copy of this rank's state (no collectives)."""
+    specs: list[ShardSpec] = []
+    tensors: list[torch.Tensor] = []
+    for key, tensor in state_tensors(model, optimizer):
+        local, offset = _local_and_offset(tensor)
+        specs.append(ShardSpec(key=key, dtype=str(local.dtype).removeprefix("torch."),
+                               shape=tuple(local.shape), global_shape=tuple(tensor.shape),
+                               offset=offset))
+        tensors.append(local.detach().to("cpu", copy=True))
+    return ShardSet(rank=rank, step=step, specs=specs, tensors=tensors, meta=dict(meta or {}))
+
+
+def _overlap(dst: ShardSpec, src: ShardSpec) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    dst_idx, src_idx = [], []
+    for d_off, d_len, s_off, s_len in zip(dst.offset, dst.shape, src.offset, src.shape,
+                                          strict=True):
+        lo, hi = max(d_off, s_off), min(d_off + d_len, s_off + s_len)
+        if lo >= hi:
+            return None
+        dst_idx.append(slice(lo - d_off, hi - d_off))
+        src_idx.append(slice(lo - s_off, hi - s_off))
+    return tuple(dst_idx), tuple(src_idx)
+
+
+def needed_sources(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                   manifests: Sequence[ShardManifest]) -> list[int]:
+    """Indices into ``manifests`` whose blocks this rank's new layout needs (greedy cover: a
+    source already chosen is preferred, so replicas are not fetched twice)."""
+    by_key: dict[str, list[tuple[int, ShardSpec]]] = {}
+    for index, manifest in enumerate(manifests):
+        for spec in manifest.specs:
+            by_key.setdefault(spec.key, []).append((index, spec))
+    chosen: list[int] = []
+    for key, tensor in state_tensors(model, optimizer):
+        local, offset = _local_and_offset(tensor)
+        target = ShardSpec(key, "", tuple(local.shape), tuple(tensor.shape), offset)
+        candidates = [(i, s) for i, s in by_key.get(key, []) if _overlap(target, s) is not None
+                      or target.numel == 0]
+        # chosen sources first, then the rest; take blocks until the target is covered
+        candidates.sort(key=lambda c: (c[0] not in chosen, c[0]))
+        covered = 0
+        for index, spec in candidates:
+            box = _overlap(target, spec)
+            if box is None:
+                continue
+            if index not in chosen:
+                chosen.append(index)
+            covered += _box_numel(box[0])
+            if covered >= target.numel:
+                break
+    return sorted(chosen)
+
+
+def _box_numel(box: tuple[slice, ...]) -> int:
+    n = 1
+    for s in box:
+        n *= s.stop - s.start
+    return n
+
+
+@torch.no_grad()
+def fill_from_shards(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                     sources: Iterable[ShardSet]) -> None:
+    """Overwrite this rank's state from blocks taken at any layout; every element must be
+    covered. Overlapping blocks (replicas) hold equal values, so any cover is exact."""
+    blocks: dict[str, list[tuple[ShardSpec, torch.Tensor]]] = {}
+    for source in sources:
+        for spec, tensor in zip(source.specs, source.tensors, strict=True):
+            blocks.setdefault(spec.key, []).append((spec, tensor))
+    missing: list[str] = []
+    for key, tensor in state_tensors(model, optimizer):
+        local, offset = _local_and_offset(tensor)
+        target = ShardSpec(key, "", tuple(local.shape), tuple(tensor.shape), offset)
+        known = blocks.get(key, [])
+        if known and tuple(known[0][0].global_shape) != tuple(tensor.shape):
+            raise ValueError(f"{key}: source shape {known[0][0].global_shape} != "
+                             f"{tuple(tensor.shape)} (a different model config)")
+        # The blocks of one layout are disjoint but for replicas, which share offset and shape:
+        # counting the elements of distinct blocks tells whether the target is covered.
+        covered, seen = 0, set()
+        for spec, src in known:
+            if (spec.offset, spec.shape) in seen:
+                continue
+            box = _overlap(target, spec)
+            if box is None:
+                continue
+            seen.add((spec.offset, spec.shape))
+            dst_box, src_box = box
+            local[dst_box].copy_(src[src_box])
+            covered += _box_numel(dst_box)
+        if covered != target.numel:
+            missing.append(f"{key} ({target.numel - covered} of {target.numel} elements)")
+    if missing:
+        raise ValueError(f"state not covered by the sources: {', '.join(missing[:8])}"
+                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    for module in model.modules():
+        for name in TRANSIENT_BUFFERS:
+            buf = getattr(module, name, None)
+            if isinstance(buf, torch.Tensor):
+                buf.zero_()
+
+
+# ---------------------------------------------------------------------------- peer copies
+def buddy_of(rank: int, node_of_rank: Sequence[str]) -> int | None:
+    """The rank that keeps ``rank``'s in-memory copy: the next rank (in ring order) on another
+    node, or the next rank when all share a node; ``None`` for a group of one."""
+    world = len(node_of_rank)
+    if world < 2:
+        return None
+    for step in range(1, world):
+        other = (rank + step) % world
+        if node_of_rank[other] != node_of_rank[rank]:
+            return other
+    return (rank + 1) % world
+
+
+def _flatten(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, torch.Tensor]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t.reshape(-1))
+    return {dtype: torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+            for dtype, parts in groups.items()}
+
+
+def _unflatten(flat: dict[torch.dtype, torch.Tensor], specs: Sequence[ShardSpec]
+               ) -> list[torch.Tensor]:
+    cursors = dict.fromkeys(flat, 0)
+    out = []
+    for spec in specs:
+        dtype = getattr(torch, spec.dtype)
+        start = cursors[dtype]
+        out.append(flat[dtype][start:start + spec.numel].view(spec.shape))
+        cursors[dtype] = start + spec.numel
+    return out
+
+
+def _flat_sizes(specs: Sequence[ShardSpec]) -> dict[torch.dtype, int]:
+    sizes: dict[torch.dtype, int] = {}
+    for spec in specs:
+        dtype = getattr(torch, spec.dtype)
+        sizes[dtype] = sizes.get(dtype, 0) + spec.numel
+    return sizes
+
+
+def exchange_snapshots(own: ShardSet, buddy: int | None, wards: Sequence[ShardManifest],
+                       group: dist.ProcessGroup | None = None) -> dict[int, ShardSet]:
+    """Send ``own`` to ``buddy`` and receive each ward's shards at the same step.
+
+    ``wards``: the manifests of the ranks whose buddy this rank is (their layout; the step is
+    ``own.step``). Point-to-point over ``group``; raises when a peer is gone, like any collective.
+    """
+    ops = []
+    flat_own = _flatten(own.tensors)
+    if buddy is not None:
+        for dtype in sorted(flat_own, key=str):
+            ops.append(dist.P2POp(dist.isend, flat_own[dtype], buddy, group=group))
+    received: dict[int, dict[torch.dtype, torch.Tensor]] = {}
+    for ward in wards:
+        bufs = {dtype: torch.empty(n, dtype=dtype) for dtype, n in _flat_sizes(ward.specs).items()}
+        received[ward.rank] = bufs
+        for dtype in sorted(bufs, key=str):
+            ops.append(dist.P2POp(dist.irecv, bufs[dtype], ward.rank, group=group))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    return {ward.rank: ShardSet(rank=ward.rank, step=own.step, specs=list(ward.specs),
+                                tensors=_unflatten(received[ward.rank], ward.specs),
+                                meta=dict(own.meta))
+            for ward in wards}
+
+
+class PeerCopies:
+    """One rank's in-memory copies: its own last snapshots and those of its wards (the ranks
+    whose buddy it is), ``versions`` of each. Collective: :meth:`link`, :meth:`refresh`."""
+
+    def __init__(self, rank: int, world_size: int, versions: int = 2) -> None:
+        from collections import deque
+
+        self.rank, self.world_size, self.versions = rank, world_size, versions
+        self.buddy: int | None = None
+        self.wards: list[ShardManifest] = []
+        self.own: deque[ShardSet] = deque(maxlen=versions)
+        self.ward_copies: dict[int, deque[ShardSet]] = {}
+
+    def link(self, own: ShardSet, node_of_rank: Sequence[str],
+             group: dist.ProcessGroup | None = None, *, enabled: bool = True) -> None:
+        """Choose buddies for this layout, learn the wards' layouts and take the first copies.
+        ``enabled=False``: no buddy copies, only this rank's own last snapshots."""
+        from collections import deque
+
+        self.buddy = buddy_of(self.rank, node_of_rank) if enabled else None
+        manifests: list[Any] = [own.manifest()]
+        if dist.is_initialized() and self.world_size > 1:
+            manifests = [None] * self.world_size
+            dist.all_gather_object(manifests, own.manifest(), group=group)
+        self.wards = [m for m in manifests if enabled and m.rank != self.rank
+                      and buddy_of(m.rank, node_of_rank) == self.rank]
+        self.own.clear()
+        self.ward_copies = {m.rank: deque(maxlen=self.versions) for m in self.wards}
+        self.refresh(own, group)
+
+    def refresh(self, own: ShardSet, group: dist.ProcessGroup | None = None) -> None:
+        """Send ``own`` to the buddy, keep the wards' copies of the same step."""
+        received = exchange_snapshots(own, self.buddy, self.wards, group)
+        self.own.append(own)
+        for ward_rank, shards in received.items():
+            self.ward_copies[ward_rank].append(shards)
+
+    def holdings(self) -> dict[str, Any]:
+        return {"own": [s.step for s in self.own],
+                "wards": {w: [s.step for s in copies] for w, copies in self.ward_copies.items()}}
+
+    def find(self, rank: int, step: int) -> ShardSet | None:
+        copies = self.own if rank == self.rank else self.ward_copies.get(rank, [])
+        return next((s for s in copies if s.step == step), None)
+
+    def nbytes(self) -> int:
+        return (sum(s.nbytes() for s in self.own)
+                + sum(s.nbytes() for c in self.ward_copies.values() for s in c))

@@ -1,0 +1,225 @@
+"""One rank's trainer for one membership epoch, made of small components.
+
+A :class:`Trainer` is built for a mesh plan (setup), filled with state (restore: from peer
+shards in memory, from the last committed DCP checkpoint, or fresh), and then runs committed
+steps (step), checkpoints when its checkpointer says so (checkpoint), and keeps its state copied
+to a peer (snapshots). It knows nothing of Ray: batches come from a :class:`BatchSource`, and the
+worker actor around it (``actors/train_worker.py``) reports to the coordinator.
+
+A step counts only when every rank has voted it done: the vote is the step's last collective,
+after the gradient reduction and before ``optimizer.step`` (like torchft's ``should_commit``).
+A failure before it leaves parameters, optimizer state and router biases untouched everywhere;
+the vote also carries a pause request, so every rank stops after the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from elastic_moe.checkpoint import Checkpointer, CheckpointError, TrainState
+from elastic_moe.config import Config
+from elastic_moe.data.sampler import DataPosition, advance, split_batch
+from elastic_moe.parallel import MeshPlan, setup_model
+from elastic_moe.train.elastic import effective_batch
+from elastic_moe.train.shard_state import PeerCopies, ShardSet, fill_from_shards, take_shards
+from elastic_moe.train.step import StepMetrics, build_optimizer, train_step
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_VERSIONS = 2  # own and ward copies kept: the newest and the one before it
+
+
+class BatchSource(Protocol):
+    """This rank's share of each global batch, asked by data position, one request ahead."""
+
+    num_sequences: int
+    last_wait_s: float
+
+    def request(self, position: DataPosition) -> None: ...
+
+    def take(self) -> dict[str, Any]: ...
+
+
+@dataclass(slots=True)
+class CommittedStep:
+    """What a committed step leaves for reporting (identical global metrics on every rank)."""
+
+    step: int  # steps completed, 1-based like MLflow's step axis
+    metrics: dict[str, float]
+    sample_ids: list[tuple[int, int]] = field(default_factory=list)
+
+
+class Trainer:
+    """Setup -> restore -> step / checkpoint / snapshot, for one rank at one membership."""
+
+    def __init__(self, cfg: Config, *, rank: int, plan: MeshPlan, device: torch.device,
+                 checkpointer: Checkpointer, batches: BatchSource) -> None:
+        self.cfg, self.rank, self.plan, self.device = cfg, rank, plan, device
+        self.world_size = plan.world_size
+        self.checkpointer, self.batches = checkpointer, batches
+        # ---- setup: the model for this layout (meta build -> parallelize -> materialize)
+        self.model = setup_model(cfg.model, plan, device, seed=cfg.train.seed)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.global_batch, lr_scale = effective_batch(cfg.train, self.world_size,
+                                                      cfg.parallel.max_workers)
+        self.train_cfg = dataclasses.replace(cfg.train, lr=cfg.train.lr * lr_scale,
+                                             min_lr=cfg.train.min_lr * lr_scale)
+        self.step = 0
+        self.tokens_seen = 0
+        self.position = DataPosition(seed=cfg.train.seed)
+        self.pause_requested = False
+        self.paused = False
+        self.last_metrics: StepMetrics | None = None
+        self.val_batches: list[dict[str, Any]] | None = None
+        # ---- peer copies: this rank's buddy keeps its shards; this rank keeps its wards'
+        self.peers = PeerCopies(rank, self.world_size, versions=SNAPSHOT_VERSIONS)
+
+    # ------------------------------------------------------------------ restore
+    def _meta(self) -> dict[str, Any]:
+        return {"position": self.position.to_dict(), "tokens_seen": self.tokens_seen}
+
+    def _set_counters(self, step: int, position: dict[str, Any] | None, tokens_seen: int) -> None:
+        self.step = step
+        self.tokens_seen = tokens_seen
+        self.position = (DataPosition.from_dict(position) if position
+                         else DataPosition(seed=self.cfg.train.seed))
+
+    def restore_from_shards(self, sources: list[ShardSet]) -> None:
+        """Fill this layout from shards taken at any layout (survivors' live state, peer copies)."""
+        steps = {s.step for s in sources}
+        if len(steps) != 1:
+            raise ValueError(f"sources from different steps {sorted(steps)}: one step needed")
+        fill_from_shards(self.model, self.optimizer, sources)
+        meta = sources[0].meta
+        self._set_counters(sources[0].step, meta.get("position"), int(meta.get("tokens_seen", 0)))
+
+    def restore_from_checkpoint(self, step: int) -> int:
+        """Load the committed checkpoint at ``step`` (older ones when it is unusable); returns the
+        step restored."""
+        try:
+            state = self.checkpointer.restore(self.model, self.optimizer, step=step)
+        except CheckpointError as exc:
+            logger.error("committed checkpoint step %d unusable (%s); trying older ones", step, exc)
+            state = self.checkpointer.restore(self.model, self.optimizer, max_step=step - 1)
+        if state is None:
+            self._set_counters(0, None, 0)
+        else:
+            self._set_counters(state.step, state.data_position, state.tokens_seen)
+        return self.step
+
+    def init_from_published(self, path: str) -> None:
+        """Fill this rank's shards from an HF-layout checkpoint (a new run; only this rank's
+        slices are read)."""
+        from elastic_moe.model.hf_sharded import load_hf_into
+
+        load_hf_into(self.model, path, self.cfg.model)
+
+    # ------------------------------------------------------------------ validation
+    def load_validation(self, manifest: str) -> None:
+        """This rank's share of the fixed validation sequences (split by rank, any size)."""
+        from elastic_moe.train.evaluate import val_micro_batches
+
+        self.val_batches = val_micro_batches(manifest, self.cfg.train.eval_sequences, self.rank,
+                                             self.world_size, self.cfg.train.micro_batch_size)
+
+    def _evaluate(self) -> dict[str, float]:
+        """val_loss / val_mtp_loss over the whole validation set (collective; the same value
+        at any world size)."""
+        from elastic_moe.train.evaluate import evaluate
+        from elastic_moe.train.step import autocast_dtype
+
+        return evaluate(self.model, self.val_batches,
+                        amp=autocast_dtype(self.cfg.train, self.device))
+
+    # ------------------------------------------------------------------ peers
+    def _own_shards(self) -> ShardSet:
+        return take_shards(self.model, self.optimizer, rank=self.rank, step=self.step,
+                           meta=self._meta())
+
+    def link_peers(self, node_of_rank: list[str]) -> None:
+        """Choose buddies for this layout and take the first peer copies (collective)."""
+        self.peers.link(self._own_shards(), node_of_rank,
+                        enabled=self.cfg.elastic.snapshot_every > 0)
+
+    def maybe_snapshot(self) -> None:
+        """Refresh the peer copies after every ``elastic.snapshot_every``-th committed step
+        (collective, point to point)."""
+        every = self.cfg.elastic.snapshot_every
+        if every > 0 and self.step % every == 0:
+            self.peers.refresh(self._own_shards())
+
+    def holdings(self) -> dict[str, Any]:
+        """Which committed steps this rank can hand out, for itself and for its wards."""
+        return {"rank": self.rank, "live": self.step, **self.peers.holdings()}
+
+    def export(self, rank: int, step: int) -> ShardSet:
+        """The shards of ``rank`` (this one or a ward) at committed ``step``."""
+        if rank == self.rank and step == self.step:
+            return self._own_shards()
+        shards = self.peers.find(rank, step)
+        if shards is None:
+            raise KeyError(f"rank {self.rank} holds no copy of rank {rank} at step {step}")
+        return shards
+
+    # ------------------------------------------------------------------ step
+    def _vote(self) -> None:
+        flag = torch.tensor([1.0 if self.pause_requested else 0.0])
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.paused = bool(flag.item() > 0)
+
+    def train_one_step(self, on_batch: Callable[[dict[str, Any]], None] | None = None
+                       ) -> CommittedStep:
+        """Run and commit one step; the next batch is requested while it runs."""
+        batch = self.batches.take()
+        position = advance(self.position, self.global_batch, self.batches.num_sequences)
+        if self.step + 1 < self.cfg.train.steps:
+            self.batches.request(position)
+        ids = batch["sample_ids"]
+        metrics = train_step(self.model, self.optimizer,
+                             split_batch(batch, self.cfg.train.micro_batch_size), self.step,
+                             self.train_cfg, self.cfg.model,
+                             batch_fraction=len(ids) / self.global_batch,
+                             commit_vote=self._vote)
+        # committed: everything below is local
+        self.step += 1
+        self.position = position
+        self.tokens_seen += metrics.tokens
+        self.last_metrics = metrics
+        values = metrics.as_dict()
+        values.update(world_size=self.world_size, ep_degree=self.plan.expert_parallel_degree,
+                      tokens_seen=self.tokens_seen, data_wait_s=self.batches.last_wait_s,
+                      committed_at=time.time())
+        eval_every = self.cfg.train.eval_every
+        if self.val_batches is not None and eval_every and self.step % eval_every == 0:
+            values.update(self._evaluate())  # one record per step: val losses ride with it
+        if on_batch is not None:
+            on_batch(batch)
+        return CommittedStep(step=self.step, metrics=values, sample_ids=list(ids))
+
+    def start_stream(self) -> None:
+        self.batches.request(self.position)
+
+    # ------------------------------------------------------------------ checkpoint
+    def maybe_checkpoint(self, on_commit: Callable[[int, str, TrainState], None] | None) -> bool:
+        """Save when the checkpointer says it is due; ``on_commit(step, path, state)`` runs on
+        rank 0 once the checkpoint is committed."""
+        if not self.checkpointer.due(self.step, self.cfg.train.steps):
+            return False
+        state = TrainState(step=self.step, tokens_seen=self.tokens_seen,
+                           data_position=self.position.to_dict(), mesh_plan=self.plan.to_dict(),
+                           model_config=dataclasses.asdict(self.cfg.model))
+        callback = None
+        if on_commit is not None and self.rank == 0:
+            def callback(step: int, path: str) -> None:
+                on_commit(step, path, state)
+        self.checkpointer.save(self.step, self.model, self.optimizer, state, on_commit=callback)
+        return True

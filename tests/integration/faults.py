@@ -1,0 +1,64 @@
+"""Faults the tests hand to production code from outside: a checkpoint writer that dies."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+log = logging.getLogger(__name__)
+
+
+class DyingWriter(dcp.StorageWriter):
+    """Delegating DCP writer that ends the process after writing half of its items."""
+
+    def __init__(self, inner: dcp.StorageWriter, exit_code: int = 17) -> None:
+        self.inner = inner
+        self.exit_code = exit_code
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def reset(self, checkpoint_id=None):  # type: ignore[no-untyped-def]
+        return self.inner.reset(checkpoint_id)
+
+    def set_up_storage_writer(self, is_coordinator, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.inner.set_up_storage_writer(is_coordinator, *args, **kwargs)
+
+    def prepare_local_plan(self, plan):  # type: ignore[no-untyped-def]
+        return self.inner.prepare_local_plan(plan)
+
+    def prepare_global_plan(self, plans):  # type: ignore[no-untyped-def]
+        return self.inner.prepare_global_plan(plans)
+
+    def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+        half = plan.items[: max(len(plan.items) // 2, 1)]
+        half_plan = type(plan)(items=half, storage_data=plan.storage_data,
+                               planner_data=plan.planner_data)
+        self.inner.write_data(half_plan, planner).wait()
+        log.error("rank %d exits in the middle of its save", dist.get_rank())
+        os._exit(self.exit_code)
+
+    def finish(self, metadata, results):  # type: ignore[no-untyped-def]
+        return self.inner.finish(metadata, results)
+
+    def storage_meta(self):  # type: ignore[no-untyped-def]
+        return self.inner.storage_meta()
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:  # type: ignore[no-untyped-def]
+        return True
+
+
+def die_during_save(step: int, rank: int):
+    """A ``Checkpointer(wrap_writer=...)`` argument: ``rank`` dies half-way through ``step``."""
+
+    def wrap(writer: dcp.StorageWriter, save_step: int) -> dcp.StorageWriter:
+        if save_step == step and dist.get_rank() == rank:
+            return DyingWriter(writer)
+        return writer
+
+    return wrap
