@@ -130,7 +130,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     mtp_loss_weight: float = 0.3  # lambda (0.3 early in V3, 0.1 later)
-    mixed_precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast where the device has it
+    # bf16: FSDP2 gathers bf16 params and reduces grads in fp32, autocast bf16 (CUDA and CPU);
+    # fp32 master weights and optimizer state either way.
+    mixed_precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 0
     log_freq: int = 1
     # What happens to the global batch when the data-parallel size changes: "constant_batch"
@@ -220,12 +222,17 @@ class ElasticConfig:
     max_failures: int = 3  # worker-group restarts after failures before the job fails; -1 = inf
     collective_timeout_s: float = 120.0  # a dead or hung rank is detected within this
     resize_check_s: float = 10.0  # how often Ray Train looks for capacity to grow the group
+    # At launch on a cluster, how long to wait for min_workers to fit (autoscaler nodes take
+    # minutes to boot) before giving up with what is missing; --wait-for-capacity sets it.
+    capacity_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
         _require(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1")
         _require(self.collective_timeout_s > 0, "collective_timeout_s",
                  self.collective_timeout_s, "must be positive (seconds)")
         _require(self.resize_check_s >= 0, "resize_check_s", self.resize_check_s, "must be >= 0")
+        _require(self.capacity_wait_s >= 0, "capacity_wait_s", self.capacity_wait_s,
+                 "must be >= 0 (seconds)")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -90,7 +90,8 @@ def train_func(config: dict[str, Any]) -> None:
                      global_batch_size=cfg.train.global_batch_size)
     if rank == 0:
         log.info("mesh plan for %d workers: %s", world_size, plan.describe())
-    model = setup_model(cfg.model, plan, device, seed=cfg.train.seed)
+    model = setup_model(cfg.model, plan, device, seed=cfg.train.seed,
+                        mixed_precision=cfg.train.mixed_precision)
     optimizer = build_optimizer(model, cfg.train)
     ckpt = Checkpointer(config["checkpoint_dir"], keep_last=cfg.checkpoint.keep_last,
                         keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
