@@ -28,7 +28,7 @@ import ray
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONNECT_TIMEOUT_S = 20.0
+DEFAULT_CONNECT_TIMEOUT_S = 15.0
 
 
 class LaunchError(RuntimeError):

@@ -6,7 +6,7 @@ checkpoint commits. Known noise is dropped in two places:
 
 * **driver-side loggers** -- Ray's own Python logger keeps its WARNING level but loses the
   messages in :data:`NOISE` (e.g. the token-authentication notice of every local Ray); MLflow's
-  store set-up INFO lines are turned down to WARNING;
+  store set-up INFO lines are turned down with MLflow's own ``MLFLOW_LOGGING_LEVEL=WARNING``;
 * **lines streamed from worker processes** (Ray's ``log_to_driver``) -- each line matching
   :data:`NOISE` is dropped before Ray's own printer (and its de-duplicator) sees it. Ray offers no
   public per-line hook, so this wraps ``ray._private.worker.print_to_stdstream``; when a Ray
@@ -18,6 +18,7 @@ Only patterns listed here are dropped: an unknown Ray warning or error still sho
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -85,6 +86,9 @@ def configure_console(verbose: bool = False, level: int = logging.INFO) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbose:
         return
+    # MLflow's own setting (it configures its loggers on import, in workers too: they inherit
+    # this environment from the embedded Ray).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     import ray  # noqa: F401  (installs Ray's own handlers, which get the filter)

@@ -116,12 +116,18 @@ def check_memory_before_ray(cfg: Config) -> MemoryEstimate | None:
     return _check_memory(cfg, budget, "cuda" if bundle.get("GPU") else "cpu")
 
 
-def _check_memory(cfg: Config, budget: MemoryBudget, device_type: str) -> MemoryEstimate:
+def _check_memory(cfg: Config, budget: MemoryBudget, device_type: str,
+                  quiet: bool = False) -> MemoryEstimate:
+    world_size = cfg.parallel.min_workers
     try:
-        return check_memory(cfg, cfg.parallel.min_workers, budget, device_type=device_type)
+        estimate = check_memory(cfg, world_size, budget, device_type=device_type)
     except ValueError as exc:
         raise LaunchError(f"{exc} (recipe {cfg.name!r}, --workers "
                           f"{cfg.parallel.min_workers}:{cfg.parallel.max_workers})") from exc
+    (logger.debug if quiet else logger.info)(
+        "memory check: ~%.1f GiB per worker fits %s", estimate.total / GIB,
+        budget.describe(world_size))
+    return estimate
 
 
 def preflight(cfg: Config, connection: RayConnection, *, checkpoint_dir: str,
@@ -131,8 +137,8 @@ def preflight(cfg: Config, connection: RayConnection, *, checkpoint_dir: str,
     device_type = "cuda" if bundle.get("GPU") else "cpu"
     min_workers = cfg.parallel.min_workers
     budget = memory_budget(cfg, bundle, connection, None)
-    if budget is not None:
-        _check_memory(cfg, budget, device_type)
+    if budget is not None:  # embedded: check_memory_before_ray logged it already
+        _check_memory(cfg, budget, device_type, quiet=connection.embedded)
     if connection.embedded:
         capacity = current_capacity(bundle)
         if capacity.workers < min_workers:  # only with an explicit num_cpus below the workers

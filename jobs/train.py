@@ -115,17 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.describe:
         print(describe(cfg))
         return 0
-    from actors.cluster import LaunchError, requested_address
+    from actors.cluster import LaunchError, check_address, requested_address
     from actors.console import configure_console
 
     configure_console(verbose=args.verbose)
     if args.ray_address:  # what ray.init and the job's workers read
         os.environ["RAY_ADDRESS"] = args.ray_address
     try:
-        if requested_address() is None:
+        address = requested_address()
+        if address is None:
             from actors.preflight import check_memory_before_ray
 
             check_memory_before_ray(cfg)
+        else:  # before preparing data: a dead address fails in seconds
+            check_address(address)
         from actors.training import run_training
 
         run_name = choose_run_name(cfg, args.run_name, args.resume, args.output_dir)

@@ -210,7 +210,7 @@ def check_memory(cfg: Config, world_size: int, budget: MemoryBudget, *,
     estimate = estimate_worker_memory(cfg.model, cfg.train, plan, device_type=device_type,
                                       host=budget.host, async_save=cfg.checkpoint.async_save)
     if estimate.total <= budget_bytes:
-        logger.info("memory check: ~%s fits %s", estimate.describe(), budget.describe(world_size))
+        logger.debug("memory check: ~%s fits %s", estimate.describe(), budget.describe(world_size))
         return estimate
     advice = []
     micro = next((m for m in range(cfg.train.micro_batch_size - 1, 0, -1)
