@@ -186,6 +186,14 @@ def _fits(cfg: Config, world_size: int, budget: MemoryBudget, device_type: str,
     return estimate if estimate.total <= budget.per_worker(world_size) else None
 
 
+def _plan_or_unbounded(cfg: Config, world_size: int) -> MeshPlan:
+    prefs = dataclasses.replace(cfg.parallel, min_workers=1,
+                                max_workers=max(world_size, cfg.parallel.max_workers),
+                                memory_per_gpu_gib=0.0)
+    return plan_mesh(world_size, cfg.parallel.gpus_per_node, cfg.model, prefs,
+                     global_batch_size=cfg.train.global_batch_size)
+
+
 def check_memory(cfg: Config, world_size: int, budget: MemoryBudget, *,
                  device_type: str, max_search: int = 4096) -> MemoryEstimate:
     """Estimate one worker's memory at ``world_size``; ``ValueError`` if it exceeds ``budget``.
@@ -200,12 +208,7 @@ def check_memory(cfg: Config, world_size: int, budget: MemoryBudget, *,
     try:
         plan = _plan_within(cfg, world_size, budget)
     except ValueError as exc:  # no expert-parallel degree keeps the training state in budget
-        plan = plan_mesh(world_size, cfg.parallel.gpus_per_node, cfg.model,
-                         dataclasses.replace(cfg.parallel, min_workers=1,
-                                             max_workers=max(world_size,
-                                                             cfg.parallel.max_workers),
-                                             memory_per_gpu_gib=0.0),
-                         global_batch_size=cfg.train.global_batch_size)
+        plan = _plan_or_unbounded(cfg, world_size)
         logger.debug("planner within %.1f GiB: %s", budget_bytes / GIB, exc)
     estimate = estimate_worker_memory(cfg.model, cfg.train, plan, device_type=device_type,
                                       host=budget.host, async_save=cfg.checkpoint.async_save)
@@ -226,8 +229,13 @@ def check_memory(cfg: Config, world_size: int, budget: MemoryBudget, *,
                  else "")
         advice.append(f"--workers {bigger} fits{where}")
     if not advice:
+        best = estimate_worker_memory(
+            cfg.model, cfg.train, _plan_or_unbounded(cfg, limit), device_type=device_type,
+            host=budget.host, async_save=cfg.checkpoint.async_save, micro_batch_size=1)
         advice.append(f"no world size up to {limit} (train.global_batch_size) and no "
-                      "micro-batch fits: choose a smaller recipe or bigger machines")
+                      f"micro-batch fits: even W={limit} at micro_batch_size=1 needs "
+                      f"{best.describe()} > {budget.describe(limit)}; choose a smaller "
+                      "recipe, a shorter train.seq_len or bigger machines")
     raise ValueError(
         f"not enough memory for this plan: estimated {estimate.describe()} > "
         f"{budget.describe(world_size)}; {'; '.join(advice)}"

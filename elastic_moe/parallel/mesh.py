@@ -1,6 +1,6 @@
 """Mesh planning: how a world of W workers is split for dense weights and routed experts.
 
-Implements DESIGN.md "Mesh planning". Every worker is a data-parallel rank (it trains on its own
+Implements docs/architecture.md "Mesh planning". Every worker is a data-parallel rank (it trains on its own
 slice of the global batch). On top of that:
 
 * dense weights (attention, norms, dense FFN, shared experts, embeddings, head) use HSDP:
