@@ -8,7 +8,8 @@ checkpoint commits. Known noise is dropped in two places:
   messages in :data:`NOISE` (e.g. the token-authentication notice of every local Ray); MLflow's
   store set-up INFO lines are turned down with MLflow's own ``MLFLOW_LOGGING_LEVEL=WARNING``;
 * **lines streamed from worker processes** (Ray's ``log_to_driver``) -- each line matching
-  :data:`NOISE` is dropped before Ray's own printer (and its de-duplicator) sees it. Ray offers no
+  :data:`NOISE`, and everything from the actors in :data:`NOISY_ACTORS`, is dropped before Ray's
+  own printer (and its de-duplicator) sees it. Ray offers no
   public per-line hook, so this wraps ``ray._private.worker.print_to_stdstream``; when a Ray
   version lacks it, nothing is filtered and a debug line says so.
 
@@ -46,6 +47,11 @@ NOISE: tuple[str, ...] = (
     r"Matplotlib is building the font cache",
 )
 _NOISE_RE = re.compile("|".join(f"(?:{p})" for p in NOISE))
+# Ray Train V2 internals whose whole output is dropped: the placement-group cleaner only ever
+# prints its State-API failures, as single warnings or, when another Ray runs on the same
+# machine, as a multi-line traceback ("Found multiple active Ray instances") from its monitor
+# thread; it holds no state of the run.
+NOISY_ACTORS: frozenset[str] = frozenset({"PlacementGroupCleaner"})
 # MLflow's store set-up ("Creating initial MLflow database tables...") and alembic migrations.
 QUIET_LOGGERS = ("mlflow", "alembic", "matplotlib.font_manager")
 
@@ -68,6 +74,8 @@ class _NoiseFilter(logging.Filter):
 
 def _filtered_printer(printer: Callable[..., Any]) -> Callable[..., Any]:
     def print_filtered(data: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if data.get("actor_name") in NOISY_ACTORS:
+            return None
         lines = filter_lines(data.get("lines", []))
         if not lines:
             return None

@@ -5,8 +5,8 @@
   :func:`actors.cluster.init_ray`, which starts its own Ray.
 * ``jobs/train.py`` with ``RAY_ADDRESS`` naming a port nobody listens on exits in under 30 s with
   an error naming the address.
-* More workers than cores on the embedded Ray: oversubscribed CPU slots, as documented, and the
-  workers really run side by side.
+* More workers than cores on the embedded Ray: oversubscribed CPU slots, as documented; the
+  run trains at that size, and its console shows the project's lines without Ray's noise.
 * On a ``ray.cluster_utils.Cluster``: the capacity wait logs what is missing, gives up with the
   numbers, and returns once a node joins.
 * Shared storage: a node started in its own mount namespace, with a tmpfs over the run's
@@ -87,29 +87,34 @@ def test_dead_ray_address_fails_fast_naming_it(tmp_path):
     assert "ray status" in proc.stderr and "unset RAY_ADDRESS" in proc.stderr
 
 
-def test_more_workers_than_cores_oversubscribes_the_embedded_ray(caplog):
-    from actors.cluster import init_ray, wait_for_capacity
-
+def test_more_workers_than_cores_oversubscribes_with_a_quiet_console(tmp_path):
+    """The demo's own command with one worker per core plus one: it trains at that size, says it
+    is oversubscribed, and prints the project's lines without Ray's noise."""
     cores = os.cpu_count() or 1
-    workers = cores + 2
-    caplog.set_level(logging.INFO, logger="actors.cluster")
-    try:
-        connection = init_ray(None, min_workers=workers, runtime_env=RUNTIME_ENV)
-        assert connection.embedded and connection.oversubscribed
-        assert ray.cluster_resources()["CPU"] == workers
-        assert f"{workers} workers on {cores} CPU cores" in caplog.text
-        assert "oversubscribed" in caplog.text
-        assert wait_for_capacity(workers, {"CPU": 1}, timeout_s=0).workers == workers
-
-        @ray.remote(num_cpus=1)
-        class Worker:
-            def pid(self) -> int:
-                return os.getpid()
-
-        actors = [Worker.remote() for _ in range(workers)]  # all placed at once, none pending
-        assert len(set(ray.get([a.pid.remote() for a in actors], timeout=60))) == workers
-    finally:
-        ray.shutdown()
+    workers = cores + 1
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--steps", "2", "--workers", str(workers),
+         "--run-name", "crowded", "--output-dir", str(tmp_path / "out"),
+         "--set", f"data.cache_dir={tmp_path / 'data'}",
+         "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    assert (f"{workers} workers on {cores} CPU cores: the embedded Ray gets {workers} CPU "
+            "slots (oversubscribed") in console
+    assert "run crowded: FINISHED at step 2" in proc.stdout
+    assert f"world sizes:  {workers}" in proc.stdout
+    assert "step 1 loss" in console and "step 2 loss" in console  # log_freq=1
+    assert f"mesh plan for {workers} workers" in console
+    # nothing from Ray, Ray Train or MLflow at WARNING or above, nor their INFO chatter
+    for noise in ("PlacementGroupCleaner", "core_worker", "Traceback", "Token authentication",
+                  "Attempting to start training worker group", "mlflow.store",
+                  "Reporting training result", " WARNING ray", " ERROR "):
+        assert noise not in console, f"{noise!r} in the console:\n{console[-3000:]}"
+    warnings = [line for line in console.splitlines() if " WARNING " in line]
+    assert warnings == [line for line in warnings if "actors.cluster" in line], warnings
 
 
 @pytest.fixture
