@@ -90,7 +90,12 @@ def memory_budget(cfg: Config, bundle: dict[str, float], connection: RayConnecti
         slots = (connection.num_cpus if connection is not None
                  else max(facts[0].cpus, cfg.parallel.min_workers))
     elif nodes:
-        facts = _nodes_memory(nodes)
+        try:
+            facts = _nodes_memory(nodes)
+        except Exception as exc:  # the check is advisory when the nodes cannot say
+            logger.warning("memory check skipped: could not read the worker nodes' memory (%s)",
+                           exc)
+            return None
         slots = 0
     else:
         return None
@@ -150,10 +155,10 @@ def preflight(cfg: Config, connection: RayConnection, *, checkpoint_dir: str,
     nodes = worker_nodes(bundle)
     if budget is None and not connection.embedded:
         budget = memory_budget(cfg, bundle, connection, nodes)
-        if budget is None:
+        if budget is None and bundle.get("GPU"):
             logger.info("memory check skipped: GPU memory unknown (no nvidia-smi on the nodes); "
                         "set parallel.memory_per_gpu_gib to check it")
-        else:
+        elif budget is not None:
             _check_memory(cfg, budget, device_type)
     alive = [n for n in ray.nodes() if n.get("Alive")]
     if len(alive) > 1:
