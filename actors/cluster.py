@@ -70,7 +70,8 @@ def check_address(address: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) ->
     """Resolve ``address`` (``auto`` reads Ray's current-cluster file) and make sure something
     listens there, retrying until ``timeout_s``. Returns the address to pass to ``ray.init``.
     """
-    source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else "the Ray address"
+    source = ("RAY_ADDRESS (or --ray-address)" if os.environ.get("RAY_ADDRESS") == address
+              else "Ray address")
     if address == "auto":
         from ray._private.utils import read_ray_address
 

@@ -83,7 +83,7 @@ def test_dead_ray_address_fails_fast_naming_it(tmp_path):
     elapsed = time.monotonic() - started
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert elapsed < 30, f"took {elapsed:.0f} s"
-    assert f"RAY_ADDRESS {dead}: nothing answers" in proc.stderr
+    assert f"RAY_ADDRESS (or --ray-address) {dead}: nothing answers at" in proc.stderr
     assert "ray status" in proc.stderr and "unset RAY_ADDRESS" in proc.stderr
 
 
