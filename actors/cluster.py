@@ -118,10 +118,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, min_wor
     if address:
         address = check_address(address, connect_timeout_s)
         logger.info("attaching to the Ray cluster at %s", address)
-        info = ray.init(address=address, namespace=namespace, runtime_env=runtime_env,
-                        logging_level=logging_level)
-        return RayConnection(embedded=False, address=info.address_info["gcs_address"],
-                             num_cpus=0, oversubscribed=False)
+        ray.init(address=address, namespace=namespace, runtime_env=runtime_env,
+                 logging_level=logging_level)
+        return RayConnection(embedded=False, address=address, num_cpus=0, oversubscribed=False)
     cores = os.cpu_count() or 1
     slots = num_cpus if num_cpus is not None else max(cores, min_workers)
     oversubscribed = slots > cores
