@@ -1,6 +1,6 @@
 """Data-worker actors: stream packed batches to training ranks from a world-size-free position.
 
-Implements step 2 ("Streaming") of DESIGN.md. A data worker opens a prepared manifest
+Implements step 2 ("Streaming") of docs/architecture.md. A data worker opens a prepared manifest
 (:class:`~elastic_moe.data.shards.TokenDataset`, memory-mapped) and serves, for each
 data-parallel rank, its contiguous share of each global batch (:mod:`elastic_moe.data.sampler`).
 Batches are built ahead by a small thread pool (``prefetch`` per rank) so a training step never

@@ -19,7 +19,9 @@ import ray
 
 from actors import coordinator as coordinator_mod
 from actors import data_worker as data_worker_mod
+from actors.cluster import RayConnection, init_ray, requested_address
 from actors.coordinator import CoordinatorClient
+from actors.preflight import preflight
 from actors.train_worker import WorkerSpec
 from actors.worker_group import ElasticGroup
 from elastic_moe.config import Config
@@ -83,21 +85,14 @@ def _prepare_data(cfg: Config) -> str:
     return manifest
 
 
-def _init_ray(num_cpus: int | None) -> None:
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
+def _init_ray(num_cpus: int | None, min_workers: int = 1) -> RayConnection:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    address = requested_address()
     # Workers import elastic_moe/actors/kernels from the job's working dir on a cluster; locally
     # the checkout is on sys.path already.
     runtime_env = {"env_vars": {"PYTHONPATH": root}} if not address else None
-    if address:
-        log.info("attaching to the Ray cluster at %s", address)
-        ray.init(address=address, namespace=coordinator_mod.NAMESPACE)
-    else:
-        log.info("starting an embedded local Ray")
-        ray.init(num_cpus=num_cpus, namespace=coordinator_mod.NAMESPACE,
-                 runtime_env=runtime_env, include_dashboard=False)
+    return init_ray(address, num_cpus=num_cpus, min_workers=min_workers,
+                    namespace=coordinator_mod.NAMESPACE, runtime_env=runtime_env)
 
 
 def run_training(cfg: Config, run_name: str, resume: bool = False, *,
@@ -122,8 +117,9 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     from elastic_moe.train.evaluate import validation_manifest
 
     val_manifest = validation_manifest(cfg, manifest)
-    _init_ray(num_cpus)
+    connection = _init_ray(num_cpus, cfg.parallel.min_workers)
     coordinator = coordinator_mod.get_or_create(run_name, state_path)
+    preflight(cfg, connection, checkpoint_dir=checkpoint_dir, tracking_uri=tracking_uri)
     snapshot = coordinator.snapshot()
     if not snapshot.get("mlflow_run_id"):
         _create_mlflow_run(coordinator, tracking_uri, cfg, run_name, checkpoint_dir, manifest)

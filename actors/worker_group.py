@@ -174,8 +174,9 @@ class ElasticGroup:
 
     def _wait_for_minimum(self) -> None:
         low = self.cfg.parallel.min_workers
-        deadline = time.time() + self.cfg.elastic.wait_for_capacity_s
-        last_log = 0.0
+        started = time.time()
+        deadline = started + self.cfg.elastic.capacity_wait_s
+        last_log = started
         while True:
             self._spawn_joiners()
             self._collect_joiners(timeout=0.5)
@@ -185,10 +186,10 @@ class ElasticGroup:
             now = time.time()
             if now > deadline:
                 raise TrainingFailed(
-                    f"waited {self.cfg.elastic.wait_for_capacity_s:.0f} s for {low} workers of "
+                    f"waited {self.cfg.elastic.capacity_wait_s:.0f} s for {low} workers of "
                     f"{self.bundle}; only {have} could be placed (cluster resources "
                     f"{ray.cluster_resources()}); add nodes or lower --workers")
-            if now - last_log >= 30.0 and now > deadline - self.cfg.elastic.wait_for_capacity_s + 5:
+            if now - last_log >= 30.0:
                 last_log = now
                 logger.info("waiting for %d more worker(s) of %s; the cluster has %s available",
                             low - have, self.bundle, ray.available_resources())

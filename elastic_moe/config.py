@@ -130,7 +130,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     mtp_loss_weight: float = 0.3  # lambda (0.3 early in V3, 0.1 later)
-    mixed_precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast where the device has it
+    # bf16: FSDP2 gathers bf16 params and reduces grads in fp32, autocast bf16 (CUDA and CPU);
+    # fp32 master weights and optimizer state either way.
+    mixed_precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 0
     log_freq: int = 1
     eval_every: int = 0  # steps between validation-loss evaluations (val_loss to MLflow); 0 = off
@@ -234,7 +236,10 @@ class ElasticConfig:
     collective_timeout_s: float = 120.0
     hang_timeout_s: float = 5.0  # a worker silent this long is hung: fenced off (killed)
     resize_check_s: float = 10.0  # how often the group looks for capacity to grow
-    wait_for_capacity_s: float = 600.0  # how long to wait for min_workers before failing
+    # How long to wait for min_workers to fit (at launch, and after losses below the minimum;
+    # autoscaler nodes take minutes to boot) before giving up with what is missing;
+    # --wait-for-capacity sets it.
+    capacity_wait_s: float = 600.0
     # live: survivors keep their processes and state and rebuild in place (peer copies in
     # memory; DCP only when every copy of a shard is gone); restart: every change restarts
     # every worker from the last committed checkpoint (the slower path, for comparison).
@@ -250,7 +255,7 @@ class ElasticConfig:
         _require(self.hang_timeout_s > 0, "hang_timeout_s", self.hang_timeout_s,
                  "must be positive (seconds)")
         _require(self.resize_check_s >= 0, "resize_check_s", self.resize_check_s, "must be >= 0")
-        _require(self.wait_for_capacity_s >= 0, "wait_for_capacity_s", self.wait_for_capacity_s,
+        _require(self.capacity_wait_s >= 0, "capacity_wait_s", self.capacity_wait_s,
                  "must be >= 0 (seconds)")
         _require(self.recovery in ("live", "restart"), "recovery", self.recovery,
                  "must be 'live' or 'restart'")

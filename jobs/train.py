@@ -7,7 +7,9 @@
     python jobs/train.py --init-from hf-model/ --data prepared/manifest.json --steps 100
     ray job submit --working-dir . -- python jobs/train.py --recipe small --workers 8:64
 
-With ``RAY_ADDRESS`` set (as under ``ray job submit``) it attaches to that cluster.
+With ``RAY_ADDRESS`` set (as under ``ray job submit``) or ``--ray-address`` it attaches to that
+cluster; otherwise it always starts its own local Ray. Launch-time checks (Ray address, capacity,
+memory, shared storage) refuse a run that cannot work before any worker starts.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 import time
@@ -52,6 +53,8 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.workers:
         low, high = parse_workers(args.workers)
         overrides += [f"parallel.min_workers={low}", f"parallel.max_workers={high}"]
+    if getattr(args, "wait_for_capacity", None) is not None:
+        overrides.append(f"elastic.capacity_wait_s={args.wait_for_capacity}")
     cfg = apply_overrides(cfg, overrides)
     if args.init_from:
         cfg = model_from_checkpoint(cfg, args.init_from, overrides)
@@ -154,8 +157,15 @@ def main(argv: list[str] | None = None) -> int:
                              "on a cluster)")
     parser.add_argument("--describe", action="store_true",
                         help="print the resolved config and parameter counts, then exit")
+    parser.add_argument("--ray-address", metavar="HOST:PORT",
+                        help="attach to this Ray cluster (default: $RAY_ADDRESS, as `ray job "
+                             "submit` sets it; without either, an embedded local Ray)")
+    parser.add_argument("--wait-for-capacity", type=float, metavar="SECONDS",
+                        help="on a cluster, how long to wait for MIN workers to fit before "
+                             "giving up (elastic.capacity_wait_s, default 600)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show everything Ray, Ray Train and MLflow print")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = build_config(args)
     except ValueError as exc:
@@ -169,14 +179,27 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
         return 0
-    from actors.training import run_training
+    from actors.cluster import LaunchError, check_address, requested_address
+    from actors.console import configure_console
 
+    configure_console(verbose=args.verbose)
+    if args.ray_address:  # what ray.init and the job's workers read
+        os.environ["RAY_ADDRESS"] = args.ray_address
     try:
+        address = requested_address()
+        if address is None:
+            from actors.preflight import check_memory_before_ray
+
+            check_memory_before_ray(cfg)
+        else:  # before preparing data: a dead address fails in seconds
+            check_address(address)
+        from actors.training import run_training
+
         run_name = choose_run_name(cfg, args.run_name, args.resume, args.output_dir)
         check_init_from(args.init_from, args.resume, os.path.join(args.output_dir, run_name))
         result = run_training(cfg, run_name=run_name, resume=args.resume,
                               output_dir=args.output_dir)
-    except ValueError as exc:  # bad data/config found at launch: one clear line, no traceback
+    except (ValueError, LaunchError) as exc:  # found at launch: one clear line, no traceback
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     print(result.summary())

@@ -1,6 +1,6 @@
 """Exact and near-duplicate detection: content hashes, MinHash LSH, union-find clusters.
 
-Implements steps 3-4 of the data flow in DESIGN.md:
+Implements steps 3-4 of the data flow in docs/architecture.md:
 
 * **Exact**: xxHash3-128 of the normalized text (``normalize.py``); the first document of each hash
   (in global input order) is kept. URL dedup keeps the first document of each URL.

@@ -1,6 +1,6 @@
 """The prepare pipeline: files -> dedup -> tokenizer -> packed Arrow shards + manifest.
 
-Implements the "Data" step of DESIGN.md's flow as stages of parallel tasks (Ray tasks, or plain
+Implements the "Data" step of docs/architecture.md's flow as stages of parallel tasks (Ray tasks, or plain
 calls in-process with ``use_ray=False`` for the embedded demo and tests; the stages and their
 outputs are identical):
 

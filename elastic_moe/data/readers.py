@@ -1,6 +1,6 @@
 """Readers for Common-Crawl-style inputs: WARC/WET, JSONL(.gz/.zst) and Parquet.
 
-Implements step 1 of the data flow in DESIGN.md ("read Common-Crawl-style records"). WET files
+Implements step 1 of the data flow in docs/architecture.md ("read Common-Crawl-style records"). WET files
 are WARC files whose ``conversion`` records hold the extracted plain text of a crawled page
 (Common Crawl's WET format); JSONL and Parquet carry one document per line / row with a text
 column. Bad data never crashes a job: a malformed record, an undecodable one, an empty or a giant

@@ -1,6 +1,6 @@
 """The bundled sample corpus: built offline from text that ships with Python, with planted dups.
 
-DESIGN.md's embedded default ("prepares the bundled sample corpus") and the dedup tests need a
+docs/architecture.md's embedded default ("prepares the bundled sample corpus") and the dedup tests need a
 corpus with *known* duplicates and no network. Sentences come from Python's own documentation
 (``pydoc_data.topics``, the help() text of the language reference) and the docstrings of the
 standard library's modules. Each original document draws its sentences at random from that pool,

@@ -1,6 +1,6 @@
 """World-size-independent data position and the split of a global batch over data-parallel ranks.
 
-Implements the "Streaming" step of DESIGN.md: the data position is one number per run (plus the
+Implements the "Streaming" step of docs/architecture.md: the data position is one number per run (plus the
 epoch and seed), never a per-rank cursor, so a resize only changes how the *next* global batch is
 split, and no sample is lost or seen twice.
 

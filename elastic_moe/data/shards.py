@@ -1,6 +1,6 @@
 """Token shards (Arrow IPC files) and the manifest that lists them; random-access reading.
 
-Implements step 1's output and step 2's input in DESIGN.md. A shard is an Arrow IPC *file*
+Implements step 1's output and step 2's input in docs/architecture.md. A shard is an Arrow IPC *file*
 (random-access format) with one row per packed sequence:
 
 * ``tokens``: ``fixed_size_list<uint32>[seq_len + 1]`` (uint32 because real vocabularies exceed

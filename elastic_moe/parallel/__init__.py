@@ -4,7 +4,8 @@ The training loop (per worker, after ``dist.init_process_group``)::
 
     plan = plan_mesh(world_size, gpus_per_node, cfg.model, cfg.parallel,
                      global_batch_size=cfg.train.global_batch_size)
-    model = setup_model(cfg.model, plan, device, seed=cfg.train.seed)
+    model = setup_model(cfg.model, plan, device, seed=cfg.train.seed,
+                        mixed_precision=cfg.train.mixed_precision)
     optimizer = build_optimizer(model, cfg.train)
     metrics = train_step(model, optimizer, my_micro_batches, step, cfg.train, cfg.model,
                          batch_fraction=my_sequences / global_batch)
@@ -42,7 +43,7 @@ __all__ = ["ExpertParallelExperts", "MeshPlan", "ParallelMeshes", "all_to_all_ro
 
 def setup_model(model_cfg: ModelConfig, plan: MeshPlan, device: torch.device | str,
                 seed: int, *, meshes: ParallelMeshes | None = None,
-                mixed_precision: bool | None = None) -> nn.Module:
+                mixed_precision: str | None = None) -> nn.Module:
     """Build, parallelize and initialize the model for this rank.
 
     Meta-device build -> expert parallelism + FSDP2/HSDP (``world_size > 1``) -> ``to_empty``
@@ -52,12 +53,14 @@ def setup_model(model_cfg: ModelConfig, plan: MeshPlan, device: torch.device | s
     restore or an ``--init-from`` load overwrites them.
 
     ``plan.world_size == 1`` returns a plain ``Transformer`` (no process group needed).
-    ``mixed_precision`` defaults to ``device.type == "cuda"``. ``meshes`` defaults to
+    ``mixed_precision`` is ``train.mixed_precision`` (``"bf16"`` or ``"fp32"``; FSDP2's parameter
+    and reduce dtypes, see :func:`~elastic_moe.parallel.fsdp.mixed_precision_policy`); callers
+    without a config get ``"bf16"`` on CUDA and ``"fp32"`` elsewhere. ``meshes`` defaults to
     ``build_mesh(plan, device.type)``; the default process group must be initialized.
     """
     device = torch.device(device)
     if mixed_precision is None:
-        mixed_precision = device.type == "cuda"
+        mixed_precision = "bf16" if device.type == "cuda" else "fp32"
     with torch.device("meta"):
         model = Transformer(model_cfg)
     if plan.world_size > 1:

@@ -2,8 +2,9 @@
 
 Per transformer block (and per MTP block, then the root) ``fully_shard`` on the dense mesh:
 1-D ``dp_shard`` (FSDP, ZeRO-3) or 2-D ``(dp_replicate, dp_shard)`` (HSDP: shard inside a node,
-all-reduce across replicas). Mixed precision (bf16 compute params, fp32 gradient reduction) on
-GPU only. With ``ep > 1`` each ``RoutedExperts`` is replaced by
+all-reduce across replicas). Mixed precision follows ``train.mixed_precision``: ``"bf16"`` gathers
+parameters in bf16 for compute and reduces gradients in fp32 (fp32 master weights and optimizer
+state stay sharded); ``"fp32"`` does everything in fp32. With ``ep > 1`` each ``RoutedExperts`` is replaced by
 :class:`~elastic_moe.parallel.expert_parallel.ExpertParallelExperts` and its parameters are
 ignored by FSDP; with ``ep = 1`` FSDP shards the experts like any other weight.
 
@@ -41,18 +42,33 @@ def apply_expert_parallel(model: nn.Module, plan: MeshPlan, meshes: ParallelMesh
     return count
 
 
+def mixed_precision_dtype(mixed_precision: str) -> torch.dtype | None:
+    """The compute dtype of ``train.mixed_precision``: bf16, or None for plain fp32."""
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    if mixed_precision == "fp32":
+        return None
+    raise ValueError(f"train.mixed_precision={mixed_precision!r}: must be 'bf16' or 'fp32'")
+
+
+def mixed_precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
+    """FSDP2 policy: bf16 parameters for compute with fp32 gradient reduction, or all fp32."""
+    dtype = mixed_precision_dtype(mixed_precision)
+    return MixedPrecisionPolicy(param_dtype=dtype or torch.float32, reduce_dtype=torch.float32)
+
+
 def parallelize(model: nn.Module, plan: MeshPlan, meshes: ParallelMeshes, *,
-                mixed_precision: bool) -> nn.Module:
+                mixed_precision: str) -> nn.Module:
     """Apply expert parallelism and FSDP2/HSDP to a ``Transformer`` in place (meta or real).
 
-    ``mixed_precision`` should be true only on GPU (bf16 params for compute, fp32 reduction).
-    Returns the same module object (now an ``FSDPModule``).
+    ``mixed_precision`` is ``train.mixed_precision``: ``"bf16"`` (bf16 params for compute, fp32
+    reduction; the expert-parallel experts compute in bf16 too) or ``"fp32"``. Returns the same
+    module object (now an ``FSDPModule``).
     """
-    compute_dtype = torch.bfloat16 if mixed_precision else None
+    compute_dtype = mixed_precision_dtype(mixed_precision)
     num_ep = apply_expert_parallel(model, plan, meshes, compute_dtype=compute_dtype)
     ignored = {p for m in expert_parallel_modules(model) for p in m.parameters()}
-    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                 if mixed_precision else MixedPrecisionPolicy())
+    mp_policy = mixed_precision_policy(mixed_precision)
     layers = cast(nn.ModuleList, model.layers)
     mtp = cast(nn.ModuleList, model.mtp)
     # MTP: only the block is its own unit; ``shared_head.norm`` is called from the root's
@@ -66,7 +82,7 @@ def parallelize(model: nn.Module, plan: MeshPlan, meshes: ParallelMeshes, *,
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
             module.set_gradient_divide_factor(1.0)
-    logger.info("parallelized: %d FSDP units on %s, %d MoE layers with EP=%d (%s)",
-                len(units) + 1, meshes.dense, num_ep, plan.expert_parallel_degree,
-                "bf16 params / fp32 reduce" if mixed_precision else "fp32")
+    logger.debug("parallelized: %d FSDP units on %s, %d MoE layers with EP=%d (%s)",
+                 len(units) + 1, meshes.dense, num_ep, plan.expert_parallel_degree,
+                 "bf16 params / fp32 reduce" if compute_dtype else "fp32")
     return model

@@ -1,6 +1,6 @@
 """Mesh planning: how a world of W workers is split for dense weights and routed experts.
 
-Implements DESIGN.md "Mesh planning". Every worker is a data-parallel rank (it trains on its own
+Implements docs/architecture.md "Mesh planning". Every worker is a data-parallel rank (it trains on its own
 slice of the global batch). On top of that:
 
 * dense weights (attention, norms, dense FFN, shared experts, embeddings, head) use HSDP:
@@ -129,7 +129,7 @@ def _expert_group_nodes(num_experts: int, num_groups: int, ep: int,
     return tuple(out)
 
 
-def _param_counts(model_cfg: ModelConfig) -> tuple[int, int]:
+def param_counts(model_cfg: ModelConfig) -> tuple[int, int]:
     """(dense, routed-expert) parameter counts, MTP included (it trains too)."""
     return _param_counts_cached(astuple(model_cfg))
 
@@ -148,7 +148,7 @@ def _param_counts_cached(key: tuple) -> tuple[int, int]:
 
 def estimate_bytes_per_rank(model_cfg: ModelConfig, dp_shard: int, ep: int) -> int:
     """Training-state bytes per rank: dense weights / dp_shard + routed experts / ep."""
-    dense, routed = _param_counts(model_cfg)
+    dense, routed = param_counts(model_cfg)
     return TRAIN_BYTES_PER_PARAM * (math.ceil(dense / dp_shard) + math.ceil(routed / ep))
 
 
@@ -305,7 +305,7 @@ def build_mesh(plan: MeshPlan, device_type: str) -> ParallelMeshes:
         ep=full["ep"],
         expert_replicate=full["dp_replicate", "dp_shard_mod_ep"]._flatten("expert_replicate"),
         full=full)
-    logger.info("mesh: %s", plan.describe())
+    logger.debug("mesh: %s", plan.describe())  # rank 0's loop logs the plan once
     return meshes
 
 

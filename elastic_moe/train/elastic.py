@@ -65,8 +65,8 @@ def decide_restore(world_size: int, holdings: dict[int, dict[str, Any]]) -> Rest
     for step in sorted(steps, reverse=True):
         holders: dict[int, int] = {}
         for rank in range(world_size):
-            held = holdings.get(rank)
-            if held is not None and (int(held["live"]) == step or step in held["own"]):
+            mine = holdings.get(rank)
+            if mine is not None and (int(mine["live"]) == step or step in mine["own"]):
                 holders[rank] = rank
                 continue
             keeper = next((r for r, h in sorted(holdings.items())

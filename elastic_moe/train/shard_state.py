@@ -370,7 +370,7 @@ class PeerCopies:
                 "wards": {w: [s.step for s in copies] for w, copies in self.ward_copies.items()}}
 
     def find(self, rank: int, step: int) -> ShardSet | None:
-        copies = self.own if rank == self.rank else self.ward_copies.get(rank, [])
+        copies = list(self.own) if rank == self.rank else list(self.ward_copies.get(rank, ()))
         return next((s for s in copies if s.step == step), None)
 
     def nbytes(self) -> int:

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from elastic_moe.config import ModelConfig, TrainConfig
 from elastic_moe.model.moe import apply_router_bias_update, global_expert_loads, moe_layers
 from elastic_moe.parallel.expert_parallel import reduce_expert_grads
+from elastic_moe.parallel.fsdp import mixed_precision_dtype
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -46,10 +47,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA when asked; CPU runs fp32 (CPU bf16 autocast is slow and lossy)."""
-    if cfg.mixed_precision == "bf16" and device.type == "cuda":
-        return torch.bfloat16
-    return None
+    """The autocast dtype of ``train.mixed_precision`` on ``device`` (CUDA or CPU): bf16, or None
+    (fp32, autocast off). It matches the FSDP2 parameter dtype ``setup_model`` applies."""
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device={device}: autocast supports cuda and cpu")
+    return mixed_precision_dtype(cfg.mixed_precision)
 
 
 @dataclass

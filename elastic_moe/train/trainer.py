@@ -66,7 +66,8 @@ class Trainer:
         self.world_size = plan.world_size
         self.checkpointer, self.batches = checkpointer, batches
         # ---- setup: the model for this layout (meta build -> parallelize -> materialize)
-        self.model = setup_model(cfg.model, plan, device, seed=cfg.train.seed)
+        self.model = setup_model(cfg.model, plan, device, seed=cfg.train.seed,
+                                 mixed_precision=cfg.train.mixed_precision)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.global_batch, lr_scale = effective_batch(cfg.train, self.world_size,
                                                       cfg.parallel.max_workers)
@@ -136,6 +137,7 @@ class Trainer:
         from elastic_moe.train.evaluate import evaluate
         from elastic_moe.train.step import autocast_dtype
 
+        assert self.val_batches is not None, "load_validation() first"
         return evaluate(self.model, self.val_batches,
                         amp=autocast_dtype(self.cfg.train, self.device))
 

@@ -28,6 +28,8 @@ def ray_head():
     dashboard = free_port()
     subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", f"--port={free_port()}",
                     f"--dashboard-port={dashboard}", "--num-cpus=3", "--include-dashboard=true",
+                    # the agent's default port (52365) is taken when another head runs here
+                    f"--dashboard-agent-listen-port={free_port()}",
                     "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                    check=True, env=env, capture_output=True, timeout=180)
     yield env, f"http://127.0.0.1:{dashboard}"

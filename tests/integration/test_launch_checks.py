@@ -1,0 +1,213 @@
+"""Launch-time checks against real Ray: which Ray, dead addresses, capacity, shared storage.
+
+* A stale ``ray_current_cluster`` file (what a crashed ``ray start --head`` leaves) is read by
+  Ray's own default ``ray.init()`` -- checked first, so the test is armed -- and ignored by
+  :func:`actors.cluster.init_ray`, which starts its own Ray.
+* ``jobs/train.py`` with ``RAY_ADDRESS`` naming a port nobody listens on exits in under 30 s with
+  an error naming the address.
+* More workers than cores on the embedded Ray: oversubscribed CPU slots, as documented; the
+  run trains at that size, and its console shows the project's lines without Ray's noise.
+* On a ``ray.cluster_utils.Cluster``: the capacity wait logs what is missing, gives up with the
+  numbers, and returns once a node joins.
+* Shared storage: a node started in its own mount namespace, with a tmpfs over the run's
+  directory, is a node whose disk really differs; the probe refuses the node-local checkpoint
+  directory and sqlite store, naming the node, and accepts them with only shared-disk nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+import pytest
+
+from tests.integration.multiproc import free_port
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
+
+
+def _run_python(code: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_stale_current_cluster_file_is_ignored():
+    tmp = tempfile.mkdtemp(prefix="emoe-", dir="/tmp")  # short: Ray's socket paths
+    try:
+        port = free_port()
+        dead = f"127.0.0.1:{port}"
+        os.makedirs(os.path.join(tmp, "ray"))
+        with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as f:
+            f.write(dead)
+        env = dict(os.environ, RAY_TMPDIR=tmp, PYTHONPATH=ROOT)
+        env.pop("RAY_ADDRESS", None)
+        proc = _run_python(f"""
+            import ray
+            from ray._private.services import canonicalize_bootstrap_address
+            # Ray's default ray.init() would attach to the dead head recorded in the file
+            # (127.0.0.1 comes back as this node's IP):
+            trap = canonicalize_bootstrap_address(None)
+            assert trap.endswith(":{port}"), trap
+            from actors.cluster import init_ray
+            connection = init_ray(None, num_cpus=1)
+            assert connection.embedded and not connection.address.endswith(":{port}")
+            assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42
+            print("OK", connection.address)
+            """, env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "OK" in proc.stdout
+    finally:
+        subprocess.run(["pkill", "-f", tmp], capture_output=True)  # only this test's Ray
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_dead_ray_address_fails_fast_naming_it(tmp_path):
+    dead = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, RAY_ADDRESS=dead)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "jobs/train.py", "--steps", "2",
+                           "--output-dir", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert elapsed < 30, f"took {elapsed:.0f} s"
+    assert f"RAY_ADDRESS (or --ray-address) {dead}: nothing answers at" in proc.stderr
+    assert "ray status" in proc.stderr and "unset RAY_ADDRESS" in proc.stderr
+
+
+def test_more_workers_than_cores_oversubscribes_with_a_quiet_console(tmp_path):
+    """The demo's own command with one worker per core plus one: it trains at that size, says it
+    is oversubscribed, and prints the project's lines without Ray's noise."""
+    cores = os.cpu_count() or 1
+    workers = cores + 1
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--steps", "2", "--workers", str(workers),
+         "--run-name", "crowded", "--output-dir", str(tmp_path / "out"),
+         "--set", f"data.cache_dir={tmp_path / 'data'}",
+         "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    assert (f"{workers} workers on {cores} CPU cores: the embedded Ray gets {workers} CPU "
+            "slots (oversubscribed") in console
+    assert "run crowded: FINISHED at step 2" in proc.stdout
+    assert f"world sizes:  {workers}" in proc.stdout
+    assert "step 1 loss" in console and "step 2 loss" in console  # log_freq=1
+    assert f"mesh plan for {workers} workers" in console
+    # nothing from Ray, Ray Train or MLflow at WARNING or above, nor their INFO chatter
+    for noise in ("PlacementGroupCleaner", "core_worker", "Traceback", "Token authentication",
+                  "Attempting to start training worker group", "mlflow.store",
+                  "Reporting training result", " WARNING ray", " ERROR "):
+        assert noise not in console, f"{noise!r} in the console:\n{console[-3000:]}"
+    warnings = [line for line in console.splitlines() if " WARNING " in line]
+    assert warnings == [line for line in warnings if "actors.cluster" in line], warnings
+
+
+@pytest.fixture
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    ray.init(address=cluster.address, runtime_env=RUNTIME_ENV)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_capacity_wait_logs_what_is_missing_and_gives_up(cluster, caplog):
+    from actors.cluster import LaunchError, wait_for_capacity
+
+    caplog.set_level(logging.INFO, logger="actors.cluster")
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as exc:
+        wait_for_capacity(3, {"CPU": 1}, timeout_s=3, log_every_s=1, poll_s=0.2)
+    assert time.monotonic() - started < 10
+    assert ("not enough capacity: 3 workers of {CPU: 1} needed, 1 fit after waiting 3 s "
+            "(the cluster has 1 node(s), 1 of 1 CPU free)") in str(exc.value)
+    assert "--wait-for-capacity SECONDS" in str(exc.value)
+    waiting = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert len(waiting) >= 2  # every log_every_s
+    assert waiting[0].startswith("waiting for 2 more workers of {CPU: 1}; the cluster has "
+                                 "1 node(s), 1 of 1 CPU free")
+
+    # capacity that arrives during the wait ends it
+    outcome: dict = {}
+    waiter = threading.Thread(target=lambda: outcome.update(capacity=wait_for_capacity(
+        3, {"CPU": 1}, timeout_s=60, log_every_s=1, poll_s=0.2)))
+    waiter.start()
+    time.sleep(2)
+    assert waiter.is_alive()
+    cluster.add_node(num_cpus=2)  # Cluster wants the main thread
+    waiter.join(60)
+    capacity = outcome["capacity"]
+    assert capacity.workers >= 3 and len(capacity.per_node) == 2
+
+
+@pytest.fixture
+def masked_node(cluster, tmp_path):
+    """A second node whose processes see a fresh tmpfs over ``tmp_path / "masked"``."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root (a mount namespace for the node)")
+    masked = tmp_path / "masked"
+    masked.mkdir()
+    bin_dir = os.path.dirname(sys.executable)
+    name = f"emoe-masked-{os.getpid()}"
+    script = (f"mount -t tmpfs none {masked} && exec {bin_dir}/ray start "
+              f"--address={cluster.address} --num-cpus=1 --node-name={name} "
+              "--disable-usage-stats --block")
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    deadline = time.monotonic() + 90
+    while sum(n["Alive"] for n in ray.nodes()) < 2:
+        assert proc.poll() is None, "the masked node's `ray start` exited"
+        assert time.monotonic() < deadline, "the masked node did not join"
+        time.sleep(0.5)
+    yield masked
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-9", "-f", name], capture_output=True)
+
+
+def test_storage_probe_refuses_a_directory_one_node_cannot_see(masked_node, tmp_path):
+    from actors.cluster import LaunchError
+    from actors.shared_storage import check_shared_storage, worker_nodes
+
+    nodes = worker_nodes({"CPU": 1})
+    assert len(nodes) == 2
+    checkpoints = str(masked_node / "checkpoints")
+    store = f"sqlite:///{masked_node / 'mlflow.db'}"
+    with pytest.raises(LaunchError) as exc:
+        check_shared_storage(checkpoints, store, "exp", nodes, timeout_s=60)
+    message = str(exc.value)
+    assert message.startswith("storage is not shared across the cluster's 2 worker nodes")
+    assert f"checkpoint.dir={checkpoints!r} is not visible from node" in message
+    assert f"tracking.tracking_uri={str(masked_node)!r} is not visible from node" in message
+    assert "FileNotFoundError" in message
+    assert "s3://" in message and "shared mount" in message  # what to use instead
+    assert "sqlite file on the driver's node" in message and "mlflow server" in message
+    # exactly one node (the masked one) failed each location
+    assert message.count("is not visible from node") == 2
+    # the markers were cleaned up on the driver's side
+    assert not [p for p in os.listdir(checkpoints) if p.startswith(".elastic-moe-probe-")]
+
+    shared = tmp_path / "shared"  # not under the tmpfs: every node sees the same files
+    check_shared_storage(str(shared / "checkpoints"), f"sqlite:///{shared / 'mlflow.db'}",
+                         "exp", nodes, timeout_s=60)

@@ -1,0 +1,42 @@
+"""Launcher options: which Ray address is used, and --wait-for-capacity reaching the config."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from actors.cluster import LaunchError, bundles_that_fit, check_address, requested_address
+from jobs.train import build_config
+
+
+def test_requested_address_explicit_then_env_else_embedded(monkeypatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert requested_address() is None
+    assert requested_address("10.0.0.5:6379") == "10.0.0.5:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
+    assert requested_address() == "10.0.0.7:6379"
+    assert requested_address("10.0.0.5:6379") == "10.0.0.5:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert requested_address() is None
+
+
+def test_malformed_address_is_rejected_with_the_expected_form() -> None:
+    with pytest.raises(LaunchError, match="expected host:port"):
+        check_address("my-head-node", timeout_s=0)
+
+
+def test_bundles_that_fit_a_node() -> None:
+    assert bundles_that_fit({"CPU": 3.0, "GPU": 8.0}, {"GPU": 1.0}) == 8
+    assert bundles_that_fit({"CPU": 3.0}, {"GPU": 1.0}) == 0
+    assert bundles_that_fit({"CPU": 2.5, "GPU": 2.0}, {"CPU": 1.0, "GPU": 1.0}) == 2
+
+
+def test_wait_for_capacity_flag_sets_the_config() -> None:
+    args = argparse.Namespace(recipe="debug", set=None, steps=None, data=None, workers="2:4",
+                              wait_for_capacity=42.0)
+    cfg = build_config(args)
+    assert cfg.elastic.capacity_wait_s == 42.0
+    assert (cfg.parallel.min_workers, cfg.parallel.max_workers) == (2, 4)
+    with pytest.raises(ValueError, match="capacity_wait_s"):
+        build_config(argparse.Namespace(**{**vars(args), "wait_for_capacity": -1.0}))
