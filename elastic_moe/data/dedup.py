@@ -55,12 +55,31 @@ class DedupConfig:
     near: bool = True  # MinHash LSH near-dup dedup
     url: bool = True  # keep one document per URL (documents without a URL are never merged)
     batch_bytes: int = 1 << 20  # documents signed per vectorized batch (bounds memory)
+    # near-dup clustering: 1 = one union-find task over all candidate pairs (fastest while it
+    # fits); >= 2 = hash-partitioned large-star/small-star rounds (components.py), memory per
+    # task ~ corpus / partitions; 0 = 1 up to single_task_max_docs, else one partition per
+    # docs_per_partition documents
+    cluster_partitions: int = 0
+    single_task_max_docs: int = 2_000_000
+    docs_per_partition: int = 1_000_000
 
     def __post_init__(self) -> None:
-        for name in ("ngram_size", "num_bands", "rows_per_band", "batch_bytes"):
+        for name in ("ngram_size", "num_bands", "rows_per_band", "batch_bytes",
+                     "single_task_max_docs", "docs_per_partition"):
             value = getattr(self, name)
             if value <= 0:
                 raise ValueError(f"{name}={value!r}: must be positive")
+        if self.cluster_partitions < 0:
+            raise ValueError(f"cluster_partitions={self.cluster_partitions!r}: must be >= 0 "
+                             f"(0 = auto)")
+
+    def partitions_for(self, num_docs: int) -> int:
+        """How many partitions the near-dup clustering of ``num_docs`` documents uses."""
+        if self.cluster_partitions:
+            return self.cluster_partitions
+        if num_docs <= self.single_task_max_docs:
+            return 1
+        return max(2, -(-num_docs // self.docs_per_partition))
 
     @property
     def num_perm(self) -> int:

@@ -2,7 +2,7 @@
 
 The WARC reader and the extraction benchmark need pages where the "right" output is known
 without a human judge. Each page's main text is a few paragraphs of sentences from
-``sample_corpus.sentence_pool`` (Python's own documentation). It is wrapped in one of three page
+``sample_corpus.sentence_pool`` (Python's own documentation). It is wrapped in one of four page
 layouts seen on the web: a semantic HTML5 page (``nav``/``article``/``aside``/``footer``), a
 ``div`` soup with class names (menu, sidebar, cookie banner, comment box), an old table
 layout, and bare nested ``div``s with no hint at all. Boilerplate: menus, footers, a cookie

@@ -86,7 +86,16 @@ def read_warc(path: str, skipped: Counter, repaired: Counter, extractor: str = "
     gz = path.lower().endswith(".gz")
     with open(path, "rb") as raw:
         fh: Any = GzipStream(raw) if gz else raw
-        yield from _records(fh, skipped, repaired, extractor)
+        try:
+            yield from _records(fh, skipped, repaired, extractor)
+        except (ValueError, ImportError):
+            raise
+        except Exception as exc:
+            if gz and fh.truncated:  # warcio fails on a record cut inside its headers
+                raise EOFError("truncated gzip stream (compressed file ended mid-member)"
+                               ) from exc
+            raise ValueError(f"malformed or truncated WARC record: {type(exc).__name__}: "
+                             f"{exc}") from exc
         if gz and fh.truncated:
             raise EOFError("truncated gzip stream (compressed file ended mid-member)")
 
@@ -98,31 +107,39 @@ def _records(fh: Any, skipped: Counter, repaired: Counter, extractor: str
     stream = io.BufferedReader(fh, 1 << 20) if isinstance(fh, io.RawIOBase) else fh
     for record in ArchiveIterator(stream):
         kind = record.rec_type
+        record_id = record.rec_headers.get_header("WARC-Record-ID") or ""
         if kind not in ("conversion", "response"):
+            while record.raw_stream.read(1 << 16):  # read through it to see it is whole
+                pass
+            _check_whole(record, record_id)
             skipped[f"warc_{kind}"] += 1
             continue
-        record_id = record.rec_headers.get_header("WARC-Record-ID") or ""
         url = record.rec_headers.get_header("WARC-Target-URI") or ""
         payload = record.content_stream().read()
-        # warcio ends quietly on a cut record: bytes of the block left unread are the only sign
-        left = getattr(record.raw_stream, "limit", 0)
-        if left:
-            raise EOFError(f"truncated WARC record {record_id or '?'}: {left} bytes of its "
-                           f"block missing (file cut short?)")
+        _check_whole(record, record_id)
         if kind == "conversion":
             try:
-                text: str | None = payload.decode("utf-8")
+                text = payload.decode("utf-8")
             except UnicodeDecodeError:
                 skipped["bad_encoding"] += 1
                 continue
         else:
-            text = _response_text(record, payload, skipped, repaired, extractor)
-            if text is None:
+            html_text = _response_text(record, payload, skipped, repaired, extractor)
+            if html_text is None:
                 continue
+            text = html_text
         if not record_id:
             skipped["missing_id"] += 1
             continue
         yield record_id, url, text
+
+
+def _check_whole(record: Any, record_id: str) -> None:
+    # warcio ends quietly on a cut record: bytes of the block left unread are the only sign
+    left = getattr(record.raw_stream, "limit", 0)
+    if left:
+        raise EOFError(f"truncated WARC record {record_id or '?'}: {left} bytes of its block "
+                       f"missing (file cut short?)")
 
 
 def _response_text(record: Any, payload: bytes, skipped: Counter, repaired: Counter,
