@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,14 +75,15 @@ def _both_ways(edges: np.ndarray) -> np.ndarray:
 
 
 def partition_band_keys(keys: np.ndarray, doc_index: np.ndarray, num_partitions: int
-                        ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Split ``(docs, bands)`` band keys into ``(keys, bands, docs)`` triples by key hash.
 
     ``keys[i, b]`` is band ``b``'s key of document ``doc_index[i]``. Equal (band, key) pairs land
-    in the same partition, so each bucket is whole in one task.
+    in the same partition, so each bucket is whole in one task. Yields partition after partition,
+    dropping each one's pieces as it goes (the caller ships it off before asking for the next).
     """
-    parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in
-                                                                    range(num_partitions)]
+    chunks: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in
+                                                                     range(num_partitions)]
     for band in range(keys.shape[1]):
         col = np.ascontiguousarray(keys[:, band])
         part = (col % np.uint64(num_partitions)).astype(np.int64)
@@ -90,9 +91,11 @@ def partition_band_keys(keys: np.ndarray, doc_index: np.ndarray, num_partitions:
         bounds = np.searchsorted(part[order], np.arange(num_partitions + 1))
         for j in range(num_partitions):
             idx = order[bounds[j]: bounds[j + 1]]
-            parts[j].append((col[idx], np.full(idx.size, band, dtype=np.uint8), doc_index[idx]))
-    return [tuple(np.concatenate([p[c] for p in chunks]) for c in range(3))  # type: ignore[misc]
-            for chunks in parts]
+            chunks[j].append((col[idx], np.full(idx.size, band, dtype=np.uint8), doc_index[idx]))
+    for j in range(num_partitions):
+        pieces, chunks[j] = chunks[j], []
+        yield (np.concatenate([c[0] for c in pieces]), np.concatenate([c[1] for c in pieces]),
+               np.concatenate([c[2] for c in pieces]).astype(np.int64))
 
 
 def bucket_task(keys: np.ndarray, bands: np.ndarray, docs: np.ndarray, num_partitions: int
@@ -182,10 +185,9 @@ def cluster_partitioned(keys: np.ndarray, doc_index: np.ndarray, num_partitions:
     report = ComponentsReport(num_partitions=p)
     bar = tqdm(desc="clusters", unit="round", disable=not progress, leave=False)
     try:
-        key_parts = partition_band_keys(keys, doc_index, p)
         handles = [runner.submit(bucket_task, [runner.put(k), runner.put(b), runner.put(d), p],
-                                 num_returns=p) for k, b, d in key_parts]
-        del key_parts
+                                 num_returns=p)
+                   for k, b, d in partition_band_keys(keys, doc_index, p)]
         bar.set_postfix_str("buckets")
         for _ in range(max_rounds):
             large = [runner.submit(large_star_task, [p, *_columns(handles, j)],
