@@ -100,6 +100,7 @@ def extract_main_text(html: str, extractor: str = "resiliparse") -> str:
         except ImportError as exc:
             raise ImportError(f"extractor='trafilatura' needs `pip install trafilatura lxml_html_clean`"
                               f" ({exc})") from exc
-        return trafilatura.extract(html, include_comments=False, include_tables=False,
-                                   favor_precision=True) or ""
+        # the settings of datatrove's Trafilatura step (FineWeb)
+        return trafilatura.extract(html, include_comments=False, favor_precision=True,
+                                   deduplicate=True) or ""
     raise ValueError(f"extractor={extractor!r}: must be one of {EXTRACTORS}")

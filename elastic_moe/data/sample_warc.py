@@ -124,8 +124,10 @@ def write_warc(path: str, num_pages: int, seed: int = 0, extra_responses: bool =
         http = StatusAndHeaders(status, [("Content-Type", ctype),
                                          ("Content-Length", str(len(body)))],
                                 protocol="HTTP/1.1")
+        # Common Crawl records the sniffed type of every non-empty payload
+        extra = {"WARC-Identified-Payload-Type": ctype.split(";")[0]} if body else {}
         rec = writer.create_warc_record(url, "response", payload=io.BytesIO(body),
-                                        http_headers=http)
+                                        http_headers=http, warc_headers_dict=extra)
         writer.write_record(rec)
         return rec.rec_headers.get_header("WARC-Record-ID")
 
