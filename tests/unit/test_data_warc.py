@@ -6,6 +6,7 @@ reference for the extracted text is the main text planted by ``sample_warc``.
 
 import gzip
 import io
+import json
 import os
 from collections import Counter
 
@@ -155,6 +156,27 @@ def test_prepare_on_warc_reports_counts(tmp_path):
     expected = Counter(truth["no_document"])
     assert {k: v for k, v in manifest["skipped"].items() if k.startswith("warc_")} == expected
     assert manifest["repaired"] == {}
+    assert manifest["near_dedup"] == {"path": "single_task", "partitions": 1, "rounds": 1}
     table = summary_table(manifest)
     assert "skipped: warc_non_200" in table and "skipped: warc_empty_extraction" in table
     assert manifest["num_sequences"] > 0
+
+
+def test_prepare_data_cli_with_filters_and_partitioned_clustering(tmp_path, capsys):
+    import jobs.prepare_data as cli
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    truth = write_warc(str(inp / "a.warc.gz"), num_pages=24, seed=4)
+    removed = tmp_path / "removed.txt"
+    rc = cli.main(["--input", str(inp), "--output", str(tmp_path / "out"), "--no-ray", "--quiet",
+                   "--seq-len", "64", "--vocab-size", "300", "--languages", "en", "--gopher",
+                   "--cluster-partitions", "2", "--removed-ids", str(removed)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "skipped: warc_request" in out and "near-dup clustering" in out
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["near_dedup"]["path"] == "partitioned"
+    filtered = sum(v for k, v in manifest["skipped"].items() if k.startswith(("lang_", "gopher_")))
+    assert manifest["documents_in"] + filtered == len(truth["main_text"])
+    assert set(removed.read_text().split()) <= set(truth["main_text"])
