@@ -5,10 +5,10 @@ over every band's candidate pairs) holds all pairs of the corpus in one process,
 about 10^7 documents. This module computes the same clusters in rounds of tasks whose inputs are
 one partition each, so memory per task follows the partition size, not the corpus:
 
-1. **buckets** (one task per key partition): the ``(band, key, doc)`` rows whose band key hashes
-   to the partition are sorted; each bucket of ``m`` documents gives ``m - 1`` star edges to its
-   smallest document (as ``dedup.bucket_edges``). Edges leave as both directions, split by the
-   source document's partition (``doc % P``).
+1. **buckets** (one task per key partition): the ``(bucket id, doc)`` rows whose bucket id (band
+   and band key, mixed) hashes to the partition are sorted; each bucket of ``m`` documents gives
+   ``m - 1`` star edges to its smallest document (as ``dedup.bucket_edges``). Edges leave as
+   both directions, split by the source document's partition (``doc % P``).
 2. **large-star / small-star rounds** (Kiveris, Lattanzi, Mirrokni, Rastogi, Vassilvitskii,
    "Connected Components in MapReduce and Beyond", SoCC 2014): with ``m(u)`` the smallest of
    ``u`` and its neighbours, *large-star* links every neighbour ``v > u`` of ``u`` to ``m(u)``;
@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from elastic_moe.data.dedup import splitmix64
 from elastic_moe.data.tasks import TaskRunner
 
 logger = logging.getLogger(__name__)
@@ -74,42 +75,48 @@ def _both_ways(edges: np.ndarray) -> np.ndarray:
     return np.concatenate((edges, edges[:, ::-1]))
 
 
-def partition_band_keys(keys: np.ndarray, doc_index: np.ndarray, num_partitions: int
-                        ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Split ``(docs, bands)`` band keys into ``(keys, bands, docs)`` triples by key hash.
+def bucket_ids(keys: np.ndarray, band: int) -> np.ndarray:
+    """One uint64 id per (band, key): band keys of different bands never share a bucket.
 
-    ``keys[i, b]`` is band ``b``'s key of document ``doc_index[i]``. Equal (band, key) pairs land
-    in the same partition, so each bucket is whole in one task. Yields partition after partition,
-    dropping each one's pieces as it goes (the caller ships it off before asking for the next).
+    ``splitmix64`` is a bijection, so ids collide only when two 64-bit (key, band) mixes do,
+    with probability ~rows^2 / 2^64 (the band keys themselves already accept that).
     """
-    chunks: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in
-                                                                     range(num_partitions)]
-    for band in range(keys.shape[1]):
-        col = np.ascontiguousarray(keys[:, band])
-        part = (col % np.uint64(num_partitions)).astype(np.int64)
-        order = np.argsort(part, kind="stable")
-        bounds = np.searchsorted(part[order], np.arange(num_partitions + 1))
-        for j in range(num_partitions):
-            idx = order[bounds[j]: bounds[j + 1]]
-            chunks[j].append((col[idx], np.full(idx.size, band, dtype=np.uint8), doc_index[idx]))
-    for j in range(num_partitions):
-        pieces, chunks[j] = chunks[j], []
-        yield (np.concatenate([c[0] for c in pieces]), np.concatenate([c[1] for c in pieces]),
-               np.concatenate([c[2] for c in pieces]).astype(np.int64))
+    salt = np.uint64((0x9E3779B97F4A7C15 * (band + 1)) & 0xFFFFFFFFFFFFFFFF)
+    return splitmix64(keys ^ salt)
 
 
-def bucket_task(keys: np.ndarray, bands: np.ndarray, docs: np.ndarray, num_partitions: int
+def partition_band(keys: np.ndarray, doc_index: np.ndarray, band: int, num_partitions: int
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One band's ``(bucket ids, docs)`` rows, split into ``num_partitions`` by bucket id.
+
+    ``keys`` is the band's key of each document ``doc_index[i]``. Each bucket lands whole in one
+    partition.
+    """
+    ids = bucket_ids(np.ascontiguousarray(keys), band)
+    part = (ids % np.uint64(num_partitions)).astype(np.int64)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(num_partitions + 1))
+    return [(ids[order[bounds[j]: bounds[j + 1]]],
+             doc_index[order[bounds[j]: bounds[j + 1]]].astype(np.int64))
+            for j in range(num_partitions)]
+
+
+def bucket_task(num_partitions: int, *pieces: tuple[np.ndarray, np.ndarray]
                 ) -> tuple[np.ndarray, ...]:
-    """Star edges of every bucket in one key partition, split by source partition."""
-    if keys.size == 0:
+    """Star edges of every bucket in one partition (one piece per band), split by source."""
+    ids = np.concatenate([p[0] for p in pieces])
+    docs = np.concatenate([p[1] for p in pieces])
+    if ids.size == 0:
         return tuple(_EMPTY for _ in range(num_partitions))
-    order = np.lexsort((docs, bands, keys))
-    k, b, d = keys[order], bands[order], docs[order]
-    new = np.ones(k.size, dtype=bool)
-    new[1:] = (k[1:] != k[:-1]) | (b[1:] != b[:-1])
-    head = d[np.maximum.accumulate(np.where(new, np.arange(k.size), 0))]
-    member = ~new
-    edges = _unique_rows(np.stack((d[member], head[member]), axis=1).astype(np.int64))
+    order = np.argsort(ids)
+    i, d = ids[order], docs[order]
+    del order
+    starts = np.flatnonzero(np.concatenate(([True], i[1:] != i[:-1])))
+    sizes = np.diff(np.append(starts, i.size))
+    del i
+    head = np.repeat(np.minimum.reduceat(d, starts), sizes)  # the smallest document
+    member = d != head
+    edges = _unique_rows(np.stack((d[member], head[member]), axis=1))
     return split_by_source(_both_ways(edges), num_partitions)
 
 
@@ -185,9 +192,13 @@ def cluster_partitioned(keys: np.ndarray, doc_index: np.ndarray, num_partitions:
     report = ComponentsReport(num_partitions=p)
     bar = tqdm(desc="clusters", unit="round", disable=not progress, leave=False)
     try:
-        handles = [runner.submit(bucket_task, [runner.put(k), runner.put(b), runner.put(d), p],
-                                 num_returns=p)
-                   for k, b, d in partition_band_keys(keys, doc_index, p)]
+        # the driver ships one band at a time: it never holds a second copy of all band keys
+        pieces: list[list[object]] = [[] for _ in range(p)]
+        for band in range(keys.shape[1]):
+            for j, piece in enumerate(partition_band(keys[:, band], doc_index, band, p)):
+                pieces[j].append(runner.put(piece))
+        handles = [runner.submit(bucket_task, [p, *pieces[j]], num_returns=p) for j in range(p)]
+        del pieces
         bar.set_postfix_str("buckets")
         for _ in range(max_rounds):
             large = [runner.submit(large_star_task, [p, *_columns(handles, j)],
