@@ -207,7 +207,8 @@ def cluster_partitioned(keys: np.ndarray, doc_index: np.ndarray, num_partitions:
             report.rounds += 1
             bar.update(1)
             bar.set_postfix(unsettled=unsettled)
-            logger.debug("clusters round %d: %d unsettled nodes", report.rounds, unsettled)
+            logger.info("near-dup clusters: round %d, %d nodes not yet in a star", report.rounds,
+                        unsettled)
             if unsettled == 0:
                 break
             handles = [runner.submit(small_star_task, [p, *_columns(large, j)],
