@@ -15,7 +15,8 @@ Issue 15's sections (``--sections warc,cluster``, written to
   text against its planted main text.
 * **cluster**: synthetic band keys for 10^5..10^7 documents with planted duplicate groups; today's
   single union-find task vs the partitioned connected components, both as Ray tasks, with the
-  peak resident memory of every task (``tasks.RayRunner(measure_memory=True)``).
+  peak memory of every task (``tasks.RayRunner(measure_memory=True)``: tracemalloc peak +
+  input arrays).
 
 Issue 6's section (``dedup``):
 
@@ -569,15 +570,12 @@ def bench_cluster(args: argparse.Namespace) -> dict:
 
     from elastic_moe.data.dedup import DedupConfig
     from elastic_moe.data.pipeline import near_duplicates
-    from elastic_moe.data.tasks import RayRunner, _reset_peak, peak_rss
+    from elastic_moe.data.tasks import RayRunner, peak_rss, reset_peak_rss
 
     ray.init(address="local", num_cpus=args.cluster_cpus, include_dashboard=False,
              log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
-    base = RayRunner(measure_memory=True)
-    base.get(base.submit(_median, [[1.0]]))  # a trivial task: a worker's resident baseline
-    res: dict = {"worker_baseline_rss_mb": round(base.peak_rss_bytes[0] / 2**20, 1),
-                 "docs_per_partition": args.docs_per_partition, "sizes": []}
+    res: dict = {"docs_per_partition": args.docs_per_partition, "sizes": []}
     for n in args.cluster_sizes:
         t = time.perf_counter()
         keys, expected = _planted_keys(n, 14, seed=n % 1000)
@@ -591,24 +589,24 @@ def bench_cluster(args: argparse.Namespace) -> dict:
             paths.insert(0, ("single_task", 1))
         for name, parts in paths:
             config = DedupConfig(cluster_partitions=parts)
-            # timed without measurement (which runs every task in a fresh worker process) ...
+            # timed without measurement (tracemalloc slows Python-heavy tasks) ...
             t = time.perf_counter()
             near, info = near_duplicates(keys, doc_index, config, RayRunner())
             wall = time.perf_counter() - t
             del near
             # ... then again with each task's peak resident memory
             runner = RayRunner(measure_memory=True)
-            _reset_peak()
+            reset_peak_rss()
             t = time.perf_counter()
             near, info = near_duplicates(keys, doc_index, config, runner)
             measured_wall = time.perf_counter() - t
-            peaks = [p / 2**20 for p in runner.peak_rss_bytes]
+            peaks = [p / 2**20 for p in runner.peak_bytes]
             results[name] = near
             row[name] = {"wall_s": round(wall, 2), "measured_wall_s": round(measured_wall, 2),
                          "partitions": info["partitions"],
                          "rounds": info["rounds"], "tasks": len(peaks),
-                         "max_task_peak_rss_mb": round(max(peaks), 1),
-                         "median_task_peak_rss_mb": round(statistics.median(peaks), 1),
+                         "max_task_peak_mb": round(max(peaks), 1),
+                         "median_task_peak_mb": round(statistics.median(peaks), 1),
                          "driver_peak_rss_mb": round(peak_rss() / 2**20, 1),
                          "removed": len(near), "equals_planted": near == expected}
             print(f"  {name}: {row[name]}", flush=True)
@@ -645,12 +643,12 @@ def _warc_table(r: dict) -> str:
 
 
 def _cluster_table(r: dict) -> str:
-    lines = [f"Worker baseline resident set: {r['worker_baseline_rss_mb']} MB (included in every "
-             f"task peak). Partitioned path: one partition per {r['docs_per_partition']} "
-             f"documents (at least 2).", "",
-             "| documents | path | partitions | rounds | tasks | wall s | wall s, fresh process "
-             "per task | max task peak MB | median task peak MB | driver peak MB | "
-             "removed = planted |",
+    lines = [f"Task peak = tracemalloc peak of what the task allocated + bytes of its input arrays "
+             f"(not the ~125 MB of the worker's interpreter). Partitioned path: one partition per "
+             f"{r['docs_per_partition']} documents (at least 2). Driver peak = the benchmark "
+             f"process's resident high-water mark (keys, object-store pages it wrote).", "",
+             "| documents | path | partitions | rounds | tasks | wall s | wall s with tracemalloc "
+             "| max task peak MB | median task peak MB | driver peak MB | removed = planted |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in r["sizes"]:
         for name in ("single_task", "partitioned"):
@@ -660,7 +658,7 @@ def _cluster_table(r: dict) -> str:
             x = row[name]
             lines.append(f"| {row['documents']:.0e} | {name} | {x['partitions']} | "
                          f"{x['rounds']} | {x['tasks']} | {x['wall_s']} | {x['measured_wall_s']} | "
-                         f"{x['max_task_peak_rss_mb']} | {x['median_task_peak_rss_mb']} | "
+                         f"{x['max_task_peak_mb']} | {x['median_task_peak_mb']} | "
                          f"{x['driver_peak_rss_mb']} | {x['equals_planted']} |")
         if "same_removed" in row:
             lines.append(f"| | same removed set on both paths: {row['same_removed']} | | | | | | "

@@ -103,11 +103,19 @@ def partition_band(keys: np.ndarray, doc_index: np.ndarray, band: int, num_parti
 
 def bucket_task(num_partitions: int, *pieces: tuple[np.ndarray, np.ndarray]
                 ) -> tuple[np.ndarray, ...]:
-    """Star edges of every bucket in one partition (one piece per band), split by source."""
-    ids = np.concatenate([p[0] for p in pieces])
-    docs = np.concatenate([p[1] for p in pieces])
+    """Star edges of every bucket in one partition, split by source partition.
+
+    One piece per band: a bucket never spans bands, so each piece is sorted on its own (the
+    sort's scratch memory is one band's, not the partition's).
+    """
+    edges = [_star_edges(ids, docs) for ids, docs in pieces]
+    merged = _unique_rows(np.concatenate(edges)) if edges else _EMPTY
+    return split_by_source(_both_ways(merged), num_partitions)
+
+
+def _star_edges(ids: np.ndarray, docs: np.ndarray) -> np.ndarray:
     if ids.size == 0:
-        return tuple(_EMPTY for _ in range(num_partitions))
+        return _EMPTY
     order = np.argsort(ids)
     i, d = ids[order], docs[order]
     del order
@@ -116,8 +124,7 @@ def bucket_task(num_partitions: int, *pieces: tuple[np.ndarray, np.ndarray]
     del i
     head = np.repeat(np.minimum.reduceat(d, starts), sizes)  # the smallest document
     member = d != head
-    edges = _unique_rows(np.stack((d[member], head[member]), axis=1))
-    return split_by_source(_both_ways(edges), num_partitions)
+    return np.stack((d[member], head[member]), axis=1).astype(np.int64)
 
 
 def _neighbourhoods(parts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray,

@@ -5,12 +5,13 @@ takes the ``j``-th output of every task of the round before. :class:`RayRunner` 
 outputs in Ray's object store (the driver holds only references); :class:`LocalRunner` runs the
 same functions one after another in this process (tests, ``--no-ray``).
 
-With ``measure_memory=True`` each task also reports the peak resident memory of the process that
-ran it: on Linux the kernel's high-water mark (``VmHWM``), reset through ``/proc/self/clear_refs``
-before the call. Under Ray each measured task runs in a fresh worker process (``max_calls=1``):
-a reused worker keeps every object-store page it ever read mapped and resident, which would
-charge one task for its predecessors' inputs. The peak includes the worker's own baseline
-(interpreter, numpy, Ray: ~125 MB) and the pages of the task's inputs it read.
+With ``measure_memory=True`` each task also reports its peak memory: the peak of what it
+allocated (``tracemalloc``, which numpy reports its buffers to) plus the bytes of the arrays it
+was given (under Ray those are zero-copy views of the object store, resident while it runs).
+Neither the process's resident set nor its high-water mark would do: Ray reuses worker processes
+and a worker keeps every object-store page it ever read mapped and resident, so one task would
+be charged for its predecessors' inputs (and fresh workers per task, ``max_calls=1``, crashed
+Ray 2.60 workers now and then under load). The interpreter's own ~125 MB is not included.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 class TaskRunner(Protocol):
     """Submit functions as tasks; handles are values (in-process) or Ray object refs."""
 
-    peak_rss_bytes: list[int]  # one entry per measured task, in submission order
+    peak_bytes: list[int]  # one entry per measured task, in submission order
 
     def put(self, value: Any) -> Any: ...
 
@@ -39,7 +40,8 @@ class TaskRunner(Protocol):
     def wait_one(self, handles: Sequence[Any]) -> tuple[list[Any], list[Any]]: ...
 
 
-def _reset_peak() -> None:
+def reset_peak_rss() -> None:
+    """Reset this process's resident-set high-water mark (Linux; a no-op elsewhere)."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -60,11 +62,28 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def input_bytes(value: Any) -> int:
+    """Bytes of the numpy arrays in ``value`` (arrays, or tuples / lists of them)."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, tuple | list):
+        return sum(input_bytes(v) for v in value)
+    return 0
+
+
 def _measured(fn: Callable[..., Any], num_returns: int, *args: Any) -> Any:
-    _reset_peak()
-    out = fn(*args)
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        out = fn(*args)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     outs = (out,) if num_returns == 1 else tuple(out)
-    return (*outs, peak_rss())
+    return (*outs, peak + input_bytes(args))
 
 
 class LocalRunner:
@@ -72,7 +91,7 @@ class LocalRunner:
 
     def __init__(self, measure_memory: bool = False) -> None:
         self.measure_memory = measure_memory
-        self.peak_rss_bytes: list[int] = []
+        self.peak_bytes: list[int] = []
 
     def put(self, value: Any) -> Any:
         return value
@@ -81,7 +100,7 @@ class LocalRunner:
                ) -> list[Any]:
         if self.measure_memory:
             *outs, peak = _measured(fn, num_returns, *args)
-            self.peak_rss_bytes.append(peak)
+            self.peak_bytes.append(peak)
             return list(outs)
         out = fn(*args)
         return [out] if num_returns == 1 else list(out)
@@ -102,9 +121,9 @@ class RayRunner:
         self._ray = ray
         self.num_cpus = num_cpus
         self.measure_memory = measure_memory
-        self.peak_rss_bytes: list[int] = []
+        self.peak_bytes: list[int] = []
         self._peak_refs: list[Any] = []
-        self._remote = ray.remote(num_cpus=num_cpus, max_calls=1)(_measured)
+        self._remote = ray.remote(num_cpus=num_cpus)(_measured)
         self._plain: dict[Callable[..., Any], Any] = {}
 
     def put(self, value: Any) -> Any:
@@ -125,7 +144,7 @@ class RayRunner:
     def get(self, handles: Sequence[Any]) -> list[Any]:
         out = self._ray.get(list(handles))
         if self._peak_refs:
-            self.peak_rss_bytes += self._ray.get(self._peak_refs)
+            self.peak_bytes += self._ray.get(self._peak_refs)
             self._peak_refs = []
         return out
 
