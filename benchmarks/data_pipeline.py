@@ -148,6 +148,7 @@ def main() -> int:
                    help="largest corpus the single-task path is run on")
     p.add_argument("--docs-per-partition", type=int, default=500_000)
     p.add_argument("--cluster-cpus", type=int, default=2)
+    p.add_argument("--cluster-repeats", type=int, default=3, help="timing runs (2 at 10^7)")
     p.add_argument("--out-warc-cluster", default=os.path.join(
         ROOT, "benchmarks", "results", "data_pipeline_warc_cluster_cpu2"))
     p.add_argument("--run-datatrove", nargs=2, metavar=("INPUT", "WORK"), help=argparse.SUPPRESS)
@@ -575,7 +576,10 @@ def bench_cluster(args: argparse.Namespace) -> dict:
     ray.init(address="local", num_cpus=args.cluster_cpus, include_dashboard=False,
              log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
-    res: dict = {"docs_per_partition": args.docs_per_partition, "sizes": []}
+    warm = RayRunner()  # start the worker pool before anything is timed
+    warm.get([warm.submit(_median, [[float(i)]])[0] for i in range(2 * args.cluster_cpus)])
+    res: dict = {"docs_per_partition": args.docs_per_partition, "sizes": [],
+                 "timing_repeats": args.cluster_repeats}
     for n in args.cluster_sizes:
         t = time.perf_counter()
         keys, expected = _planted_keys(n, 14, seed=n % 1000)
@@ -589,11 +593,14 @@ def bench_cluster(args: argparse.Namespace) -> dict:
             paths.insert(0, ("single_task", 1))
         for name, parts in paths:
             config = DedupConfig(cluster_partitions=parts)
-            # timed without measurement (tracemalloc slows Python-heavy tasks) ...
-            t = time.perf_counter()
-            near, info = near_duplicates(keys, doc_index, config, RayRunner())
-            wall = time.perf_counter() - t
-            del near
+            # timed without measurement (tracemalloc slows Python-heavy tasks), median of repeats
+            walls = []
+            for _ in range(args.cluster_repeats if n < 10**7 else min(2, args.cluster_repeats)):
+                t = time.perf_counter()
+                near, info = near_duplicates(keys, doc_index, config, RayRunner())
+                walls.append(time.perf_counter() - t)
+                del near
+            wall = _median(walls)
             # ... then again with each task's peak resident memory
             runner = RayRunner(measure_memory=True)
             reset_peak_rss()
@@ -602,7 +609,8 @@ def bench_cluster(args: argparse.Namespace) -> dict:
             measured_wall = time.perf_counter() - t
             peaks = [p / 2**20 for p in runner.peak_bytes]
             results[name] = near
-            row[name] = {"wall_s": round(wall, 2), "measured_wall_s": round(measured_wall, 2),
+            row[name] = {"wall_s": round(wall, 2), "wall_runs_s": [round(w, 2) for w in walls],
+                         "measured_wall_s": round(measured_wall, 2),
                          "partitions": info["partitions"],
                          "rounds": info["rounds"], "tasks": len(peaks),
                          "max_task_peak_mb": round(max(peaks), 1),
@@ -647,7 +655,8 @@ def _cluster_table(r: dict) -> str:
              f"(not the ~125 MB of the worker's interpreter). Partitioned path: one partition per "
              f"{r['docs_per_partition']} documents (at least 2). Driver peak = the benchmark "
              f"process's resident high-water mark (keys, object-store pages it wrote).", "",
-             "| documents | path | partitions | rounds | tasks | wall s | wall s with tracemalloc "
+             "| documents | path | partitions | rounds | tasks | wall s (median) | wall s with "
+             "tracemalloc "
              "| max task peak MB | median task peak MB | driver peak MB | removed = planted |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in r["sizes"]:
