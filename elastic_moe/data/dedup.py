@@ -60,8 +60,10 @@ class DedupConfig:
     # task ~ corpus / partitions; 0 = 1 up to single_task_max_docs, else one partition per
     # docs_per_partition documents
     cluster_partitions: int = 0
-    single_task_max_docs: int = 5_000_000  # measured: 1.8 GB per task and the faster path at 1e7
-    docs_per_partition: int = 500_000  # ~0.5-0.7 GB peak per task (benchmarks/results)
+    # measured (benchmarks/results): at 1e7 docs one task needs 1.6 GB (linear in the corpus) and
+    # is about as fast as 20 partitions on 2 cores; a partition of 500k docs needs ~130 MB
+    single_task_max_docs: int = 5_000_000
+    docs_per_partition: int = 500_000
 
     def __post_init__(self) -> None:
         for name in ("ngram_size", "num_bands", "rows_per_band", "batch_bytes",
