@@ -29,10 +29,10 @@ from elastic_moe.data.html import EXTRACTORS
 
 logger = logging.getLogger(__name__)
 
-WET_SUFFIXES = (".warc.wet.gz", ".wet.gz", ".warc.gz", ".wet", ".warc")
+WARC_SUFFIXES = (".warc.wet.gz", ".wet.gz", ".warc.gz", ".wet", ".warc")  # WARC and WET
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
-ALL_SUFFIXES = WET_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+ALL_SUFFIXES = WARC_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 
 @dataclass(kw_only=True, slots=True)
@@ -108,14 +108,14 @@ def list_inputs(spec: str | list[str]) -> list[str]:
 
 
 def file_format(path: str) -> str:
-    """``"wet"``, ``"jsonl"`` or ``"parquet"`` by suffix; ValueError for anything else."""
+    """``"warc"`` (WARC or WET), ``"jsonl"`` or ``"parquet"`` by suffix; ValueError otherwise."""
     name = path.lower()
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
-    if name.endswith(WET_SUFFIXES):
-        return "wet"
+    if name.endswith(WARC_SUFFIXES):
+        return "warc"
     raise ValueError(f"path={path!r}: unknown input format; expected one of {ALL_SUFFIXES}")
 
 
@@ -129,7 +129,7 @@ def read_documents(path: str, stats: ReadStats, config: ReaderConfig | None = No
     config = config or ReaderConfig()
     try:
         fmt = file_format(path)
-        raw = {"wet": _read_wet, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt](
+        raw = {"warc": _read_warc, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt](
             path, stats, config)
         quality = build_filter(config.filters)
         for doc in raw:
@@ -162,7 +162,7 @@ def _decode(payload: bytes, stats: ReadStats) -> str | None:
         return None
 
 
-def _read_wet(path: str, stats: ReadStats, config: ReaderConfig) -> Iterator[Document]:
+def _read_warc(path: str, stats: ReadStats, config: ReaderConfig) -> Iterator[Document]:
     from elastic_moe.data.warc import read_warc
 
     for record_id, url, text in read_warc(path, stats.skipped, stats.repaired, config.extractor):
