@@ -145,7 +145,7 @@ def _check_whole(record: Any, record_id: str) -> None:
 def _response_text(record: Any, payload: bytes, skipped: Counter, repaired: Counter,
                    extractor: str) -> str | None:
     http = record.http_headers
-    if http is None or not http.protocol.upper().startswith("HTTP"):
+    if http is None or not (http.protocol or "").upper().startswith("HTTP"):
         skipped["warc_non_http"] += 1
         return None
     if http.get_statuscode() != "200":
@@ -168,7 +168,7 @@ def _response_text(record: Any, payload: bytes, skipped: Counter, repaired: Coun
         repaired[decoded.repair] += 1
     try:
         text = extract_main_text(decoded.text, extractor)
-    except (ValueError, ImportError):  # a bad extractor name or a missing package: a config error
+    except ImportError:  # a missing extractor package is a setup error, not a bad page
         raise
     except Exception as exc:  # noqa: BLE001 - a page the parser rejects is one record, counted
         logger.debug("extraction failed for %s: %s", record.rec_headers.get_header(
