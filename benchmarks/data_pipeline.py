@@ -1,6 +1,24 @@
-"""Data pipeline benchmark: our MinHash dedup vs datatrove's, and tokenize+pack vs raw encoding.
+"""Data pipeline benchmark: dedup, tokenization, WARC extraction and clustering at scale.
 
     python benchmarks/data_pipeline.py --datatrove-python /tmp/bench-venv/bin/python
+    python benchmarks/data_pipeline.py --sections warc,cluster --datatrove-python ...
+
+Issue 15's sections (``--sections warc,cluster``, written to
+``results/data_pipeline_warc_cluster_cpu2.{md,json}``):
+
+* **warc**: generated Common-Crawl-like WARCs (``elastic_moe.data.sample_warc``: HTML pages with
+  a known main text in four layouts, plus request/metadata/redirect/image records). Ours: the
+  WARC reader with resiliparse, then our signature stage, in one process; datatrove: its
+  ``WarcReader`` + ``Trafilatura`` (+ ``MinhashDedupSignature``), ``LocalPipelineExecutor(tasks=1,
+  workers=1)``. docs/s per core = pages / CPU seconds of the process (and its children: datatrove
+  runs trafilatura in a sandbox process). Quality: word-level precision/recall/F1 of each page's
+  text against its planted main text.
+* **cluster**: synthetic band keys for 10^5..10^7 documents with planted duplicate groups; today's
+  single union-find task vs the partitioned connected components, both as Ray tasks, with the
+  peak memory of every task (``tasks.RayRunner(measure_memory=True)``: tracemalloc peak +
+  input arrays).
+
+Issue 6's section (``dedup``):
 
 Issue 6's targets: dedup >= 2x datatrove's documents/s per core with equal or better recall, and
 tokenize+pack within 10% of raw ``tokenizers`` batch encoding. Both dedups run on the same
@@ -21,14 +39,18 @@ Timings on a shared machine are noisy: the signature and tokenization measuremen
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,13 +138,53 @@ def main() -> int:
     p.add_argument("--machine", default=f"{os.cpu_count()}-core CPU ({cpu})")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "data_pipeline_cpu2"))
+    p.add_argument("--sections", default="dedup,warc,cluster",
+                   help="comma-separated: dedup (+ tokenization), warc, cluster")
+    p.add_argument("--warc-pages", type=int, default=4000)
+    p.add_argument("--warc-files", type=int, default=4)
+    p.add_argument("--cluster-sizes", default="100000,1000000,10000000",
+                   type=lambda x: [int(float(v)) for v in x.split(",")])
+    p.add_argument("--single-max", type=float, default=1e7,
+                   help="largest corpus the single-task path is run on")
+    p.add_argument("--docs-per-partition", type=int, default=500_000)
+    p.add_argument("--cluster-cpus", type=int, default=2)
+    p.add_argument("--cluster-repeats", type=int, default=3, help="timing runs (2 at 10^7)")
+    p.add_argument("--out-warc-cluster", default=os.path.join(
+        ROOT, "benchmarks", "results", "data_pipeline_warc_cluster_cpu2"))
     p.add_argument("--run-datatrove", nargs=2, metavar=("INPUT", "WORK"), help=argparse.SUPPRESS)
+    p.add_argument("--run-datatrove-warc", nargs=2, metavar=("INPUT", "WORK"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.run_datatrove:
         run_datatrove(*args.run_datatrove)
         return 0
+    if args.run_datatrove_warc:
+        run_datatrove_warc(*args.run_datatrove_warc)
+        return 0
 
     sys.path.insert(0, ROOT)
+    sections = set(args.sections.split(","))
+    if sections & {"warc", "cluster"}:
+        new: dict = {"machine": args.machine, "python": platform.python_version()}
+        if "warc" in sections:
+            new["warc"] = bench_warc(args)
+        if "cluster" in sections:
+            new["cluster"] = bench_cluster(args)
+        os.makedirs(os.path.dirname(args.out_warc_cluster), exist_ok=True)
+        with open(args.out_warc_cluster + ".json", "w") as fh:
+            json.dump(new, fh, indent=2)
+        parts = [f"# WARC extraction and near-dup clustering — {args.machine}", ""]
+        if "warc" in new:
+            parts += ["## Extraction + signatures on the same WARC input", "",
+                      _warc_table(new["warc"]), ""]
+        if "cluster" in new:
+            parts += ["## Near-dup clustering at scale (synthetic band keys, planted groups)", "",
+                      _cluster_table(new["cluster"]), ""]
+        with open(args.out_warc_cluster + ".md", "w") as fh:
+            fh.write("\n".join(parts))
+        print("\n".join(parts))
+    if "dedup" not in sections:
+        return 0
     import numpy as np
 
     from elastic_moe.data.pack import Packer
@@ -326,6 +388,290 @@ def _table(r: dict) -> str:
               f"{t['overhead_vs_encode_batch']:+.1%} vs `encode_batch`, "
               f"{t['overhead_vs_encode_batch_ids']:+.1%} vs `encode_batch` + ids, "
               f"{t['overhead_vs_encode_batch_fast_ids']:+.1%} vs `encode_batch_fast` + ids."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 15: WARC extraction + signatures vs datatrove, and near-dup clustering at scale
+
+
+def run_datatrove_warc(input_dir: str, work_dir: str) -> None:
+    """Runs under the benchmark interpreter: datatrove's WarcReader + Trafilatura, then the same
+    plus MinhashDedupSignature; prints JSON with wall and CPU times and the extracted texts."""
+    import glob
+    import gzip
+
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
+    from datatrove.pipeline.extractors import Trafilatura
+    from datatrove.pipeline.readers import WarcReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    def cpu() -> float:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), \
+            resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    shutil.rmtree(work_dir, ignore_errors=True)
+    cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, seed=1)
+    out: dict = {}
+    runs = {
+        "extract": [WarcReader(input_dir, glob_pattern="*.warc.gz"), Trafilatura(),
+                    JsonlWriter(f"{work_dir}/extracted")],
+        "extract_signatures": [WarcReader(input_dir, glob_pattern="*.warc.gz"), Trafilatura(),
+                               MinhashDedupSignature(output_folder=f"{work_dir}/sigs",
+                                                     config=cfg)],
+    }
+    for name, pipeline in runs.items():
+        t, c = time.perf_counter(), cpu()
+        LocalPipelineExecutor(pipeline=pipeline, tasks=1, workers=1,
+                              logging_dir=f"{work_dir}/logs/{name}").run()
+        out[f"{name}_s"] = time.perf_counter() - t
+        out[f"{name}_cpu_s"] = cpu() - c
+    texts = {}
+    for path in sorted(glob.glob(f"{work_dir}/extracted/*")):
+        with gzip.open(path, "rt") as fh:
+            for line in fh:
+                rec = json.loads(line)
+                texts[rec["id"]] = rec["text"]
+    out["texts"] = texts
+    print("DATATROVE_JSON " + json.dumps(out))
+
+
+def bench_warc(args: argparse.Namespace) -> dict:
+    """Extraction (+ signatures) docs/s per core on generated WARCs, and main-text quality."""
+    from elastic_moe.data.dedup import DedupConfig
+    from elastic_moe.data.pipeline import signature_stage
+    from elastic_moe.data.readers import ReaderConfig, ReadStats, read_documents
+    from elastic_moe.data.sample_warc import LAYOUTS, main_text_f1, write_warc
+
+    warc_dir = os.path.join(args.workdir, "warc")
+    truth_path = os.path.join(warc_dir, "main_text.json")
+    if not os.path.exists(truth_path):
+        os.makedirs(warc_dir, exist_ok=True)
+        truth: dict[str, str] = {}
+        for i in range(args.warc_files):
+            t = write_warc(os.path.join(warc_dir, f"crawl-{i:03d}.warc.gz"),
+                           args.warc_pages // args.warc_files, seed=100 + i)
+            truth.update(t["main_text"])
+        with open(truth_path, "w") as fh:
+            json.dump(truth, fh)
+    with open(truth_path) as fh:
+        truth = json.load(fh)
+    paths = sorted(glob.glob(os.path.join(warc_dir, "*.warc.gz")))
+    mb = sum(os.path.getsize(f) for f in paths) / 1e6
+    layout_of = {rid: i % LAYOUTS for i, rid in enumerate(truth)}
+    print(f"warc: {len(truth)} pages in {len(paths)} files, {mb:.1f} MB gzip", flush=True)
+
+    def quality(texts: dict[str, str]) -> dict:
+        per_layout: dict[int, list[dict]] = {k: [] for k in range(LAYOUTS)}
+        for rid, ref in truth.items():  # a page the extractor dropped scores 0
+            per_layout[layout_of[rid]].append(main_text_f1(texts.get(rid, ""), ref))
+        scores = [s for v in per_layout.values() for s in v]
+        mean = {k: round(statistics.mean(s[k] for s in scores), 4)
+                for k in ("precision", "recall", "f1")}
+        mean["pages_with_text"] = sum(1 for rid in truth if texts.get(rid, "").strip())
+        mean["f1_by_layout"] = [round(statistics.mean(s["f1"] for s in v), 4)
+                                for v in per_layout.values()]
+        return mean
+
+    def ours(extractor: str, signatures: bool) -> tuple[float, float, dict[str, str]]:
+        reader = ReaderConfig(extractor=extractor)
+        texts: dict[str, str] = {}
+        t, c = time.perf_counter(), time.process_time()
+        for path in paths:
+            if signatures:
+                signature_stage(path, reader, DedupConfig())
+            else:
+                stats = ReadStats(path=path)
+                texts.update((d.id, d.text) for d in read_documents(path, stats, reader))
+        return time.perf_counter() - t, time.process_time() - c, texts
+
+    res: dict = {"pages": len(truth), "files": len(paths), "warc_mb": round(mb, 1)}
+    runs: dict[str, list[tuple[float, float]]] = {"extract": [], "extract_signatures": []}
+    texts: dict[str, str] = {}
+    for _ in range(args.repeats):
+        wall, cpu, texts = ours("resiliparse", False)
+        runs["extract"].append((wall, cpu))
+        wall, cpu, _ = ours("resiliparse", True)
+        runs["extract_signatures"].append((wall, cpu))
+    n = len(truth)
+    res["ours"] = {name: {"wall_s": round(_median([w for w, _ in v]), 3),
+                          "cpu_s": round(_median([c for _, c in v]), 3),
+                          "docs_per_s_per_core": round(n / _median([c for _, c in v]), 1)}
+                   for name, v in runs.items()}
+    res["ours"]["quality"] = quality(texts)
+    wall, cpu, traf_texts = ours("trafilatura", False)  # the same library, in our reader
+    res["ours_trafilatura_extract"] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                                       "docs_per_s_per_core": round(n / cpu, 1),
+                                       "quality": quality(traf_texts)}
+    if args.datatrove_python:
+        dt_runs = []
+        for _ in range(args.datatrove_repeats):
+            proc = subprocess.run([args.datatrove_python, os.path.abspath(__file__),
+                                   "--run-datatrove-warc", warc_dir,
+                                   os.path.join(args.workdir, "datatrove-warc")],
+                                  capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("DATATROVE_JSON ")]
+            if proc.returncode or not line:
+                print(proc.stderr[-3000:])
+                raise SystemExit("datatrove WARC run failed (see above)")
+            dt_runs.append(json.loads(line[0][len("DATATROVE_JSON "):]))
+            print("datatrove warc: " + str({k: round(v, 2) for k, v in dt_runs[-1].items()
+                                            if k.endswith("_s")}), flush=True)
+        dt: dict = {}
+        for name in ("extract", "extract_signatures"):
+            cpu = _median([x[f"{name}_cpu_s"] for x in dt_runs])
+            dt[name] = {"wall_s": round(_median([x[f"{name}_s"] for x in dt_runs]), 3),
+                        "cpu_s": round(cpu, 3), "docs_per_s_per_core": round(n / cpu, 1)}
+        dt["quality"] = quality(dt_runs[-1]["texts"])
+        res["datatrove"] = dt
+        res["ratio_per_core"] = {
+            name: round(res["ours"][name]["docs_per_s_per_core"]
+                        / dt[name]["docs_per_s_per_core"], 2)
+            for name in ("extract", "extract_signatures")}
+    return res
+
+
+def _planted_keys(n: int, bands: int, seed: int) -> tuple[np.ndarray, dict[int, int]]:
+    """Random band keys for ``n`` documents with planted duplicate groups (~10% of documents).
+
+    Groups of 2-6 documents; each member shares 1-3 random bands with the group's smallest
+    document or with the member before it (chains). Returns the keys and the expected
+    ``{removed doc: kept doc}``.
+    """
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, 1 << 63, size=(n, bands), dtype=np.uint64)
+    sizes = rng.integers(2, 7, size=max(1, n // 40))
+    docs = rng.choice(n, size=int(sizes.sum()), replace=False)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    group = np.repeat(np.arange(sizes.size), sizes)
+    # sort each group's documents so the first is the smallest (the one kept)
+    order = np.lexsort((docs, group))
+    docs = docs[order]
+    leader = np.repeat(docs[starts], sizes)
+    pos = np.arange(docs.size) - np.repeat(starts, sizes)
+    member = pos > 0
+    prev = np.roll(docs, 1)
+    src = np.where(rng.random(docs.size) < 0.5, leader, prev)
+    # position by position, so a member's source (leader or previous member) is already final
+    for k in range(1, int(sizes.max())):
+        at = pos == k
+        dst, from_ = docs[at], src[at]
+        for copy in range(3):
+            band = rng.integers(0, bands, dst.size)
+            take = np.ones(dst.size, dtype=bool) if copy == 0 else rng.random(dst.size) < 0.5
+            keys[dst[take], band[take]] = keys[from_[take], band[take]]
+    return keys, dict(zip(docs[member].tolist(), leader[member].tolist(), strict=True))
+
+
+def bench_cluster(args: argparse.Namespace) -> dict:
+    """Single union-find task vs partitioned connected components at 10^5..10^7 documents."""
+    import ray
+
+    from elastic_moe.data.dedup import DedupConfig
+    from elastic_moe.data.pipeline import near_duplicates
+    from elastic_moe.data.tasks import RayRunner, peak_rss, reset_peak_rss
+
+    ray.init(address="local", num_cpus=args.cluster_cpus, include_dashboard=False,
+             log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    warm = RayRunner()  # start the worker pool before anything is timed
+    warm.get([warm.submit(_median, [[float(i)]])[0] for i in range(2 * args.cluster_cpus)])
+    res: dict = {"docs_per_partition": args.docs_per_partition, "sizes": [],
+                 "timing_repeats": args.cluster_repeats}
+    for n in args.cluster_sizes:
+        t = time.perf_counter()
+        keys, expected = _planted_keys(n, 14, seed=n % 1000)
+        print(f"cluster n={n}: keys built in {time.perf_counter() - t:.1f}s, "
+              f"{len(expected)} planted duplicates", flush=True)
+        doc_index = np.arange(n, dtype=np.int64)
+        row: dict = {"documents": n, "planted_removed": len(expected)}
+        results = {}
+        paths = [("partitioned", max(2, -(-n // args.docs_per_partition)))]
+        if n <= args.single_max:
+            paths.insert(0, ("single_task", 1))
+        for name, parts in paths:
+            config = DedupConfig(cluster_partitions=parts)
+            # timed without measurement (tracemalloc slows Python-heavy tasks), median of repeats
+            walls = []
+            for _ in range(args.cluster_repeats if n < 10**7 else min(2, args.cluster_repeats)):
+                t = time.perf_counter()
+                near, info = near_duplicates(keys, doc_index, config, RayRunner())
+                walls.append(time.perf_counter() - t)
+                del near
+            wall = _median(walls)
+            # ... then again with each task's peak resident memory
+            runner = RayRunner(measure_memory=True)
+            reset_peak_rss()
+            t = time.perf_counter()
+            near, info = near_duplicates(keys, doc_index, config, runner)
+            measured_wall = time.perf_counter() - t
+            peaks = [p / 2**20 for p in runner.peak_bytes]
+            results[name] = near
+            row[name] = {"wall_s": round(wall, 2), "wall_runs_s": [round(w, 2) for w in walls],
+                         "measured_wall_s": round(measured_wall, 2),
+                         "partitions": info["partitions"],
+                         "rounds": info["rounds"], "tasks": len(peaks),
+                         "max_task_peak_mb": round(max(peaks), 1),
+                         "median_task_peak_mb": round(statistics.median(peaks), 1),
+                         "driver_peak_rss_mb": round(peak_rss() / 2**20, 1),
+                         "removed": len(near), "equals_planted": near == expected}
+            print(f"  {name}: {row[name]}", flush=True)
+            del near
+        if len(results) == 2:
+            row["same_removed"] = results["single_task"] == results["partitioned"]
+        res["sizes"].append(row)
+        del keys, results
+    ray.shutdown()
+    return res
+
+
+def _warc_table(r: dict) -> str:
+    o, d = r["ours"], r.get("datatrove")
+    lines = [f"| {r['pages']} pages, {r['warc_mb']} MB gzip WARC | ours (resiliparse) | "
+             f"datatrove 0.10.1 (WarcReader + Trafilatura) | ratio |", "|---|---:|---:|---:|"]
+    for name, label in (("extract", "extraction docs/s per core"),
+                        ("extract_signatures", "extraction + MinHash signatures docs/s per core")):
+        lines.append(f"| {label} | {o[name]['docs_per_s_per_core']} | "
+                     f"{d[name]['docs_per_s_per_core'] if d else 'n/a'} | "
+                     f"{r['ratio_per_core'][name] if d else ''} |")
+    for key in ("precision", "recall", "f1"):
+        lines.append(f"| main-text word {key} | {o['quality'][key]} | "
+                     f"{d['quality'][key] if d else 'n/a'} | |")
+    lines.append(f"| F1 by layout (HTML5, div+classes, table, bare divs) | "
+                 f"{o['quality']['f1_by_layout']} | {d['quality']['f1_by_layout'] if d else ''}"
+                 f" | |")
+    lines.append(f"| pages with any text | {o['quality']['pages_with_text']} | "
+                 f"{d['quality']['pages_with_text'] if d else ''} | |")
+    t = r["ours_trafilatura_extract"]
+    lines += ["", f"trafilatura inside our reader (same pages): {t['docs_per_s_per_core']} docs/s "
+              f"per core, F1 {t['quality']['f1']} (by layout {t['quality']['f1_by_layout']})."]
+    return "\n".join(lines)
+
+
+def _cluster_table(r: dict) -> str:
+    lines = [f"Task peak = tracemalloc peak of what the task allocated + bytes of its input arrays "
+             f"(not the ~125 MB of the worker's interpreter). Partitioned path: one partition per "
+             f"{r['docs_per_partition']} documents (at least 2). Driver peak = the benchmark "
+             f"process's resident high-water mark (keys, object-store pages it wrote).", "",
+             "| documents | path | partitions | rounds | tasks | wall s (median) | wall s with "
+             "tracemalloc "
+             "| max task peak MB | median task peak MB | driver peak MB | removed = planted |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in r["sizes"]:
+        for name in ("single_task", "partitioned"):
+            if name not in row:
+                lines.append(f"| {row['documents']:.0e} | {name} | | | | not run | | | | | |")
+                continue
+            x = row[name]
+            lines.append(f"| {row['documents']:.0e} | {name} | {x['partitions']} | "
+                         f"{x['rounds']} | {x['tasks']} | {x['wall_s']} | {x['measured_wall_s']} | "
+                         f"{x['max_task_peak_mb']} | {x['median_task_peak_mb']} | "
+                         f"{x['driver_peak_rss_mb']} | {x['equals_planted']} |")
+        if "same_removed" in row:
+            lines.append(f"| | same removed set on both paths: {row['same_removed']} | | | | | | "
+                         f"| | | |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@
     python jobs/prepare_data.py --input 'data/**/*.jsonl.zst' --output out --removed-ids rm.txt
     python jobs/prepare_data.py --input data/ --output out --val-fraction 0.01 \
         --tokenizer hf-model/tokenizer.json       # held-out split, a published model's tokenizer
+    python jobs/prepare_data.py --input 'cc/*.warc.gz' --output out --languages en --gopher
     ray job submit --working-dir . -- python jobs/prepare_data.py --input /shared/in --output ...
 
 Runs the stages of ``elastic_moe.data.pipeline`` as Ray tasks: on a local Ray started here, or on
@@ -27,6 +28,8 @@ if ROOT not in sys.path:  # `python jobs/prepare_data.py` from a checkout
     sys.path.insert(0, ROOT)
 
 from elastic_moe.data.dedup import DedupConfig  # noqa: E402
+from elastic_moe.data.filters import FilterConfig  # noqa: E402
+from elastic_moe.data.html import EXTRACTORS  # noqa: E402
 from elastic_moe.data.pipeline import (  # noqa: E402
     PrepareConfig,
     prepare,
@@ -57,6 +60,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ngram-size", type=int, default=5)
     p.add_argument("--num-bands", type=int, default=14)
     p.add_argument("--rows-per-band", type=int, default=8)
+    p.add_argument("--extractor", default="resiliparse", choices=EXTRACTORS,
+                   help="main-text extractor for the HTML of WARC response records")
+    p.add_argument("--languages", default="",
+                   help="comma-separated ISO 639-1 codes to keep (langid.py); default: all")
+    p.add_argument("--min-language-score", type=float, default=0.5)
+    p.add_argument("--gopher", action="store_true",
+                   help="Gopher quality + repetition rules (Rae et al. 2021, App. A.1.1)")
+    p.add_argument("--cluster-partitions", type=int, default=0,
+                   help="near-dup clustering: 1 = one union-find task, >= 2 = hash-partitioned "
+                        "connected components, 0 = by corpus size")
     p.add_argument("--no-near", action="store_true", help="skip MinHash near-dup removal")
     p.add_argument("--no-url", action="store_true", help="skip URL dedup")
     p.add_argument("--address", default="", help="Ray address (default: $RAY_ADDRESS or local)")
@@ -72,11 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     config = PrepareConfig(
         seq_len=args.seq_len, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
         val_fraction=args.val_fraction,
-        reader=ReaderConfig(text_column=args.text_column, id_column=args.id_column,
-                            max_chars=args.max_chars),
+        reader=ReaderConfig(
+            text_column=args.text_column, id_column=args.id_column, max_chars=args.max_chars,
+            extractor=args.extractor,
+            filters=FilterConfig(
+                languages=tuple(x.strip() for x in args.languages.split(",") if x.strip()),
+                min_language_score=args.min_language_score, gopher_quality=args.gopher,
+                gopher_repetition=args.gopher)),
         dedup=DedupConfig(ngram_size=args.ngram_size, num_bands=args.num_bands,
                           rows_per_band=args.rows_per_band, near=not args.no_near,
-                          url=not args.no_url))
+                          url=not args.no_url, cluster_partitions=args.cluster_partitions))
     use_ray = not args.no_ray
     if use_ray:
         import ray

@@ -8,6 +8,9 @@ outputs are identical):
 2. **exact / URL dedup** (driver, vectorized over the per-document hashes).
 3. **buckets** (one task per LSH band): candidate pairs of documents sharing a band key.
 4. **clusters** (one task): union-find over all candidate pairs; keep the smallest global index.
+   Past ``DedupConfig.single_task_max_docs`` documents, 3-4 run instead as hash-partitioned
+   rounds of tasks (``components.py``: buckets per key partition, then large-star/small-star
+   connected components), with memory per task bounded by its partition and the same result.
 5. **tokenizer**: train byte-level BPE on a sample of kept documents, or load ``tokenizer.json``.
 6. **tokenize + pack** (one task per input file): re-read the file, encode kept documents, pack
    into ``seq_len + 1`` sequences, write one shard; each file's remainder goes back to the driver,
@@ -32,10 +35,12 @@ from typing import Any
 import numpy as np
 
 from elastic_moe.data import dedup as dd
+from elastic_moe.data.components import cluster_partitioned
 from elastic_moe.data.normalize import normalize
 from elastic_moe.data.pack import Packer
 from elastic_moe.data.readers import ReaderConfig, ReadStats, list_inputs, read_documents
 from elastic_moe.data.shards import MANIFEST_VERSION, write_manifest, write_shard
+from elastic_moe.data.tasks import LocalRunner, RayRunner, TaskRunner
 from elastic_moe.data.tokenizer import (
     EOS_TOKEN,
     encode_documents,
@@ -155,6 +160,35 @@ def tokenize_stage(path: str, keep: np.ndarray, reader: ReaderConfig, tokenizer_
             "documents": len(texts), "rem_tokens": rem_tokens, "rem_starts": rem_starts}
 
 
+def near_duplicates(keys: np.ndarray, doc_index: np.ndarray, config: dd.DedupConfig,
+                    runner: TaskRunner, progress: bool = False
+                    ) -> tuple[dict[int, int], dict[str, Any]]:
+    """Stages 3-4: ``{removed doc: kept doc}`` over the band keys of documents ``doc_index``.
+
+    One union-find task (``cluster_stage``) or, with ``config.partitions_for(n) >= 2``, the
+    partitioned connected components of ``components.py``; both give the same mapping.
+    """
+    from tqdm import tqdm
+
+    num_partitions = config.partitions_for(int(doc_index.size))
+    if num_partitions >= 2:
+        near, report = cluster_partitioned(keys, doc_index, num_partitions, runner,
+                                           progress=progress)
+        return near, {"path": "partitioned", "partitions": num_partitions,
+                      "rounds": report.rounds}
+    keys_arg, index_arg = runner.put(keys), runner.put(doc_index)  # one copy for all bands
+    edges = [runner.submit(bucket_stage, [keys_arg, index_arg, b])[0]
+             for b in range(config.num_bands)]
+    with tqdm(total=len(edges), desc="buckets", unit="task", disable=not progress,
+              leave=False) as bar:
+        pending = list(edges)
+        while pending:
+            done, pending = runner.wait_one(pending)
+            bar.update(len(done))
+    near = runner.get(runner.submit(cluster_stage, edges))[0]
+    return near, {"path": "single_task", "partitions": 1, "rounds": 1}
+
+
 # ---------------------------------------------------------------------------------------------
 # driver
 
@@ -194,6 +228,8 @@ class DedupResult:
     keeps: list[np.ndarray]  # per file: bool mask of kept documents
     removed: dict[int, tuple[str, int]]  # global doc -> (reason, global doc it duplicates)
     skipped: Counter
+    repaired: Counter  # records kept after a repair (e.g. a wrong declared charset)
+    near_dedup: dict[str, Any]  # how the clustering ran: path, partitions, rounds
     file_errors: list[dict[str, str]]
     timings: dict[str, float]
 
@@ -221,9 +257,10 @@ def deduplicate(paths: list[str], config: PrepareConfig, *, use_ray: bool = True
     ids = [i for s in sig for i in s["ids"]]
     n = len(ids)
     skipped: Counter = Counter()
+    repaired: Counter = Counter()
     file_errors = []
     for s in sig:
-        s["stats"].merge_into(skipped)
+        s["stats"].merge_into(skipped, repaired)
         if s["stats"].error:
             file_errors.append({"file": s["stats"].path, "error": s["stats"].error})
 
@@ -247,6 +284,7 @@ def deduplicate(paths: list[str], config: PrepareConfig, *, use_ray: bool = True
 
     # 3-4. near dedup over survivors that have words
     t = time.perf_counter()
+    near_info: dict[str, Any] = {"path": "off", "partitions": 0, "rounds": 0}
     if config.dedup.near and n:
         keys = np.concatenate([s["band_keys"] for s in sig])
         has_words = np.concatenate([s["has_words"] for s in sig])
@@ -254,16 +292,9 @@ def deduplicate(paths: list[str], config: PrepareConfig, *, use_ray: bool = True
         if removed:
             alive[list(removed)] = False
         doc_index = np.flatnonzero(alive)
-        keys_arg: Any = keys[doc_index]
-        index_arg: Any = doc_index
-        if use_ray:  # one object-store copy shared by every band task
-            import ray
-
-            keys_arg, index_arg = ray.put(keys_arg), ray.put(index_arg)
-        edges = _run_stage("buckets", bucket_stage,
-                           [(keys_arg, index_arg, b) for b in range(config.dedup.num_bands)],
-                           use_ray, progress)
-        near = _run_stage("clusters", cluster_stage, [tuple(edges)], use_ray, progress)[0]
+        runner: TaskRunner = RayRunner() if use_ray else LocalRunner()
+        near, near_info = near_duplicates(keys[doc_index], doc_index, config.dedup, runner,
+                                          progress)
         for d, root in near.items():
             removed[d] = ("near", root)
     timings["near_s"] = time.perf_counter() - t
@@ -274,7 +305,8 @@ def deduplicate(paths: list[str], config: PrepareConfig, *, use_ray: bool = True
     bounds = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
     keeps = [keep_all[bounds[i]:bounds[i + 1]] for i in range(len(paths))]
     return DedupResult(paths=paths, ids=ids, keeps=keeps, removed=removed, skipped=skipped,
-                       file_errors=file_errors, timings=timings)
+                       repaired=repaired, near_dedup=near_info, file_errors=file_errors,
+                       timings=timings)
 
 
 def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
@@ -367,6 +399,8 @@ def prepare(inputs: str | list[str], output_dir: str, config: PrepareConfig, *,
         "url_duplicates": reasons.get("url", 0),
         "near_duplicates": reasons.get("near", 0),
         "skipped": dict(sorted(result.skipped.items())),
+        "repaired": dict(sorted(result.repaired.items())),
+        "near_dedup": result.near_dedup,
         "file_errors": result.file_errors,
         "tokens": int(sum(r["tokens"] for r in packed)),
         "tokens_packed": num_sequences * width,
@@ -462,6 +496,12 @@ def summary_table(manifest: dict[str, Any]) -> str:
     if "documents_val" in manifest:
         rows.append(("  of which held out for validation", manifest["documents_val"]))
     rows += [(f"skipped: {k}", v) for k, v in manifest["skipped"].items()]
+    rows += [(f"kept after repair: {k}", v) for k, v in manifest.get("repaired", {}).items()]
+    near = manifest.get("near_dedup")
+    if near and near["path"] == "partitioned":
+        rows.append(("near-dup clustering", f"{near['partitions']} parts, {near['rounds']} rds"))
+    elif near:
+        rows.append(("near-dup clustering", near["path"].replace("_", " ")))
     rows += [("files with errors", len(manifest["file_errors"])),
              ("tokens (kept docs + EOS)", manifest["tokens"]),
              (f"sequences x {manifest['seq_len'] + 1} tokens", manifest["num_sequences"]),

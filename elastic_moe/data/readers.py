@@ -1,9 +1,12 @@
 """Readers for Common-Crawl-style inputs: WARC/WET, JSONL(.gz/.zst) and Parquet.
 
-Implements step 1 of the data flow in docs/architecture.md ("read Common-Crawl-style records"). WET files
-are WARC files whose ``conversion`` records hold the extracted plain text of a crawled page
-(Common Crawl's WET format); JSONL and Parquet carry one document per line / row with a text
-column. Bad data never crashes a job: a malformed record, an undecodable one, an empty or a giant
+Implements step 1 of the data flow in docs/architecture.md ("read Common-Crawl-style records"). WARC and WET
+files go through ``warc.py``: WET ``conversion`` records hold Common Crawl's plain text, WARC
+``response`` records hold the crawled HTML, reduced to its main text (``html.py``); every other
+record is counted by reason. JSONL and Parquet carry one document per line / row with a text
+column. The optional quality and language filters of ``filters.py`` run last, on every format.
+
+Bad data never crashes a job: a malformed record, an undecodable one, an empty or a giant
 document is skipped and counted by reason in :class:`ReadStats`; a file that cannot be read to the
 end (truncated gzip, missing text column, unknown format) is recorded as a per-file error with the
 documents read before the failure kept, and the other files go on.
@@ -17,18 +20,19 @@ import io
 import json
 import logging
 import os
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+
+from elastic_moe.data.filters import FilterConfig, build_filter
+from elastic_moe.data.html import EXTRACTORS
 
 logger = logging.getLogger(__name__)
 
-WET_SUFFIXES = (".warc.wet.gz", ".wet.gz", ".warc.gz", ".wet", ".warc")
+WARC_SUFFIXES = (".warc.wet.gz", ".wet.gz", ".warc.gz", ".wet", ".warc")  # WARC and WET
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
-ALL_SUFFIXES = WET_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+ALL_SUFFIXES = WARC_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 
 @dataclass(kw_only=True, slots=True)
@@ -40,6 +44,8 @@ class ReaderConfig:
     url_column: str = "url"  # optional; used for URL dedup
     min_chars: int = 1  # shorter (after strip) = "empty"
     max_chars: int = 1_000_000  # longer = "too_long": giant pages are usually dumps, not prose
+    extractor: str = "resiliparse"  # main-text extractor for WARC HTML (html.EXTRACTORS)
+    filters: FilterConfig = field(default_factory=FilterConfig)  # all off by default
 
     def __post_init__(self) -> None:
         if self.min_chars < 0:
@@ -47,6 +53,8 @@ class ReaderConfig:
         if self.max_chars <= self.min_chars:
             raise ValueError(f"max_chars={self.max_chars!r}: must be > min_chars "
                              f"({self.min_chars})")
+        if self.extractor not in EXTRACTORS:
+            raise ValueError(f"extractor={self.extractor!r}: must be one of {EXTRACTORS}")
 
 
 @dataclass(slots=True)
@@ -65,10 +73,13 @@ class ReadStats:
     path: str
     documents: int = 0
     skipped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)  # kept after a repair (charset fallback)
     error: str = ""  # non-empty when the file could not be read to its end
 
-    def merge_into(self, skipped: Counter) -> None:
+    def merge_into(self, skipped: Counter, repaired: Counter | None = None) -> None:
         skipped.update(self.skipped)
+        if repaired is not None:
+            repaired.update(self.repaired)
 
 
 def list_inputs(spec: str | list[str]) -> list[str]:
@@ -97,14 +108,14 @@ def list_inputs(spec: str | list[str]) -> list[str]:
 
 
 def file_format(path: str) -> str:
-    """``"wet"``, ``"jsonl"`` or ``"parquet"`` by suffix; ValueError for anything else."""
+    """``"warc"`` (WARC or WET), ``"jsonl"`` or ``"parquet"`` by suffix; ValueError otherwise."""
     name = path.lower()
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
-    if name.endswith(WET_SUFFIXES):
-        return "wet"
+    if name.endswith(WARC_SUFFIXES):
+        return "warc"
     raise ValueError(f"path={path!r}: unknown input format; expected one of {ALL_SUFFIXES}")
 
 
@@ -118,10 +129,11 @@ def read_documents(path: str, stats: ReadStats, config: ReaderConfig | None = No
     config = config or ReaderConfig()
     try:
         fmt = file_format(path)
-        raw = {"wet": _read_wet, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt](
+        raw = {"warc": _read_warc, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt](
             path, stats, config)
+        quality = build_filter(config.filters)
         for doc in raw:
-            if _keep(doc, stats, config):
+            if _keep(doc, stats, config) and quality.keep(doc.text, stats.skipped):
                 stats.documents += 1
                 yield doc
     except Exception as exc:  # noqa: BLE001 - any reader failure is a per-file error, by design
@@ -150,76 +162,10 @@ def _decode(payload: bytes, stats: ReadStats) -> str | None:
         return None
 
 
-def _read_wet(path: str, stats: ReadStats, config: ReaderConfig) -> Iterator[Document]:
-    # Decompress ourselves rather than with warcio's reader: warcio (and gzip.GzipFile under it)
-    # stops quietly at a cut gzip member; _GzipStream remembers that the stream was truncated.
-    gz = path.lower().endswith(".gz")
-    with open(path, "rb") as raw:
-        fh = _GzipStream(raw) if gz else raw
-        yield from _wet_records(fh, stats)
-        if gz and fh.truncated:  # type: ignore[union-attr]
-            raise EOFError("truncated gzip stream (compressed file ended mid-member)")
+def _read_warc(path: str, stats: ReadStats, config: ReaderConfig) -> Iterator[Document]:
+    from elastic_moe.data.warc import read_warc
 
-
-class _GzipStream(io.RawIOBase):
-    """Multi-member gzip decompression that flags a truncated stream instead of hiding it."""
-
-    def __init__(self, raw: io.BufferedIOBase) -> None:
-        self._raw = raw
-        self._dec = zlib.decompressobj(wbits=31)
-        self._buf = b""
-        self._pos = 0  # read offset into _buf (slicing a large buffer per read would be O(n^2))
-        self._in_member = False
-        self.truncated = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, out) -> int:  # type: ignore[no-untyped-def]
-        while self._pos >= len(self._buf):
-            chunk = self._raw.read(1 << 16)
-            if not chunk:
-                self.truncated = self._in_member
-                return 0
-            parts = []
-            while chunk:
-                self._in_member = True
-                parts.append(self._dec.decompress(chunk))
-                if self._dec.eof:  # member done; the rest of the chunk starts the next one
-                    chunk = self._dec.unused_data
-                    self._dec = zlib.decompressobj(wbits=31)
-                    self._in_member = False
-                else:
-                    chunk = b""
-            self._buf, self._pos = b"".join(parts), 0
-        n = min(len(out), len(self._buf) - self._pos)
-        out[:n] = self._buf[self._pos: self._pos + n]
-        self._pos += n
-        return n
-
-
-def _wet_records(fh: Any, stats: ReadStats) -> Iterator[Document]:
-    from warcio.archiveiterator import ArchiveIterator
-
-    stream = io.BufferedReader(fh, 1 << 20) if isinstance(fh, io.RawIOBase) else fh
-    for record in ArchiveIterator(stream):
-        # warcinfo/request/response/metadata records carry no extracted text
-        if record.rec_type != "conversion":
-            continue
-        record_id = record.rec_headers.get_header("WARC-Record-ID") or ""
-        url = record.rec_headers.get_header("WARC-Target-URI") or ""
-        payload = record.content_stream().read()
-        declared = record.rec_headers.get_header("Content-Length")
-        # warcio ends quietly on a truncated gzip member: a short block is the only sign
-        if declared is not None and len(payload) < int(declared):
-            raise EOFError(f"truncated WARC record {record_id or '?'}: {len(payload)} of "
-                           f"{declared} bytes (file cut short?)")
-        text = _decode(payload, stats)
-        if text is None:
-            continue
-        if not record_id:
-            stats.skipped["missing_id"] += 1
-            continue
+    for record_id, url, text in read_warc(path, stats.skipped, stats.repaired, config.extractor):
         yield Document(id=record_id, text=text, url=url)
 
 

@@ -38,7 +38,7 @@ def test_wet_reads_conversion_records_and_counts_bad_utf8(tmp_path):
     docs, stats = _read(path)
     assert [d.id for d in docs] == ["<urn:test:0>", "<urn:test:3>"]
     assert docs[0].url == "https://x.org/0" and docs[0].text == TEXT
-    assert stats.skipped == {"bad_encoding": 1, "empty": 1}
+    assert stats.skipped == {"bad_encoding": 1, "empty": 1, "warc_warcinfo": 1}
     assert stats.error == ""
 
 
