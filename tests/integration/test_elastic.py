@@ -29,8 +29,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
 # Final weights after a resize (W=2 -> 1 -> 2) differ from a fault-free W=2 run only by the order
-# of float sums in the reductions: measured max |diff| / max |w| about 1e-6 over 14 steps.
-RESIZE_RTOL = 1e-4
+# of float sums in the reductions, which Adam's normalised updates amplify for parameters with
+# tiny gradients: measured max |diff| / max |w| from 2.6e-6 to 1.8e-4 over 14 steps (it depends on
+# how many steps ran at W=1).
+RESIZE_RTOL = 1e-3
 
 
 def _ray(num_cpus: int) -> None:
@@ -352,3 +354,50 @@ def test_nodes_join_and_leave(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_killed_driver_resumes_with_resume(tmp_path):
+    """kill -9 of the launcher (`jobs/train.py`): the run's state is on disk, and the same
+    command with --resume continues it from the last committed checkpoint, in the same MLflow
+    run, with every step logged once."""
+    import json
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("RAY_ADDRESS", None)
+    args = [sys.executable, "jobs/train.py", "--steps", "16", "--workers", "2",
+            "--run-name", "driver", "--output-dir", str(out),
+            "--set", "checkpoint.every_steps=4", "--set", f"tracking.tracking_uri={uri}",
+            "--set", f"data.cache_dir={tmp_path.parent / 'data-cache'}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state_path = out / "driver" / "coordinator.json"
+    deadline = time.time() + 300
+    committed = None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            committed = json.loads(state_path.read_text()).get("committed")
+        except (OSError, ValueError):
+            committed = None
+        if committed and committed["step"] >= 4:
+            break
+        time.sleep(0.2)
+    assert committed and committed["step"] >= 4, "the first run never committed a checkpoint"
+    proc.kill()
+    proc.wait(60)
+    resumed = subprocess.run([*args, "--resume"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "run driver: FINISHED at step 16" in resumed.stdout
+    state = json.loads(state_path.read_text())
+    assert state["world_sizes"][-1]["restored_step"] >= committed["step"]
+    assert state["world_sizes"][-1]["restored_from"] == "checkpoint"
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("elastic-moe").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 17))
