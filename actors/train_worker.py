@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +126,10 @@ class TrainWorker:
             torch.cuda.set_device(self.device)
         else:
             torch.set_num_threads(max(1, spec.threads_per_worker))
+        # Every torch call runs on this one thread: DTensor keeps thread-local sharding caches
+        # that must be dropped between memberships (forget_layout_caches), and only the thread
+        # that trains can drop its own. Control calls (ping, holdings) run beside it.
+        self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch")
         self.trainer: Any = None
         self.epoch: EpochSpec | None = None
         self.progress = _Progress()
@@ -146,16 +151,22 @@ class TrainWorker:
     def join(self, epoch: EpochSpec, sources: list[Any] | None = None) -> dict[str, Any]:
         """Enter ``epoch``: new process group, new layout, state filled in. ``sources``: the
         (manifest, shards ref) of every rank of the previous layout, with restore="shards"."""
+        return self.torch_thread.submit(self._join, epoch, sources).result()
+
+    def _join(self, epoch: EpochSpec, sources: list[Any] | None) -> dict[str, Any]:
         import torch.distributed as dist
 
         from elastic_moe.checkpoint import Checkpointer
         from elastic_moe.parallel import MeshPlan
+        from elastic_moe.parallel.mesh import forget_layout_caches
         from elastic_moe.train.shard_state import needed_sources
         from elastic_moe.train.trainer import Trainer
 
         marks = {"join_start": time.time()}
         cfg = self.spec.cfg
         self._leave_group()
+        # exports of the old layout since the group broke have cached its (equal-looking) mesh
+        forget_layout_caches()
         timeout = datetime.timedelta(seconds=cfg.elastic.collective_timeout_s)
         dist.init_process_group(
             "nccl" if self.device.type == "cuda" else "gloo",
@@ -214,6 +225,9 @@ class TrainWorker:
     # ------------------------------------------------------------------ training
     def train(self) -> TrainOutcome:
         """Committed steps until finished, paused by a vote, or broken by a failed peer."""
+        return self.torch_thread.submit(self._train).result()
+
+    def _train(self) -> TrainOutcome:
         trainer = self.trainer
         if trainer is None or self.epoch is None:
             raise RuntimeError("train() before join(): the worker has no layout")
@@ -274,7 +288,7 @@ class TrainWorker:
 
     @ray.method(num_returns=2)
     def export(self, rank: int, step: int) -> tuple[Any, Any]:
-        shards = self.trainer.export(rank, step)
+        shards = self.torch_thread.submit(self.trainer.export, rank, step).result()
         return shards.manifest(), shards
 
     def memory(self) -> dict[str, int]:
@@ -283,7 +297,7 @@ class TrainWorker:
         return {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     def shutdown(self) -> None:
-        self._leave_group()
+        self.torch_thread.submit(self._leave_group).result()
 
 
 def _wait_bounded(checkpointer: Any, seconds: float) -> None:

@@ -198,7 +198,7 @@ class ElasticGroup:
     def run(self) -> GroupResult:
         self._open_slots()
         try:
-            self._ready_slots(timeout=2.0)  # let the slots the cluster can place now get placed
+            self._ready_slots(timeout=5.0)  # let the slots the cluster can place now get placed
             self._wait_for_minimum()
             self._spawn_joiners()
             self._collect_joiners(timeout=STARTUP_GRACE_S)  # those still starting, briefly

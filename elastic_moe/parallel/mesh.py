@@ -310,8 +310,10 @@ def build_mesh(plan: MeshPlan, device_type: str) -> ParallelMeshes:
 
 
 def forget_layout_caches() -> None:
-    """Drop torch's DTensor sharding caches; call after destroying the process group and before
-    building meshes of a new membership in the same process.
+    """Drop torch's DTensor sharding caches; call after the last use of the old layout (the
+    process group destroyed, its state exported) and before building the meshes of a new
+    membership in the same process, on the thread that builds and trains (some caches are
+    thread-local).
 
     DTensor caches sharding decisions keyed by specs whose meshes compare equal when they have the
     same shape and names, whatever process group and rank they were built on. A process that

@@ -248,7 +248,9 @@ def fill_from_shards(model: nn.Module, optimizer: torch.optim.Optimizer | None,
             local[dst_box].copy_(src[src_box])
             covered += _box_numel(dst_box)
         if covered != target.numel:
-            missing.append(f"{key} ({target.numel - covered} of {target.numel} elements)")
+            missing.append(f"{key} ({target.numel - covered} of {target.numel} elements of the "
+                           f"block {target.shape} at {target.offset}; sources have "
+                           f"{sorted((s.offset, s.shape) for s, _ in known)})")
     if missing:
         raise ValueError(f"state not covered by the sources: {', '.join(missing[:8])}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))

@@ -213,7 +213,7 @@ def test_hung_rank_is_fenced_off_and_training_goes_on(tmp_path):
     try:
         cfg = tiny_config(tmp_path, steps=steps, every=5, workers=(2, 3))
         run = _Run(cfg, "hang", tmp_path)
-        state = _when("hang", lambda s: s["last_step"] >= 5 and len(s["workers"]) == 3)
+        state = _when("hang", lambda s: s["last_step"] >= 5 and len(s["workers"]) >= 2)
         victim = state["workers"][0]["pid"]
         survivors = _survivor_pids(state, victim)
         stop_time = time.time()

@@ -46,12 +46,12 @@ def _assemble(sources: list[ShardSet]) -> dict[str, torch.Tensor]:
 def _group(rank: int, world: int, port: int) -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-        forget_layout_caches()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
 
 
 def _build(world: int):
+    forget_layout_caches()  # after the last use of the old layout, before building the new one
     plan = plan_mesh(world, CFG.parallel.gpus_per_node, CFG.model, CFG.parallel,
                      global_batch_size=CFG.train.global_batch_size)
     model = setup_model(CFG.model, plan, "cpu", seed=123)  # other values than the originals
@@ -88,6 +88,8 @@ def _worker(rank: int, world_size: int, tmp: str, ports: list[int]) -> None:
     new_rank = {2: 0, 0: 1}.get(rank)
     if new_rank is not None:
         _group(new_rank, 2, ports[1])
+        take_shards(model, optimizer, rank=rank, step=1)  # an export of the old layout, as
+        # survivors do after a failure: it fills DTensor's caches with the old mesh again
         _, model2, optimizer2 = _build(2)
         sources = [originals[0], originals[2],
                    torch.load(os.path.join(tmp, "copy1.pt"), weights_only=False)]
