@@ -23,7 +23,7 @@ from actors.cluster import RayConnection, init_ray, requested_address
 from actors.coordinator import CoordinatorClient
 from actors.preflight import preflight
 from actors.train_worker import WorkerSpec
-from actors.worker_group import ElasticGroup
+from actors.worker_group import ElasticGroup, replay_metrics
 from elastic_moe.config import Config
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,14 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                       threads_per_worker=threads_per_worker, sample_log_dir=sample_log_dir,
                       val_manifest=val_manifest)
     tracker = _open_tracker(cfg, coordinator, tracking_uri, run_name, checkpoint_dir, manifest)
-    group = ElasticGroup(cfg, spec, coordinator, tracker, use_gpu=use_gpu)
+    os.makedirs(run_dir, exist_ok=True)
+    metrics_log = os.path.join(run_dir, "metrics.jsonl")
+    if resume:  # steps an earlier launcher committed but had not yet sent to MLflow
+        from elastic_moe.checkpoint import Checkpointer
+
+        replay_metrics(metrics_log, Checkpointer(checkpoint_dir, async_save=False), tracker)
+    group = ElasticGroup(cfg, spec, coordinator, tracker, use_gpu=use_gpu,
+                         metrics_log=metrics_log)
     started = time.time()
     error = None
     final_step = 0

@@ -24,7 +24,9 @@ every worker from the last committed checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +80,30 @@ def fence(handle: Any, pid: int, node_id: str) -> None:
         logger.debug("ray.kill of pid %d: %s", pid, exc)
 
 
+def replay_metrics(metrics_log: str, checkpointer: Any, tracker: Any) -> int:
+    """Queue the steps an earlier launcher committed, in order: from its metrics log, and from
+    the committed checkpoints (each holds the steps since the one before, for steps the
+    launcher died before writing down). The tracker drops steps the MLflow run already has.
+    Returns the last step found."""
+    records: dict[int, tuple[dict[str, float], float | None]] = {}
+    for step in checkpointer.committed_steps():
+        for saved_step, values in checkpointer.train_state(step).extra.get("metrics", []):
+            values = dict(values)
+            records[int(saved_step)] = (values, values.pop("committed_at", None))
+    if os.path.exists(metrics_log):
+        with open(metrics_log) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # the last line of a launcher killed mid-write
+                    continue
+                records.setdefault(int(record["step"]), (record["values"], record["time"]))
+    for step in sorted(records):
+        values, committed_at = records[step]
+        tracker.log_metrics(values, step, timestamp=committed_at)
+    return max(records, default=0)
+
+
 class TrainingFailed(RuntimeError):
     """The run cannot go on (failure budget spent, no capacity, a worker error)."""
 
@@ -103,8 +129,12 @@ class ElasticGroup:
     """Owns the workers of one run; :meth:`run` trains to the end or raises TrainingFailed."""
 
     def __init__(self, cfg: Config, spec: WorkerSpec, coordinator: CoordinatorClient,
-                 tracker: Any, *, use_gpu: bool) -> None:
+                 tracker: Any, *, use_gpu: bool, metrics_log: str | None = None) -> None:
+        """``metrics_log``: a JSONL file each committed step's metrics are appended to before
+        MLflow gets them, so a launcher killed with records still queued loses none
+        (:func:`replay_metrics_log` sends them when the run is resumed)."""
         self.cfg, self.spec, self.coordinator, self.tracker = cfg, spec, coordinator, tracker
+        self.metrics_log = metrics_log
         self.bundle = {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
         self.use_gpu = use_gpu
         self.slots: list[PlacementGroup] = []
@@ -311,6 +341,10 @@ class ElasticGroup:
             self.last_step_time = time.time()
             values = dict(values)
             committed_at = values.pop("committed_at", None)
+            if self.metrics_log:
+                with open(self.metrics_log, "a") as f:
+                    f.write(json.dumps({"step": step, "time": committed_at, "values": values})
+                            + "\n")
             self.tracker.log_metrics(values, step, timestamp=committed_at)
             self.coordinator.heartbeat(step, first_after_start=False)
             log_freq = self.cfg.train.log_freq

@@ -287,6 +287,11 @@ class Checkpointer:
         return sd
 
     # ------------------------------------------------------------------ restore
+    def train_state(self, step: int) -> TrainState:
+        """The non-tensor state committed with ``step`` (no tensors are read)."""
+        with self.fs.open(self._path(step_dir_name(step), STATE_FILE)) as f:
+            return TrainState(**json.load(f))
+
     def verify(self, step: int) -> None:
         """Raise CheckpointError naming the first missing, truncated or corrupted file."""
         directory = self._path(step_dir_name(step))

@@ -26,6 +26,7 @@ from elastic_moe.config import Config
 from elastic_moe.data.sampler import make_batch, rank_share, split_batch
 from elastic_moe.model.moe import moe_layers
 from elastic_moe.model.transformer import IGNORE_INDEX
+from elastic_moe.train.step import max_over_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +91,6 @@ def val_micro_batches(manifest: str, num_sequences: int, rank: int, world_size: 
     return [batch]
 
 
-def _max_over_ranks(value: int, group: dist.ProcessGroup | None) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return int(tensor.item())
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, micro_batches: Sequence[dict[str, Any]], *,
              group: dist.ProcessGroup | None = None,
@@ -117,7 +110,7 @@ def evaluate(model: nn.Module, micro_batches: Sequence[dict[str, Any]], *,
     sums = torch.zeros(4, dtype=torch.float64)  # lm sum, lm tokens, mtp sum, mtp tokens
     has_mtp = len(getattr(model, "mtp", ())) > 0
     try:
-        for index in range(_max_over_ranks(len(micro_batches), group)):
+        for index in range(max_over_ranks(len(micro_batches), group)):
             batch = micro_batches[min(index, len(micro_batches) - 1)]
             weight = float(batch.get(WEIGHT_KEY, 1.0)) if index < len(micro_batches) else 0.0
             labels = batch["labels"].to(device)

@@ -124,7 +124,7 @@ def _sum_over_ranks(values: torch.Tensor, group: dist.ProcessGroup | None) -> to
     return values
 
 
-def _max_over_ranks(value: int, group: dist.ProcessGroup | None) -> int:
+def max_over_ranks(value: int, group: dist.ProcessGroup | None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return value
     tensor = torch.tensor([value], dtype=torch.int64)
@@ -181,7 +181,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     # FSDP all-gathers and EP all-to-alls run once per forward/backward on every rank, so all
     # ranks must run the same number of micro-batches. After an uneven split (a resize) a rank
     # with fewer pads with zero-weight passes over its last micro-batch (no gradient, no loads).
-    num_passes = _max_over_ranks(len(micro_batches), group)
+    num_passes = max_over_ranks(len(micro_batches), group)
     for index in range(num_passes):
         if index >= len(micro_batches):
             _zero_weight_pass(model, micro_batches[-1], device, amp, train_cfg)

@@ -80,6 +80,9 @@ class Trainer:
         self.paused = False
         self.last_metrics: StepMetrics | None = None
         self.val_batches: list[dict[str, Any]] | None = None
+        # committed steps' metrics since the last checkpoint: saved with the next one, so a
+        # launcher that dies before logging them can still log them when the run is resumed
+        self.unsaved_metrics: list[tuple[int, dict[str, float]]] = []
         # ---- peer copies: this rank's buddy keeps its shards; this rank keeps its wards'
         self.peers = PeerCopies(rank, self.world_size, versions=SNAPSHOT_VERSIONS)
 
@@ -205,6 +208,7 @@ class Trainer:
             values.update(self._evaluate())  # one record per step: val losses ride with it
         if on_batch is not None:
             on_batch(batch)
+        self.unsaved_metrics.append((self.step, values))
         return CommittedStep(step=self.step, metrics=values, sample_ids=list(ids))
 
     def start_stream(self) -> None:
@@ -218,7 +222,9 @@ class Trainer:
             return False
         state = TrainState(step=self.step, tokens_seen=self.tokens_seen,
                            data_position=self.position.to_dict(), mesh_plan=self.plan.to_dict(),
-                           model_config=dataclasses.asdict(self.cfg.model))
+                           model_config=dataclasses.asdict(self.cfg.model),
+                           extra={"metrics": self.unsaved_metrics})
+        self.unsaved_metrics = []
         callback = None
         if on_commit is not None and self.rank == 0:
             def callback(step: int, path: str) -> None:

@@ -107,7 +107,7 @@ def test_more_workers_than_cores_oversubscribes_with_a_quiet_console(tmp_path):
     assert "run crowded: FINISHED at step 2" in proc.stdout
     assert f"world sizes:  {workers}" in proc.stdout
     assert "step 1 loss" in console and "step 2 loss" in console  # log_freq=1
-    assert f"mesh plan for {workers} workers" in console
+    assert f"epoch 1 (start): {workers} workers at step 0" in console  # the plan line
     # nothing from Ray, Ray Train or MLflow at WARNING or above, nor their INFO chatter
     for noise in ("PlacementGroupCleaner", "core_worker", "Traceback", "Token authentication",
                   "Attempting to start training worker group", "mlflow.store",

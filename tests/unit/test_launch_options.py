@@ -33,8 +33,8 @@ def test_bundles_that_fit_a_node() -> None:
 
 
 def test_wait_for_capacity_flag_sets_the_config() -> None:
-    args = argparse.Namespace(recipe="debug", set=None, steps=None, data=None, workers="2:4",
-                              wait_for_capacity=42.0)
+    args = argparse.Namespace(recipe="debug", set=None, steps=None, data=None, val_data=None,
+                              init_from=None, workers="2:4", wait_for_capacity=42.0)
     cfg = build_config(args)
     assert cfg.elastic.capacity_wait_s == 42.0
     assert (cfg.parallel.min_workers, cfg.parallel.max_workers) == (2, 4)
