@@ -39,16 +39,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-STEPS, EVERY, FAULT_AFTER = 20, 5, 8
+STEPS, EVERY, FAULT_AFTER = 20, 5, 8  # join runs 3 x STEPS
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
 DATA = os.path.join(ROOT, "outputs", "data")
 
 
-def _config(workdir: str, workers: tuple[int, int], extra: list[str] | None = None):
+def _config(workdir: str, workers: tuple[int, int], extra: list[str] | None = None,
+            steps: int = STEPS):
     from elastic_moe.config import apply_overrides, debug
 
     return apply_overrides(debug(), [
-        f"train.steps={STEPS}", f"checkpoint.every_steps={EVERY}", "train.global_batch_size=8",
+        f"train.steps={steps}", f"checkpoint.every_steps={EVERY}", "train.global_batch_size=8",
         f"parallel.min_workers={workers[0]}", f"parallel.max_workers={workers[1]}",
         "elastic.collective_timeout_s=20", "elastic.resize_check_s=1", f"data.cache_dir={DATA}",
         f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db", *(extra or [])])
@@ -79,8 +80,10 @@ def run_ours(workdir: str, name: str, scenario: str, recovery: str, cluster) -> 
 
     workers = (2, 3) if scenario == "join" else (1, 2)
     snapshot_every = "0" if scenario == "steady-nocopy" else "1"
+    # a new node registers and its worker starts in a few seconds: leave the join room
     cfg = _config(workdir, workers, [f"elastic.recovery={recovery}",
-                                     f"elastic.snapshot_every={snapshot_every}"])
+                                     f"elastic.snapshot_every={snapshot_every}"],
+                  steps=3 * STEPS if scenario == "join" else STEPS)
     out: dict = {}
     thread = threading.Thread(target=lambda: out.update(result=run_training(
         cfg, name, output_dir=workdir)), daemon=True)
@@ -123,11 +126,14 @@ def run_ours(workdir: str, name: str, scenario: str, recovery: str, cluster) -> 
         gaps = [b[1] - a[1] for a, b in zip(stamps[3:], stamps[4:], strict=False)]
         record["step_s"] = statistics.median(gaps)
         return record
-    before = [(s, t) for s, t in stamps if t <= fault_time]
-    after = [(s, t) for s, t in stamps if t > fault_time]
+    # the membership change the fault caused; a join happens once the new worker is ready, so
+    # its pause is measured from the last step before the group stopped for it
+    change = next(e for e in epochs[1:] if e["time"] > fault_time)
+    anchor = fault_time if scenario != "join" else change["timings"]["detected"]
+    before = [(s, t) for s, t in stamps if t <= anchor]
+    after = [(s, t) for s, t in stamps if t > anchor]
     record["pause_s"] = after[0][1] - before[-1][1]
-    resumed = [e for e in epochs[1:] if e["time"] > fault_time]
-    record["steps_redone"] = max(before[-1][0] - resumed[0]["restored_step"], 0)
+    record["steps_redone"] = max(before[-1][0] - change["restored_step"], 0)
     return record
 
 

@@ -65,6 +65,11 @@ class ShardSet:
     specs: list[ShardSpec]
     tensors: list[torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    # one buffer per dtype that ``tensors`` are views of, when they were taken that way
+    flat: dict[torch.dtype, torch.Tensor] | None = None
+
+    def flat_buffers(self) -> dict[torch.dtype, torch.Tensor]:
+        return self.flat if self.flat is not None else _flatten(self.tensors)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
@@ -77,7 +82,7 @@ class ShardSet:
     # hundreds of small tensors would each be pickled on their own (torch's reductions even put
     # each storage in shared memory).
     def __getstate__(self) -> dict[str, Any]:
-        flat = _flatten(self.tensors)
+        flat = self.flat_buffers()
         return {"rank": self.rank, "step": self.step, "specs": self.specs, "meta": self.meta,
                 "buffers": {str(dtype).removeprefix("torch."): t.contiguous().view(torch.uint8)
                             .numpy() for dtype, t in flat.items()}}
@@ -92,6 +97,7 @@ class ShardSet:
             flat = {getattr(torch, name): torch.from_numpy(buf).view(getattr(torch, name))
                     for name, buf in state["buffers"].items()}
         self.tensors = _unflatten(flat, self.specs)
+        self.flat = flat
 
 
 @dataclass(slots=True)
@@ -155,18 +161,37 @@ def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             }
 
 
+class ShardLayout:
+    """This rank's state tensors and their block specs, found once per layout: a snapshot is
+    then one copy into one buffer per dtype (the parameters, Adam moments and buffers are
+    updated in place, so the same tensors hold every step's values)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        self.specs: list[ShardSpec] = []
+        self.locals: list[torch.Tensor] = []
+        for key, tensor in state_tensors(model, optimizer):
+            local, offset = _local_and_offset(tensor)
+            self.specs.append(ShardSpec(key=key, dtype=str(local.dtype).removeprefix("torch."),
+                                        shape=tuple(local.shape),
+                                        global_shape=tuple(tensor.shape), offset=offset))
+            self.locals.append(local.detach())
+        self.sizes = _flat_sizes(self.specs)
+
+    def take(self, *, rank: int, step: int, meta: dict[str, Any] | None = None) -> ShardSet:
+        """A CPU copy of the state as it is now (no collectives)."""
+        flat = {dtype: torch.empty(n, dtype=dtype) for dtype, n in self.sizes.items()}
+        tensors = _unflatten(flat, self.specs)
+        with torch.no_grad():
+            for dst, src in zip(tensors, self.locals, strict=True):
+                dst.copy_(src)
+        return ShardSet(rank=rank, step=step, specs=list(self.specs), tensors=tensors,
+                        meta=dict(meta or {}), flat=flat)
+
+
 def take_shards(model: nn.Module, optimizer: torch.optim.Optimizer | None, *, rank: int,
                 step: int, meta: dict[str, Any] | None = None) -> ShardSet:
     """A CPU copy of this rank's state (no collectives)."""
-    specs: list[ShardSpec] = []
-    tensors: list[torch.Tensor] = []
-    for key, tensor in state_tensors(model, optimizer):
-        local, offset = _local_and_offset(tensor)
-        specs.append(ShardSpec(key=key, dtype=str(local.dtype).removeprefix("torch."),
-                               shape=tuple(local.shape), global_shape=tuple(tensor.shape),
-                               offset=offset))
-        tensors.append(local.detach().to("cpu", copy=True))
-    return ShardSet(rank=rank, step=step, specs=specs, tensors=tensors, meta=dict(meta or {}))
+    return ShardLayout(model, optimizer).take(rank=rank, step=step, meta=meta)
 
 
 def _overlap(dst: ShardSpec, src: ShardSpec) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
@@ -311,7 +336,7 @@ def exchange_snapshots(own: ShardSet, buddy: int | None, wards: Sequence[ShardMa
     ``own.step``). Point-to-point over ``group``; raises when a peer is gone, like any collective.
     """
     ops = []
-    flat_own = _flatten(own.tensors)
+    flat_own = own.flat_buffers()
     if buddy is not None:
         for dtype in sorted(flat_own, key=str):
             ops.append(dist.P2POp(dist.isend, flat_own[dtype], buddy, group=group))
@@ -326,7 +351,7 @@ def exchange_snapshots(own: ShardSet, buddy: int | None, wards: Sequence[ShardMa
             work.wait()
     return {ward.rank: ShardSet(rank=ward.rank, step=own.step, specs=list(ward.specs),
                                 tensors=_unflatten(received[ward.rank], ward.specs),
-                                meta=dict(own.meta))
+                                meta=dict(own.meta), flat=received[ward.rank])
             for ward in wards}
 
 

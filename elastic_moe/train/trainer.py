@@ -29,7 +29,7 @@ from elastic_moe.config import Config
 from elastic_moe.data.sampler import DataPosition, advance, split_batch
 from elastic_moe.parallel import MeshPlan, setup_model
 from elastic_moe.train.elastic import effective_batch
-from elastic_moe.train.shard_state import PeerCopies, ShardSet, fill_from_shards, take_shards
+from elastic_moe.train.shard_state import PeerCopies, ShardLayout, ShardSet, fill_from_shards
 from elastic_moe.train.step import StepMetrics, build_optimizer, train_step
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class Trainer:
         self.unsaved_metrics: list[tuple[int, dict[str, float]]] = []
         # ---- peer copies: this rank's buddy keeps its shards; this rank keeps its wards'
         self.peers = PeerCopies(rank, self.world_size, versions=SNAPSHOT_VERSIONS)
+        self._layout: ShardLayout | None = None
 
     # ------------------------------------------------------------------ restore
     def _meta(self) -> dict[str, Any]:
@@ -146,8 +147,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ peers
     def _own_shards(self) -> ShardSet:
-        return take_shards(self.model, self.optimizer, rank=self.rank, step=self.step,
-                           meta=self._meta())
+        if self._layout is None:  # once the optimizer has its state: the same tensors after
+            self._layout = ShardLayout(self.model, self.optimizer)
+        return self._layout.take(rank=self.rank, step=self.step, meta=self._meta())
 
     def link_peers(self, node_of_rank: list[str]) -> None:
         """Choose buddies for this layout and take the first peer copies (collective)."""
