@@ -101,7 +101,9 @@ def run_ours(workdir: str, name: str, scenario: str, recovery: str, cluster) -> 
             except ValueError:
                 pass
             if not thread.is_alive():
-                raise RuntimeError(f"{name}: ended before the fault")
+                result = out.get("result")
+                raise RuntimeError(f"{name}: ended before the fault: "
+                                   f"{result.error if result else 'no result'}")
             time.sleep(0.02)
         fault_time = time.time()
         if scenario == "join":
@@ -135,6 +137,16 @@ def run_ours(workdir: str, name: str, scenario: str, recovery: str, cluster) -> 
     record["pause_s"] = after[0][1] - before[-1][1]
     record["steps_redone"] = max(before[-1][0] - change["restored_step"], 0)
     return record
+
+
+def _wait_until_idle(timeout: float = 60.0) -> None:
+    import ray
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return
+        time.sleep(0.2)
 
 
 def _baseline_train_func(config):
@@ -234,6 +246,8 @@ def run_baseline(workdir: str, name: str, scenario: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these cases, e.g. live/hang restart/kill")
     args = parser.parse_args()
     os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "20")
     import ray
@@ -247,6 +261,8 @@ def main() -> None:
     cases = [("live", s) for s in ("kill", "hang", "join", "steady", "steady-nocopy")]
     cases += [("restart", s) for s in ("kill", "hang", "join")]
     cases += [("ray-train", s) for s in ("kill", "hang")]
+    if args.only:
+        cases = [c for c in cases if f"{c[0]}/{c[1]}" in args.only]
     results: dict[str, list[dict[str, float]]] = {f"{a}/{b}": [] for a, b in cases}
     workdir = tempfile.mkdtemp(prefix="recovery-")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -257,6 +273,7 @@ def main() -> None:
         for i in range(args.repeats):  # interleaved: every side sees the same machine load
             for side, scenario in cases:
                 name = f"{side}-{scenario}-{i}"
+                _wait_until_idle()  # the previous run's slots are released asynchronously
                 if side == "ray-train":
                     record = run_baseline(workdir, name, scenario)
                 else:
@@ -268,7 +285,7 @@ def main() -> None:
         cluster.shutdown()
 
     def med(key: str, field: str) -> float:
-        values = [r[field] for r in results[key] if field in r]
+        values = [r[field] for r in results.get(key, []) if field in r]
         return statistics.median(values) if values else float("nan")
 
     lines = [f"# elastic_recovery on CPU ({platform.machine()}, {os.cpu_count()} cores, shared "
