@@ -15,8 +15,9 @@ copies), elastic-moe **restart** (``elastic.recovery=restart``: every worker res
 last checkpoint, how the project recovered before), and **plain Ray Train** (``TorchTrainer``,
 DDP, ``torch.save`` checkpoints through ``ray.train.report``; kill and hang only).
 
-Pause = the time from the last step committed before the fault to the next step committed after
-it (MLflow step timestamps for elastic-moe; rank 0's step log for Ray Train). Steps redone = the
+Pause = the time from the last step committed before the fault (for a join: before the group
+stopped for it) to the first step committed by the rebuilt group (MLflow step timestamps for
+elastic-moe; rank 0's step log for Ray Train). Steps redone = the
 last step before the fault minus the step training resumed from. Also measured, fault-free and
 interleaved: the median step time with and without per-step peer copies (the steady-state cost
 of redundancy), the bytes each worker copies to its buddy per step, and each worker's peak RSS.
@@ -129,11 +130,13 @@ def run_ours(workdir: str, name: str, scenario: str, recovery: str, cluster) -> 
         record["step_s"] = statistics.median(gaps)
         return record
     # the membership change the fault caused; a join happens once the new worker is ready, so
-    # its pause is measured from the last step before the group stopped for it
+    # its pause is measured from the last step before the group stopped for it. The pause ends
+    # at the first step committed after the rebuild (steps in flight at the fault that still
+    # committed do not end it).
     change = next(e for e in epochs[1:] if e["time"] > fault_time)
     anchor = fault_time if scenario != "join" else change["timings"]["detected"]
     before = [(s, t) for s, t in stamps if t <= anchor]
-    after = [(s, t) for s, t in stamps if t > anchor]
+    after = [(s, t) for s, t in stamps if t > change["timings"]["rebuilt"]]
     record["pause_s"] = after[0][1] - before[-1][1]
     record["steps_redone"] = max(before[-1][0] - change["restored_step"], 0)
     return record
@@ -238,7 +241,9 @@ def run_baseline(workdir: str, name: str, scenario: str) -> dict[str, float]:
         done.set()
     records = [json.loads(line) for line in open(log_path)]
     before = [r for r in records if r["time"] <= fault["time"]]
-    after = [r for r in records if r["time"] > fault["time"]]
+    # the first step of the restarted group (a step in flight at the fault does not count)
+    after = [r for r in records if r["time"] > fault["time"]
+             and r["restored"] != before[-1]["restored"]]
     return {"pause_s": after[0]["time"] - before[-1]["time"],
             "steps_redone": max(before[-1]["step"] - after[0]["restored"], 0)}
 
