@@ -40,7 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-STEPS, EVERY, FAULT_AFTER = 20, 5, 8  # join runs 3 x STEPS
+STEPS, EVERY, FAULT_AFTER = 20, 5, 8  # join runs 5 x STEPS
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
 DATA = os.path.join(ROOT, "outputs", "data")
 
@@ -84,7 +84,7 @@ def run_ours(workdir: str, name: str, scenario: str, recovery: str, cluster) -> 
     # a new node registers and its worker starts in a few seconds: leave the join room
     cfg = _config(workdir, workers, [f"elastic.recovery={recovery}",
                                      f"elastic.snapshot_every={snapshot_every}"],
-                  steps=3 * STEPS if scenario == "join" else STEPS)
+                  steps=5 * STEPS if scenario == "join" else STEPS)
     out: dict = {}
     thread = threading.Thread(target=lambda: out.update(result=run_training(
         cfg, name, output_dir=workdir)), daemon=True)
@@ -297,8 +297,8 @@ def main() -> None:
              "box, no GPU)", "",
              f"debug model on a local Ray cluster of 1-CPU nodes, checkpoint every {EVERY} steps, "
              f"fault after step {FAULT_AFTER} (mid-interval); median of {args.repeats} "
-             "interleaved repeats. Pause = last step committed before the fault -> next step "
-             "committed after it.", "",
+             "interleaved repeats. Pause = last step committed before the fault (a join: before "
+             "the group stopped for it) -> first step committed by the rebuilt group.", "",
              "| fault | live: pause s | live: steps redone | restart: pause s | restart: "
              "redone | Ray Train: pause s | Ray Train: redone | restart / live | Ray Train / "
              "live |", "|---|---|---|---|---|---|---|---|---|"]
