@@ -244,6 +244,8 @@ def run_baseline(workdir: str, name: str, scenario: str) -> dict[str, float]:
     # the first step of the restarted group (a step in flight at the fault does not count)
     after = [r for r in records if r["time"] > fault["time"]
              and r["restored"] != before[-1]["restored"]]
+    if "time" not in fault or not after:
+        raise RuntimeError(f"{name}: the fault did not restart the group (fault {fault})")
     return {"pause_s": after[0]["time"] - before[-1]["time"],
             "steps_redone": max(before[-1]["step"] - after[0]["restored"], 0)}
 
@@ -253,7 +255,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these cases, e.g. live/hang restart/kill")
+    parser.add_argument("--from-log", help="write the table from the per-run lines an earlier "
+                                           "run printed (when a later run of it failed)")
     args = parser.parse_args()
+    if args.from_log:
+        write_table(_from_log(args.from_log), args.repeats)
+        return
     os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "20")
     import ray
     from ray.cluster_utils import Cluster
@@ -289,6 +296,25 @@ def main() -> None:
         ray.shutdown()
         cluster.shutdown()
 
+    write_table(results, args.repeats)
+
+
+def _from_log(path: str) -> dict[str, list[dict[str, float]]]:
+    """Per-run records from an earlier run's console (``<side>-<scenario>-<i> {json}`` lines)."""
+    results: dict[str, list[dict[str, float]]] = {}
+    for line in open(path):
+        name, _, payload = line.strip().partition(" ")
+        if not payload.startswith("{"):
+            continue
+        side = next((p for p in ("ray-train", "live", "restart") if name.startswith(p + "-")), None)
+        if side is None:
+            continue
+        scenario = name[len(side) + 1:].rsplit("-", 1)[0]
+        results.setdefault(f"{side}/{scenario}", []).append(json.loads(payload))
+    return results
+
+
+def write_table(results: dict[str, list[dict[str, float]]], repeats: int) -> None:
     def med(key: str, field: str) -> float:
         values = [r[field] for r in results.get(key, []) if field in r]
         return statistics.median(values) if values else float("nan")
@@ -296,7 +322,7 @@ def main() -> None:
     lines = [f"# elastic_recovery on CPU ({platform.machine()}, {os.cpu_count()} cores, shared "
              "box, no GPU)", "",
              f"debug model on a local Ray cluster of 1-CPU nodes, checkpoint every {EVERY} steps, "
-             f"fault after step {FAULT_AFTER} (mid-interval); median of {args.repeats} "
+             f"fault after step {FAULT_AFTER} (mid-interval); median of {repeats} "
              "interleaved repeats. Pause = last step committed before the fault (a join: before "
              "the group stopped for it) -> first step committed by the rebuilt group.", "",
              "| fault | live: pause s | live: steps redone | restart: pause s | restart: "
