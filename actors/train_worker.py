@@ -271,6 +271,10 @@ class TrainWorker:
 
     # ------------------------------------------------------------------ control (other threads)
     def ping(self, since_step: int = 0) -> dict[str, Any]:
+        """Liveness, the step reached and the committed metrics after ``since_step`` (the
+        launcher has written down every step up to it)."""
+        if self.trainer is not None:
+            self.trainer.logged_step = max(self.trainer.logged_step, since_step)
         with self.lock:
             metrics = [(s, m) for s, m in self.progress.metrics if s > since_step]
             return {"step": self.progress.step, "metrics": metrics}

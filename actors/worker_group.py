@@ -82,8 +82,8 @@ def fence(handle: Any, pid: int, node_id: str) -> None:
 
 def replay_metrics(metrics_log: str, checkpointer: Any, tracker: Any) -> int:
     """Queue the steps an earlier launcher committed, in order: from its metrics log, and from
-    the committed checkpoints (each holds the steps since the one before, for steps the
-    launcher died before writing down). The tracker drops steps the MLflow run already has.
+    the committed checkpoints (each holds every step the launcher had not acknowledged writing
+    down when it was taken). The tracker drops steps the MLflow run already has.
     Returns the last step found."""
     records: dict[int, tuple[dict[str, float], float | None]] = {}
     for step in checkpointer.committed_steps():

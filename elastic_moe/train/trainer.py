@@ -80,9 +80,11 @@ class Trainer:
         self.paused = False
         self.last_metrics: StepMetrics | None = None
         self.val_batches: list[dict[str, Any]] | None = None
-        # committed steps' metrics since the last checkpoint: saved with the next one, so a
-        # launcher that dies before logging them can still log them when the run is resumed
-        self.unsaved_metrics: list[tuple[int, dict[str, float]]] = []
+        # committed steps' metrics the launcher has not written down yet (it acknowledges the
+        # steps it has): every checkpoint carries them, so a launcher that dies before logging
+        # them can still log them when the run is resumed
+        self.unlogged_metrics: list[tuple[int, dict[str, float]]] = []
+        self.logged_step = 0  # set by the launcher's acknowledgements (another thread)
         # ---- peer copies: this rank's buddy keeps its shards; this rank keeps its wards'
         self.peers = PeerCopies(rank, self.world_size, versions=SNAPSHOT_VERSIONS)
         self._layout: ShardLayout | None = None
@@ -210,13 +212,18 @@ class Trainer:
             values.update(self._evaluate())  # one record per step: val losses ride with it
         if on_batch is not None:
             on_batch(batch)
-        self.unsaved_metrics.append((self.step, values))
+        self.unlogged_metrics.append((self.step, values))
         return CommittedStep(step=self.step, metrics=values, sample_ids=list(ids))
 
     def start_stream(self) -> None:
         self.batches.request(self.position)
 
     # ------------------------------------------------------------------ checkpoint
+    def _unlogged(self) -> list[tuple[int, dict[str, float]]]:
+        logged = self.logged_step
+        self.unlogged_metrics = [(s, m) for s, m in self.unlogged_metrics if s > logged]
+        return list(self.unlogged_metrics)
+
     def maybe_checkpoint(self, on_commit: Callable[[int, str, TrainState], None] | None) -> bool:
         """Save when the checkpointer says it is due; ``on_commit(step, path, state)`` runs on
         rank 0 once the checkpoint is committed."""
@@ -225,8 +232,7 @@ class Trainer:
         state = TrainState(step=self.step, tokens_seen=self.tokens_seen,
                            data_position=self.position.to_dict(), mesh_plan=self.plan.to_dict(),
                            model_config=dataclasses.asdict(self.cfg.model),
-                           extra={"metrics": self.unsaved_metrics})
-        self.unsaved_metrics = []
+                           extra={"metrics": self._unlogged()})
         callback = None
         if on_commit is not None and self.rank == 0:
             def callback(step: int, path: str) -> None:
