@@ -134,7 +134,6 @@ class TrainWorker:
         self.epoch: EpochSpec | None = None
         self.progress = _Progress()
         self.lock = threading.Lock()
-        self.stop_requested = False
 
     # ------------------------------------------------------------------ identity
     def info(self) -> dict[str, Any]:
@@ -294,14 +293,6 @@ class TrainWorker:
     def export(self, rank: int, step: int) -> tuple[Any, Any]:
         shards = self.torch_thread.submit(self.trainer.export, rank, step).result()
         return shards.manifest(), shards
-
-    def memory(self) -> dict[str, int]:
-        import resource
-
-        return {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-
-    def shutdown(self) -> None:
-        self.torch_thread.submit(self._leave_group).result()
 
 
 def _wait_bounded(checkpointer: Any, seconds: float) -> None:

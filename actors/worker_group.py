@@ -146,7 +146,6 @@ class ElasticGroup:
         self.failures = 0
         self.logged_step = 0
         self.last_log_step = 0
-        self.last_step_time = time.time()
         self.last_resize_check = time.time()
 
     # ------------------------------------------------------------------ capacity
@@ -338,7 +337,6 @@ class ElasticGroup:
             if step <= self.logged_step:
                 continue
             self.logged_step = step
-            self.last_step_time = time.time()
             values = dict(values)
             committed_at = values.pop("committed_at", None)
             if self.metrics_log:
@@ -503,10 +501,7 @@ class ElasticGroup:
                     self.epoch, epoch["cause"], world, step, cause_detail.get("restored_from"),
                     pause_s, plan.describe())
 
-    # ------------------------------------------------------------------ pids, teardown
-    def worker_pids(self) -> list[int]:
-        return [m.info["pid"] for m in self.members]
-
+    # ------------------------------------------------------------------ teardown
     def _shutdown(self) -> None:
         for member in self.members + self.joiners:
             try:

@@ -185,8 +185,7 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.paused = bool(flag.item() > 0)
 
-    def train_one_step(self, on_batch: Callable[[dict[str, Any]], None] | None = None
-                       ) -> CommittedStep:
+    def train_one_step(self) -> CommittedStep:
         """Run and commit one step; the next batch is requested while it runs."""
         batch = self.batches.take()
         position = advance(self.position, self.global_batch, self.batches.num_sequences)
@@ -210,8 +209,6 @@ class Trainer:
         eval_every = self.cfg.train.eval_every
         if self.val_batches is not None and eval_every and self.step % eval_every == 0:
             values.update(self._evaluate())  # one record per step: val losses ride with it
-        if on_batch is not None:
-            on_batch(batch)
         self.unlogged_metrics.append((self.step, values))
         return CommittedStep(step=self.step, metrics=values, sample_ids=list(ids))
 
