@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="on a cluster, how long to wait for MIN workers to fit before "
                              "giving up (elastic.capacity_wait_s, default 600)")
     parser.add_argument("--verbose", action="store_true",
-                        help="show everything Ray, Ray Train and MLflow print")
+                        help="show everything Ray and MLflow print")
     args = parser.parse_args(argv)
     try:
         cfg = build_config(args)
