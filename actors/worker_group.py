@@ -32,7 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.coordinator import CoordinatorClient
@@ -159,6 +164,29 @@ class ElasticGroup:
             logger.debug("request_resources: %s", exc)
         self.slots = [placement_group([dict(self.bundle)]) for _ in range(high)]
 
+    def _replace_lost_slots(self) -> None:
+        """Give up slots whose node died and open fresh ones in their place.
+
+        A one-bundle slot whose node dies waits to be placed again (state RESCHEDULING); while
+        it waits, Ray 2.60's GCS spins a whole core (and so does the head's dashboard agent),
+        which on a small head node starves the survivors. A fresh placement group waits for
+        capacity (PENDING) without that cost, and is placed as soon as a node has room.
+        """
+        try:
+            table = placement_group_table()
+        except Exception as exc:  # the GCS is busy or restarting: the next check tries again
+            logger.debug("placement_group_table: %s", exc)
+            return
+        for i, pg in enumerate(self.slots):
+            if table.get(pg.id.hex(), {}).get("state") != "RESCHEDULING":
+                continue
+            logger.info("slot %d lost its node: replacing it with a fresh placement group", i)
+            try:
+                remove_placement_group(pg)
+            except Exception as exc:
+                logger.debug("remove_placement_group: %s", exc)
+            self.slots[i] = placement_group([dict(self.bundle)])
+
     def _ready_slots(self, timeout: float = 0.0) -> list[int]:
         refs = {pg.ready(): i for i, pg in enumerate(self.slots)}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
@@ -207,6 +235,7 @@ class ElasticGroup:
         deadline = started + self.cfg.elastic.capacity_wait_s
         last_log = started
         while True:
+            self._replace_lost_slots()
             self._spawn_joiners()
             self._collect_joiners(timeout=0.5)
             have = len(self.members) + len(self.joiners)
@@ -260,6 +289,7 @@ class ElasticGroup:
         failed: list[Member] = []
         broken_since: float | None = None
         pause_sent = False
+        slots_checked = 0.0
         hang = self.cfg.elastic.hang_timeout_s
         for m in self.members:
             m.last_reply, m.ping_ref = time.time(), None
@@ -280,6 +310,9 @@ class ElasticGroup:
                     broken_since = broken_since or time.time()
             self._ping_all([m for m in refs.values()], since=self.logged_step)
             now = time.time()
+            if failed and now - slots_checked >= 1.0:  # a node may have gone with the worker
+                slots_checked = now
+                self._replace_lost_slots()
             for ref, member in list(refs.items()):
                 silent = now - member.last_reply
                 # hung: no answer at all; or, answering, still in train() long after its peers
@@ -307,6 +340,7 @@ class ElasticGroup:
         now = time.time()
         if now - self.last_resize_check >= self.cfg.elastic.resize_check_s:
             self.last_resize_check = now
+            self._replace_lost_slots()
             if len(self.members) < self.cfg.parallel.max_workers:
                 self._spawn_joiners()
         self._collect_joiners()
@@ -369,6 +403,7 @@ class ElasticGroup:
                                       pids=[m.info["pid"] for m in failed])
         for member in failed:
             fence(member.handle, member.info["pid"], member.info["node_id"])
+        self._replace_lost_slots()
         if limit >= 0 and self.failures > limit:
             raise TrainingFailed(f"{self.failures} failures, more than elastic.max_failures="
                                  f"{limit}; the last lost ranks {ranks}")
