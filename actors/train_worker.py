@@ -39,6 +39,7 @@ from elastic_moe.config import Config
 logger = logging.getLogger(__name__)
 
 METRICS_KEPT = 256  # committed steps' metrics a worker keeps until the group has logged them
+PEER_SETTLE_S = 2.0  # after a failure, how long the last step's peer-copy transfers may take
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,13 +247,17 @@ class TrainWorker:
                 trainer.maybe_snapshot()
                 trainer.maybe_checkpoint(self._on_commit)
                 if trainer.paused:
+                    trainer.settle_peers()
                     return TrainOutcome("paused", trainer.step)
+            trainer.settle_peers()
             trainer.checkpointer.wait()
             loads = trainer.last_metrics.expert_loads if trainer.last_metrics else None
             return TrainOutcome("finished", trainer.step, expert_loads=loads)
         except Exception as exc:  # a peer died or was fenced off: collectives fail
             error = f"{type(exc).__name__}: {str(exc)[:300]}"
             logger.warning("rank %d: step %d broken (%s)", epoch.rank, trainer.step + 1, error)
+            # the last step's copies left before the failure, as a rule: keep what arrived
+            trainer.settle_peers(timeout_s=PEER_SETTLE_S)
             self._leave_group()  # closes our connections: peers blocked on us fail fast too
             return TrainOutcome("broken", trainer.step, error=error)
 

@@ -328,12 +328,43 @@ def _flat_sizes(specs: Sequence[ShardSpec]) -> dict[torch.dtype, int]:
     return sizes
 
 
-def exchange_snapshots(own: ShardSet, buddy: int | None, wards: Sequence[ShardManifest],
-                       group: dist.ProcessGroup | None = None) -> dict[int, ShardSet]:
-    """Send ``own`` to ``buddy`` and receive each ward's shards at the same step.
+@dataclass
+class Exchange:
+    """One snapshot exchange in flight: ``own`` is on its way to the buddy, the wards' copies
+    of the same step are arriving in ``received``."""
+
+    own: ShardSet
+    wards: list[ShardManifest]
+    received: dict[int, dict[torch.dtype, torch.Tensor]]
+    works: list[Any]
+
+    def finish(self, timeout_s: float | None = None) -> dict[int, ShardSet]:
+        """Wait for the transfers; the wards' copies. Raises when a peer is gone or the
+        transfers take longer than ``timeout_s``."""
+        import datetime
+        import time
+
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for work in self.works:
+            if deadline is None:
+                work.wait()
+            else:
+                left = max(deadline - time.monotonic(), 0.001)
+                work.wait(datetime.timedelta(seconds=left))
+        return {ward.rank: ShardSet(rank=ward.rank, step=self.own.step, specs=list(ward.specs),
+                                    tensors=_unflatten(self.received[ward.rank], ward.specs),
+                                    meta=dict(self.own.meta), flat=self.received[ward.rank])
+                for ward in self.wards}
+
+
+def start_exchange(own: ShardSet, buddy: int | None, wards: Sequence[ShardManifest],
+                   group: dist.ProcessGroup | None = None) -> Exchange:
+    """Start sending ``own`` to ``buddy`` and receiving each ward's shards at the same step.
 
     ``wards``: the manifests of the ranks whose buddy this rank is (their layout; the step is
-    ``own.step``). Point-to-point over ``group``; raises when a peer is gone, like any collective.
+    ``own.step``). Point-to-point over ``group``; :meth:`Exchange.finish` raises when a peer is
+    gone, like any collective. ``own``'s buffers must not change until then (a snapshot is a
+    fresh copy, so they do not).
     """
     ops = []
     flat_own = own.flat_buffers()
@@ -346,18 +377,19 @@ def exchange_snapshots(own: ShardSet, buddy: int | None, wards: Sequence[ShardMa
         received[ward.rank] = bufs
         for dtype in sorted(bufs, key=str):
             ops.append(dist.P2POp(dist.irecv, bufs[dtype], ward.rank, group=group))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-    return {ward.rank: ShardSet(rank=ward.rank, step=own.step, specs=list(ward.specs),
-                                tensors=_unflatten(received[ward.rank], ward.specs),
-                                meta=dict(own.meta), flat=received[ward.rank])
-            for ward in wards}
+    works = list(dist.batch_isend_irecv(ops)) if ops else []
+    return Exchange(own=own, wards=list(wards), received=received, works=works)
 
 
 class PeerCopies:
     """One rank's in-memory copies: its own last snapshots and those of its wards (the ranks
-    whose buddy it is), ``versions`` of each. Collective: :meth:`link`, :meth:`refresh`."""
+    whose buddy it is), ``versions`` of each. Collective: :meth:`link`, :meth:`refresh`.
+
+    A refresh only starts the transfers: they run while the next step computes, and are
+    finished (their copies kept) by the next refresh or by :meth:`settle`, which the owner calls
+    before it leaves the group or reports what it holds. A ward's copy counts only once it has
+    fully arrived.
+    """
 
     def __init__(self, rank: int, world_size: int, versions: int = 2) -> None:
         from collections import deque
@@ -367,13 +399,20 @@ class PeerCopies:
         self.wards: list[ShardManifest] = []
         self.own: deque[ShardSet] = deque(maxlen=versions)
         self.ward_copies: dict[int, deque[ShardSet]] = {}
+        self.in_flight: Exchange | None = None
+        # transfers given up on (a peer went away): kept alive until their group is gone, since
+        # the transport may still write into their buffers
+        self.abandoned: list[Exchange] = []
 
     def link(self, own: ShardSet, node_of_rank: Sequence[str],
              group: dist.ProcessGroup | None = None, *, enabled: bool = True) -> None:
         """Choose buddies for this layout, learn the wards' layouts and take the first copies.
-        ``enabled=False``: no buddy copies, only this rank's own last snapshots."""
+        ``enabled=False``: no buddy copies, only this rank's own last snapshots. The previous
+        group is gone by now: transfers abandoned in it are dropped."""
         from collections import deque
 
+        self.abandoned.clear()
+        self.in_flight = None
         self.buddy = buddy_of(self.rank, node_of_rank) if enabled else None
         manifests: list[Any] = [own.manifest()]
         if dist.is_initialized() and self.world_size > 1:
@@ -384,13 +423,34 @@ class PeerCopies:
         self.own.clear()
         self.ward_copies = {m.rank: deque(maxlen=self.versions) for m in self.wards}
         self.refresh(own, group)
+        self.settle()
 
     def refresh(self, own: ShardSet, group: dist.ProcessGroup | None = None) -> None:
-        """Send ``own`` to the buddy, keep the wards' copies of the same step."""
-        received = exchange_snapshots(own, self.buddy, self.wards, group)
+        """Finish the previous exchange, then start sending ``own`` to the buddy and receiving
+        the wards' copies of the same step. ``own`` is kept at once (it is local)."""
+        self.settle()
         self.own.append(own)
+        self.in_flight = start_exchange(own, self.buddy, self.wards, group)
+
+    def settle(self, timeout_s: float | None = None) -> bool:
+        """Finish the exchange in flight, if any, and keep the wards' copies it brought.
+        With ``timeout_s`` (the group is broken): give up on it after that long, keeping no
+        copy from it. True when nothing was given up."""
+        exchange, self.in_flight = self.in_flight, None
+        if exchange is None:
+            return True
+        try:
+            received = exchange.finish(timeout_s)
+        except Exception as exc:
+            if timeout_s is None:
+                raise
+            logger.warning("rank %d: peer copies of step %d not complete (%s); keeping the "
+                           "older ones", self.rank, exchange.own.step, str(exc)[:200])
+            self.abandoned.append(exchange)
+            return False
         for ward_rank, shards in received.items():
             self.ward_copies[ward_rank].append(shards)
+        return True
 
     def holdings(self) -> dict[str, Any]:
         return {"own": [s.step for s in self.own],

@@ -160,10 +160,16 @@ class Trainer:
 
     def maybe_snapshot(self) -> None:
         """Refresh the peer copies after every ``elastic.snapshot_every``-th committed step
-        (collective, point to point)."""
+        (collective, point to point). This takes the snapshot and starts the transfers; they
+        run while the next step computes and are finished by the next refresh."""
         every = self.cfg.elastic.snapshot_every
         if every > 0 and self.step % every == 0:
             self.peers.refresh(self._own_shards())
+
+    def settle_peers(self, timeout_s: float | None = None) -> None:
+        """Finish the peer-copy transfers still in flight (before leaving the group or
+        reporting holdings); ``timeout_s`` when the group is broken: give up after that long."""
+        self.peers.settle(timeout_s)
 
     def holdings(self) -> dict[str, Any]:
         """Which committed steps this rank can hand out, for itself and for its wards."""

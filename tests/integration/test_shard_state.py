@@ -122,6 +122,46 @@ def test_state_moves_between_layouts_in_the_same_processes(tmp_path):
     launch(_worker, 3, str(tmp_path), [free_port(), free_port(), free_port()])
 
 
+def _overlapped_copies(rank: int, world: int, tmp: str) -> None:
+    """A refresh starts the transfer and the next step runs while it is in flight; the copy
+    counts only once it is complete, and then equals the sender's snapshot bit for bit."""
+    plan = plan_mesh(world, CFG.parallel.gpus_per_node, CFG.model, CFG.parallel,
+                     global_batch_size=CFG.train.global_batch_size)
+    model = setup_model(CFG.model, plan, "cpu", seed=0)
+    optimizer = build_optimizer(model, CFG.train)
+    gen = torch.Generator().manual_seed(rank)
+
+    def one_step(step: int) -> None:
+        ids = torch.randint(0, CFG.model.vocab_size, (2, CFG.train.seq_len), generator=gen)
+        train_step(model, optimizer, [{"input_ids": ids, "labels": ids}], step, CFG.train,
+                   CFG.model, batch_fraction=1 / world)
+
+    one_step(0)
+    peers = PeerCopies(rank, world)
+    peers.link(take_shards(model, optimizer, rank=rank, step=1), ["node-a"] * world)
+    one_step(1)
+    mine = take_shards(model, optimizer, rank=rank, step=2)
+    torch.save(mine, os.path.join(tmp, f"step2-{rank}.pt"))
+    peers.refresh(mine)
+    ward = (rank - 1) % world
+    assert peers.holdings() == {"own": [1, 2], "wards": {ward: [1]}}  # step 2 not in yet
+    one_step(2)  # runs while the copies travel; changes the live state, not the snapshot
+    assert peers.settle()
+    assert peers.holdings() == {"own": [1, 2], "wards": {ward: [1, 2]}}
+    dist.barrier()
+    sent = torch.load(os.path.join(tmp, f"step2-{ward}.pt"), weights_only=False)
+    got = peers.find(ward, 2)
+    assert [s.key for s in got.specs] == [s.key for s in sent.specs]
+    for spec, a, b in zip(sent.specs, sent.tensors, got.tensors, strict=True):
+        assert torch.equal(a, b), spec.key
+    live = take_shards(model, optimizer, rank=rank, step=3)
+    assert any(not torch.equal(a, b) for a, b in zip(live.tensors, mine.tensors, strict=True))
+
+
+def test_peer_copies_travel_while_the_next_step_runs(tmp_path):
+    launch(_overlapped_copies, 2, str(tmp_path))
+
+
 def test_missing_shards_are_named(tmp_path):
     plan = plan_mesh(1, CFG.parallel.gpus_per_node, CFG.model, CFG.parallel,
                      global_batch_size=CFG.train.global_batch_size)
