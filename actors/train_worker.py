@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 METRICS_KEPT = 256  # committed steps' metrics a worker keeps until the group has logged them
 PEER_SETTLE_S = 2.0  # after a failure, how long the last step's peer-copy transfers may take
+BROKEN_SAVE_WAIT_S = 1.0  # after a failure, how long an async save in flight may take to end
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,11 +209,13 @@ class TrainWorker:
                 "snapshot_bytes": trainer.peers.own[-1].nbytes() if trainer.peers.own else 0,
                 "copies_bytes": trainer.peers.nbytes()}
 
-    def _leave_group(self) -> None:
+    def _leave_group(self, checkpoint_wait_s: float = 10.0) -> None:
+        """Leave the current process group, letting an async save in flight finish first
+        (for at most ``checkpoint_wait_s``)."""
         import torch.distributed as dist
 
         if self.trainer is not None:
-            _wait_bounded(self.trainer.checkpointer, 10.0)
+            _wait_bounded(self.trainer.checkpointer, checkpoint_wait_s)
         if dist.is_initialized():
             from elastic_moe.parallel.mesh import forget_layout_caches
 
@@ -258,7 +261,10 @@ class TrainWorker:
             logger.warning("rank %d: step %d broken (%s)", epoch.rank, trainer.step + 1, error)
             # the last step's copies left before the failure, as a rule: keep what arrived
             trainer.settle_peers(timeout_s=PEER_SETTLE_S)
-            self._leave_group()  # closes our connections: peers blocked on us fail fast too
+            # closes our connections: peers blocked on us fail fast too. A save in flight
+            # cannot complete without the lost peer: a rank whose save waits in a collective for
+            # a peer whose own save already failed would hold up the rebuild until the timeout
+            self._leave_group(checkpoint_wait_s=BROKEN_SAVE_WAIT_S)
             return TrainOutcome("broken", trainer.step, error=error)
 
     def _on_commit(self, step: int, path: str, state: Any) -> None:

@@ -404,3 +404,40 @@ def test_killed_driver_resumes_with_resume(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
     assert sorted(steps) == list(range(1, 17))
+
+
+def test_killed_coordinator_restarts_and_training_goes_on(tmp_path):
+    """kill -9 of the run's coordinator actor mid-run: Ray restarts it, it reloads its record
+    from disk, the calls in flight are retried, and training never stops: every step logged
+    once, the record keeps the epochs and checkpoints from before the kill."""
+    from ray.util.state import list_actors
+
+    steps = 40
+    _ray(num_cpus=2)
+    try:
+        run = _Run(tiny_config(tmp_path, steps=steps, every=4, workers=(2, 2)), "coord-kill",
+                   tmp_path)
+        before = _when("coord-kill", lambda s: s["committed"] is not None
+                       and s["committed"]["step"] >= 4)
+        actors = [a for a in list_actors(filters=[("class_name", "=", "Coordinator"),
+                                                  ("state", "=", "ALIVE")])
+                  if a.name.endswith("coord-kill")]
+        assert len(actors) == 1, actors
+        old_pid = actors[0].pid
+        workers = [w["pid"] for w in before["workers"]]
+        os.kill(old_pid, signal.SIGKILL)
+        result = run.wait()
+        assert result.ok, result.error
+        assert result.final_step == steps
+        after = [a for a in list_actors(filters=[("class_name", "=", "Coordinator")])
+                 if a.name.endswith("coord-kill") and a.state == "ALIVE"]
+        assert after and after[0].pid != old_pid  # a new process took over the record
+        state = result.coordinator_state
+        assert state["committed"]["step"] == steps
+        assert state["world_sizes"][0]["cause"] == "start" and len(state["world_sizes"]) == 1
+        assert [w["pid"] for w in state["workers"]] == workers  # no worker was restarted
+        kinds = [(e["kind"], e["step"]) for e in state["events"]]
+        assert ("checkpoint", 4) in kinds and ("checkpoint", steps) in kinds
+        assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
+    finally:
+        ray.shutdown()
