@@ -40,7 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-STEPS, EVERY, FAULT_AFTER = 20, 5, 8  # join runs 5 x STEPS
+STEPS, EVERY, FAULT_AFTER = 20, 5, 8  # join runs 5 x STEPS, steady state 3 x STEPS
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
 DATA = os.path.join(ROOT, "outputs", "data")
 
@@ -84,7 +84,8 @@ def run_ours(workdir: str, name: str, scenario: str, recovery: str, cluster) -> 
     # a new node registers and its worker starts in a few seconds: leave the join room
     cfg = _config(workdir, workers, [f"elastic.recovery={recovery}",
                                      f"elastic.snapshot_every={snapshot_every}"],
-                  steps=5 * STEPS if scenario == "join" else STEPS)
+                  steps=5 * STEPS if scenario == "join"
+                  else 3 * STEPS if scenario.startswith("steady") else STEPS)
     out: dict = {}
     thread = threading.Thread(target=lambda: out.update(result=run_training(
         cfg, name, output_dir=workdir)), daemon=True)
@@ -192,8 +193,8 @@ def _baseline_train_func(config):
         step += 1
         if rank == 0:
             with open(config["log"], "a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), "restored": restored})
-                        + "\n")
+                f.write(json.dumps({"step": step, "time": time.time(), "restored": restored,
+                                    "pid": os.getpid()}) + "\n")
         checkpoint = None
         if step % config["every"] == 0:
             tmp = tempfile.mkdtemp()
@@ -241,9 +242,9 @@ def run_baseline(workdir: str, name: str, scenario: str) -> dict[str, float]:
         done.set()
     records = [json.loads(line) for line in open(log_path)]
     before = [r for r in records if r["time"] <= fault["time"]]
-    # the first step of the restarted group (a step in flight at the fault does not count)
-    after = [r for r in records if r["time"] > fault["time"]
-             and r["restored"] != before[-1]["restored"]]
+    # the first step of the restarted group: new processes (a step in flight at the fault does
+    # not count). Not the restored step: a restart may find no checkpoint registered yet
+    after = [r for r in records if r["time"] > fault["time"] and r["pid"] != before[-1]["pid"]]
     if "time" not in fault or not after:
         raise RuntimeError(f"{name}: the fault did not restart the group (fault {fault})")
     return {"pause_s": after[0]["time"] - before[-1]["time"],

@@ -225,7 +225,10 @@ def test_hung_rank_is_fenced_off_and_training_goes_on(tmp_path):
         epochs = result.coordinator_state["world_sizes"]
         hung = [e for e in epochs if e.get("failed_pids") == [victim]]
         assert len(hung) == 1 and hung[0]["restored_from"] == "peers"
-        assert sorted(epoch_pids(result, epochs.index(hung[0]))) == sorted(survivors)
+        # the survivors kept their processes (a third worker warming up may join them); the
+        # stopped one is not among the members
+        members = epoch_pids(result, epochs.index(hung[0]))
+        assert set(survivors) <= set(members) and victim not in members
         pause, last_before, _ = _pause_around(result, stop_time)
         print(f"\nSIGSTOP at step {last_before}: training went on after {pause:.1f} s")
         assert pause < 20.0  # hang_timeout_s=4 here; the 10 s target is benchmarked
@@ -406,12 +409,22 @@ def test_killed_driver_resumes_with_resume(tmp_path):
     assert sorted(steps) == list(range(1, 17))
 
 
+def _coordinator_pids() -> list[int]:
+    """Pids of coordinator actor processes, as ``ps`` shows them (``ray::Coordinator``)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith("ray::Coordinator"):
+            pids.append(proc.info["pid"])
+    return pids
+
+
 def test_killed_coordinator_restarts_and_training_goes_on(tmp_path):
     """kill -9 of the run's coordinator actor mid-run: Ray restarts it, it reloads its record
     from disk, the calls in flight are retried, and training never stops: every step logged
     once, the record keeps the epochs and checkpoints from before the kill."""
-    from ray.util.state import list_actors
-
     steps = 40
     _ray(num_cpus=2)
     try:
@@ -419,25 +432,25 @@ def test_killed_coordinator_restarts_and_training_goes_on(tmp_path):
                    tmp_path)
         before = _when("coord-kill", lambda s: s["committed"] is not None
                        and s["committed"]["step"] >= 4)
-        actors = [a for a in list_actors(filters=[("class_name", "=", "Coordinator"),
-                                                  ("state", "=", "ALIVE")])
-                  if a.name.endswith("coord-kill")]
-        assert len(actors) == 1, actors
-        old_pid = actors[0].pid
+        old_pids = _coordinator_pids()
+        assert len(old_pids) == 1, old_pids  # this run's, the only one in this Ray
+        old_pid = old_pids[0]
         workers = [w["pid"] for w in before["workers"]]
+        kill_time = time.time()
         os.kill(old_pid, signal.SIGKILL)
         result = run.wait()
         assert result.ok, result.error
         assert result.final_step == steps
-        after = [a for a in list_actors(filters=[("class_name", "=", "Coordinator")])
-                 if a.name.endswith("coord-kill") and a.state == "ALIVE"]
-        assert after and after[0].pid != old_pid  # a new process took over the record
+        new_pids = _coordinator_pids()
+        assert new_pids and old_pid not in new_pids  # a new process took over the record
         state = result.coordinator_state
         assert state["committed"]["step"] == steps
         assert state["world_sizes"][0]["cause"] == "start" and len(state["world_sizes"]) == 1
         assert [w["pid"] for w in state["workers"]] == workers  # no worker was restarted
         kinds = [(e["kind"], e["step"]) for e in state["events"]]
         assert ("checkpoint", 4) in kinds and ("checkpoint", steps) in kinds
-        assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
+        history = _metric_history(result, "loss")
+        assert [s for s, _, _ in history] == list(range(1, steps + 1))
+        assert sum(t > kill_time for _, _, t in history) >= 5  # it trained on after the kill
     finally:
         ray.shutdown()
