@@ -123,6 +123,25 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def _datatrove_runs(args: argparse.Namespace, flag: str, input_dir: str, work_name: str,
+                    label: str) -> list[dict]:
+    """``--datatrove-repeats`` runs of this script's ``flag`` mode under
+    ``--datatrove-python``; each run's ``DATATROVE_JSON`` record."""
+    runs = []
+    for r in range(args.datatrove_repeats):
+        proc = subprocess.run([args.datatrove_python, os.path.abspath(__file__), flag, input_dir,
+                               os.path.join(args.workdir, work_name)],
+                              capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("DATATROVE_JSON ")]
+        if proc.returncode or not line:
+            print(proc.stderr[-3000:])
+            raise SystemExit(f"{label} run failed (see above)")
+        runs.append(json.loads(line[0][len("DATATROVE_JSON "):]))
+        print(f"{label} run {r}: " + str({k: round(v, 2) for k, v in runs[-1].items()
+                                         if k.endswith("_s")}), flush=True)
+    return runs
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="/tmp/elastic-moe-data-bench")
@@ -242,19 +261,7 @@ def main() -> int:
     # -- datatrove -----------------------------------------------------------------------------
     dt = None
     if args.datatrove_python:
-        dt_runs = []
-        for r in range(args.datatrove_repeats):
-            proc = subprocess.run([args.datatrove_python, os.path.abspath(__file__),
-                                   "--run-datatrove", corpus,
-                                   os.path.join(args.workdir, "datatrove")],
-                                  capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("DATATROVE_JSON ")]
-            if proc.returncode or not line:
-                print(proc.stderr[-3000:])
-                raise SystemExit("datatrove run failed (see above)")
-            dt_runs.append(json.loads(line[0][len("DATATROVE_JSON "):]))
-            print(f"datatrove run {r}: " + str({k: round(v, 2) for k, v in dt_runs[-1].items()
-                                               if k.endswith("_s")}), flush=True)
+        dt_runs = _datatrove_runs(args, "--run-datatrove", corpus, "datatrove", "datatrove")
         dt_removed = set(dt_runs[-1]["removed"])
         dt_sig = _median([x["signatures_s"] for x in dt_runs])
         dt_dedup = _median([x["signatures_s"] + x["buckets_s"] + x["clusters_s"]
@@ -506,19 +513,8 @@ def bench_warc(args: argparse.Namespace) -> dict:
                                        "docs_per_s_per_core": round(n / cpu, 1),
                                        "quality": quality(traf_texts)}
     if args.datatrove_python:
-        dt_runs = []
-        for _ in range(args.datatrove_repeats):
-            proc = subprocess.run([args.datatrove_python, os.path.abspath(__file__),
-                                   "--run-datatrove-warc", warc_dir,
-                                   os.path.join(args.workdir, "datatrove-warc")],
-                                  capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("DATATROVE_JSON ")]
-            if proc.returncode or not line:
-                print(proc.stderr[-3000:])
-                raise SystemExit("datatrove WARC run failed (see above)")
-            dt_runs.append(json.loads(line[0][len("DATATROVE_JSON "):]))
-            print("datatrove warc: " + str({k: round(v, 2) for k, v in dt_runs[-1].items()
-                                            if k.endswith("_s")}), flush=True)
+        dt_runs = _datatrove_runs(args, "--run-datatrove-warc", warc_dir, "datatrove-warc",
+                                  "datatrove WARC")
         dt: dict = {}
         for name in ("extract", "extract_signatures"):
             cpu = _median([x[f"{name}_cpu_s"] for x in dt_runs])
