@@ -137,11 +137,6 @@ class CoordinatorState:
     def restore_point(self) -> dict[str, Any] | None:
         return self.state["committed"]
 
-    def fell_back(self, committed_step: int, restored_step: int, reason: str) -> None:
-        """A worker group could not use the committed checkpoint and restored an older one."""
-        self.record_event("checkpoint_fallback", restored_step, committed_step=committed_step,
-                          reason=reason)
-
     # ------------------------------------------------------------------ tracking + events
     def record_event(self, kind: str, step: int, **detail: Any) -> None:
         self.state["events"].append({"time": time.time(), "kind": kind, "step": step, **detail})

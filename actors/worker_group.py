@@ -521,6 +521,14 @@ class ElasticGroup:
                                            for k, v in marks.items()})
         pause_s = marks["rebuilt"] - marks["detected"]
         step = joined[0]["step"]
+        if checkpoint_step is not None and step < checkpoint_step:  # the workers said why
+            reason = (f"committed checkpoint step {checkpoint_step} unusable; restored step "
+                      f"{step}")
+            logger.error("%s", reason)
+            self.coordinator.record_event("checkpoint_fallback", step,
+                                          committed_step=checkpoint_step, reason=reason)
+            self.tracker.log_event("checkpoint_fallback", step, committed_step=checkpoint_step,
+                                   reason=reason)
         workers = [{"rank": m.rank, "pid": m.info["pid"], "node_id": m.info["node_id"]}
                    for m in members]
         detail = {**cause_detail, "rebuild_s": round(pause_s, 3),

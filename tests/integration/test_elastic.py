@@ -307,6 +307,35 @@ def test_resubmit_resumes_in_the_same_mlflow_run(tmp_path):
     assert [s for s, _, _ in _metric_history(second, "loss")] == list(range(1, 9))
 
 
+def test_unusable_committed_checkpoint_falls_back_loudly(tmp_path):
+    """--resume when the committed checkpoint's data file is cut short: the workers restore the
+    older one, and the coordinator and MLflow record a checkpoint_fallback event."""
+    from mlflow.tracking import MlflowClient
+
+    from actors.training import run_training
+
+    _ray(num_cpus=2)
+    try:
+        first = run_training(tiny_config(tmp_path, steps=4, every=2), "bad-ckpt",
+                             output_dir=str(tmp_path))
+        assert first.ok, first.error
+        data = os.path.join(first.checkpoint_dir, "step_00000004", "__0_0.distcp")
+        with open(data, "r+b") as f:
+            f.truncate(os.path.getsize(data) // 2)
+        second = run_training(tiny_config(tmp_path, steps=8, every=2), "bad-ckpt", resume=True,
+                              output_dir=str(tmp_path))
+    finally:
+        ray.shutdown()
+    assert second.ok, second.error
+    assert second.coordinator_state["world_sizes"][-1]["restored_step"] == 2
+    fallbacks = [e for e in second.coordinator_state["events"]
+                 if e["kind"] == "checkpoint_fallback"]
+    assert len(fallbacks) == 1 and fallbacks[0]["committed_step"] == 4
+    assert fallbacks[0]["step"] == 2
+    tags = MlflowClient(second.tracking_uri).get_run(second.mlflow_run_id).data.tags
+    assert any(k.startswith("event.") and "checkpoint_fallback" in k for k in tags)
+
+
 def test_nodes_join_and_leave(tmp_path):
     """Capacity below min (waits), nodes join (start, then grow without restarting anyone), a
     node leaves (shrink): the plan and the EP degree change each time, survivors keep their pids,
