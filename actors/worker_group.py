@@ -164,6 +164,15 @@ class ElasticGroup:
             logger.debug("request_resources: %s", exc)
         self.slots = [placement_group([dict(self.bundle)]) for _ in range(high)]
 
+    def _slot_states(self) -> dict[int, str] | None:
+        """Each slot's placement state from the GCS (CREATED = placed), or None if it is busy."""
+        try:
+            table = placement_group_table()
+        except Exception as exc:  # the GCS is busy or restarting: the next check tries again
+            logger.debug("placement_group_table: %s", exc)
+            return None
+        return {i: table.get(pg.id.hex(), {}).get("state", "") for i, pg in enumerate(self.slots)}
+
     def _replace_lost_slots(self) -> None:
         """Give up slots whose node died and open fresh ones in their place.
 
@@ -172,25 +181,30 @@ class ElasticGroup:
         which on a small head node starves the survivors. A fresh placement group waits for
         capacity (PENDING) without that cost, and is placed as soon as a node has room.
         """
-        try:
-            table = placement_group_table()
-        except Exception as exc:  # the GCS is busy or restarting: the next check tries again
-            logger.debug("placement_group_table: %s", exc)
-            return
-        for i, pg in enumerate(self.slots):
-            if table.get(pg.id.hex(), {}).get("state") != "RESCHEDULING":
+        states = self._slot_states()
+        for i, state in (states or {}).items():
+            if state != "RESCHEDULING":
                 continue
             logger.info("slot %d lost its node: replacing it with a fresh placement group", i)
             try:
-                remove_placement_group(pg)
+                remove_placement_group(self.slots[i])
             except Exception as exc:
                 logger.debug("remove_placement_group: %s", exc)
             self.slots[i] = placement_group([dict(self.bundle)])
 
     def _ready_slots(self, timeout: float = 0.0) -> list[int]:
-        refs = {pg.ready(): i for i, pg in enumerate(self.slots)}
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
-        return sorted(refs[r] for r in ready)
+        """Slots placed now (waiting up to ``timeout`` for all of them).
+
+        Read from the GCS's table, not from ``pg.ready()``: each ``ready()`` is a fresh
+        asynchronous request, so a zero-timeout wait on it can miss a slot placed long ago.
+        """
+        deadline = time.time() + timeout
+        while True:
+            states = self._slot_states() or {}
+            ready = sorted(i for i, state in states.items() if state == "CREATED")
+            if len(ready) == len(self.slots) or time.time() >= deadline:
+                return ready
+            time.sleep(0.05)
 
     def _free_slots(self) -> list[int]:
         used = {m.slot for m in self.members + self.joiners}

@@ -1,0 +1,33 @@
+"""The worker group's slots (one-bundle placement groups) on a real local Ray."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.integration.elastic_helpers import tiny_config
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def test_placed_slots_always_read_as_free(tmp_path):
+    """A slot the cluster placed reads as free on every check, not only when a fresh
+    ``pg.ready()`` reply happens to arrive in time: the launch gathers workers for every slot
+    it can fill, and a run with room for 3 starts with 3. One slot more than the cluster holds
+    stays pending and never reads as free."""
+    from actors.worker_group import ElasticGroup
+
+    ray.init(address="local", num_cpus=3, include_dashboard=False)
+    try:
+        cfg = tiny_config(tmp_path, workers=(1, 4))
+        group = ElasticGroup(cfg, None, None, None, use_gpu=False)
+        group._open_slots()
+        started = time.time()
+        assert group._ready_slots(timeout=1.0) == [0, 1, 2]
+        assert time.time() - started >= 1.0  # it waited for the fourth, which cannot be placed
+        reads = [group._free_slots() for _ in range(30)]
+        assert reads == [[0, 1, 2]] * 30
+    finally:
+        ray.shutdown()
