@@ -476,8 +476,7 @@ class ElasticGroup:
     def _from_checkpoint(self, survivors: list[Member], detected: float, reason: str,
                          failed: list[Member]) -> None:
         committed = self.coordinator.restore_point()
-        self.coordinator.record_event("checkpoint_fallback", self.logged_step, reason=reason)
-        self.tracker.log_event("checkpoint_fallback", self.logged_step, reason=reason)
+        self._record_fallback(self.logged_step, reason=reason)
         self._form_epoch(survivors=survivors, sources=None,
                          restore="checkpoint" if committed else "fresh",
                          checkpoint_step=committed["step"] if committed else None,
@@ -485,6 +484,11 @@ class ElasticGroup:
                          restored_step=committed["step"] if committed else 0,
                          cause_detail={"restored_from": "checkpoint", "reason": reason,
                                        "failed_ranks": [m.rank for m in failed]})
+
+    def _record_fallback(self, step: int, **detail: Any) -> None:
+        """A restore from an older state than wanted, in the coordinator's record and MLflow."""
+        self.coordinator.record_event("checkpoint_fallback", step, **detail)
+        self.tracker.log_event("checkpoint_fallback", step, **detail)
 
     def _restart_all(self, survivors: list[Member], detected: float) -> None:
         """``recovery="restart"``: every worker is replaced and reads the last checkpoint."""
@@ -539,10 +543,7 @@ class ElasticGroup:
             reason = (f"committed checkpoint step {checkpoint_step} unusable; restored step "
                       f"{step}")
             logger.error("%s", reason)
-            self.coordinator.record_event("checkpoint_fallback", step,
-                                          committed_step=checkpoint_step, reason=reason)
-            self.tracker.log_event("checkpoint_fallback", step, committed_step=checkpoint_step,
-                                   reason=reason)
+            self._record_fallback(step, committed_step=checkpoint_step, reason=reason)
         workers = [{"rank": m.rank, "pid": m.info["pid"], "node_id": m.info["node_id"]}
                    for m in members]
         detail = {**cause_detail, "rebuild_s": round(pause_s, 3),
