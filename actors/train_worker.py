@@ -123,6 +123,9 @@ class TrainWorker:
 
         self.device = torch.device("cpu")
         if torch.cuda.is_available():
+            from elastic_moe.parallel.comm import survivor_nccl_env
+
+            survivor_nccl_env()  # before any process group: a lost peer must not end this one
             gpu_ids = ray.get_gpu_ids()
             self.device = torch.device("cuda", 0 if not gpu_ids else 0)
             torch.cuda.set_device(self.device)
@@ -136,6 +139,10 @@ class TrainWorker:
         self.epoch: EpochSpec | None = None
         self.progress = _Progress()
         self.lock = threading.Lock()
+        # the membership epoch whose process group this process is in (None: none); guarded by
+        # group_lock so that an abort meant for one epoch can never reach the next one's group
+        self.group_epoch: int | None = None
+        self.group_lock = threading.Lock()
 
     # ------------------------------------------------------------------ identity
     def info(self) -> dict[str, Any]:
@@ -169,10 +176,12 @@ class TrainWorker:
         # exports of the old layout since the group broke have cached its (equal-looking) mesh
         forget_layout_caches()
         timeout = datetime.timedelta(seconds=cfg.elastic.collective_timeout_s)
-        dist.init_process_group(
-            "nccl" if self.device.type == "cuda" else "gloo",
-            init_method=f"tcp://{epoch.master_addr}:{epoch.master_port}",
-            rank=epoch.rank, world_size=epoch.world_size, timeout=timeout)
+        with self.group_lock:
+            dist.init_process_group(
+                "nccl" if self.device.type == "cuda" else "gloo",
+                init_method=f"tcp://{epoch.master_addr}:{epoch.master_port}",
+                rank=epoch.rank, world_size=epoch.world_size, timeout=timeout)
+            self.group_epoch = epoch.epoch
         marks["group_ready"] = time.time()
         plan = MeshPlan.from_dict(epoch.plan)
         ckpt = Checkpointer(self.spec.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
@@ -216,14 +225,16 @@ class TrainWorker:
 
         if self.trainer is not None:
             _wait_bounded(self.trainer.checkpointer, checkpoint_wait_s)
-        if dist.is_initialized():
-            from elastic_moe.parallel.mesh import forget_layout_caches
+        with self.group_lock:
+            self.group_epoch = None
+            if dist.is_initialized():
+                from elastic_moe.parallel.mesh import forget_layout_caches
 
-            try:
-                dist.destroy_process_group()
-            except Exception as exc:  # a broken group may complain while going away
-                logger.warning("destroying the previous process group: %s", exc)
-            forget_layout_caches()
+                try:
+                    dist.destroy_process_group()
+                except Exception as exc:  # a broken group may complain while going away
+                    logger.warning("destroying the previous process group: %s", exc)
+                forget_layout_caches()
 
     # ------------------------------------------------------------------ training
     def train(self) -> TrainOutcome:
@@ -288,6 +299,20 @@ class TrainWorker:
         with self.lock:
             metrics = [(s, m) for s, m in self.progress.metrics if s > since_step]
             return {"step": self.progress.step, "metrics": metrics}
+
+    def abort_group(self, epoch: int) -> int:
+        """Abort this process's communicators of membership epoch ``epoch`` (a peer is lost), so
+        that a collective blocked on the lost peer returns now: on NCCL it would otherwise spin
+        until the timeout. Runs beside ``train()``; the torch thread then sees its step break
+        and leaves the group itself. Returns how many process groups were aborted."""
+        from elastic_moe.parallel.comm import abort_communicators
+
+        with self.group_lock:
+            if self.group_epoch != epoch:  # already left it, or already in a later epoch
+                return 0
+            aborted = abort_communicators()
+        logger.warning("epoch %d: aborted %d process group(s) after a lost peer", epoch, aborted)
+        return aborted
 
     def request_pause(self) -> int:
         """Ask the group to stop after the current step (carried by the commit vote)."""

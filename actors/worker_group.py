@@ -4,8 +4,10 @@ The group runs in the launcher process and owns the run's training workers
 (:class:`actors.train_worker.TrainWorker`, one per accelerator, each in its own one-bundle
 placement group; ranks are ordered node by node). It writes every decision to the coordinator.
 
-- **Dead worker**: its ``train()`` call fails (Ray saw the process go) and its peers' collectives
-  fail within milliseconds (gloo sees the connection close).
+- **Dead worker**: its ``train()`` call fails (Ray saw the process go). Its peers' collectives
+  fail within milliseconds on gloo (the connection closes); NCCL's would spin on, so as soon as
+  any member is lost or breaks its step, the group aborts the others' communicators
+  (``TrainWorker.abort_group``, :mod:`elastic_moe.parallel.comm`) and their blocked step raises.
 - **Hung worker** (stopped, deadlocked): it stops answering ``ping`` (served on another thread);
   after ``elastic.hang_timeout_s`` it is fenced off -- killed, so it can never come back with
   stale state -- and its peers' collectives fail at once.
@@ -302,7 +304,8 @@ class ElasticGroup:
         outcomes: dict[Member, TrainOutcome] = {}
         failed: list[Member] = []
         broken_since: float | None = None
-        pause_sent = False
+        pause_sent = aborts_sent = False
+        aborts: dict[Any, Member] = {}
         slots_checked = 0.0
         hang = self.cfg.elastic.hang_timeout_s
         for m in self.members:
@@ -341,14 +344,40 @@ class ElasticGroup:
                     refs.pop(ref)
                     failed.append(member)
                     broken_since = broken_since or now
+            if broken_since is not None and not aborts_sent:
+                # the rest may be blocked in a collective with the lost member: on NCCL it
+                # never returns by itself, so abort their communicators now
+                # (those that already left their broken step answer 0: nothing left to abort)
+                targets = [*refs.values(), *(m for m, o in outcomes.items()
+                                             if o.status == "broken")]
+                aborts = {member.handle.abort_group.remote(self.epoch): member
+                          for member in targets}
+                aborts_sent = True
             if broken_since is None and not pause_sent and self._growth_ready():
                 for member in refs.values():
                     member.handle.request_pause.remote()
                 pause_sent = True
         survivors = [m for m in self.members if m not in failed]
+        if aborts:
+            self._record_aborts(aborts)
         self._ping_all(survivors, since=self.logged_step, wait=2.0)  # answers still in flight
         self._ping_all(survivors, since=self.logged_step, wait=2.0)  # the last metrics
         return outcomes, failed
+
+    def _record_aborts(self, aborts: dict[Any, Member]) -> None:
+        """Which members' communicators were aborted (0 groups: the member had already left
+        its group, as on gloo, where the lost peer's closed socket is faster)."""
+        done, _ = ray.wait(list(aborts), num_returns=len(aborts), timeout=2.0)
+        groups: dict[int, int] = {}
+        for ref in done:
+            try:
+                groups[aborts[ref].rank] = int(ray.get(ref))
+            except ray.exceptions.RayError:  # lost meanwhile: the rebuild finds out
+                continue
+        ranks = sorted(groups)
+        self.coordinator.record_event("communicators_aborted", self.logged_step,
+                                      epoch=self.epoch, ranks=ranks,
+                                      groups=[groups[r] for r in ranks])
 
     def _growth_ready(self) -> bool:
         now = time.time()

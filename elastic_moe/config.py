@@ -48,7 +48,8 @@ class ModelConfig:
     route_scale: float = 2.5  # gate weights are normalized over the k chosen, then scaled
     bias_update_speed: float = 1e-3  # gamma of aux-loss-free balancing (V3 sec. 2.1.2)
     seq_aux_alpha: float = 1e-4  # complementary sequence-wise balance loss weight
-    expert_backend: Literal["torch", "triton", "auto"] = "auto"  # auto: triton on CUDA
+    # auto: the fastest measured on the device (kernels.resolve_backend); torch on CPU
+    expert_backend: Literal["torch", "triton", "grouped_mm", "auto"] = "auto"
     # mla
     q_lora_rank: int = 1536  # 0 = full-rank query projection (V2-Lite)
     kv_lora_rank: int = 512
@@ -82,8 +83,9 @@ class ModelConfig:
                  "must be even (RoPE rotates pairs)")
         _require(self.score_func in ("sigmoid", "softmax"), "score_func", self.score_func,
                  "must be 'sigmoid' or 'softmax'")
-        _require(self.expert_backend in ("torch", "triton", "auto"), "expert_backend",
-                 self.expert_backend, "must be 'torch', 'triton' or 'auto'")
+        _require(self.expert_backend in ("torch", "triton", "grouped_mm", "auto"),
+                 "expert_backend", self.expert_backend,
+                 "must be 'torch', 'triton', 'grouped_mm' or 'auto'")
         _require(self.num_activated_experts <= self.num_routed_experts, "num_activated_experts",
                  self.num_activated_experts,
                  f"top-k cannot exceed num_routed_experts ({self.num_routed_experts})")

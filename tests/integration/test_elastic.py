@@ -145,6 +145,11 @@ def test_killed_worker_pauses_briefly_and_matches_the_fault_free_run(tmp_path):
         lost = after[0]
         assert lost["restored_from"] == "peers" and lost["world_size"] == 1
         assert lost["steps_redone"] <= 1
+        # the survivor was told to abort its communicators (the NCCL path; gloo has nothing to
+        # abort and its collective may already have failed: 0 or 1 groups)
+        aborted = [e for e in faulty.coordinator_state["events"]
+                   if e["kind"] == "communicators_aborted"]
+        assert aborted and aborted[0]["ranks"] == [0], faulty.coordinator_state["events"]
         # the survivor kept its process through the rebuild
         assert epoch_pids(faulty, epochs.index(lost)) == survivors
         pause, last_before, first_after = _pause_around(faulty, kill_time)

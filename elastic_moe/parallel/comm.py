@@ -1,0 +1,99 @@
+"""Process groups that survive the loss of a peer: NCCL settings and an abort from outside.
+
+On gloo a dead peer's closed socket fails every pending collective at once. On NCCL it does not:
+the survivors' kernels keep spinning on the lost peer's buffers, and the default error handling
+(``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``) lets the watchdog end the *survivor's* process at the
+collective timeout. An elastic group needs the opposite: the survivors stay up, and their blocked
+collectives return as soon as the group knows a member is gone. So
+
+- :func:`survivor_nccl_env` sets ProcessGroupNCCL's error handling to clean-up-only (abort the
+  communicators, raise in the waiting thread, keep the process) and turns off the heartbeat
+  monitor that kills a process whose watchdog looks stuck. It must run before the first process
+  group is created: ProcessGroupNCCL reads these variables when it is built.
+- :func:`abort_communicators` aborts every process group of this process from any thread. The
+  thread blocked in a collective (or in a CUDA sync after one) then raises; that thread, not this
+  one, destroys the groups (``destroy_process_group`` changes torch's global group registry,
+  which must not change under a thread that is using it).
+
+Gloo's groups have nothing to abort: the call returns and the collective fails when the peer's
+connection closes, as before. The same code runs on both backends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SURVIVOR_NCCL_ENV", "abort_communicators", "survivor_nccl_env"]
+
+SURVIVOR_NCCL_ENV = {
+    # 2 = CleanUpOnly: on a timeout or error the watchdog aborts the communicators and the work
+    # raises in the waiting thread; the process stays (3, the default, tears it down).
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
+    # the heartbeat monitor ends a process whose watchdog stops beating, e.g. while a lost peer
+    # holds a collective: exactly the survivor we want to keep
+    "TORCH_NCCL_ENABLE_MONITORING": "0",
+    # no flight-recorder dump on timeout: it can take minutes on a large job, inside the pause
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
+}
+
+
+def survivor_nccl_env() -> dict[str, str]:
+    """Set the NCCL error-handling variables a surviving rank needs; returns what it changed.
+
+    A value the user set differently is overridden (and logged): with teardown on, one lost peer
+    would take every survivor with it, which the elastic group cannot recover from."""
+    changed = {}
+    for name, value in SURVIVOR_NCCL_ENV.items():
+        if os.environ.get(name) != value:
+            if name in os.environ:
+                logger.warning("%s=%s would end surviving ranks after a peer is lost; using %s",
+                               name, os.environ[name], value)
+            os.environ[name] = value
+            changed[name] = value
+    return changed
+
+
+def abort_communicators() -> int:
+    """Abort every process group of this process; callable from any thread. Returns how many
+    groups were aborted (0 when none exist).
+
+    Only the communicators are aborted: torch's registry of groups is left for the thread that
+    owns them to destroy once its collective has raised."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 0
+    from torch.distributed.distributed_c10d import _world
+
+    groups = sorted(_world.pg_names.items(), key=lambda item: item[1], reverse=True)
+    nccl_group = None
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        from torch.distributed import ProcessGroupNCCL
+
+        default = dist.GroupMember.WORLD
+        try:
+            backend = default._get_backend(torch.device("cuda")) if default is not None else None
+        except RuntimeError:  # the default group has no CUDA backend (gloo only)
+            backend = None
+        if isinstance(backend, ProcessGroupNCCL):
+            nccl_group = backend
+    # Abort all NCCL communicators inside one group call: aborting them one at a time can
+    # deadlock (pytorch/pytorch#119797).
+    if nccl_group is not None:
+        nccl_group._group_start()
+    aborted = 0
+    try:
+        for group, name in groups:
+            try:
+                group.abort()
+                aborted += 1
+            except Exception as exc:  # one group already gone must not stop the others
+                logger.warning("aborting process group %s: %s", name, exc)
+    finally:
+        if nccl_group is not None:
+            nccl_group._group_end()
+    return aborted
