@@ -15,8 +15,9 @@ collectives return as soon as the group knows a member is gone. So
   one, destroys the groups (``destroy_process_group`` changes torch's global group registry,
   which must not change under a thread that is using it).
 
-Gloo's groups have nothing to abort: the call returns and the collective fails when the peer's
-connection closes, as before. The same code runs on both backends.
+Gloo's groups are not aborted: the call finds no NCCL communicator and returns 0, and the
+collective fails when the lost peer's connection closes, as before. The same code path (the
+group's abort request, the worker's epoch check, this function) runs on both backends.
 """
 
 from __future__ import annotations
@@ -60,40 +61,40 @@ def survivor_nccl_env() -> dict[str, str]:
 
 
 def abort_communicators() -> int:
-    """Abort every process group of this process; callable from any thread. Returns how many
-    groups were aborted (0 when none exist).
+    """Abort the NCCL communicators of every process group of this process; callable from any
+    thread. Returns how many were aborted (0 on gloo, or when no group exists).
 
     Only the communicators are aborted: torch's registry of groups is left for the thread that
-    owns them to destroy once its collective has raised."""
-    if not dist.is_available() or not dist.is_initialized():
+    owns them to destroy once its collective has raised. Gloo groups are left alone: a lost
+    peer's closed connection already fails their collectives, and aborting a gloo group while
+    that failure is on its way can leave the waiting receive to run into its full timeout
+    (seen here: 16 s more for a survivor of a fenced, stopped peer)."""
+    if not dist.is_available() or not dist.is_initialized() or not torch.cuda.is_available() \
+            or not dist.is_nccl_available():
         return 0
+    from torch.distributed import ProcessGroupNCCL
     from torch.distributed.distributed_c10d import _world
 
-    groups = sorted(_world.pg_names.items(), key=lambda item: item[1], reverse=True)
-    nccl_group = None
-    if torch.cuda.is_available() and dist.is_nccl_available():
-        from torch.distributed import ProcessGroupNCCL
-
-        default = dist.GroupMember.WORLD
+    backends = []
+    for group, _name in sorted(_world.pg_names.items(), key=lambda item: item[1], reverse=True):
         try:
-            backend = default._get_backend(torch.device("cuda")) if default is not None else None
-        except RuntimeError:  # the default group has no CUDA backend (gloo only)
-            backend = None
+            backend = group._get_backend(torch.device("cuda"))
+        except RuntimeError:  # a group without a CUDA backend (gloo only)
+            continue
         if isinstance(backend, ProcessGroupNCCL):
-            nccl_group = backend
-    # Abort all NCCL communicators inside one group call: aborting them one at a time can
-    # deadlock (pytorch/pytorch#119797).
-    if nccl_group is not None:
-        nccl_group._group_start()
+            backends.append(backend)
+    if not backends:
+        return 0
+    # Abort them inside one NCCL group call: one at a time can deadlock (pytorch/pytorch#119797).
+    backends[0]._group_start()
     aborted = 0
     try:
-        for group, name in groups:
+        for backend in backends:
             try:
-                group.abort()
+                backend.abort()
                 aborted += 1
-            except Exception as exc:  # one group already gone must not stop the others
-                logger.warning("aborting process group %s: %s", name, exc)
+            except Exception as exc:  # one communicator already gone must not stop the others
+                logger.warning("aborting an NCCL communicator: %s", exc)
     finally:
-        if nccl_group is not None:
-            nccl_group._group_end()
+        backends[0]._group_end()
     return aborted
