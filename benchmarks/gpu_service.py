@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -42,8 +43,9 @@ sys.path.insert(0, ROOT)
 TRAIN = os.path.join(ROOT, "jobs", "train.py")
 
 # The small recipe's layer widths (dim 2048, MLA, expert width 1408, top-6), cut to 2 layers and
-# 16 experts so a few steps take seconds; the 2048-token BPE trains on the bundled corpus offline.
-GPU_CUT = ["model.num_layers=2", "model.num_routed_experts=16", "model.vocab_size=32000",
+# 16 experts so a few steps take seconds; the 2048-token BPE trains on the bundled corpus offline,
+# and a 4096 vocab keeps each checkpoint (fp32 weights + Adam) near 5 GB.
+GPU_CUT = ["model.num_layers=2", "model.num_routed_experts=16", "model.vocab_size=4096",
            "data.tokenizer_vocab_size=2048", "train.seq_len=512", "train.global_batch_size=8",
            "train.micro_batch_size=4", "train.warmup_steps=2", "train.eval_every=0"]
 DRY_CUT = ["train.eval_every=0"]  # the debug recipe is already tiny
@@ -162,6 +164,11 @@ def run_logged(cmd: list[str], log_path: str, timeout: float) -> int:
             raise TimeoutError(f"{cmd[1]} ran past {timeout:.0f} s (log {log_path})") from None
 
 
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def tail(path: str, lines: int = 15) -> str:
     try:
         with open(path) as f:
@@ -233,7 +240,7 @@ def committed_steps(checkpoint_dir: str) -> list[int]:
 def phase_kill_resume(svc: Service, steps: int, budget: Budget, ray_stop: bool) -> dict[str, Any]:
     run_name = f"resume-{int(time.time())}"
     log = os.path.join(svc.work, "c_train.log")
-    extra = ["checkpoint.every_steps=2", "checkpoint.async_save=false"]
+    extra = ["checkpoint.every_steps=2", "checkpoint.async_save=false", "checkpoint.keep_last=2"]
     ckpt_dir = os.path.join(svc.work, "runs", run_name, "checkpoints")
     cmd = svc.command(run_name, steps, extra)
     with open(log, "a") as f:
@@ -269,6 +276,8 @@ def phase_kill_resume(svc: Service, steps: int, budget: Budget, ray_stop: bool) 
         except ProcessLookupError:
             pass
     killed["leftover_pids_killed"] = len(leftovers)
+    killed["committed_after_kill"] = committed = committed_steps(ckpt_dir)
+    resume_from = len(read_text(log))
     if ray_stop:
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
         stop = subprocess.run([ray_cli if os.path.exists(ray_cli) else "ray", "stop", "--force"],
@@ -279,9 +288,14 @@ def phase_kill_resume(svc: Service, steps: int, budget: Budget, ray_stop: bool) 
         return {"status": "FAIL", "summary": f"--resume exited {code}", "log_tail": tail(log),
                 **killed}
     result = check_history(svc, run_name, steps)
-    result["checks"]["killed after a checkpoint, before the end"] = max(done) < steps
+    match = re.search(r"resuming run \S+ from step (\d+)", read_text(log)[resume_from:])
+    result["resumed_from_step"] = int(match.group(1)) if match else None
+    result["checks"]["killed after a checkpoint, before the end"] = max(committed) < steps
+    result["checks"]["resumed from the last committed checkpoint"] = (
+        result["resumed_from_step"] == max(committed))
     ok = all(result["checks"].values())
-    summary = (f"killed at committed step {max(done)}, resumed to step {result['last_step']}/"
+    summary = (f"killed at committed step {max(committed)}, resumed from step "
+               f"{result['resumed_from_step']} to step {result['last_step']}/"
                f"{steps}; loss {result['loss_first']:.4f} -> {result['loss_last']:.4f}; "
                f"missing steps {result['missing_steps'] or 'none'}")
     return {"status": "PASS" if ok else "FAIL", "summary": summary, "run_name": run_name,
