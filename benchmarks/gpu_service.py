@@ -386,7 +386,7 @@ def max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def phase_rebuild(recipe: str, overrides: list[str], k: int) -> dict[str, Any]:
+def phase_rebuild(recipe: str, overrides: list[str], k: int, backend: str) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
@@ -396,7 +396,9 @@ def phase_rebuild(recipe: str, overrides: list[str], k: int) -> dict[str, Any]:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    backend = "nccl" if cuda else "gloo"
+    # bitwise comparisons need deterministic kernels where torch has them (index_add, scatter);
+    # warn_only: a kernel without one (or a Triton expert kernel) shows up as run-to-run noise
+    torch.use_deterministic_algorithms(True, warn_only=True)
     cfg = apply_overrides(get_recipe(recipe), [*overrides, "parallel.min_workers=1",
                                                "parallel.max_workers=1", f"train.steps={k + 10}"])
     ckpt_dir = tempfile.mkdtemp(prefix="gpu_service_b_")
@@ -459,12 +461,13 @@ def phase_rebuild(recipe: str, overrides: list[str], k: int) -> dict[str, Any]:
             "checks": checks}
 
 
-def phase_rebuild_subprocess(recipe: str, overrides: list[str], work: str,
+def phase_rebuild_subprocess(recipe: str, overrides: list[str], work: str, backend: str,
                              budget: Budget) -> dict[str, Any]:
     """Phase b in its own process: a hung abort or NCCL error cannot take the script with it."""
     log = os.path.join(work, "b_rebuild.log")
-    cmd = [sys.executable, os.path.abspath(__file__), "--out", work, "--phase-b-child", recipe,
-           json.dumps(overrides)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--out", work, "--pg-backend", backend,
+           "--phase-b-child", recipe, json.dumps(overrides)]
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     code = run_logged(cmd, log, budget.left())
     with open(log) as f:
         found = [line for line in f if line.startswith("PHASE_B_RESULT ")]
@@ -491,16 +494,22 @@ def main() -> None:
                         help="extra config override for every phase (e.g. model.expert_backend=torch)")
     parser.add_argument("--phase-b-child", nargs=2, metavar=("RECIPE", "OVERRIDES_JSON"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--pg-backend", default=None,
+                        help="process-group backend of phase b (default: what actors/train_worker.py "
+                             "uses: nccl on CUDA, gloo on CPU; e.g. 'cpu:gloo,cuda:nccl')")
     parser.add_argument("--ray-stop", choices=("auto", "yes", "no"), default="auto",
                         help="`ray stop --force` after the kill in phase c (auto: only on CUDA; "
                              "it stops every Ray on the machine)")
     args = parser.parse_args()
     if args.phase_b_child:
-        result = phase_rebuild(args.phase_b_child[0], json.loads(args.phase_b_child[1]), k=3)
+        result = phase_rebuild(args.phase_b_child[0], json.loads(args.phase_b_child[1]), k=3,
+                               backend=args.pg_backend)
         print("PHASE_B_RESULT " + json.dumps(result, default=str))
         return
     for module in ("ray", "mlflow"):
         require(module)
+    if args.dry_run:  # the CPU path even on a GPU box, for this process and every child
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     cuda = torch.cuda.is_available() and not args.dry_run
@@ -517,13 +526,15 @@ def main() -> None:
     svc = Service(recipe, overrides + ([] if cuda else ["tracking.peak_tflops=1"]), work,
                   tracking_uri(work))
     budget = Budget(args.time_limit_s)
+    pg_backend = args.pg_backend or ("nccl" if cuda else "gloo")
     report = Report(args.out, device, {
         "recipe": recipe, "overrides": svc.overrides, "steps_a": steps, "steps_c": resume_steps,
-        "tracking_uri": svc.uri, "torch": torch.__version__, "time_limit_s": args.time_limit_s})
+        "tracking_uri": svc.uri, "pg_backend_b": pg_backend, "torch": torch.__version__,
+        "time_limit_s": args.time_limit_s})
     # rough minimum seconds each phase needs (Ray start + data + steps) before it is tried
     phases = [("a. train + MLflow", 40.0, lambda: phase_train(svc, steps, budget)),
               ("b. abort + rebuild in place", 15.0,
-               lambda: phase_rebuild_subprocess(recipe, overrides, work, budget)),
+               lambda: phase_rebuild_subprocess(recipe, overrides, work, pg_backend, budget)),
               ("c. kill -9 + resume", 60.0,
                lambda: phase_kill_resume(svc, resume_steps, budget,
                                          args.ray_stop == "yes" or (args.ray_stop == "auto"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -199,7 +200,8 @@ def child(spec: dict[str, Any], env: dict[str, str], timeout: float) -> tuple[st
         return "error", "skipped: --time-limit-s reached"
     try:
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
-                              capture_output=True, text=True, env=env, timeout=timeout)
+                              capture_output=True, text=True, env=env,
+                              timeout=None if math.isinf(timeout) else timeout)
     except subprocess.TimeoutExpired:
         return "error", f"ran past the {timeout:.0f} s left of --time-limit-s"
     if proc.returncode == OOM:
@@ -215,7 +217,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=None, choices=sorted(CONFIGS))
     parser.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up")
     parser.add_argument("--out", help="directory for model_step.md / model_step.json")
-    parser.add_argument("--time-limit-s", type=float, default=1e9,
+    parser.add_argument("--time-limit-s", type=float, default=float("inf"),
                         help="bound on the whole script: runs stop early and what was measured "
                              "is written")
     parser.add_argument("--dry-run", action="store_true",
