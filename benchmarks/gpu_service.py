@@ -279,8 +279,8 @@ def phase_kill_resume(svc: Service, steps: int, budget: Budget, ray_stop: bool) 
     killed["committed_after_kill"] = committed = committed_steps(ckpt_dir)
     resume_from = len(read_text(log))
     if ray_stop:
-        ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-        stop = subprocess.run([ray_cli if os.path.exists(ray_cli) else "ray", "stop", "--force"],
+        # the module, not the `ray` script: Ray may come from PYTHONPATH without one on PATH
+        stop = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
                               capture_output=True, text=True)
         killed["ray_stop_rc"] = stop.returncode
     code = run_logged(svc.command(run_name, steps, extra, resume=True), log, budget.left())
@@ -450,8 +450,8 @@ def phase_rebuild(recipe: str, overrides: list[str], k: int, backend: str) -> di
               "weights equal fault-free (within run-to-run noise)": w_diff <= noise_w}
     ok = all(checks.values())
     summary = (f"{backend}: step {step_before} -> rebuilt at {step_after}; aborted "
-               f"{aborted.get('count', aborted.get('error'))} group(s); losses K+1..K+2 max|diff| "
-               f"{loss_diff:.3g} (noise {noise_loss:.3g}), weights max|diff| {w_diff:.3g} "
+               f"{aborted.get('count', aborted.get('error'))} group(s); losses K+1..K+2 max abs diff "
+               f"{loss_diff:.3g} (noise {noise_loss:.3g}), weights max abs diff {w_diff:.3g} "
                f"(noise {noise_w:.3g})" + ("; bitwise equal" if loss_diff == w_diff == 0 else ""))
     del run_losses
     return {"status": "PASS" if ok else "FAIL", "summary": summary, "backend": backend, "k": k,
