@@ -248,7 +248,6 @@ def phase_kill_resume(svc: Service, steps: int, budget: Budget, ray_stop: bool) 
         f.flush()
         driver = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
                                   start_new_session=True)
-    killed: dict[str, Any] = {}
     while True:
         done = committed_steps(ckpt_dir)
         workers = {p: a for p, a in descendants(driver.pid).items() if "ray::TrainWorker" in a}
@@ -262,11 +261,13 @@ def phase_kill_resume(svc: Service, steps: int, budget: Budget, ray_stop: bool) 
             return {"status": "FAIL", "summary": "no committed checkpoint within the time limit"}
         time.sleep(0.2)
     tree = descendants(driver.pid)
-    for pid in workers:
-        os.kill(pid, signal.SIGKILL)
-    os.kill(driver.pid, signal.SIGKILL)
+    for pid in [*workers, driver.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone: the check below still needs it unfinished
+            pass
     driver.wait()
-    killed = {"train_worker_pids": sorted(workers), "driver_pid": driver.pid,
+    killed: dict[str, Any] = {"train_worker_pids": sorted(workers), "driver_pid": driver.pid,
               "committed_at_kill": done}
     time.sleep(1.0)
     leftovers = [p for p in tree if os.path.exists(f"/proc/{p}")]

@@ -265,7 +265,7 @@ def main() -> None:
     for name in configs:
         recipe, base, batch = CONFIGS[name]
         base = list(base) + (["train.mixed_precision=bf16"] if on_gpu else []) + list(args.set)
-        cuts = [(None, batch)]
+        cuts: list[tuple[int | None, int]] = [(None, batch)]
         if name == "small" and on_gpu:
             cuts = [(layers, b) for layers in LAYER_LADDER for b in (batch, 1) if b <= batch]
             cuts = list(dict.fromkeys(cuts))
