@@ -27,6 +27,7 @@ import torch.distributed as dist
 from elastic_moe.checkpoint import Checkpointer, CheckpointError, TrainState
 from elastic_moe.config import Config
 from elastic_moe.data.sampler import DataPosition, advance, split_batch
+from elastic_moe.model.flops import peak_tflops, training_flops_per_token
 from elastic_moe.parallel import MeshPlan, setup_model
 from elastic_moe.train.elastic import effective_batch
 from elastic_moe.train.shard_state import PeerCopies, ShardLayout, ShardSet, fill_from_shards
@@ -73,6 +74,10 @@ class Trainer:
                                                       cfg.parallel.max_workers)
         self.train_cfg = dataclasses.replace(cfg.train, lr=cfg.train.lr * lr_scale,
                                              min_lr=cfg.train.min_lr * lr_scale)
+        # MFU per accelerator: model FLOPs of the global batch over the step time, split over
+        # the ranks; the peak is tracking.peak_tflops, else the device's by name (None on CPU)
+        self.flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
+        self.peak_tflops = cfg.tracking.peak_tflops or peak_tflops(device)
         self.step = 0
         self.tokens_seen = 0
         self.position = DataPosition(seed=cfg.train.seed)
@@ -209,6 +214,10 @@ class Trainer:
         self.tokens_seen += metrics.tokens
         self.last_metrics = metrics
         values = metrics.as_dict()
+        tflops = self.flops_per_token * metrics.tokens / max(metrics.seconds, 1e-9) / 1e12
+        values["tflops_per_gpu"] = tflops / self.world_size
+        if self.peak_tflops:
+            values["mfu"] = values["tflops_per_gpu"] / self.peak_tflops
         values.update(world_size=self.world_size, ep_degree=self.plan.expert_parallel_degree,
                       tokens_seen=self.tokens_seen, data_wait_s=self.batches.last_wait_s,
                       committed_at=time.time())
