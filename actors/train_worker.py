@@ -166,6 +166,7 @@ class TrainWorker:
 
         from elastic_moe.checkpoint import Checkpointer
         from elastic_moe.parallel import MeshPlan
+        from elastic_moe.parallel.comm import process_group_backend
         from elastic_moe.parallel.mesh import forget_layout_caches
         from elastic_moe.train.shard_state import needed_sources
         from elastic_moe.train.trainer import Trainer
@@ -178,7 +179,7 @@ class TrainWorker:
         timeout = datetime.timedelta(seconds=cfg.elastic.collective_timeout_s)
         with self.group_lock:
             dist.init_process_group(
-                "nccl" if self.device.type == "cuda" else "gloo",
+                process_group_backend(self.device),
                 init_method=f"tcp://{epoch.master_addr}:{epoch.master_port}",
                 rank=epoch.rank, world_size=epoch.world_size, timeout=timeout)
             self.group_epoch = epoch.epoch

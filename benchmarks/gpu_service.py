@@ -343,21 +343,9 @@ def init_group(backend: str) -> None:
 
 
 def abort_all() -> int:
-    """``elastic_moe.parallel.comm.abort_communicators`` when the lead's branch has it."""
-    try:
-        from elastic_moe.parallel.comm import abort_communicators  # type: ignore[import-not-found]
-    except ImportError:
-        # TODO(lead): drop once elastic_moe.parallel.comm.abort_communicators is merged.
-        import torch.distributed.distributed_c10d as c10d
+    from elastic_moe.parallel.comm import abort_communicators
 
-        aborted = 0
-        for pg in list(c10d._world.pg_names):
-            abort = getattr(pg, "abort", None)
-            if abort is not None:
-                abort()
-                aborted += 1
-        return aborted
-    return int(abort_communicators())
+    return abort_communicators()
 
 
 def build_trainer(cfg: Any, device: Any, ckpt_dir: str) -> Any:
@@ -527,7 +515,9 @@ def main() -> None:
     svc = Service(recipe, overrides + ([] if cuda else ["tracking.peak_tflops=1"]), work,
                   tracking_uri(work))
     budget = Budget(args.time_limit_s)
-    pg_backend = args.pg_backend or ("nccl" if cuda else "gloo")
+    from elastic_moe.parallel.comm import process_group_backend
+
+    pg_backend = args.pg_backend or process_group_backend(torch.device("cuda" if cuda else "cpu"))
     report = Report(args.out, device, {
         "recipe": recipe, "overrides": svc.overrides, "steps_a": steps, "steps_c": resume_steps,
         "tracking_uri": svc.uri, "pg_backend_b": pg_backend, "torch": torch.__version__,

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SURVIVOR_NCCL_ENV", "abort_communicators", "survivor_nccl_env"]
+__all__ = ["SURVIVOR_NCCL_ENV", "abort_communicators", "process_group_backend", "survivor_nccl_env"]
 
 SURVIVOR_NCCL_ENV = {
     # 2 = CleanUpOnly: on a timeout or error the watchdog aborts the communicators and the work
@@ -42,6 +42,13 @@ SURVIVOR_NCCL_ENV = {
     # no flight-recorder dump on timeout: it can take minutes on a large job, inside the pause
     "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
 }
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The backend string for ``init_process_group`` on ``device``. On CUDA the step still
+    reduces a few CPU tensors (the commit vote, metric sums, max over ranks), which an NCCL-only
+    group refuses: gloo carries those, NCCL the CUDA tensors."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def survivor_nccl_env() -> dict[str, str]:
