@@ -88,9 +88,12 @@ def _prepare_data(cfg: Config) -> str:
 def _init_ray(num_cpus: int | None, min_workers: int = 1) -> RayConnection:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     address = requested_address()
-    # Workers import elastic_moe/actors/kernels from the job's working dir on a cluster; locally
-    # the checkout is on sys.path already.
-    runtime_env = {"env_vars": {"PYTHONPATH": root}} if not address else None
+    # Workers import elastic_moe/actors/kernels from the job's working dir on a cluster. Locally
+    # they get the checkout in front of the PYTHONPATH this process has (which can hold the
+    # packages themselves, e.g. an image that puts them there): never instead of it.
+    paths = [root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    runtime_env = ({"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
+                   if not address else None)
     return init_ray(address, num_cpus=num_cpus, min_workers=min_workers,
                     namespace=coordinator_mod.NAMESPACE, runtime_env=runtime_env)
 

@@ -14,7 +14,8 @@
 #   4. benchmarks/gpu_service.py: jobs/train.py on one GPU worker (NCCL), an in-place abort and
 #      rebuild of its process group, kill -9 and --resume
 # summary.txt lists each item's exit status and seconds; OUT_DIR/logs.tgz keeps every log.
-# Time limits can be scaled with GPU_SUITE_SCALE (e.g. 0.5 halves them).
+# Time limits can be scaled with GPU_SUITE_SCALE (e.g. 0.5 halves them); GPU_SUITE_ITEMS picks
+# items by name (default: gpu_tests,gpu_service,moe_kernels,model_step).
 set -uo pipefail
 
 if [[ $# -lt 1 || $1 == -* ]]; then
@@ -37,6 +38,10 @@ limit() {  # seconds for an item, scaled
 
 run_item() {  # name seconds command...: run bounded, log to WORK/name.log, note the outcome
     local name=$1 seconds
+    if [[ ",${GPU_SUITE_ITEMS:-gpu_tests,gpu_service,moe_kernels,model_step}," != *",$name,"* ]]; then
+        echo "   $name: not selected (GPU_SUITE_ITEMS)" >>"$OUT/summary.txt"
+        return 0
+    fi
     seconds=$(limit "$2")
     shift 2
     local started=$SECONDS
@@ -79,13 +84,13 @@ if [[ $DRY -eq 1 ]]; then
 else
     ELASTIC_MOE_KERNEL_ERRORS="$OUT/kernel_errors.jsonl" \
         run_item gpu_tests 170 "$PY" -m pytest -q -rA tests/gpu &
-    run_item gpu_service 170 "$PY" benchmarks/gpu_service.py --out "$WORK/service" \
-        --time-limit-s "$(limit 150)"
+    run_item gpu_service 200 "$PY" benchmarks/gpu_service.py --out "$WORK/service" \
+        --time-limit-s "$(limit 185)"
     wait
     run_item moe_kernels 200 "$PY" benchmarks/moe_kernels.py --out "$OUT/moe_kernels.md" \
         --time-limit-s "$(limit 120)"
-    run_item model_step 180 "$PY" benchmarks/model_step.py --configs small \
-        --expert-backend grouped_mm triton --out "$WORK/step" --time-limit-s "$(limit 160)"
+    run_item model_step 170 "$PY" benchmarks/model_step.py --configs small \
+        --expert-backend auto grouped_mm --out "$WORK/step" --time-limit-s "$(limit 155)"
 fi
 # the two helper scripts' main results next to the others (at most 8 files come back)
 for dir in service step; do

@@ -368,7 +368,7 @@ def run_gpu(dtype: torch.dtype, quick: bool, summary: list, deadline: float,
                 timings: dict[str, float] = {}
                 lines = block_rows(p, timings)
                 fastest = min(timings, key=timings.__getitem__)
-                auto = resolve_backend("auto", p.x_TD.device, p.x_TD.dtype)
+                auto = resolve_backend("auto", p.x_TD.device, p.x_TD.dtype, p.x_TD.shape[-1])
                 lines += ["", f"fastest block fwd+bwd: **{fastest}**; `auto` runs **{auto}**"
                           + ("" if auto == fastest else
                              f" ({timings[auto] / timings[fastest]:.2f}x the fastest)")]

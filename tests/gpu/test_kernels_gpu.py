@@ -28,8 +28,9 @@ pytestmark = [
                        reason="compiled kernels needed; TRITON_INTERPRET=1 is set"),
 ]
 
-# bf16: derived from bf16's unit roundoff (2^-8 = 3.9e-3) until measured on a GPU
-BF16_TOL = {"out": 1.5e-2, "grad": 3e-2}
+# bf16, measured on an H200 (2026-12-04, benchmarks/results/gpu_suite-NVIDIA-H200.md): the largest
+# errors of both backends were 5.6e-3 (out) and 8.0e-3 (gradients); the bounds are ~3.5x that.
+BF16_TOL = {"out": 2e-2, "grad": 3e-2}
 FP32_TOL = 1e-5  # the fp32 path uses IEEE fp32 dot (no tf32)
 
 
