@@ -21,8 +21,7 @@ import time
 from dataclasses import dataclass
 
 import ray
-
-from actors.cluster import LaunchError, bundles_that_fit
+from elastic_moe.actors.cluster import LaunchError, bundles_that_fit
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Launch an elastic training run: data readers, coordinator, the elastic worker group, MLflow.
 
-The training workers are the project's own Ray actors (:mod:`actors.train_worker`, one per
+The training workers are the project's own Ray actors (:mod:`elastic_moe.actors.train_worker`, one per
 accelerator; CPU + gloo without GPUs), each holding its expert-parallel shard of the routed
-experts and its FSDP shard of the rest. :class:`actors.worker_group.ElasticGroup` keeps them
+experts and its FSDP shard of the rest. :class:`elastic_moe.actors.worker_group.ElasticGroup` keeps them
 training through failures and joins without restarting the survivors. The MLflow run is created
 here, before any worker starts, and this process logs every committed step to it once.
 """
@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from elastic_moe.actors import coordinator as coordinator_mod
+from elastic_moe.actors import data_worker as data_worker_mod
+from elastic_moe.actors.cluster import RayConnection, init_ray, requested_address
+from elastic_moe.actors.coordinator import CoordinatorClient
+from elastic_moe.actors.preflight import preflight
+from elastic_moe.actors.train_worker import WorkerSpec
+from elastic_moe.actors.worker_group import ElasticGroup, replay_metrics
 
-from actors import coordinator as coordinator_mod
-from actors import data_worker as data_worker_mod
-from actors.cluster import RayConnection, init_ray, requested_address
-from actors.coordinator import CoordinatorClient
-from actors.preflight import preflight
-from actors.train_worker import WorkerSpec
-from actors.worker_group import ElasticGroup, replay_metrics
 from elastic_moe.config import Config
 
 log = logging.getLogger(__name__)

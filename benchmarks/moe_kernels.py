@@ -39,12 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import triton  # noqa: E402
-
-from kernels import reference as ref  # noqa: E402
-from kernels.grouped_gemm import grouped_mm, grouped_mm_dw, segment_offsets  # noqa: E402
-from kernels.moe import routed_experts_triton  # noqa: E402
-from kernels.permute import combine, expert_order, gather_rows  # noqa: E402
-from kernels.swiglu import swiglu, swiglu_backward  # noqa: E402
+from elastic_moe.kernels import reference as ref  # noqa: E402
+from elastic_moe.kernels.grouped_gemm import grouped_mm, grouped_mm_dw, segment_offsets  # noqa: E402
+from elastic_moe.kernels.moe import routed_experts_triton  # noqa: E402
+from elastic_moe.kernels.permute import combine, expert_order, gather_rows  # noqa: E402
+from elastic_moe.kernels.swiglu import swiglu, swiglu_backward  # noqa: E402
 
 
 @dataclass(frozen=True)

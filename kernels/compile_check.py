@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import triton
+from elastic_moe.kernels import grouped_gemm, permute, swiglu
+from elastic_moe.kernels.runtime import is_interpreting
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-from kernels import grouped_gemm, permute, swiglu
-from kernels.runtime import is_interpreting
 
 __all__ = ["CompileCase", "compile_cases", "compile_case"]
 

@@ -17,8 +17,7 @@ import os
 
 import pytest
 import torch
-
-from kernels import reference as ref
+from elastic_moe.kernels import reference as ref
 
 pytestmark = [
     pytest.mark.gpu,
@@ -58,7 +57,7 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", list(CASES))
 def test_routed_experts_gpu(dtype: torch.dtype, name: str) -> None:
-    from kernels.moe import routed_experts_triton
+    from elastic_moe.kernels.moe import routed_experts_triton
 
     num_tokens, top_k, num_experts, dim, inter, skewed = CASES[name]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -94,7 +93,7 @@ def test_routed_experts_gpu(dtype: torch.dtype, name: str) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_expert_mlp_gpu_with_empty_experts(dtype: torch.dtype) -> None:
-    from kernels.moe import expert_mlp_triton
+    from elastic_moe.kernels.moe import expert_mlp_triton
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     counts_E = torch.tensor([0, 300, 1, 0, 129, 64, 0], device="cuda")

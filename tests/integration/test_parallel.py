@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-import kernels
+from elastic_moe import kernels
 from elastic_moe.config import ParallelConfig, debug
 from elastic_moe.model.moe import RoutedExperts
 from elastic_moe.model.transformer import Transformer
