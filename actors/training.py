@@ -201,8 +201,8 @@ def _create_mlflow_run(coordinator: CoordinatorClient, tracking_uri: str, cfg: C
     """Open the tracking store and create the run (params, tags) here, once, before any worker
     can touch it.
 
-    A store that cannot be reached now is not fatal: rank 0's tracker creates the run instead,
-    retrying in the background.
+    A store that cannot be reached now is not fatal: the control loop's tracker (this process)
+    creates the run instead, retrying in the background.
     """
     from elastic_moe.train.tracking import create_run, new_run_record
 
@@ -211,7 +211,7 @@ def _create_mlflow_run(coordinator: CoordinatorClient, tracking_uri: str, cfg: C
         run_id = create_run(tracking_uri, cfg.tracking.experiment,
                             cfg.tracking.run_name or run_name, params, tags)
     except Exception as exc:
-        log.warning("MLflow store %s not reachable at launch (%s); rank 0 will keep trying",
+        log.warning("MLflow store %s not reachable at launch (%s); the tracker will keep trying",
                     tracking_uri, exc)
         return
     coordinator.set_mlflow_run_id(run_id)

@@ -64,7 +64,9 @@ def install_checkout_finder() -> None:
     if root is None:
         return
     if not any(isinstance(finder, CheckoutFinder) for finder in sys.meta_path):
-        sys.meta_path.append(CheckoutFinder(root))
+        # First: an editable install of another checkout must not answer for this one (a Ray
+        # working dir is a copy of the checkout, with the editable install still in site-packages).
+        sys.meta_path.insert(0, CheckoutFinder(root))
 
 
 def hand_over_top_level_name(name: str, folder: str) -> None:

@@ -1,15 +1,14 @@
 """Tracking against a real ``mlflow server`` process that serves artifacts over HTTP.
 
-On a cluster, rank 0 runs on some worker node, so its metrics and artifacts (expert-load heatmap,
-summary, resize events) must travel to a tracking server. The test starts ``mlflow server`` on
-127.0.0.1 (its own sqlite backend and artifact directory) and drives rank 0's
-:class:`~elastic_moe.train.tracking.Tracker` exactly as the training loop does (params, a metric
-per step, a resize event, the heatmap, the summary) against ``http://127.0.0.1:<port>``; it then
-reads the run back through the server: status, every step's loss, params, and the artifacts --
-downloaded over HTTP and found in the server's artifact directory, which the client never saw as
-a path. (A whole ``jobs/train.py`` run against the server took 95 s on a 2-core box; the
-launcher-to-tracker wiring is covered by test_job_submit.py with a sqlite store.)
-"""
+On a cluster, the launcher's control loop logs from the job's driver, so its metrics and artifacts
+(expert-load heatmap, summary, resize events) must travel to a tracking server. The test starts
+``mlflow server`` on 127.0.0.1 (its own sqlite backend and artifact directory) and drives the
+launcher's :class:`~elastic_moe.train.tracking.Tracker` exactly as the training loop does (params,
+a metric per step, a resize event, the heatmap, the summary) against ``http://127.0.0.1:<port>``;
+it then reads the run back through the server: status, every step's loss, params, and the
+artifacts -- downloaded over HTTP and found in the server's artifact directory, which the client
+never saw as a path. (A whole ``jobs/train.py`` run against the server took 95 s on a 2-core box;
+the launcher-to-tracker wiring is covered by test_job_submit.py with a sqlite store.) """
 
 from __future__ import annotations
 
@@ -60,7 +59,7 @@ def test_tracker_logs_metrics_and_artifacts_to_an_mlflow_server(mlflow_server, t
     from mlflow.tracking import MlflowClient
 
     uri, artifact_dir = mlflow_server
-    # as the launcher does: create the run with params, then rank 0's tracker resumes it
+    # as the launcher does: create the run with params, then the control loop's tracker resumes it
     run_id = create_run(uri, "elastic-moe", "served", {"model.dim": "64"},
                         {"checkpoint_dir": "s3://bucket/run"})
     tracker = Tracker.open(uri, "elastic-moe", "served", run_id=run_id)
