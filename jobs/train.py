@@ -22,7 +22,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python jobs/train.py` from a checkout, without installing
+# `python jobs/train.py` from a checkout, without installing: put the checkout on sys.path. Never
+# for an installed copy, whose parent folder is site-packages/elastic_moe.
+if os.path.isfile(os.path.join(ROOT, "pyproject.toml")) and ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from elastic_moe.config import RECIPES, Config, apply_overrides, get_recipe  # noqa: E402
