@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from elastic_moe import kernels
+import elastic_moe.kernels as kernels
 from elastic_moe.config import ModelConfig
 
 

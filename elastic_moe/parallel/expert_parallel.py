@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from elastic_moe import kernels
+import elastic_moe.kernels as kernels
 from elastic_moe.model.moe import RoutedExperts
 
 logger = logging.getLogger(__name__)

@@ -54,8 +54,8 @@ with torch.no_grad():
     logits = loaded(torch.randint(0, cfg.vocab_size, (1, 8))).logits
 assert logits.shape == (1, 8, cfg.vocab_size) and torch.isfinite(logits).all()
 
-import kernels  # Hugging Face's, whatever transformers did with it
-from kernels import Mode  # noqa: F401 (its API)
+import elastic_moe.kernels as kernels  # Hugging Face's, whatever transformers did with it
+from elastic_moe.kernels import Mode  # noqa: F401 (its API)
 assert kernels.__file__ != ours.__file__, kernels.__file__
 assert ours.__file__ == sys.argv[1] + "/kernels/__init__.py", ours.__file__
 

@@ -104,8 +104,8 @@ def test_top_level_kernels_is_hugging_faces_even_with_the_checkout_first_on_sys_
     code = """
 import sys
 sys.path.insert(0, sys.argv[1])
-import kernels
-from kernels import Mode  # Hugging Face's API
+import elastic_moe.kernels as kernels
+from elastic_moe.kernels import Mode  # Hugging Face's API
 ours = sys.argv[1] + "/kernels/__init__.py"
 assert kernels.__file__ != ours, kernels.__file__
 import elastic_moe.kernels
