@@ -1,4 +1,6 @@
-"""Compile every Triton kernel for a GPU target without a GPU (``python -m kernels.compile_check``).
+"""Compile every Triton kernel for a GPU target without a GPU.
+
+``python -m elastic_moe.kernels.compile_check``
 
 The CPU interpreter runs kernels as numpy code, so it misses what only the compiler sees: layout
 and shape rules of ``tl.dot``, type errors in masks, unsupported ops, register/shared-memory
