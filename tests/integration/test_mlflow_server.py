@@ -91,3 +91,64 @@ def test_tracker_logs_metrics_and_artifacts_to_an_mlflow_server(mlflow_server, t
     stored = [os.path.join(d, f) for d, _, files in os.walk(artifact_dir) for f in files]
     assert any(p.endswith("summary.json") for p in stored)  # the server wrote them
     assert any(p.endswith(".png") for p in stored)
+
+
+def test_basic_auth_server_as_in_the_docs_refuses_anonymous_clients(tmp_path, monkeypatch):
+    """docs/cluster.md's server: MLflow's basic-auth app, admin password from the environment."""
+    import urllib.error
+
+    from mlflow.server.auth.client import AuthServiceClient
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    ini = tmp_path / "mlflow-auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = dict(os.environ, MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD="admin-pw-1234567",
+               MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen(
+        [exe, "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except urllib.error.HTTPError:
+                break  # answering, if only to say who may ask
+            except OSError:
+                assert proc.poll() is None, "mlflow server exited"
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=5", timeout=30)
+        assert anonymous.value.code == 401
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-pw-1234567")
+        AuthServiceClient(uri).create_user("trainer", "trainer-pw-1234567")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+        with pytest.raises(Exception, match="401|Unauthor|credentials"):
+            MlflowClient(uri).search_experiments()
+
+        # the launcher's path, with the credentials the docs pass to the job
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "trainer-pw-1234567")
+        run_id = create_run(uri, "elastic-moe", "authed", {"model.dim": "64"}, {})
+        tracker = Tracker.open(uri, "elastic-moe", "authed", run_id=run_id)
+        for step in (1, 2):
+            assert tracker.log_metrics({"loss": 3.0 - step}, step)
+        assert tracker.finish() == 0  # nothing left unsent
+        client = MlflowClient(uri)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        history = client.get_metric_history(run_id, "loss")
+        assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
