@@ -104,7 +104,9 @@ def test_basic_auth_server_as_in_the_docs_refuses_anonymous_clients(tmp_path, mo
     ini = tmp_path / "mlflow-auth.ini"
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
                    f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   # one password hash per user a minute: each costs seconds on a busy 2-core box
+                   "auth_cache_ttl_seconds = 60\n")
     env = dict(os.environ, MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD="admin-pw-1234567",
                MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
     exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
@@ -130,6 +132,7 @@ def test_basic_auth_server_as_in_the_docs_refuses_anonymous_clients(tmp_path, mo
             urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=5", timeout=30)
         assert anonymous.value.code == 401
 
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")  # see auth_cache_ttl_seconds
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-pw-1234567")
         AuthServiceClient(uri).create_user("trainer", "trainer-pw-1234567")
