@@ -109,7 +109,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, min_wor
 
     Embedded: ``num_cpus`` slots (default: this machine's cores, raised to ``min_workers`` when
     fewer: oversubscribed, logged as a warning). ``logging_level`` is Ray's own logger level in
-    this process (the console filter in ``actors.console`` handles worker output).
+    this process (the console filter in ``elastic_moe.actors.console`` handles worker output).
     """
     if ray.is_initialized():
         context = ray.get_runtime_context()

@@ -1,7 +1,7 @@
 """A quiet console: the project's own lines, without Ray's known noise (``--verbose`` restores it).
 
 What a run prints by default: the launcher's lines (data, Ray, checks, summary) and, streamed from
-the workers, rank 0's step line every ``train.log_freq`` steps, the mesh plan, resize events and
+the workers, the control loop's step line every ``train.log_freq`` steps, the mesh plan, resize events and
 checkpoint commits. Known noise is dropped in two places:
 
 * **driver-side loggers** -- Ray's own Python logger keeps its WARNING level but loses the

@@ -1,6 +1,6 @@
 """The run coordinator: one named, detached actor per run; the run's record across restarts.
 
-The elastic worker group (:mod:`actors.worker_group`) decides membership and drives every
+The elastic worker group (:mod:`elastic_moe.actors.worker_group`) decides membership and drives every
 change; the coordinator is where it writes down what must outlive any process: the membership
 epoch and world-size history with each epoch's mesh plan, cause, pause and the workers' pids,
 the last *committed* DCP checkpoint (a restore from storage never goes back past it) with its

@@ -3,7 +3,7 @@
 In order: the memory estimate when the budget is known without the cluster's nodes (embedded, or
 ``parallel.memory_per_gpu_gib`` set); on a cluster, the bounded wait for ``min_workers`` worker
 bundles; the memory estimate against the worker nodes' memory otherwise; and on a multi-node
-cluster the shared-storage probe. Each refusal is a :class:`~actors.cluster.LaunchError` whose
+cluster the shared-storage probe. Each refusal is a :class:`~elastic_moe.actors.cluster.LaunchError` whose
 message names the numbers and what to change.
 """
 
@@ -15,8 +15,7 @@ import subprocess
 from dataclasses import dataclass
 
 import ray
-
-from actors.cluster import (
+from elastic_moe.actors.cluster import (
     Capacity,
     LaunchError,
     RayConnection,
@@ -25,7 +24,8 @@ from actors.cluster import (
     wait_for_capacity,
     worker_bundle,
 )
-from actors.shared_storage import NodeInfo, check_shared_storage, worker_nodes
+from elastic_moe.actors.shared_storage import NodeInfo, check_shared_storage, worker_nodes
+
 from elastic_moe.config import Config
 from elastic_moe.parallel.memory import GIB, MemoryBudget, MemoryEstimate, check_memory
 
@@ -79,7 +79,7 @@ def memory_budget(cfg: Config, bundle: dict[str, float], connection: RayConnecti
     """What one worker may use; None when unknown (GPU memory not configured nor readable).
 
     ``connection`` None or embedded: this machine, with one CPU slot per core (at least one per
-    ``min_workers``, as :func:`actors.cluster.init_ray` oversubscribes). On a cluster, the
+    ``min_workers``, as :func:`elastic_moe.actors.cluster.init_ray` oversubscribes). On a cluster, the
     ``nodes`` that may host workers, each asked by a task.
     """
     if bundle.get("GPU") and cfg.parallel.memory_per_gpu_gib > 0:

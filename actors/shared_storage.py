@@ -1,10 +1,11 @@
 """Shared storage at launch: can every node that may host a worker reach the run's stores?
 
-On a multi-node cluster every rank writes its DCP shards under ``checkpoint.dir`` and a restore
-at another size reads all of them, so the directory must be one place for every node: an fsspec
-URL (``s3://``, ``gs://``) or a mount present on each node. The MLflow store must be reachable
-from whichever node hosts rank 0, and the artifacts (heatmap, summary, events) must land where
-the dashboard reads them: an MLflow server, not a sqlite file on the driver's node.
+On a multi-node cluster every rank writes its DCP shards under ``checkpoint.dir`` and a restore at
+another size reads all of them, so the directory must be one place for every node: an fsspec URL
+(``s3://``, ``gs://``) or a mount present on each node. The MLflow store must be reachable from
+the launcher (the job's driver, which logs every committed step), and the artifacts (heatmap,
+summary, events) must land where the dashboard reads them: an MLflow server, not a sqlite file on
+the driver's node.
 
 The check does not guess from the path's shape (a shared NFS mount looks like any local path):
 the driver writes a marker with a random token into each location, and a task pinned to each
@@ -21,8 +22,7 @@ import time
 from dataclasses import dataclass
 
 import ray
-
-from actors.cluster import LaunchError, bundles_that_fit
+from elastic_moe.actors.cluster import LaunchError, bundles_that_fit
 
 logger = logging.getLogger(__name__)
 

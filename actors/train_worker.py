@@ -1,6 +1,6 @@
 """The training worker: a Ray actor per accelerator that keeps its state across membership changes.
 
-One process per rank for the whole run. The worker group (:mod:`actors.worker_group`) drives it:
+One process per rank for the whole run. The worker group (:mod:`elastic_moe.actors.worker_group`) drives it:
 
 - ``join(epoch, sources)``: leave the previous process group, rendezvous in the epoch's new one,
   build the trainer for the epoch's mesh plan and fill it -- from shards that survivors and
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from elastic_moe.actors.coordinator import CoordinatorClient
 
-from actors.coordinator import CoordinatorClient
 from elastic_moe.config import Config
 
 logger = logging.getLogger(__name__)

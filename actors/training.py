@@ -1,8 +1,8 @@
 """Launch an elastic training run: data readers, coordinator, the elastic worker group, MLflow.
 
-The training workers are the project's own Ray actors (:mod:`actors.train_worker`, one per
+The training workers are the project's own Ray actors (:mod:`elastic_moe.actors.train_worker`, one per
 accelerator; CPU + gloo without GPUs), each holding its expert-parallel shard of the routed
-experts and its FSDP shard of the rest. :class:`actors.worker_group.ElasticGroup` keeps them
+experts and its FSDP shard of the rest. :class:`elastic_moe.actors.worker_group.ElasticGroup` keeps them
 training through failures and joins without restarting the survivors. The MLflow run is created
 here, before any worker starts, and this process logs every committed step to it once.
 """
@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from elastic_moe.actors import coordinator as coordinator_mod
+from elastic_moe.actors import data_worker as data_worker_mod
+from elastic_moe.actors.cluster import RayConnection, init_ray, requested_address
+from elastic_moe.actors.coordinator import CoordinatorClient
+from elastic_moe.actors.preflight import preflight
+from elastic_moe.actors.train_worker import WorkerSpec
+from elastic_moe.actors.worker_group import ElasticGroup, replay_metrics
 
-from actors import coordinator as coordinator_mod
-from actors import data_worker as data_worker_mod
-from actors.cluster import RayConnection, init_ray, requested_address
-from actors.coordinator import CoordinatorClient
-from actors.preflight import preflight
-from actors.train_worker import WorkerSpec
-from actors.worker_group import ElasticGroup, replay_metrics
 from elastic_moe.config import Config
 
 log = logging.getLogger(__name__)
@@ -204,8 +204,8 @@ def _create_mlflow_run(coordinator: CoordinatorClient, tracking_uri: str, cfg: C
     """Open the tracking store and create the run (params, tags) here, once, before any worker
     can touch it.
 
-    A store that cannot be reached now is not fatal: rank 0's tracker creates the run instead,
-    retrying in the background.
+    A store that cannot be reached now is not fatal: the control loop's tracker (this process)
+    creates the run instead, retrying in the background.
     """
     from elastic_moe.train.tracking import create_run, new_run_record
 
@@ -214,7 +214,7 @@ def _create_mlflow_run(coordinator: CoordinatorClient, tracking_uri: str, cfg: C
         run_id = create_run(tracking_uri, cfg.tracking.experiment,
                             cfg.tracking.run_name or run_name, params, tags)
     except Exception as exc:
-        log.warning("MLflow store %s not reachable at launch (%s); rank 0 will keep trying",
+        log.warning("MLflow store %s not reachable at launch (%s); the tracker will keep trying",
                     tracking_uri, exc)
         return
     coordinator.set_mlflow_run_id(run_id)

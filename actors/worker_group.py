@@ -1,7 +1,7 @@
 """The elastic worker group on Ray core: membership, failure detection, live rebuilds, joins.
 
 The group runs in the launcher process and owns the run's training workers
-(:class:`actors.train_worker.TrainWorker`, one per accelerator, each in its own one-bundle
+(:class:`elastic_moe.actors.train_worker.TrainWorker`, one per accelerator, each in its own one-bundle
 placement group; ranks are ordered node by node). It writes every decision to the coordinator.
 
 - **Dead worker**: its ``train()`` call fails (Ray saw the process go). Its peers' collectives
@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from elastic_moe.actors.coordinator import CoordinatorClient
+from elastic_moe.actors.train_worker import EpochSpec, TrainOutcome, TrainWorker, WorkerSpec
 from ray.util.placement_group import (
     PlacementGroup,
     placement_group,
@@ -42,8 +44,6 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.coordinator import CoordinatorClient
-from actors.train_worker import EpochSpec, TrainOutcome, TrainWorker, WorkerSpec
 from elastic_moe.config import Config
 from elastic_moe.parallel import MeshPlan, plan_mesh
 from elastic_moe.train.elastic import decide_restore

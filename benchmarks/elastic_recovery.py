@@ -57,7 +57,7 @@ def _config(workdir: str, workers: tuple[int, int], extra: list[str] | None = No
 
 
 def _rss_watcher(run_name: str, peaks: dict[int, int], stop: threading.Event) -> None:
-    from actors import coordinator as coordinator_mod
+    from elastic_moe.actors import coordinator as coordinator_mod
 
     while not stop.is_set():
         try:
@@ -74,10 +74,9 @@ def _rss_watcher(run_name: str, peaks: dict[int, int], stop: threading.Event) ->
 
 def run_ours(workdir: str, name: str, scenario: str, recovery: str, cluster) -> dict[str, float]:
     """One elastic-moe run with one fault; returns pause, steps redone, bytes and memory."""
+    from elastic_moe.actors import coordinator as coordinator_mod
+    from elastic_moe.actors.training import run_training
     from mlflow.tracking import MlflowClient
-
-    from actors import coordinator as coordinator_mod
-    from actors.training import run_training
 
     workers = (2, 3) if scenario == "join" else (1, 2)
     snapshot_every = "0" if scenario == "steady-nocopy" else "1"

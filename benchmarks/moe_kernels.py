@@ -44,13 +44,13 @@ sys.path.insert(0, str(ROOT))
 
 import triton  # noqa: E402
 
-from kernels import reference as ref  # noqa: E402
-from kernels import resolve_backend  # noqa: E402
-from kernels.grouped_gemm import grouped_mm, grouped_mm_dw, segment_offsets  # noqa: E402
-from kernels.moe import routed_experts_triton  # noqa: E402
-from kernels.permute import combine, expert_order, gather_rows  # noqa: E402
-from kernels.swiglu import swiglu, swiglu_backward  # noqa: E402
-from kernels.torch_grouped import PaddedLayout, grouped_mm_supported, routed_experts_grouped  # noqa: E402
+from elastic_moe.kernels import reference as ref  # noqa: E402
+from elastic_moe.kernels import resolve_backend  # noqa: E402
+from elastic_moe.kernels.grouped_gemm import grouped_mm, grouped_mm_dw, segment_offsets  # noqa: E402
+from elastic_moe.kernels.moe import routed_experts_triton  # noqa: E402
+from elastic_moe.kernels.permute import combine, expert_order, gather_rows  # noqa: E402
+from elastic_moe.kernels.swiglu import swiglu, swiglu_backward  # noqa: E402
+from elastic_moe.kernels.torch_grouped import PaddedLayout, grouped_mm_supported, routed_experts_grouped  # noqa: E402
 
 
 @dataclass(frozen=True)

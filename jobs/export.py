@@ -17,7 +17,9 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+# `python jobs/export.py` from a checkout, without installing: put the checkout on sys.path. Never
+# for an installed copy, whose parent folder is site-packages/elastic_moe.
+if os.path.isfile(os.path.join(ROOT, "pyproject.toml")) and ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402

@@ -24,7 +24,9 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python jobs/prepare_data.py` from a checkout
+# `python jobs/prepare_data.py` from a checkout, without installing: put the checkout on sys.path. Never
+# for an installed copy, whose parent folder is site-packages/elastic_moe.
+if os.path.isfile(os.path.join(ROOT, "pyproject.toml")) and ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from elastic_moe.data.dedup import DedupConfig  # noqa: E402

@@ -22,7 +22,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python jobs/train.py` from a checkout, without installing
+# `python jobs/train.py` from a checkout, without installing: put the checkout on sys.path. Never
+# for an installed copy, whose parent folder is site-packages/elastic_moe.
+if os.path.isfile(os.path.join(ROOT, "pyproject.toml")) and ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from elastic_moe.config import RECIPES, Config, apply_overrides, get_recipe  # noqa: E402
@@ -179,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
         return 0
-    from actors.cluster import LaunchError, check_address, requested_address
-    from actors.console import configure_console
+    from elastic_moe.actors.cluster import LaunchError, check_address, requested_address
+    from elastic_moe.actors.console import configure_console
 
     configure_console(verbose=args.verbose)
     if args.ray_address:  # what ray.init and the job's workers read
@@ -188,12 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         address = requested_address()
         if address is None:
-            from actors.preflight import check_memory_before_ray
+            from elastic_moe.actors.preflight import check_memory_before_ray
 
             check_memory_before_ray(cfg)
         else:  # before preparing data: a dead address fails in seconds
             check_address(address)
-        from actors.training import run_training
+        from elastic_moe.actors.training import run_training
 
         run_name = choose_run_name(cfg, args.run_name, args.resume, args.output_dir)
         check_init_from(args.init_from, args.resume, os.path.join(args.output_dir, run_name))

@@ -4,11 +4,11 @@ The model calls :func:`routed_experts` (local experts) and expert parallelism ca
 :func:`expert_mlp` on rows it has already dispatched. ``backend`` is one of
 
 - ``"torch"``: the pure-torch reference (a per-expert loop); the default on CPU;
-- ``"triton"``: the Triton permute / grouped GEMM / SwiGLU kernels (:mod:`kernels.moe`). On CPU
+- ``"triton"``: the Triton permute / grouped GEMM / SwiGLU kernels (:mod:`elastic_moe.kernels.moe`). On CPU
   tensors it runs Triton's interpreter and needs ``TRITON_INTERPRET=1`` set before triton is
   first imported (tests only);
 - ``"grouped_mm"``: ``torch._grouped_mm`` (CUTLASS grouped GEMMs) around the same permute and
-  combine (:mod:`kernels.torch_grouped`); bf16 on Hopper or newer, any dtype on CPU;
+  combine (:mod:`elastic_moe.kernels.torch_grouped`); bf16 on Hopper or newer, any dtype on CPU;
 - ``"auto"``: the fastest of these for the device, dtype and model dim, as measured by
   benchmarks/moe_kernels.py (see :data:`AUTO_GROUPED_MM_MIN_DIM`): torch on CPU; on a Hopper GPU
   in bf16 grouped_mm from DeepSeek-V3's dim up, Triton below it and in other dtypes.
@@ -19,8 +19,7 @@ Under autocast the inputs run in the autocast dtype, like torch's own matmuls.
 from __future__ import annotations
 
 import torch
-
-from kernels.reference import (
+from elastic_moe.kernels.reference import (
     expert_mlp_reference,
     gather_reference,
     permute_reference,
@@ -50,7 +49,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
         return backend
     if device.type != "cuda":
         return "torch"
-    from kernels.torch_grouped import grouped_mm_supported
+    from elastic_moe.kernels.torch_grouped import grouped_mm_supported
 
     if dtype == torch.bfloat16 and grouped_mm_supported(device, dtype) \
             and dim is not None and dim >= AUTO_GROUPED_MM_MIN_DIM:
@@ -76,11 +75,11 @@ def expert_mlp(x_MD: torch.Tensor, counts_E: torch.Tensor, w13_EHD: torch.Tensor
     x_MD, w13_EHD, w2_EDI = _autocast(x_MD, w13_EHD, w2_EDI)
     chosen = resolve_backend(backend, x_MD.device, x_MD.dtype, x_MD.shape[-1])
     if chosen == "triton":
-        from kernels.moe import expert_mlp_triton
+        from elastic_moe.kernels.moe import expert_mlp_triton
 
         return expert_mlp_triton(x_MD, counts_E, w13_EHD, w2_EDI)
     if chosen == "grouped_mm":
-        from kernels.torch_grouped import expert_mlp_grouped
+        from elastic_moe.kernels.torch_grouped import expert_mlp_grouped
 
         return expert_mlp_grouped(x_MD, counts_E, w13_EHD, w2_EDI)
     return expert_mlp_reference(x_MD, counts_E, w13_EHD, w2_EDI)
@@ -93,11 +92,17 @@ def routed_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
     x_TD, w13_EHD, w2_EDI = _autocast(x_TD, w13_EHD, w2_EDI)
     chosen = resolve_backend(backend, x_TD.device, x_TD.dtype, x_TD.shape[-1])
     if chosen == "triton":
-        from kernels.moe import routed_experts_triton
+        from elastic_moe.kernels.moe import routed_experts_triton
 
         return routed_experts_triton(x_TD, topk_ids_TK, topk_weights_TK, w13_EHD, w2_EDI)
     if chosen == "grouped_mm":
-        from kernels.torch_grouped import routed_experts_grouped
+        from elastic_moe.kernels.torch_grouped import routed_experts_grouped
 
         return routed_experts_grouped(x_TD, topk_ids_TK, topk_weights_TK, w13_EHD, w2_EDI)
     return routed_experts_reference(x_TD, topk_ids_TK, topk_weights_TK, w13_EHD, w2_EDI)
+
+
+if __name__ != "elastic_moe.kernels":  # imported as a top-level `kernels`: a name this project does not own
+    from elastic_moe._namespace import hand_over_top_level_name
+
+    hand_over_top_level_name(__name__, __path__[0])

@@ -1,4 +1,6 @@
-"""Compile every Triton kernel for a GPU target without a GPU (``python -m kernels.compile_check``).
+"""Compile every Triton kernel for a GPU target without a GPU.
+
+``python -m elastic_moe.kernels.compile_check``
 
 The CPU interpreter runs kernels as numpy code, so it misses what only the compiler sees: layout
 and shape rules of ``tl.dot``, type errors in masks, unsupported ops, register/shared-memory
@@ -17,11 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import triton
+from elastic_moe.kernels import grouped_gemm, permute, swiglu
+from elastic_moe.kernels.runtime import is_interpreting
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-from kernels import grouped_gemm, permute, swiglu
-from kernels.runtime import is_interpreting
 
 __all__ = ["CompileCase", "compile_cases", "compile_case"]
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.runtime import input_precision, is_interpreting
+from elastic_moe.kernels.runtime import input_precision, is_interpreting
 
 __all__ = ["grouped_mm", "grouped_mm_dw", "segment_offsets", "gemm_configs", "dw_configs"]
 

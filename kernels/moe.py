@@ -20,11 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from kernels.grouped_gemm import grouped_mm, grouped_mm_dw, segment_offsets
-from kernels.permute import combine, combine_backward, expert_order, gather_rows
-from kernels.runtime import check_device
-from kernels.swiglu import swiglu, swiglu_backward
+from elastic_moe.kernels.grouped_gemm import grouped_mm, grouped_mm_dw, segment_offsets
+from elastic_moe.kernels.permute import combine, combine_backward, expert_order, gather_rows
+from elastic_moe.kernels.runtime import check_device
+from elastic_moe.kernels.swiglu import swiglu, swiglu_backward
 
 __all__ = ["ExpertMLPFunction", "RoutedExpertsFunction", "expert_mlp_triton",
            "permute_triton", "routed_experts_triton"]

@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.runtime import is_interpreting
+from elastic_moe.kernels.runtime import is_interpreting
 
 __all__ = ["expert_order", "gather_rows", "combine", "combine_backward"]
 

@@ -7,7 +7,7 @@ Legend: B = batch, S = sequence, T = tokens (B*S), D = model dim, E = routed exp
 K = experts per token, G = expert groups, I = expert hidden dim.
 
 Expert computation crosses exactly one boundary, :meth:`RoutedExperts.forward`, which calls
-``kernels.routed_experts``; expert parallelism replaces that module, the kernels replace the math.
+``elastic_moe.kernels.routed_experts``; expert parallelism replaces that module, the kernels replace the math.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import elastic_moe.kernels as kernels
 from elastic_moe.config import ModelConfig
 
 

@@ -8,7 +8,7 @@ with the same forward signature. Per layer and step:
    range of ``L = E / ep`` experts, this also sorts them by destination rank;
 2. exchange the per-expert row counts (one small ``all_to_all_single``), then the rows
    (``all_to_all_single`` with uneven splits);
-3. regroup the received rows by local expert and run ``kernels.expert_mlp`` (the model's expert
+3. regroup the received rows by local expert and run ``elastic_moe.kernels.expert_mlp`` (the model's expert
    function boundary) on the local experts;
 4. send the results back with the reverse all-to-all and unpermute + combine with the gate
    weights, exactly as the single-process reference does.
@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-import kernels
+import elastic_moe.kernels as kernels
 from elastic_moe.model.moe import RoutedExperts
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class ExpertParallelExperts(RoutedExperts):
 
 def _combine(y_MD: torch.Tensor, order_M: torch.Tensor,
              topk_weights_TK: torch.Tensor) -> torch.Tensor:
-    """``kernels.unpermute_reference`` that also takes T = 0 (its ``view(T, K, -1)`` cannot).
+    """``elastic_moe.kernels.unpermute_reference`` that also takes T = 0 (its ``view(T, K, -1)`` cannot).
 
     A rank without tokens must still run this, so its backward joins the all-to-alls.
     """

@@ -1,12 +1,12 @@
 """MLflow tracking for a run that outlives its worker groups.
 
-Rank 0 logs: params once (the flattened config), metrics every step, an event per resize or
-failure, checkpoint paths, and at the end an expert-load heatmap and a summary. One MLflow run
-spans every restart: the run id lives in the coordinator, and steps at or below the last logged
-step (re-executed after a restore) are not logged again. Logging never blocks or fails training:
-records go to a queue that a background thread flushes with retries; when the tracking server is
-unreachable they stay buffered and are retried, and whatever is still unsent at the end is
-reported.
+The launcher's control loop logs, in the driver process: params once (the flattened config),
+metrics every committed step, an event per resize or failure, checkpoint paths, and at the end an
+expert-load heatmap and a summary. One MLflow run spans every restart: the run id lives in the
+coordinator, and steps at or below the last logged step (re-executed after a restore) are not
+logged again. Logging never blocks or fails training: records go to a queue that a background
+thread flushes with retries; when the tracking server is unreachable they stay buffered and are
+retried, and whatever is still unsent at the end is reported.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class _Record:
 
 
 class Tracker:
-    """Buffered, retrying MLflow logger for rank 0. Create with :meth:`open`."""
+    """Buffered, retrying MLflow logger for the launcher's control loop. Create with :meth:`open`."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str,
                  run_id: str | None = None, last_logged_step: int = -1,

@@ -16,7 +16,7 @@ def _one_autotune_config():
     if not torch.cuda.is_available():
         yield
         return
-    from kernels import grouped_gemm
+    from elastic_moe.kernels import grouped_gemm
 
     tuned = (grouped_gemm.grouped_mm_tuned, grouped_gemm.grouped_mm_dw_tuned)
     saved = [t.configs for t in tuned]

@@ -19,8 +19,7 @@ import os
 
 import pytest
 import torch
-
-from kernels import reference as ref
+from elastic_moe.kernels import reference as ref
 
 pytestmark = [
     pytest.mark.gpu,
@@ -70,7 +69,7 @@ CASES = {
                                            ("grouped_mm", torch.bfloat16)])
 @pytest.mark.parametrize("name", list(CASES))
 def test_routed_experts_gpu(backend: str, dtype: torch.dtype, name: str) -> None:
-    from kernels import routed_experts
+    from elastic_moe.kernels import routed_experts
 
     def run_backend(*args: torch.Tensor) -> torch.Tensor:  # the backend under test
         return routed_experts(*args, backend=backend)
@@ -114,7 +113,7 @@ def test_routed_experts_gpu(backend: str, dtype: torch.dtype, name: str) -> None
 @pytest.mark.parametrize("backend,dtype", [("triton", torch.bfloat16), ("triton", torch.float32),
                                            ("grouped_mm", torch.bfloat16)])
 def test_expert_mlp_gpu_with_empty_experts(backend: str, dtype: torch.dtype) -> None:
-    from kernels import expert_mlp
+    from elastic_moe.kernels import expert_mlp
 
     def run_backend(*args: torch.Tensor) -> torch.Tensor:
         return expert_mlp(*args, backend=backend)

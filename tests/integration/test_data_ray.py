@@ -81,7 +81,8 @@ def test_prepare_data_cli_on_cluster_address(ray_cluster, corpus, tmp_path):
 
 
 def test_data_worker_actor_resize(ray_cluster, corpus):
-    from actors.data_worker import DataWorker
+    from elastic_moe.actors.data_worker import DataWorker
+
     from elastic_moe.data.shards import TokenDataset
 
     root, _ = corpus

@@ -57,7 +57,7 @@ def _metric_history(result, name):
 
 
 def _coordinator_state(run_name: str) -> dict | None:
-    from actors import coordinator as coordinator_mod
+    from elastic_moe.actors import coordinator as coordinator_mod
 
     try:
         return coordinator_mod.get(run_name).snapshot()
@@ -79,7 +79,7 @@ class _Run:
     """``run_training`` in a thread, so the test can fault it from outside while it trains."""
 
     def __init__(self, cfg, name: str, tmp_path, **kwargs) -> None:
-        from actors.training import run_training
+        from elastic_moe.actors.training import run_training
 
         self.result = None
         self.thread = threading.Thread(target=self._target, daemon=True, args=(
@@ -114,7 +114,7 @@ def epoch_pids(result, index: int) -> list[int]:
 
 
 def _kill_data_reader(run_name: str) -> None:
-    from actors import coordinator as coordinator_mod
+    from elastic_moe.actors import coordinator as coordinator_mod
 
     reader = ray.get_actor(f"{run_name}-data-0", namespace=coordinator_mod.NAMESPACE)
     ray.kill(reader, no_restart=False)  # Ray restarts it; requests in flight are retried
@@ -292,7 +292,7 @@ def test_more_failures_than_allowed_fails_clearly(tmp_path):
 
 
 def test_resubmit_resumes_in_the_same_mlflow_run(tmp_path):
-    from actors.training import run_training
+    from elastic_moe.actors.training import run_training
 
     _ray(num_cpus=2)
     try:
@@ -315,9 +315,8 @@ def test_resubmit_resumes_in_the_same_mlflow_run(tmp_path):
 def test_unusable_committed_checkpoint_falls_back_loudly(tmp_path):
     """--resume when the committed checkpoint's data file is cut short: the workers restore the
     older one, and the coordinator and MLflow record a checkpoint_fallback event."""
+    from elastic_moe.actors.training import run_training
     from mlflow.tracking import MlflowClient
-
-    from actors.training import run_training
 
     _ray(num_cpus=2)
     try:

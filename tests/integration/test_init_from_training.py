@@ -23,14 +23,14 @@ import os
 
 import pytest
 import torch
+from elastic_moe.jobs.export import main as export_main
+from elastic_moe.jobs.train import build_config
 from safetensors.torch import load_file
 
 from elastic_moe.config import Config, debug
 from elastic_moe.model import Transformer, hf
 from elastic_moe.model.hf_sharded import load_hf_into
 from elastic_moe.train.evaluate import evaluate, val_micro_batches, validation_manifest
-from jobs.export import main as export_main
-from jobs.train import build_config
 
 ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
@@ -44,7 +44,7 @@ STEPS, EVAL_EVERY = 4, 2
 def train(cfg: Config, run_name: str, output_dir: str,
           resume: bool = False) -> tuple[str, str, str]:
     """Run training to the end; returns (checkpoint root, MLflow URI, MLflow run id)."""
-    from actors.training import run_training
+    from elastic_moe.actors.training import run_training
 
     result = run_training(cfg, run_name=run_name, output_dir=output_dir, resume=resume)
     assert result.ok, result.error

@@ -2,7 +2,7 @@
 
 * A stale ``ray_current_cluster`` file (what a crashed ``ray start --head`` leaves) is read by
   Ray's own default ``ray.init()`` -- checked first, so the test is armed -- and ignored by
-  :func:`actors.cluster.init_ray`, which starts its own Ray.
+  :func:`elastic_moe.actors.cluster.init_ray`, which starts its own Ray.
 * ``jobs/train.py`` with ``RAY_ADDRESS`` naming a port nobody listens on exits in under 30 s with
   an error naming the address.
 * More workers than cores on the embedded Ray: oversubscribed CPU slots, as documented; the
@@ -60,7 +60,7 @@ def test_stale_current_cluster_file_is_ignored():
             # (127.0.0.1 comes back as this node's IP):
             trap = canonicalize_bootstrap_address(None)
             assert trap.endswith(":{port}"), trap
-            from actors.cluster import init_ray
+            from elastic_moe.actors.cluster import init_ray
             connection = init_ray(None, num_cpus=1)
             assert connection.embedded and not connection.address.endswith(":{port}")
             assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42
@@ -114,7 +114,7 @@ def test_more_workers_than_cores_oversubscribes_with_a_quiet_console(tmp_path):
                   "Reporting training result", " WARNING ray", " ERROR "):
         assert noise not in console, f"{noise!r} in the console:\n{console[-3000:]}"
     warnings = [line for line in console.splitlines() if " WARNING " in line]
-    assert warnings == [line for line in warnings if "actors.cluster" in line], warnings
+    assert warnings == [line for line in warnings if "elastic_moe.actors.cluster" in line], warnings
 
 
 @pytest.fixture
@@ -129,9 +129,9 @@ def cluster():
 
 
 def test_capacity_wait_logs_what_is_missing_and_gives_up(cluster, caplog):
-    from actors.cluster import LaunchError, wait_for_capacity
+    from elastic_moe.actors.cluster import LaunchError, wait_for_capacity
 
-    caplog.set_level(logging.INFO, logger="actors.cluster")
+    caplog.set_level(logging.INFO, logger="elastic_moe.actors.cluster")
     started = time.monotonic()
     with pytest.raises(LaunchError) as exc:
         wait_for_capacity(3, {"CPU": 1}, timeout_s=3, log_every_s=1, poll_s=0.2)
@@ -187,8 +187,8 @@ def masked_node(cluster, tmp_path):
 
 
 def test_storage_probe_refuses_a_directory_one_node_cannot_see(masked_node, tmp_path):
-    from actors.cluster import LaunchError
-    from actors.shared_storage import check_shared_storage, worker_nodes
+    from elastic_moe.actors.cluster import LaunchError
+    from elastic_moe.actors.shared_storage import check_shared_storage, worker_nodes
 
     nodes = worker_nodes({"CPU": 1})
     assert len(nodes) == 2

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import elastic_moe.kernels as kernels
 import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-import kernels
 from elastic_moe.config import ParallelConfig, debug
 from elastic_moe.model.moe import RoutedExperts
 from elastic_moe.model.transformer import Transformer

@@ -17,7 +17,7 @@ def test_placed_slots_always_read_as_free(tmp_path):
     ``pg.ready()`` reply happens to arrive in time: the launch gathers workers for every slot
     it can fill, and a run with room for 3 starts with 3. One slot more than the cluster holds
     stays pending and never reads as free."""
-    from actors.worker_group import ElasticGroup
+    from elastic_moe.actors.worker_group import ElasticGroup
 
     ray.init(address="local", num_cpus=3, include_dashboard=False)
     try:

@@ -113,7 +113,7 @@ def test_fsspec_url_storage(tmp_path):
 def test_export_to_hf_round_trip_gives_identical_logits(tmp_path):
     import dataclasses
 
-    from jobs.export import main as export_main
+    from elastic_moe.jobs.export import main as export_main
 
     model, opt = _trained(steps=2)
     ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
@@ -129,7 +129,7 @@ def test_export_to_hf_round_trip_gives_identical_logits(tmp_path):
 
 
 def test_export_rejects_a_directory_without_checkpoints(tmp_path, capsys):
-    from jobs.export import main as export_main
+    from elastic_moe.jobs.export import main as export_main
 
     with pytest.raises(SystemExit):
         export_main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "out")])

@@ -4,8 +4,7 @@ them, captured from a demo run of jobs/train.py)."""
 from __future__ import annotations
 
 import pytest
-
-from actors.console import NOISY_ACTORS, _filtered_printer, is_noise
+from elastic_moe.actors.console import NOISY_ACTORS, _filtered_printer, is_noise
 
 RAY_NOISE = [
     "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
+from elastic_moe.actors.data_worker import DataWorkerCore
 
-from actors.data_worker import DataWorkerCore
 from elastic_moe.data.pack import Packer, doc_ids_from_starts
 from elastic_moe.data.sampler import (
     DataPosition,

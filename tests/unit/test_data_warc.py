@@ -163,7 +163,7 @@ def test_prepare_on_warc_reports_counts(tmp_path):
 
 
 def test_prepare_data_cli_with_filters_and_partitioned_clustering(tmp_path, capsys):
-    import jobs.prepare_data as cli
+    import elastic_moe.jobs.prepare_data as cli
 
     inp = tmp_path / "in"
     inp.mkdir()

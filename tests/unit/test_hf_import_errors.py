@@ -13,11 +13,11 @@ import os
 
 import pytest
 import torch
+from elastic_moe.jobs.train import build_config, main
 
 from elastic_moe.config import debug
 from elastic_moe.model import Transformer, hf
 from elastic_moe.model.hf_sharded import hf_config_to_model_config, load_hf_into
-from jobs.train import build_config, main
 
 transformers = pytest.importorskip("transformers")
 
@@ -164,7 +164,8 @@ def test_architecture_overrides_are_refused(hf_dir, capsys):
 
 
 def test_larger_data_vocab_points_to_the_models_tokenizer(hf_dir, tmp_path):
-    from actors.training import _prepare_data
+    from elastic_moe.actors.training import _prepare_data
+
     from elastic_moe.data.sample_corpus import ensure_prepared
 
     manifest = ensure_prepared(str(tmp_path / "data"), vocab_size=2048, seq_len=128)

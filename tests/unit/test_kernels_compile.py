@@ -1,7 +1,7 @@
 """Compile every Triton expert kernel for H100 (sm_90) without a GPU.
 
 The interpreter runs kernels as numpy and misses compiler-only failures (tl.dot layout and dtype
-rules, illegal ops, shared-memory blow-ups). ``kernels.compile_check`` runs the real pipeline down
+rules, illegal ops, shared-memory blow-ups). ``elastic_moe.kernels.compile_check`` runs the real pipeline down
 to a cubin for ``GPUTarget("cuda", 90, 32)``. It runs in a subprocess because compiling needs
 TRITON_INTERPRET unset before triton is imported, while the interpreter tests need it set.
 """
@@ -23,7 +23,7 @@ def run_compile_check(tmp_path: Path, *flags: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's default-change warning
     out = tmp_path / "compile.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--json", str(out),
+    proc = subprocess.run([sys.executable, "-m", "elastic_moe.kernels.compile_check", "--json", str(out),
                            *flags], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1200)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -2,7 +2,7 @@
 
 CPU torch runs ``torch._grouped_mm`` in fp32 (on CUDA it needs bf16 on Hopper; tests/gpu covers
 that), so these check the padded layout, the deterministic gather and the autograd wiring:
-outputs and all four gradients to 1e-5 of ``kernels.reference`` in float64, empty experts, a
+outputs and all four gradients to 1e-5 of ``elastic_moe.kernels.reference`` in float64, empty experts, a
 segment that ends exactly on the alignment, one token, and a second run bitwise equal.
 
 Shapes use suffixes; legend:
@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import BACKENDS, expert_mlp, resolve_backend, routed_experts
-from kernels import reference as ref
-from kernels.torch_grouped import ALIGN_ROWS, PaddedLayout, grouped_mm_supported
+from elastic_moe.kernels import BACKENDS, expert_mlp, resolve_backend, routed_experts
+from elastic_moe.kernels import reference as ref
+from elastic_moe.kernels.torch_grouped import ALIGN_ROWS, PaddedLayout, grouped_mm_supported
 
 TOL = 1e-5
 

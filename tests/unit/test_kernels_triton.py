@@ -1,6 +1,6 @@
 """Triton expert kernels vs the pure-torch references, on CPU under TRITON_INTERPRET=1.
 
-Every kernel's output and every gradient is compared with the reference in ``kernels.reference``
+Every kernel's output and every gradient is compared with the reference in ``elastic_moe.kernels.reference``
 evaluated in float64 on the same inputs. Every ``torch.empty``/``empty_like`` inside a test is
 poisoned (NaN, or the integer minimum), so an output element a kernel forgets to write fails.
 
@@ -33,21 +33,20 @@ if not _RUN_IN_SUBPROCESS:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-
-from kernels import reference as ref  # noqa: E402
+from elastic_moe.kernels import reference as ref  # noqa: E402
 
 if not _RUN_IN_SUBPROCESS:
-    from kernels import routed_experts  # noqa: E402
-    from kernels.grouped_gemm import grouped_mm, grouped_mm_dw, segment_offsets  # noqa: E402
-    from kernels.moe import expert_mlp_triton, routed_experts_triton  # noqa: E402
-    from kernels.permute import (  # noqa: E402
+    from elastic_moe.kernels import routed_experts  # noqa: E402
+    from elastic_moe.kernels.grouped_gemm import grouped_mm, grouped_mm_dw, segment_offsets  # noqa: E402
+    from elastic_moe.kernels.moe import expert_mlp_triton, routed_experts_triton  # noqa: E402
+    from elastic_moe.kernels.permute import (  # noqa: E402
         combine,
         combine_backward,
         expert_order,
         gather_rows,
     )
-    from kernels.runtime import is_interpreting  # noqa: E402
-    from kernels.swiglu import swiglu, swiglu_backward  # noqa: E402
+    from elastic_moe.kernels.runtime import is_interpreting  # noqa: E402
+    from elastic_moe.kernels.swiglu import swiglu, swiglu_backward  # noqa: E402
 
 in_process = pytest.mark.skipif(_RUN_IN_SUBPROCESS, reason="runs in the interpreter subprocess")
 
@@ -340,7 +339,7 @@ def test_routed_experts_matches_reference(dtype: torch.dtype, name: str) -> None
 
 @in_process
 def test_routed_experts_unfused_gather_and_boundary() -> None:
-    """The gather-first path and the public ``kernels.routed_experts(backend='triton')``."""
+    """The gather-first path and the public ``elastic_moe.kernels.routed_experts(backend='triton')``."""
     topk_ids_TK, inputs, dout_TD = _routed_case(torch.float32, "prime_E7", seed=8)
     inputs64 = oracle(*inputs)
     ref_TD = ref.routed_experts_reference(inputs64[0], topk_ids_TK, *inputs64[1:])

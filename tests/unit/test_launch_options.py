@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 import pytest
-
-from actors.cluster import LaunchError, bundles_that_fit, check_address, requested_address
-from jobs.train import build_config
+from elastic_moe.actors.cluster import LaunchError, bundles_that_fit, check_address, requested_address
+from elastic_moe.jobs.train import build_config
 
 
 def test_requested_address_explicit_then_env_else_embedded(monkeypatch) -> None:

@@ -88,7 +88,7 @@ def test_sequence_balance_loss_zero_when_balanced_positive_when_skewed():
 
 
 def test_reference_experts_accept_zero_tokens():
-    from kernels.reference import routed_experts_reference
+    from elastic_moe.kernels.reference import routed_experts_reference
 
     out = routed_experts_reference(torch.zeros(0, 8), torch.zeros(0, 2, dtype=torch.long),
                                    torch.zeros(0, 2), torch.randn(4, 6, 8), torch.randn(4, 8, 3))

@@ -3,8 +3,7 @@ import subprocess
 import sys
 
 import pytest
-
-from jobs.train import choose_run_name, main, parse_workers
+from elastic_moe.jobs.train import choose_run_name, main, parse_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
