@@ -43,7 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import triton  # noqa: E402
-
 from elastic_moe.kernels import reference as ref  # noqa: E402
 from elastic_moe.kernels import resolve_backend  # noqa: E402
 from elastic_moe.kernels.grouped_gemm import grouped_mm, grouped_mm_dw, segment_offsets  # noqa: E402

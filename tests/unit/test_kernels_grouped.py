@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from elastic_moe.kernels import BACKENDS, expert_mlp, resolve_backend, routed_experts
 from elastic_moe.kernels import reference as ref
 from elastic_moe.kernels.torch_grouped import ALIGN_ROWS, PaddedLayout, grouped_mm_supported
