@@ -26,6 +26,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ import ray
 from elastic_moe.actors.coordinator import CoordinatorClient
 
 from elastic_moe.config import Config
+from elastic_moe.train.failure_policy import StepFailure, StepReport, classify, root_cause
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +76,11 @@ class EpochSpec:
 
 @dataclass(slots=True)
 class TrainOutcome:
-    status: str  # "finished" | "paused" | "broken"
+    status: str  # "finished" | "paused" | "broken" (a lost peer) | "error" (own code or data)
     step: int
     error: str | None = None
     expert_loads: Any = None  # [num_moe_layers, E] of the last step (finished only)
+    report: StepReport | None = None  # "broken" and "error": why the step ended
 
 
 @dataclass(slots=True)
@@ -268,7 +271,10 @@ class TrainWorker:
             trainer.checkpointer.wait()
             loads = trainer.last_metrics.expert_loads if trainer.last_metrics else None
             return TrainOutcome("finished", trainer.step, expert_loads=loads)
-        except Exception as exc:  # a peer died or was fenced off: collectives fail
+        except Exception as exc:  # kept as a report; the group's failure policy decides
+            kind = classify(exc)
+            if kind is not StepFailure.FAULT:
+                return self._step_error(epoch, trainer, exc, kind)
             error = f"{type(exc).__name__}: {str(exc)[:300]}"
             logger.warning("rank %d: step %d broken (%s)", epoch.rank, trainer.step + 1, error)
             # the last step's copies left before the failure, as a rule: keep what arrived
@@ -277,7 +283,25 @@ class TrainWorker:
             # cannot complete without the lost peer: a rank whose save waits in a collective for
             # a peer whose own save already failed would hold up the rebuild until the timeout
             self._leave_group(checkpoint_wait_s=BROKEN_SAVE_WAIT_S)
-            return TrainOutcome("broken", trainer.step, error=error)
+            return TrainOutcome("broken", trainer.step, error=error, report=StepReport(
+                epoch.rank, trainer.step + 1, kind, error))
+
+    def _step_error(self, epoch: EpochSpec, trainer: Any, exc: Exception,
+                    kind: StepFailure) -> TrainOutcome:
+        """This rank's own code or data raised: leave the group at once, so that peers blocked
+        on this rank fail now rather than at the collective timeout, and report it."""
+        cause = root_cause(exc)  # a data reader's own exception, not Ray's wrapper
+        error = f"{type(cause).__name__}: {str(cause)[:1000]}"
+        # a remote error's text is its remote traceback; a local one's is the stack here
+        trace = str(exc) if cause is not exc else traceback.format_exc()
+        step = trainer.step + 1
+        logger.error("rank %d: step %d raised %s", epoch.rank, step, error)
+        self._leave_group(checkpoint_wait_s=BROKEN_SAVE_WAIT_S)
+        trainer.settle_peers(timeout_s=PEER_SETTLE_S)
+        return TrainOutcome("error", trainer.step, error=error, report=StepReport(
+            epoch.rank, step, kind, error, trace,
+            [tuple(i) for i in trainer.current_sample_ids],
+            _memory_report(self.device) if kind is StepFailure.OOM else ""))
 
     def _on_commit(self, step: int, path: str, state: Any) -> None:
         self.spec.coordinator.commit(step, path, state.data_position, state.tokens_seen)
@@ -330,6 +354,23 @@ class TrainWorker:
     def export(self, rank: int, step: int) -> tuple[Any, Any]:
         shards = self.torch_thread.submit(self.trainer.export, rank, step).result()
         return shards.manifest(), shards
+
+
+def _memory_report(device: Any) -> str:
+    """What this worker used and had when it ran out of memory."""
+    import psutil
+    import torch
+
+    host = psutil.virtual_memory()
+    rss = psutil.Process().memory_info().rss
+    text = (f"worker pid {os.getpid()}: host memory {rss / 2**30:.1f} GiB resident of "
+            f"{host.total / 2**30:.1f} GiB ({host.available / 2**30:.1f} GiB available)")
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        text += (f"; {device}: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak "
+                 f"allocated, {(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB in use")
+    return text + ("; `jobs/train.py --describe` and the launch-time memory check show what each "
+                   "setting needs: lower train.micro_batch_size or train.seq_len, or add workers")
 
 
 def _wait_bounded(checkpointer: Any, seconds: float) -> None:

@@ -40,6 +40,7 @@ class TrainingResult:
     final_step: int
     error: str | None = None
     coordinator_state: dict[str, Any] = field(default_factory=dict)
+    exit_code: int = 0  # jobs/train.py's exit status (docs/troubleshooting.md)
 
     def summary(self) -> str:
         state = self.coordinator_state
@@ -51,8 +52,9 @@ class TrainingResult:
             f"  MLflow:       {self.tracking_uri}  (run id {self.mlflow_run_id})",
             f"  dashboard:    mlflow ui --backend-store-uri {self.tracking_uri}",
         ]
-        if self.error:
-            lines.append(f"  error:        {self.error}")
+        if self.error:  # the traceback, if any, was logged once above: the headline here
+            lines += [f"  error:        {line}" if i == 0 else f"                {line}"
+                      for i, line in enumerate(self.error.splitlines()[:2])]
         return "\n".join(lines)
 
 
@@ -149,6 +151,7 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                          metrics_log=metrics_log)
     started = time.time()
     error = None
+    exit_code = 0
     final_step = 0
     try:
         outcome = group.run()
@@ -157,6 +160,7 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
             tracker.log_expert_heatmap(outcome.expert_loads.numpy(), final_step)
     except Exception as exc:  # TrainingFailed and friends: report, mark, don't lose state
         error = f"{type(exc).__name__}: {exc}"
+        exit_code = getattr(exc, "exit_code", 1)
         log.error("training failed after %.0f s: %s", time.time() - started, error)
     finally:
         for reader in data_readers:  # they hold no state; a resubmit starts new ones
@@ -172,7 +176,7 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                           tracking_uri=tracking_uri, mlflow_run_id=snapshot.get("mlflow_run_id")
                           or tracker.run_id,
                           final_step=max(snapshot.get("last_step", 0), final_step, 0),
-                          error=error, coordinator_state=snapshot)
+                          error=error, coordinator_state=snapshot, exit_code=exit_code)
 
 
 def _open_tracker(cfg: Config, coordinator: CoordinatorClient, tracking_uri: str, run_name: str,

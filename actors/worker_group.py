@@ -47,6 +47,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from elastic_moe.config import Config
 from elastic_moe.parallel import MeshPlan, plan_mesh
 from elastic_moe.train.elastic import decide_restore
+from elastic_moe.train.failure_policy import Action, Decision, FailurePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,28 @@ def replay_metrics(metrics_log: str, checkpointer: Any, tracker: Any) -> int:
 
 
 class TrainingFailed(RuntimeError):
-    """The run cannot go on (failure budget spent, no capacity, a worker error)."""
+    """The run cannot go on. ``exit_code`` is what ``jobs/train.py`` exits with
+    (docs/troubleshooting.md lists them)."""
+
+    exit_code = 1
+
+
+class FailureBudgetSpent(TrainingFailed):
+    """More faults (lost or hung workers) than ``elastic.max_failures``."""
+
+    exit_code = 4
+
+
+class OutOfCapacity(TrainingFailed):
+    """Fewer workers than ``--workers MIN`` could be placed in ``elastic.capacity_wait_s``."""
+
+    exit_code = 5
+
+
+class StepError(TrainingFailed):
+    """A step raised in the workers' own code or data, again after a retry (not a lost peer)."""
+
+    exit_code = 3
 
 
 @dataclass(eq=False)
@@ -151,6 +173,7 @@ class ElasticGroup:
         self.plan: MeshPlan | None = None
         self.epoch = 0
         self.failures = 0
+        self.failure_policy = FailurePolicy()
         self.logged_step = 0
         self.last_log_step = 0
         self.last_resize_check = time.time()
@@ -259,7 +282,7 @@ class ElasticGroup:
                 return
             now = time.time()
             if now > deadline:
-                raise TrainingFailed(
+                raise OutOfCapacity(
                     f"waited {self.cfg.elastic.capacity_wait_s:.0f} s for {low} workers of "
                     f"{self.bundle}; only {have} could be placed (cluster resources "
                     f"{ray.cluster_resources()}); add nodes or lower --workers")
@@ -291,8 +314,17 @@ class ElasticGroup:
                     loads = next((o.expert_loads for o in outcomes.values()
                                   if o.expert_loads is not None), None)
                     return GroupResult(final, loads)
-                if failed or any(o.status == "broken" for o in outcomes.values()):
-                    self._recover(outcomes, failed)
+                if failed or any(o.status in ("broken", "error") for o in outcomes.values()):
+                    decision = self.failure_policy.decide(
+                        [o.report for o in outcomes.values() if o.report is not None])
+                    if decision.action is Action.STOP:
+                        raise self._stop_on_error(decision)
+                    if decision.report is not None:
+                        self._record_step_error(decision)
+                    # an error is retried without spending the failure budget; a worker that
+                    # died is a fault whatever else happened
+                    self._recover(outcomes, failed,
+                                  count_failure=bool(failed) or decision.action is Action.REBUILD)
                 else:
                     self._grow(outcomes)
         finally:
@@ -323,7 +355,7 @@ class ElasticGroup:
                     broken_since = broken_since or time.time()
                     continue
                 outcomes[member] = outcome
-                if outcome.status == "broken":
+                if outcome.status in ("broken", "error"):
                     broken_since = broken_since or time.time()
             self._ping_all([m for m in refs.values()], since=self.logged_step)
             now = time.time()
@@ -435,20 +467,52 @@ class ElasticGroup:
                             values["val_mtp_loss"])
 
     # ------------------------------------------------------------------ membership changes
-    def _recover(self, outcomes: dict[Member, TrainOutcome], failed: list[Member]) -> None:
+    def _stop_on_error(self, decision: Decision) -> StepError:
+        report = decision.report
+        assert report is not None
+        self.coordinator.record_event("stopped_on_error", self.logged_step, rank=report.rank,
+                                      failed_step=report.step, error=report.error[:2000],
+                                      sample_ids=[list(i) for i in report.sample_ids])
+        samples = ", ".join(f"({e}, {i})" for e, i in report.sample_ids) or "not known"
+        lines = [f"step {report.step} failed on rank {report.rank} with an error in the run's "
+                 f"own code or data, again after a retry (not a lost worker; no failure budget "
+                 f"spent): {report.error}",
+                 f"samples (epoch, index) of that step on that rank: {samples}"]
+        if report.memory:
+            lines.append(report.memory)
+        if report.traceback:
+            lines.append(report.traceback.rstrip())
+        return StepError("\n".join(lines))
+
+    def _record_step_error(self, decision: Decision) -> None:
+        report = decision.report
+        assert report is not None
+        logger.warning("step %d raised on rank %d (%s): %s", report.step, report.rank,
+                       report.kind.value, decision.reason)
+        self.coordinator.record_event("step_error", self.logged_step, rank=report.rank,
+                                      failed_step=report.step, error_kind=report.kind.value,
+                                      error=report.error[:2000],
+                                      sample_ids=[list(i) for i in report.sample_ids])
+
+    def _recover(self, outcomes: dict[Member, TrainOutcome], failed: list[Member],
+                 count_failure: bool = True) -> None:
         detected = time.time()
-        self.failures += 1
+        self.failures += int(count_failure)
         limit = self.cfg.elastic.max_failures
         ranks = [m.rank for m in failed]
-        logger.warning("lost worker(s) rank %s (pids %s) at step %d; rebuilding", ranks,
-                       [m.info["pid"] for m in failed], self.logged_step)
-        self.coordinator.record_event("worker_lost", self.logged_step, ranks=ranks,
-                                      pids=[m.info["pid"] for m in failed])
+        if failed:
+            logger.warning("lost worker(s) rank %s (pids %s) at step %d; rebuilding", ranks,
+                           [m.info["pid"] for m in failed], self.logged_step)
+            self.coordinator.record_event("worker_lost", self.logged_step, ranks=ranks,
+                                          pids=[m.info["pid"] for m in failed])
+        else:  # every member is alive: a broken step (an error to retry, or a broken link)
+            logger.warning("step %d broke with every worker alive; rebuilding the group",
+                           self.logged_step + 1)
         for member in failed:
             fence(member.handle, member.info["pid"], member.info["node_id"])
         self._replace_lost_slots()
-        if limit >= 0 and self.failures > limit:
-            raise TrainingFailed(f"{self.failures} failures, more than elastic.max_failures="
+        if count_failure and limit >= 0 and self.failures > limit:
+            raise FailureBudgetSpent(f"{self.failures} failures, more than elastic.max_failures="
                                  f"{limit}; the last lost ranks {ranks}")
         survivors = [m for m in self.members if m not in failed]
         if self.cfg.elastic.recovery == "restart":

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     print(result.summary())
-    return 0 if result.ok else 1
+    return 0 if result.ok else result.exit_code or 1
 
 
 if __name__ == "__main__":

@@ -76,6 +76,10 @@ def read_manifest(path: str) -> dict[str, Any]:
     return manifest
 
 
+class BadSampleError(ValueError):
+    """A sequence in a shard cannot be trained on (a token id outside the vocabulary)."""
+
+
 class _Shard:
     """One memory-mapped shard: flat token values and doc-start lists per record batch."""
 
@@ -159,7 +163,14 @@ class TokenDataset:
         if not 0 <= i < self.num_sequences:
             raise IndexError(f"sequence index {i} out of range [0, {self.num_sequences})")
         s = int(np.searchsorted(self._offsets, i, side="right")) - 1
-        tokens, starts = self._shard(s).row(i - int(self._offsets[s]))
+        row = i - int(self._offsets[s])
+        tokens, starts = self._shard(s).row(row)
+        if tokens.size and int(tokens.max()) >= self.vocab_size:
+            at = int(np.argmax(tokens >= self.vocab_size))
+            raise BadSampleError(
+                f"{self._paths[s]} row {row} (sample index {i}): token id {int(tokens[at])} at "
+                f"position {at} is not below the manifest's vocab_size {self.vocab_size} "
+                f"({self.manifest_path}); re-run jobs/prepare_data.py or fix the manifest")
         flags = np.zeros(self.seq_len + 1, dtype=bool)
         flags[starts] = True
         return np.array(tokens, dtype=np.uint32), doc_ids_from_starts(flags)

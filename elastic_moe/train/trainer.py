@@ -30,6 +30,7 @@ from elastic_moe.data.sampler import DataPosition, advance, split_batch
 from elastic_moe.model.flops import peak_tflops, training_flops_per_token
 from elastic_moe.parallel import MeshPlan, setup_model
 from elastic_moe.train.elastic import effective_batch
+from elastic_moe.train.failure_policy import PeerStepError
 from elastic_moe.train.shard_state import PeerCopies, ShardLayout, ShardSet, fill_from_shards
 from elastic_moe.train.step import StepMetrics, build_optimizer, train_step
 
@@ -83,6 +84,7 @@ class Trainer:
         self.position = DataPosition(seed=cfg.train.seed)
         self.pause_requested = False
         self.paused = False
+        self.current_sample_ids: list[Any] = []  # (epoch, index) of the step being run
         self.last_metrics: StepMetrics | None = None
         self.val_batches: list[dict[str, Any]] | None = None
         # committed steps' metrics the launcher has not written down yet (it acknowledges the
@@ -196,9 +198,33 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.paused = bool(flag.item() > 0)
 
+    def _take_batch(self) -> dict[str, Any]:
+        """This rank's batch, once every rank has its own: a rank whose batch failed (bad data,
+        a reader error) says so in one small all-reduce, so its peers end the step at once
+        instead of waiting in the step's first collective until the timeout (gloo cannot be
+        aborted from outside). The failing rank raises its own error, the others
+        :class:`PeerStepError`."""
+        batch: dict[str, Any] | None = None
+        error: Exception | None = None
+        try:
+            batch = self.batches.take()
+        except Exception as exc:  # raised below, after the peers know
+            error = exc
+        if dist.is_initialized() and self.world_size > 1:
+            flag = torch.tensor([1.0 if error is not None else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if error is None and flag.item() > 0:
+                raise PeerStepError(f"step {self.step + 1}: another rank's batch failed")
+        if error is not None:
+            raise error
+        assert batch is not None
+        return batch
+
     def train_one_step(self) -> CommittedStep:
         """Run and commit one step; the next batch is requested while it runs."""
-        batch = self.batches.take()
+        self.current_sample_ids = []  # not known until the batch arrives
+        batch = self._take_batch()
+        self.current_sample_ids = list(batch["sample_ids"])
         position = advance(self.position, self.global_batch, self.batches.num_sequences)
         if self.step + 1 < self.cfg.train.steps:
             self.batches.request(position)

@@ -1,0 +1,65 @@
+"""What ends a step, and what the group does about it (elastic_moe.train.failure_policy)."""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from elastic_moe.data.shards import BadSampleError
+from elastic_moe.train.failure_policy import (
+    Action,
+    FailurePolicy,
+    PeerStepError,
+    StepFailure,
+    StepReport,
+    classify,
+    root_cause,
+)
+
+
+def test_classify_separates_lost_peers_from_own_errors():
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+                        "closed by peer [127.0.0.1]:5018")
+    assert classify(gloo) is StepFailure.FAULT
+    assert classify(PeerStepError("step 3: another rank's batch failed")) is StepFailure.FAULT
+    assert classify(ray.exceptions.RayActorError()) is StepFailure.FAULT
+    assert classify(IndexError("index out of range in self")) is StepFailure.ERROR
+    assert classify(BadSampleError("shard row 5: token id 3000")) is StepFailure.ERROR
+    assert classify(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is StepFailure.ERROR
+    assert classify(MemoryError()) is StepFailure.OOM
+    assert classify(torch.OutOfMemoryError("CUDA out of memory")) is StepFailure.OOM
+
+
+def test_classify_looks_inside_a_remote_error():
+    @ray.remote
+    def bad_reader():
+        raise BadSampleError("shard-00003.arrow row 293: token id 3000")
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        try:
+            ray.get(bad_reader.remote())
+        except Exception as exc:  # Ray's wrapper around the reader's exception
+            wrapped = exc
+    finally:
+        ray.shutdown()
+    assert classify(wrapped) is StepFailure.ERROR
+    assert isinstance(root_cause(wrapped), BadSampleError)
+    assert "row 293" in str(root_cause(wrapped))
+
+
+def _report(rank: int, step: int, kind: StepFailure) -> StepReport:
+    return StepReport(rank, step, kind, f"{kind.value} on rank {rank}")
+
+
+def test_policy_rebuilds_on_faults_retries_an_error_once_then_stops():
+    policy = FailurePolicy()
+    assert policy.decide([_report(0, 7, StepFailure.FAULT)]).action is Action.REBUILD
+    # an error on rank 1 outranks the faults it causes on its peers
+    reports = [_report(0, 7, StepFailure.FAULT), _report(1, 7, StepFailure.ERROR)]
+    first = policy.decide(reports)
+    assert first.action is Action.RETRY and first.report.rank == 1
+    again = policy.decide(reports)
+    assert again.action is Action.STOP and again.report.step == 7
+    # a different step gets its own retry
+    assert policy.decide([_report(0, 9, StepFailure.OOM)]).action is Action.RETRY
