@@ -277,27 +277,32 @@ class TrainWorker:
                 return self._step_error(epoch, trainer, exc, kind)
             error = f"{type(exc).__name__}: {str(exc)[:300]}"
             logger.warning("rank %d: step %d broken (%s)", epoch.rank, trainer.step + 1, error)
-            # the last step's copies left before the failure, as a rule: keep what arrived
-            trainer.settle_peers(timeout_s=PEER_SETTLE_S)
-            # closes our connections: peers blocked on us fail fast too. A save in flight
-            # cannot complete without the lost peer: a rank whose save waits in a collective for
-            # a peer whose own save already failed would hold up the rebuild until the timeout
-            self._leave_group(checkpoint_wait_s=BROKEN_SAVE_WAIT_S)
+            self._end_broken_step(trainer)
             return TrainOutcome("broken", trainer.step, error=error, report=StepReport(
                 epoch.rank, trainer.step + 1, kind, error))
 
+    def _end_broken_step(self, trainer: Any) -> None:
+        """After a step broke, for a fault or an error alike: keep the peer copies that arrive,
+        then leave the group."""
+        # the last step's copies left before the failure, as a rule: keep what arrived
+        trainer.settle_peers(timeout_s=PEER_SETTLE_S)
+        # A save in flight cannot complete without the lost peer: a rank whose save waits in a
+        # collective for a peer whose own save already failed would hold up the rebuild until
+        # the timeout
+        self._leave_group(checkpoint_wait_s=BROKEN_SAVE_WAIT_S)
+
     def _step_error(self, epoch: EpochSpec, trainer: Any, exc: Exception,
                     kind: StepFailure) -> TrainOutcome:
-        """This rank's own code or data raised: leave the group at once, so that peers blocked
-        on this rank fail now rather than at the collective timeout, and report it."""
+        """This rank's own code or data raised: leave the group and report it. Its peers learn
+        of it from the batch check (``Trainer._take_batch``) or, on NCCL, from the group's
+        abort; leaving a gloo group does not close its connections."""
         cause = root_cause(exc)  # a data reader's own exception, not Ray's wrapper
         error = f"{type(cause).__name__}: {str(cause)[:1000]}"
         # a remote error's text is its remote traceback; a local one's is the stack here
         trace = str(exc) if cause is not exc else traceback.format_exc()
         step = trainer.step + 1
         logger.error("rank %d: step %d raised %s", epoch.rank, step, error)
-        self._leave_group(checkpoint_wait_s=BROKEN_SAVE_WAIT_S)
-        trainer.settle_peers(timeout_s=PEER_SETTLE_S)
+        self._end_broken_step(trainer)
         return TrainOutcome("error", trainer.step, error=error, report=StepReport(
             epoch.rank, step, kind, error, trace,
             [tuple(i) for i in trainer.current_sample_ids],

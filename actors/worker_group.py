@@ -47,7 +47,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from elastic_moe.config import Config
 from elastic_moe.parallel import MeshPlan, plan_mesh
 from elastic_moe.train.elastic import decide_restore
-from elastic_moe.train.failure_policy import Action, Decision, FailurePolicy
+from elastic_moe.train.failure_policy import Action, Decision, FailurePolicy, StepReport
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,12 @@ class StepError(TrainingFailed):
     """A step raised in the workers' own code or data, again after a retry (not a lost peer)."""
 
     exit_code = 3
+
+
+def _report_detail(report: StepReport) -> dict[str, Any]:
+    """A step error's fields as a coordinator event records them."""
+    return {"rank": report.rank, "failed_step": report.step, "error": report.error[:2000],
+            "sample_ids": [list(i) for i in report.sample_ids]}
 
 
 @dataclass(eq=False)
@@ -336,8 +342,8 @@ class ElasticGroup:
         outcomes: dict[Member, TrainOutcome] = {}
         failed: list[Member] = []
         broken_since: float | None = None
-        pause_sent = aborts_sent = False
-        aborts: dict[Any, Member] = {}
+        pause_sent = False
+        aborts: dict[Any, Member] = {}  # abort_group calls sent (once, when the step broke)
         slots_checked = 0.0
         hang = self.cfg.elastic.hang_timeout_s
         for m in self.members:
@@ -376,7 +382,7 @@ class ElasticGroup:
                     refs.pop(ref)
                     failed.append(member)
                     broken_since = broken_since or now
-            if broken_since is not None and not aborts_sent:
+            if broken_since is not None and not aborts:
                 # the rest may be blocked in a collective with the lost member: on NCCL it
                 # never returns by itself, so abort their communicators now
                 # (those that already left their broken step answer 0: nothing left to abort)
@@ -384,7 +390,6 @@ class ElasticGroup:
                                              if o.status == "broken")]
                 aborts = {member.handle.abort_group.remote(self.epoch): member
                           for member in targets}
-                aborts_sent = True
             if broken_since is None and not pause_sent and self._growth_ready():
                 for member in refs.values():
                     member.handle.request_pause.remote()
@@ -470,9 +475,8 @@ class ElasticGroup:
     def _stop_on_error(self, decision: Decision) -> StepError:
         report = decision.report
         assert report is not None
-        self.coordinator.record_event("stopped_on_error", self.logged_step, rank=report.rank,
-                                      failed_step=report.step, error=report.error[:2000],
-                                      sample_ids=[list(i) for i in report.sample_ids])
+        self.coordinator.record_event("stopped_on_error", self.logged_step,
+                                      **_report_detail(report))
         samples = ", ".join(f"({e}, {i})" for e, i in report.sample_ids) or "not known"
         lines = [f"step {report.step} failed on rank {report.rank} with an error in the run's "
                  f"own code or data, again after a retry (not a lost worker; no failure budget "
@@ -489,10 +493,8 @@ class ElasticGroup:
         assert report is not None
         logger.warning("step %d raised on rank %d (%s): %s", report.step, report.rank,
                        report.kind.value, decision.reason)
-        self.coordinator.record_event("step_error", self.logged_step, rank=report.rank,
-                                      failed_step=report.step, error_kind=report.kind.value,
-                                      error=report.error[:2000],
-                                      sample_ids=[list(i) for i in report.sample_ids])
+        self.coordinator.record_event("step_error", self.logged_step,
+                                      error_kind=report.kind.value, **_report_detail(report))
 
     def _recover(self, outcomes: dict[Member, TrainOutcome], failed: list[Member],
                  count_failure: bool = True) -> None:

@@ -342,12 +342,6 @@ def init_group(backend: str) -> None:
                             world_size=1, timeout=datetime.timedelta(seconds=60))
 
 
-def abort_all() -> int:
-    from elastic_moe.parallel.comm import abort_communicators
-
-    return abort_communicators()
-
-
 def build_trainer(cfg: Any, device: Any, ckpt_dir: str) -> Any:
     from elastic_moe.checkpoint import Checkpointer
     from elastic_moe.parallel.mesh import plan_mesh
@@ -411,7 +405,9 @@ def phase_rebuild(recipe: str, overrides: list[str], k: int, backend: str) -> di
 
     def abort() -> None:  # from another thread, as the worker's control thread does it
         try:
-            aborted["count"] = abort_all()
+            from elastic_moe.parallel.comm import abort_communicators
+
+            aborted["count"] = abort_communicators()
         except Exception as exc:  # recorded: the rebuild below still has to work
             aborted["error"] = repr(exc)
 

@@ -107,12 +107,6 @@ def torch_grouped_dw(dy_PN: torch.Tensor, x_PK: torch.Tensor, ends_E: torch.Tens
     return torch._grouped_mm(dy_PN.t(), x_PK, offs=ends_E)
 
 
-def padded(rows_MX: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
-    """Expert-sorted rows in the aligned buffer of the grouped_mm backend (zero rows between)."""
-    ext = torch.cat([rows_MX, rows_MX.new_zeros(1, rows_MX.shape[1])])
-    return ext[layout.source_P]
-
-
 @dataclass
 class Problem:
     """All tensors of one routed-expert step, in expert order where it applies."""
@@ -189,8 +183,8 @@ def kernel_rows(p: Problem) -> list[Row]:
     w13_EDH = p.w13_EHD.transpose(1, 2)
     w2_EID = p.w2_EDI.transpose(1, 2)
     ends = p.layout.offsets_E
-    x_P, a_P = padded(p.x_MD, p.layout), padded(p.a_MI, p.layout)
-    dy_P, dh_P = padded(p.dy_MD, p.layout), padded(p.dh_MH, p.layout)
+    x_P, a_P = p.layout.pad(p.x_MD), p.layout.pad(p.a_MI)
+    dy_P, dh_P = p.layout.pad(p.dy_MD), p.layout.pad(p.dh_MH)
     dense = {  # torch.mm with the same M, N, K as each GEMM
         (num_rows, 2 * inter, dim): (p.x_MD, p.w13_EHD[0].t()),
         (num_rows, dim, inter): (p.a_MI, p.w2_EDI[0].t()),
@@ -223,7 +217,7 @@ def kernel_rows(p: Problem) -> list[Row]:
             lambda: grouped_mm(p.x_TD, p.w13_EHD, p.offsets_E1, a_rows_M=p.order_M // top_k),
             lambda: ref.grouped_mm_reference(p.x_MD.to(d), p.w13_EHD.to(d), counts),
             mm(num_rows, 2 * inter, dim),
-            lambda: torch_grouped(padded(p.x_TD[p.order_M // top_k], p.layout), w13_EDH, ends),
+            lambda: torch_grouped(p.layout.pad(p.x_TD[p.order_M // top_k]), w13_EDH, ends),
             None),
         Row("SwiGLU fwd", 3 * num_rows * inter * elt, False,
             lambda: swiglu(p.h_MH), lambda: ref.swiglu_reference(p.h_MH.to(d)),

@@ -70,6 +70,11 @@ class PaddedLayout:
             offsets_E[-1] = self.capacity
         self.offsets_E = offsets_E.to(torch.int32)
 
+    def pad(self, rows_MX: torch.Tensor) -> torch.Tensor:
+        """Rows in routed order laid out in the buffer, zero rows in the gaps. Each row lands
+        once, so autograd's scatter back writes each row once (no atomics decide a sum)."""
+        return torch.cat([rows_MX, rows_MX.new_zeros(1, rows_MX.shape[1])])[self.source_P]
+
 
 class _GatherTokens(torch.autograd.Function):
     """x_P = x_TD rows into the buffer (zero rows in the gaps); its gradient sums each token's K
@@ -123,7 +128,5 @@ def expert_mlp_grouped(x_MD: torch.Tensor, counts_E: torch.Tensor, w13_EHD: torc
         torch.arange(num_experts, device=x_MD.device), counts_E.to(x_MD.device),
         output_size=x_MD.shape[0])
     layout = PaddedLayout(experts_M, num_experts)
-    # every row appears once in the buffer: plain indexing is already free of atomics
-    x_ext = torch.cat([x_MD, x_MD.new_zeros(1, x_MD.shape[1])])
-    y_PD = _swiglu_experts(x_ext[layout.source_P], w13_EHD, w2_EDI, layout.offsets_E)
+    y_PD = _swiglu_experts(layout.pad(x_MD), w13_EHD, w2_EDI, layout.offsets_E)
     return y_PD[layout.row_M]

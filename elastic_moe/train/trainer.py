@@ -192,11 +192,15 @@ class Trainer:
         return shards
 
     # ------------------------------------------------------------------ step
-    def _vote(self) -> None:
-        flag = torch.tensor([1.0 if self.pause_requested else 0.0])
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (one MAX all-reduce; local alone)."""
+        value = torch.tensor([1.0 if flag else 0.0])
         if dist.is_initialized() and self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.paused = bool(flag.item() > 0)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def _vote(self) -> None:
+        self.paused = self._any_rank(self.pause_requested)
 
     def _take_batch(self) -> dict[str, Any]:
         """This rank's batch, once every rank has its own: a rank whose batch failed (bad data,
@@ -210,11 +214,8 @@ class Trainer:
             batch = self.batches.take()
         except Exception as exc:  # raised below, after the peers know
             error = exc
-        if dist.is_initialized() and self.world_size > 1:
-            flag = torch.tensor([1.0 if error is not None else 0.0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if error is None and flag.item() > 0:
-                raise PeerStepError(f"step {self.step + 1}: another rank's batch failed")
+        if self._any_rank(error is not None) and error is None:
+            raise PeerStepError(f"step {self.step + 1}: another rank's batch failed")
         if error is not None:
             raise error
         assert batch is not None
