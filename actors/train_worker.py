@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,10 @@ class WorkerSpec:
     threads_per_worker: int = 1
     sample_log_dir: str | None = None  # audit log of the samples of every committed step
     val_manifest: str | None = None  # held-out data for val_loss every train.eval_every steps
+    # ``wrap_model(model, rank, step)`` runs on every rank once its model is built (each
+    # membership epoch); ``step()`` is the 1-based step being run. A seam for profilers and
+    # instrumentation, and for tests that plant faults in model code from outside.
+    wrap_model: Callable[[Any, int, Callable[[], int]], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +151,9 @@ class TrainWorker:
         # group_lock so that an abort meant for one epoch can never reach the next one's group
         self.group_epoch: int | None = None
         self.group_lock = threading.Lock()
+        from elastic_moe.parallel.comm import GlooLinks
+
+        self.gloo_links = GlooLinks()  # what to close when this rank's own step raises
 
     # ------------------------------------------------------------------ identity
     def info(self) -> dict[str, Any]:
@@ -181,6 +189,7 @@ class TrainWorker:
         forget_layout_caches()
         timeout = datetime.timedelta(seconds=cfg.elastic.collective_timeout_s)
         with self.group_lock:
+            self.gloo_links.opening()
             dist.init_process_group(
                 process_group_backend(self.device),
                 init_method=f"tcp://{epoch.master_addr}:{epoch.master_port}",
@@ -198,6 +207,8 @@ class TrainWorker:
         trainer = Trainer(cfg, rank=epoch.rank, plan=plan, device=self.device, checkpointer=ckpt,
                           batches=feed)
         feed.global_batch = trainer.global_batch
+        if self.spec.wrap_model is not None:
+            self.spec.wrap_model(trainer.model, epoch.rank, lambda: trainer.step + 1)
         marks["built"] = time.time()
         if epoch.restore == "shards":
             assert sources is not None
@@ -214,6 +225,7 @@ class TrainWorker:
             trainer.load_validation(self.spec.val_manifest)
         marks["restored"] = time.time()
         trainer.link_peers(epoch.node_of_rank)
+        self.gloo_links.collect(store_port=epoch.master_port)  # every group of the layout exists
         marks["linked"] = time.time()
         with self.lock:
             self.trainer, self.epoch = trainer, epoch
@@ -272,41 +284,51 @@ class TrainWorker:
             loads = trainer.last_metrics.expert_loads if trainer.last_metrics else None
             return TrainOutcome("finished", trainer.step, expert_loads=loads)
         except Exception as exc:  # kept as a report; the group's failure policy decides
+            ended = time.time()
             kind = classify(exc)
             if kind is not StepFailure.FAULT:
-                return self._step_error(epoch, trainer, exc, kind)
+                return self._step_error(epoch, trainer, exc, kind, ended)
             error = f"{type(exc).__name__}: {str(exc)[:300]}"
             logger.warning("rank %d: step %d broken (%s)", epoch.rank, trainer.step + 1, error)
             self._end_broken_step(trainer)
             return TrainOutcome("broken", trainer.step, error=error, report=StepReport(
-                epoch.rank, trainer.step + 1, kind, error))
+                epoch.rank, trainer.step + 1, kind, error, at=ended))
 
-    def _end_broken_step(self, trainer: Any) -> None:
+    def _end_broken_step(self, trainer: Any, close_links: bool = False) -> None:
         """After a step broke, for a fault or an error alike: keep the peer copies that arrive,
-        then leave the group."""
+        then leave the group. ``close_links``: this rank's own step raised, so its peers still
+        wait in a collective for it: close its connections (gloo) and abort its communicators
+        (NCCL) so that they fail now, not at the timeout."""
         # the last step's copies left before the failure, as a rule: keep what arrived
         trainer.settle_peers(timeout_s=PEER_SETTLE_S)
+        if close_links:
+            from elastic_moe.parallel.comm import abort_communicators
+
+            with self.group_lock:
+                closed, aborted = self.gloo_links.shut_down(), abort_communicators()
+            logger.warning("closed %d gloo connection(s) and aborted %d NCCL communicator(s) "
+                           "so that the peers' step ends now", closed, aborted)
         # A save in flight cannot complete without the lost peer: a rank whose save waits in a
         # collective for a peer whose own save already failed would hold up the rebuild until
         # the timeout
         self._leave_group(checkpoint_wait_s=BROKEN_SAVE_WAIT_S)
 
     def _step_error(self, epoch: EpochSpec, trainer: Any, exc: Exception,
-                    kind: StepFailure) -> TrainOutcome:
-        """This rank's own code or data raised: leave the group and report it. Its peers learn
-        of it from the batch check (``Trainer._take_batch``) or, on NCCL, from the group's
-        abort; leaving a gloo group does not close its connections."""
+                    kind: StepFailure, raised_at: float) -> TrainOutcome:
+        """This rank's own code or data raised: end its part of the group and report it. Its
+        peers learn of it from the batch check (``Trainer._take_batch``) when the batch failed,
+        and otherwise from the closed connections (``_end_broken_step``)."""
         cause = root_cause(exc)  # a data reader's own exception, not Ray's wrapper
         error = f"{type(cause).__name__}: {str(cause)[:1000]}"
         # a remote error's text is its remote traceback; a local one's is the stack here
         trace = str(exc) if cause is not exc else traceback.format_exc()
         step = trainer.step + 1
         logger.error("rank %d: step %d raised %s", epoch.rank, step, error)
-        self._end_broken_step(trainer)
+        self._end_broken_step(trainer, close_links=True)
         return TrainOutcome("error", trainer.step, error=error, report=StepReport(
             epoch.rank, step, kind, error, trace,
             [tuple(i) for i in trainer.current_sample_ids],
-            _memory_report(self.device) if kind is StepFailure.OOM else ""))
+            _memory_report(self.device) if kind is StepFailure.OOM else "", at=raised_at))
 
     def _on_commit(self, step: int, path: str, state: Any) -> None:
         self.spec.coordinator.commit(step, path, state.data_position, state.tokens_seen)

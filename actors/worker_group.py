@@ -137,10 +137,13 @@ class StepError(TrainingFailed):
     exit_code = 3
 
 
-def _report_detail(report: StepReport) -> dict[str, Any]:
-    """A step error's fields as a coordinator event records them."""
+def _report_detail(report: StepReport, reports: list[StepReport]) -> dict[str, Any]:
+    """A step error's fields as a coordinator event records them, with how long after the
+    erroring rank its peers' steps ended (``peers_ended_after_s``)."""
+    others = [r.at for r in reports if r.rank != report.rank]
     return {"rank": report.rank, "failed_step": report.step, "error": report.error[:2000],
-            "sample_ids": [list(i) for i in report.sample_ids]}
+            "sample_ids": [list(i) for i in report.sample_ids],
+            "peers_ended_after_s": round(max(others) - report.at, 3) if others else None}
 
 
 @dataclass(eq=False)
@@ -321,12 +324,12 @@ class ElasticGroup:
                                   if o.expert_loads is not None), None)
                     return GroupResult(final, loads)
                 if failed or any(o.status in ("broken", "error") for o in outcomes.values()):
-                    decision = self.failure_policy.decide(
-                        [o.report for o in outcomes.values() if o.report is not None])
+                    reports = [o.report for o in outcomes.values() if o.report is not None]
+                    decision = self.failure_policy.decide(reports)
                     if decision.action is Action.STOP:
-                        raise self._stop_on_error(decision)
+                        raise self._stop_on_error(decision, reports)
                     if decision.report is not None:
-                        self._record_step_error(decision)
+                        self._record_step_error(decision, reports)
                     # an error is retried without spending the failure budget; a worker that
                     # died is a fault whatever else happened
                     self._recover(outcomes, failed,
@@ -472,11 +475,11 @@ class ElasticGroup:
                             values["val_mtp_loss"])
 
     # ------------------------------------------------------------------ membership changes
-    def _stop_on_error(self, decision: Decision) -> StepError:
+    def _stop_on_error(self, decision: Decision, reports: list[StepReport]) -> StepError:
         report = decision.report
         assert report is not None
         self.coordinator.record_event("stopped_on_error", self.logged_step,
-                                      **_report_detail(report))
+                                      **_report_detail(report, reports))
         samples = ", ".join(f"({e}, {i})" for e, i in report.sample_ids) or "not known"
         lines = [f"step {report.step} failed on rank {report.rank} with an error in the run's "
                  f"own code or data, again after a retry (not a lost worker; no failure budget "
@@ -488,13 +491,14 @@ class ElasticGroup:
             lines.append(report.traceback.rstrip())
         return StepError("\n".join(lines))
 
-    def _record_step_error(self, decision: Decision) -> None:
+    def _record_step_error(self, decision: Decision, reports: list[StepReport]) -> None:
         report = decision.report
         assert report is not None
         logger.warning("step %d raised on rank %d (%s): %s", report.step, report.rank,
                        report.kind.value, decision.reason)
         self.coordinator.record_event("step_error", self.logged_step,
-                                      error_kind=report.kind.value, **_report_detail(report))
+                                      error_kind=report.kind.value,
+                                      **_report_detail(report, reports))
 
     def _recover(self, outcomes: dict[Member, TrainOutcome], failed: list[Member],
                  count_failure: bool = True) -> None:

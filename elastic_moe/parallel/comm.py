@@ -15,22 +15,33 @@ collectives return as soon as the group knows a member is gone. So
   one, destroys the groups (``destroy_process_group`` changes torch's global group registry,
   which must not change under a thread that is using it).
 
-Gloo's groups are not aborted: the call finds no NCCL communicator and returns 0, and the
-collective fails when the lost peer's connection closes, as before. The same code path (the
-group's abort request, the worker's epoch check, this function) runs on both backends.
+Gloo's groups are not aborted by :func:`abort_communicators`: the call finds no NCCL
+communicator and returns 0, and the collective fails when the lost peer's connection closes, as
+before. The same code path (the group's abort request, the worker's epoch check, this function)
+runs on both backends.
+
+A rank whose *own* step raised is the other case: it is alive, so nothing closes its connections,
+and its peers wait in their next collective until the timeout. Torch's gloo backend has no abort
+that closes connections (``abort()`` and ``destroy_process_group`` leave the sockets open while
+anything still refers to the group; only process exit closes them). :class:`GlooLinks` finds the
+TCP connections this process's gloo groups opened and shuts them down, which is what a peer sees
+when the process exits ("Connection closed by peer"), without ending the process.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SURVIVOR_NCCL_ENV", "abort_communicators", "process_group_backend", "survivor_nccl_env"]
+__all__ = ["SURVIVOR_NCCL_ENV", "GlooLinks", "abort_communicators", "process_group_backend",
+           "survivor_nccl_env"]
 
 SURVIVOR_NCCL_ENV = {
     # 2 = CleanUpOnly: on a timeout or error the watchdog aborts the communicators and the work
@@ -105,3 +116,103 @@ def abort_communicators() -> int:
     finally:
         backends[0]._group_end()
     return aborted
+
+
+def _socket_inodes() -> dict[int, str]:
+    """This process's socket file descriptors and their inodes (``socket:[N]``)."""
+    sockets = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # closed since the listing
+            continue
+        if target.startswith("socket:"):
+            sockets[int(name)] = target
+    return sockets
+
+
+def _endpoints(fd: int) -> tuple[bool, tuple[str, int] | None, tuple[str, int] | None] | None:
+    """(listening, local, remote) of a TCP socket fd; None for any other kind of socket."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) \
+                or sock.type != socket.SOCK_STREAM:
+            return None
+        listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        local = sock.getsockname()[:2]
+        try:
+            remote = sock.getpeername()[:2]
+        except OSError:  # not connected
+            remote = None
+        return listening, local, remote
+    finally:
+        sock.close()  # the duplicate only: the socket itself stays open
+
+
+class GlooLinks:
+    """The TCP connections of the gloo process groups this process opens between
+    :meth:`opening` and :meth:`collect`, so that :meth:`shut_down` can close them.
+
+    Gloo's pairs are found by their endpoints, not by when they were opened (Ray opens sockets
+    of its own at any time): every rank publishes the ports its gloo groups listen on, and a
+    pair is a connection that was accepted on one of this rank's listeners or that reaches
+    another rank's. The listeners themselves are left open (gloo's accept loop ends the process
+    when its listener fails), and so is the rendezvous store's connection (``store_port``).
+    """
+
+    def __init__(self) -> None:
+        self._before: set[str] = set()
+        self._links: dict[int, str] = {}  # fd -> inode, checked again before a shutdown
+
+    def opening(self) -> None:
+        """Call right before the process groups are created."""
+        self._before = set(_socket_inodes().values())
+        self._links = {}
+
+    def collect(self, store_port: int) -> int:
+        """Call once every group of the layout exists, on every rank (one all-gather over the
+        default group). Returns how many connections were found."""
+        fresh = {fd: inode for fd, inode in _socket_inodes().items() if inode not in self._before}
+        found = {fd: _endpoints(fd) for fd in fresh}
+        ends = {fd: e for fd, e in found.items() if e is not None}
+        own = [local for listening, local, _ in ends.values()
+               if listening and local is not None and local[1] != store_port]
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, own)
+        listeners = {tuple(addr) for addrs in everyone for addr in addrs}
+        # a listener on every interface is reached at one of them: match it by its port
+        wildcard = {port for host, port in listeners if host in ("0.0.0.0", "::")}
+        own_ports = {port for _, port in own}
+        self._links = {}
+        for fd, (listening, local, remote) in ends.items():
+            if listening or remote is None or store_port in (local[1], remote[1]):
+                continue
+            if local[1] in own_ports or tuple(remote) in listeners or remote[1] in wildcard:
+                self._links[fd] = fresh[fd]
+        return len(self._links)
+
+    def shut_down(self) -> int:
+        """Shut down every connection found (both directions), from any thread: the peers'
+        pending and next collectives fail at once, and so do this rank's. Returns how many
+        were shut down."""
+        current = _socket_inodes()
+        closed = 0
+        for fd, inode in self._links.items():
+            if current.get(fd) != inode:  # gloo closed it (and the number may be reused)
+                continue
+            try:
+                sock = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                closed += 1
+            except OSError:  # already disconnected
+                pass
+            finally:
+                sock.close()
+        self._links = {}
+        return closed

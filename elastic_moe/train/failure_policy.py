@@ -14,6 +14,7 @@ members' reports (it is pure apart from remembering which steps were already ret
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,7 @@ class StepReport:
     traceback: str = ""
     sample_ids: list[Any] = field(default_factory=list)  # (epoch, index) of the batch, if known
     memory: str = ""  # OOM only: what the rank used and had
+    at: float = field(default_factory=time.time)  # when this rank's step ended
 
 
 class Action(str, enum.Enum):

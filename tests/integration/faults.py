@@ -1,4 +1,5 @@
-"""Faults the tests hand to production code from outside: a checkpoint writer that dies."""
+"""Faults the tests hand to production code from outside: a checkpoint writer that dies, and
+model code that raises or produces a non-finite gradient at a chosen step (``wrap_model``)."""
 
 from __future__ import annotations
 
@@ -60,5 +61,32 @@ def die_during_save(step: int, rank: int):
         if save_step == step and dist.get_rank() == rank:
             return DyingWriter(writer)
         return writer
+
+    return wrap
+
+
+class PlantedBug(Exception):
+    """The exception planted in model code: the run must report it, not retry it as a fault."""
+
+
+def _middle_module(model):  # type: ignore[no-untyped-def]
+    """A block in the middle of the model: the step raises after some collectives ran."""
+    layers = getattr(model, "layers", None)
+    return layers[len(layers) // 2] if layers is not None and len(layers) else model
+
+
+def raise_in_forward(step: int, rank: int):
+    """A ``wrap_model`` argument: on ``rank``, the forward of step ``step`` raises, every time
+    that step is run (a bug that the retry does not cure)."""
+
+    def wrap(model, model_rank, current_step):  # type: ignore[no-untyped-def]
+        if model_rank != rank:
+            return
+
+        def hook(module, args):  # type: ignore[no-untyped-def]
+            if current_step() == step:
+                raise PlantedBug(f"planted bug in model code at step {step} on rank {rank}")
+
+        _middle_module(model).register_forward_pre_hook(hook)
 
     return wrap

@@ -99,3 +99,46 @@ def test_out_of_vocabulary_token_stops_the_run_with_its_shard_and_row(tmp_path):
     # the traceback (here the data reader's, as Ray relays it) is printed once, not per attempt
     text = proc.stdout + proc.stderr
     assert text.count("raise BadSampleError(") == 1, text[-6000:]
+
+
+def test_exception_in_model_code_stops_the_run_and_peers_end_at_once(tmp_path):
+    """A bug in model code (planted from outside through ``wrap_model``) raises on rank 1 in the
+    middle of the forward of step 4, every time. Rank 0 is then blocked in a collective with it:
+    rank 1 closes its connections, so rank 0's step ends within 2 s, not at the 20 s collective
+    timeout. The group retries the step once, then stops with exit code 3, the traceback and
+    the step's samples, and no failure budget spent."""
+    import ray
+    from elastic_moe.actors.training import run_training
+
+    from tests.integration.elastic_helpers import tiny_config
+    from tests.integration.faults import raise_in_forward
+
+    cfg = tiny_config(tmp_path, steps=8, every=2, extra=["train.eval_every=0"])
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="elastic-moe",
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}})
+    try:
+        started = time.time()
+        result = run_training(cfg, "model-bug", output_dir=str(tmp_path),
+                              wrap_model=raise_in_forward(step=4, rank=1))
+        elapsed = time.time() - started
+    finally:
+        ray.shutdown()
+    events = result.coordinator_state["events"]
+    retried = [e for e in events if e["kind"] == "step_error"]
+    stopped = [e for e in events if e["kind"] == "stopped_on_error"]
+    print(f"\nstopped after {elapsed:.1f} s; peers ended "
+          f"{[e['peers_ended_after_s'] for e in retried + stopped]} s after the raise")
+    assert not result.ok and result.exit_code == 3, result.error
+    assert "PlantedBug: planted bug in model code at step 4 on rank 1" in result.error
+    assert "step 4 failed on rank 1" in result.error and "samples (epoch, index)" in result.error
+    assert "register_forward_pre_hook" not in result.error and "in hook" in result.error, \
+        result.error  # the worker's own traceback, printed once
+    assert len(retried) == 1 and retried[0]["failed_step"] == 4 and retried[0]["rank"] == 1
+    assert len(stopped) == 1 and stopped[0]["failed_step"] == 4
+    assert len(stopped[0]["sample_ids"]) == cfg.train.global_batch_size // 2, stopped[0]
+    for event in retried + stopped:  # the peer's collective ended at once, both times
+        assert event["peers_ended_after_s"] is not None
+        assert event["peers_ended_after_s"] < 2.0, event
+    assert not [e for e in events if e["kind"] == "worker_lost"], events
+    assert result.coordinator_state["last_step"] == 3
+    assert stopped[0]["time"] - retried[0]["time"] < 30.0
