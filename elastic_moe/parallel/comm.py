@@ -131,7 +131,7 @@ def _socket_inodes() -> dict[int, str]:
     return sockets
 
 
-def _endpoints(fd: int) -> tuple[bool, tuple[str, int] | None, tuple[str, int] | None] | None:
+def _endpoints(fd: int) -> tuple[bool, tuple[str, int], tuple[str, int] | None] | None:
     """(listening, local, remote) of a TCP socket fd; None for any other kind of socket."""
     try:
         sock = socket.socket(fileno=os.dup(fd))
@@ -179,7 +179,7 @@ class GlooLinks:
         found = {fd: _endpoints(fd) for fd in fresh}
         ends = {fd: e for fd, e in found.items() if e is not None}
         own = [local for listening, local, _ in ends.values()
-               if listening and local is not None and local[1] != store_port]
+               if listening and local[1] != store_port]
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, own)
         listeners = {tuple(addr) for addrs in everyone for addr in addrs}
