@@ -77,15 +77,23 @@ class EpochSpec:
     node_of_rank: list[str]  # node id of every rank (buddies go to another node)
     restore: str  # "shards" | "checkpoint" | "fresh"
     checkpoint_step: int | None = None  # with restore="checkpoint"
+    # a rollback: after restoring checkpoint_step, go on from this step and data position
+    # ({"step": s, "position": DataPosition dict}); the batches in between are skipped
+    skip_to: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
 class TrainOutcome:
-    status: str  # "finished" | "paused" | "broken" (a lost peer) | "error" (own code or data)
+    # "finished" | "paused" | "broken" (a lost peer) | "error" (own code or data) |
+    # "diverged" (train.max_skipped_steps non-finite steps in a row: roll back)
+    status: str
     step: int
     error: str | None = None
     expert_loads: Any = None  # [num_moe_layers, E] of the last step (finished only)
     report: StepReport | None = None  # "broken" and "error": why the step ended
+    # "diverged": the first skipped step and the data position after the last one
+    first_skipped: int | None = None
+    position: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -219,6 +227,8 @@ class TrainWorker:
             del shard_sets
         elif epoch.restore == "checkpoint" and epoch.checkpoint_step is not None:
             trainer.restore_from_checkpoint(epoch.checkpoint_step)
+            if epoch.skip_to is not None:
+                trainer.skip_to(epoch.skip_to["step"], epoch.skip_to["position"])
         elif cfg.checkpoint.init_from:  # a new run from published weights
             trainer.init_from_published(cfg.checkpoint.init_from)
         if self.spec.val_manifest and cfg.train.eval_every:
@@ -265,17 +275,31 @@ class TrainWorker:
         epoch = self.epoch
         trainer.pause_requested = False
         trainer.paused = False
-        trainer.start_stream()
         try:
+            if epoch.skip_to is not None and trainer.step >= cfg.train.steps:
+                self._checkpoint(epoch, trainer)  # rolled back at the last step: save that
+            else:
+                trainer.start_stream()
             while trainer.step < cfg.train.steps:
                 committed = trainer.train_one_step()
                 with self.lock:
                     self.progress.step = committed.step
                     self.progress.metrics.append((committed.step, committed.metrics))
                 if self.spec.sample_log_dir:
-                    self._log_samples(epoch, committed.step - 1, committed.sample_ids)
+                    self._log_samples(epoch, committed.step - 1, committed.sample_ids,
+                                      committed.skipped)
+                if committed.skipped and epoch.rank == 0:
+                    self.spec.coordinator.record_event(
+                        "step_skipped", committed.step, loss=committed.metrics["loss"],
+                        grad_norm=committed.metrics["grad_norm"],
+                        in_a_row=trainer.skipped_in_row)
                 trainer.maybe_snapshot()
-                trainer.maybe_checkpoint(self._on_commit)
+                if trainer.skipped_in_row >= cfg.train.max_skipped_steps:
+                    trainer.settle_peers()  # the group rolls back (no save of this state)
+                    return TrainOutcome("diverged", trainer.step,
+                                        first_skipped=trainer.first_skipped,
+                                        position=trainer.position.to_dict())
+                self._checkpoint(epoch, trainer)
                 if trainer.paused:
                     trainer.settle_peers()
                     return TrainOutcome("paused", trainer.step)
@@ -293,6 +317,11 @@ class TrainWorker:
             self._end_broken_step(trainer)
             return TrainOutcome("broken", trainer.step, error=error, report=StepReport(
                 epoch.rank, trainer.step + 1, kind, error, at=ended))
+
+    def _checkpoint(self, epoch: EpochSpec, trainer: Any) -> None:
+        if trainer.maybe_checkpoint(self._on_commit) == "nonfinite" and epoch.rank == 0:
+            self.spec.coordinator.record_event("checkpoint_not_saved", trainer.step,
+                                               reason="a model or optimizer tensor is not finite")
 
     def _end_broken_step(self, trainer: Any, close_links: bool = False) -> None:
         """After a step broke, for a fault or an error alike: keep the peer copies that arrive,
@@ -333,12 +362,13 @@ class TrainWorker:
     def _on_commit(self, step: int, path: str, state: Any) -> None:
         self.spec.coordinator.commit(step, path, state.data_position, state.tokens_seen)
 
-    def _log_samples(self, epoch: EpochSpec, step: int, ids: list[Any]) -> None:
+    def _log_samples(self, epoch: EpochSpec, step: int, ids: list[Any],
+                     skipped: bool = False) -> None:
         directory = self.spec.sample_log_dir
         assert directory is not None
         os.makedirs(directory, exist_ok=True)
         record = {"step": step, "epoch": epoch.epoch, "rank": epoch.rank, "time": time.time(),
-                  "ids": [list(i) for i in ids]}
+                  "ids": [list(i) for i in ids], "skipped": skipped}
         with open(os.path.join(directory, f"worker-{os.getpid()}.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 

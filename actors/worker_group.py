@@ -131,6 +131,13 @@ class OutOfCapacity(TrainingFailed):
     exit_code = 5
 
 
+class Diverged(TrainingFailed):
+    """Non-finite steps kept coming after ``train.max_rollbacks`` rollbacks, or there was no
+    checkpoint from before them to roll back to."""
+
+    exit_code = 6
+
+
 class StepError(TrainingFailed):
     """A step raised in the workers' own code or data, again after a retry (not a lost peer)."""
 
@@ -183,6 +190,8 @@ class ElasticGroup:
         self.epoch = 0
         self.failures = 0
         self.failure_policy = FailurePolicy()
+        self.skipped_steps = 0  # non-finite steps skipped so far (MLflow: skipped_steps)
+        self.rollbacks = 0
         self.logged_step = 0
         self.last_log_step = 0
         self.last_resize_check = time.time()
@@ -323,7 +332,10 @@ class ElasticGroup:
                     loads = next((o.expert_loads for o in outcomes.values()
                                   if o.expert_loads is not None), None)
                     return GroupResult(final, loads)
-                if failed or any(o.status in ("broken", "error") for o in outcomes.values()):
+                if not failed and outcomes \
+                        and any(o.status == "diverged" for o in outcomes.values()):
+                    self._roll_back(outcomes)
+                elif failed or any(o.status in ("broken", "error") for o in outcomes.values()):
                     reports = [o.report for o in outcomes.values() if o.report is not None]
                     decision = self.failure_policy.decide(reports)
                     if decision.action is Action.STOP:
@@ -456,6 +468,11 @@ class ElasticGroup:
             self.logged_step = step
             values = dict(values)
             committed_at = values.pop("committed_at", None)
+            if values.get("step_skipped"):
+                self.skipped_steps += 1
+                logger.warning("step %d skipped: loss %s, grad_norm %s (not finite)", step,
+                               values["loss"], values["grad_norm"])
+            values["skipped_steps"] = self.skipped_steps
             if self.metrics_log:
                 with open(self.metrics_log, "a") as f:
                     f.write(json.dumps({"step": step, "time": committed_at, "values": values})
@@ -552,6 +569,38 @@ class ElasticGroup:
                                        "failed_ranks": ranks,
                                        "failed_pids": [m.info["pid"] for m in failed]})
 
+    def _roll_back(self, outcomes: dict[Member, TrainOutcome]) -> None:
+        """``train.max_skipped_steps`` non-finite steps in a row (the vote makes every rank see
+        the same ones): restore the newest committed checkpoint from before them and skip the
+        batches since (PaLM, sec. 5.1), or fail when the rollback budget is spent."""
+        from elastic_moe.checkpoint import Checkpointer
+
+        detected = time.time()
+        diverged = next(o for o in outcomes.values() if o.status == "diverged")
+        first, step = diverged.first_skipped or diverged.step, diverged.step
+        committed = Checkpointer(self.spec.checkpoint_dir, async_save=False).committed_steps()
+        # a checkpoint at first - 1 holds the very state the skipped steps started from
+        target = max((c for c in committed if c < first - 1), default=None)
+        self.rollbacks += 1
+        limit = self.cfg.train.max_rollbacks
+        what = (f"{step - first + 1} non-finite steps in a row (steps {first}-{step}, "
+                f"train.max_skipped_steps={self.cfg.train.max_skipped_steps})")
+        if self.rollbacks > limit or target is None:
+            self.coordinator.record_event("diverged", step, first_skipped=first,
+                                          rollbacks=self.rollbacks - 1)
+            raise Diverged(f"training diverged: {what}, and " + (
+                f"{limit} rollback(s) already spent (train.max_rollbacks)" if target is not None
+                else f"no committed checkpoint from before step {first - 1} to roll back to"))
+        logger.error("ROLLING BACK: %s; restoring checkpoint step %d and skipping the batches "
+                     "of steps %d-%d", what, target, target + 1, step)
+        self.coordinator.record_event("rollback", step, first_skipped=first, to_step=target,
+                                      skipped_batches=[target + 1, step])
+        self._form_epoch(survivors=list(self.members), sources=None, restore="checkpoint",
+                         checkpoint_step=target,
+                         skip_to={"step": step, "position": diverged.position},
+                         marks={"detected": detected}, restored_step=target,
+                         cause_detail={"restored_from": "checkpoint", "reason": "rollback"})
+
     def _grow(self, outcomes: dict[Member, TrainOutcome]) -> None:
         detected = time.time()
         if self.cfg.elastic.recovery == "restart":
@@ -599,7 +648,8 @@ class ElasticGroup:
 
     def _form_epoch(self, *, survivors: list[Member], sources: list[Any] | None, restore: str,
                     marks: dict[str, float], restored_step: int,
-                    cause_detail: dict[str, Any], checkpoint_step: int | None = None) -> None:
+                    cause_detail: dict[str, Any], checkpoint_step: int | None = None,
+                    skip_to: dict[str, Any] | None = None) -> None:
         """Choose members and plan, rendezvous everyone in a new group, fill the new layout."""
         if len(survivors) + len(self.joiners) < self.cfg.parallel.min_workers:
             self.members = survivors
@@ -623,7 +673,7 @@ class ElasticGroup:
             spec = EpochSpec(epoch=self.epoch, rank=rank, world_size=world,
                              plan=plan.to_dict(), master_addr=master.info["ip"],
                              master_port=port, node_of_rank=nodes, restore=restore,
-                             checkpoint_step=checkpoint_step)
+                             checkpoint_step=checkpoint_step, skip_to=skip_to)
             calls.append(member.handle.join.remote(spec, sources))
         try:
             joined = ray.get(calls, timeout=max(120.0, self.cfg.elastic.collective_timeout_s * 2))
@@ -638,7 +688,8 @@ class ElasticGroup:
                                            for k, v in marks.items()})
         pause_s = marks["rebuilt"] - marks["detected"]
         step = joined[0]["step"]
-        if checkpoint_step is not None and step < checkpoint_step:  # the workers said why
+        if checkpoint_step is not None and skip_to is None \
+                and step < checkpoint_step:  # the workers said why
             reason = (f"committed checkpoint step {checkpoint_step} unusable; restored step "
                       f"{step}")
             logger.error("%s", reason)

@@ -142,6 +142,11 @@ class TrainConfig:
     # What happens to the global batch when the data-parallel size changes: "constant_batch"
     # keeps it (grad accumulation adapts), "scale_lr" keeps the per-rank batch and scales LR.
     resize_policy: Literal["constant_batch", "scale_lr"] = "constant_batch"
+    # A step with a non-finite loss or gradient norm on any rank is skipped on every rank. After
+    # this many skipped in a row the group rolls back to the last checkpoint from before them
+    # and skips the batches since (PaLM's answer to loss spikes).
+    max_skipped_steps: int = 5
+    max_rollbacks: int = 2  # rollbacks a run survives before it fails as diverged (exit 6)
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "log_freq",
@@ -154,6 +159,9 @@ class TrainConfig:
                  f"must be in [0, lr={self.lr}]")
         _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         _require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _require(self.max_skipped_steps >= 1, "max_skipped_steps", self.max_skipped_steps,
+                 "must be >= 1")
+        _require(self.max_rollbacks >= 0, "max_rollbacks", self.max_rollbacks, "must be >= 0")
         _require(self.mtp_loss_weight >= 0, "mtp_loss_weight", self.mtp_loss_weight, "must be >= 0")
         _require(self.mixed_precision in ("bf16", "fp32"), "mixed_precision",
                  self.mixed_precision, "must be 'bf16' or 'fp32'")

@@ -186,6 +186,12 @@ def global_expert_loads(model: nn.Module, group: dist.ProcessGroup | None = None
 
 
 @torch.no_grad()
+def clear_expert_loads(model: nn.Module) -> None:
+    """Drop the load counts of a step that is not applied (no bias update from it)."""
+    for layer in moe_layers(model):
+        layer.tokens_per_expert.zero_()
+
+
 def apply_router_bias_update(model: nn.Module, loads_LE: torch.Tensor, speed: float,
                              ) -> tuple[dict[str, float], torch.Tensor]:
     """One aux-loss-free bias update per MoE layer from the global loads (local, no collective).

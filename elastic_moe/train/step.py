@@ -3,6 +3,10 @@
 The schedule is DeepSeek-V3's shape (sec. 4.2) simplified: linear warmup, then cosine decay to
 ``min_lr``. Aux-loss-free bias updates happen after the optimizer step with loads summed over the
 global batch (all ranks).
+
+A step whose loss or gradient norm is not finite on any rank is skipped on every rank (the commit
+vote carries each rank's flag): gradients are dropped, and no parameter, Adam moment or router
+bias changes, as Megatron-Core and torchtitan refuse to apply a non-finite step.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from elastic_moe.config import ModelConfig, TrainConfig
-from elastic_moe.model.moe import apply_router_bias_update, global_expert_loads, moe_layers
+from elastic_moe.model.moe import (
+    apply_router_bias_update,
+    clear_expert_loads,
+    global_expert_loads,
+    moe_layers,
+)
 from elastic_moe.parallel.expert_parallel import reduce_expert_grads
 from elastic_moe.parallel.fsdp import mixed_precision_dtype
 
@@ -67,11 +76,13 @@ class StepMetrics:
     seconds: float
     expert_stats: dict[str, float] = field(default_factory=dict)
     expert_loads: torch.Tensor | None = None  # [num_moe_layers, E], global batch
+    skipped: bool = False  # non-finite on some rank: nothing was applied
 
     def as_dict(self) -> dict[str, float]:
         out = {"loss": self.loss, "lm_loss": self.lm_loss, "mtp_loss": self.mtp_loss,
                "balance_loss": self.balance_loss, "grad_norm": self.grad_norm, "lr": self.lr,
-               "tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+               "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+               "step_skipped": float(self.skipped)}
         out.update(self.expert_stats)
         return out
 
@@ -151,7 +162,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                model_cfg: ModelConfig, *, dp_size: int = 1,
                group: dist.ProcessGroup | None = None,
                batch_fraction: float | None = None,
-               commit_vote: Callable[[], None] | None = None) -> StepMetrics:
+               commit_vote: Callable[[bool], bool] | None = None) -> StepMetrics:
     """Run one optimizer step over this rank's micro-batches of the global batch.
 
     ``batch_fraction`` is this rank's share of the global batch (its sequences / global batch
@@ -162,6 +173,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     global batch's sequences -- equal to the single-process step on the same batch. Reported
     losses are the same weighted means, summed over ``group`` (default: the whole world);
     ``tokens`` is the global batch's token count.
+
+    ``commit_vote(nonfinite)`` is the step's last collective, after the gradients are reduced:
+    it takes this rank's non-finite flag and returns whether every rank may apply the step.
+    Without a vote the step is skipped when it is non-finite here.
     """
     start = time.perf_counter()
     if batch_fraction is None:
@@ -202,8 +217,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     grad_norm = clip_grad_norm(model.parameters(), train_cfg.grad_clip)
     loads_LE = global_expert_loads(model, group)
     totals = _sum_over_ranks(sums, group)
-    if commit_vote is not None:
-        commit_vote()
+    nonfinite = not (math.isfinite(float(sums[0])) and math.isfinite(float(totals[0]))
+                     and math.isfinite(float(grad_norm)))
+    apply = commit_vote(nonfinite) if commit_vote is not None else not nonfinite
+    if not apply:
+        optimizer.zero_grad(set_to_none=True)
+        clear_expert_loads(model)
+        return StepMetrics(step=step, loss=float(totals[0]), lm_loss=float(totals[1]),
+                           mtp_loss=float(totals[2]), balance_loss=float(totals[3]),
+                           grad_norm=float(grad_norm), lr=lr, tokens=int(totals[4]),
+                           seconds=time.perf_counter() - start, skipped=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     expert_stats, loads = apply_router_bias_update(model, loads_LE, model_cfg.bias_update_speed)

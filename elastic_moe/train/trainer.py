@@ -57,6 +57,7 @@ class CommittedStep:
     step: int  # steps completed, 1-based like MLflow's step axis
     metrics: dict[str, float]
     sample_ids: list[tuple[int, int]] = field(default_factory=list)
+    skipped: bool = False  # non-finite somewhere: consumed its batch, changed nothing
 
 
 class Trainer:
@@ -85,6 +86,10 @@ class Trainer:
         self.pause_requested = False
         self.paused = False
         self.current_sample_ids: list[Any] = []  # (epoch, index) of the step being run
+        # non-finite steps skipped in a row (every rank counts the same: the vote decides) and
+        # the first of them; the worker asks for a rollback at train.max_skipped_steps
+        self.skipped_in_row = 0
+        self.first_skipped: int | None = None
         self.last_metrics: StepMetrics | None = None
         self.val_batches: list[dict[str, Any]] | None = None
         # committed steps' metrics the launcher has not written down yet (it acknowledges the
@@ -192,15 +197,18 @@ class Trainer:
         return shards
 
     # ------------------------------------------------------------------ step
-    def _any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any rank (one MAX all-reduce; local alone)."""
-        value = torch.tensor([1.0 if flag else 0.0])
+    def _any_rank(self, *flags: bool) -> list[bool]:
+        """Whether each of ``flags`` is set on any rank (one MAX all-reduce; local alone)."""
+        value = torch.tensor([1.0 if flag else 0.0 for flag in flags])
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
+        return [bool(v > 0) for v in value.tolist()]
 
-    def _vote(self) -> None:
-        self.paused = self._any_rank(self.pause_requested)
+    def _vote(self, nonfinite: bool) -> bool:
+        """The commit vote: carries the pause request and this rank's non-finite flag; returns
+        whether the step is applied (finite on every rank)."""
+        self.paused, skip = self._any_rank(self.pause_requested, nonfinite)
+        return not skip
 
     def _take_batch(self) -> dict[str, Any]:
         """This rank's batch, once every rank has its own: a rank whose batch failed (bad data,
@@ -214,7 +222,7 @@ class Trainer:
             batch = self.batches.take()
         except Exception as exc:  # raised below, after the peers know
             error = exc
-        if self._any_rank(error is not None) and error is None:
+        if self._any_rank(error is not None)[0] and error is None:
             raise PeerStepError(f"step {self.step + 1}: another rank's batch failed")
         if error is not None:
             raise error
@@ -235,10 +243,19 @@ class Trainer:
                              self.train_cfg, self.cfg.model,
                              batch_fraction=len(ids) / self.global_batch,
                              commit_vote=self._vote)
-        # committed: everything below is local
+        # committed (applied, or skipped on every rank): everything below is local
         self.step += 1
         self.position = position
-        self.tokens_seen += metrics.tokens
+        if metrics.skipped:
+            self.skipped_in_row += 1
+            self.first_skipped = self.first_skipped or self.step
+            logger.warning("step %d skipped on every rank: loss %s, grad_norm %s (%d in a row); "
+                           "its samples (epoch, index) on rank %d: %s", self.step, metrics.loss,
+                           metrics.grad_norm, self.skipped_in_row, self.rank,
+                           [tuple(i) for i in ids])
+        else:
+            self.skipped_in_row, self.first_skipped = 0, None
+            self.tokens_seen += metrics.tokens
         self.last_metrics = metrics
         values = metrics.as_dict()
         tflops = self.flops_per_token * metrics.tokens / max(metrics.seconds, 1e-9) / 1e12
@@ -252,7 +269,8 @@ class Trainer:
         if self.val_batches is not None and eval_every and self.step % eval_every == 0:
             values.update(self._evaluate())  # one record per step: val losses ride with it
         self.unlogged_metrics.append((self.step, values))
-        return CommittedStep(step=self.step, metrics=values, sample_ids=list(ids))
+        return CommittedStep(step=self.step, metrics=values, sample_ids=list(ids),
+                             skipped=metrics.skipped)
 
     def start_stream(self) -> None:
         self.batches.request(self.position)
@@ -263,11 +281,34 @@ class Trainer:
         self.unlogged_metrics = [(s, m) for s, m in self.unlogged_metrics if s > logged]
         return list(self.unlogged_metrics)
 
-    def maybe_checkpoint(self, on_commit: Callable[[int, str, TrainState], None] | None) -> bool:
+    def _state_finite(self) -> bool:
+        """Whether every parameter, buffer and optimizer tensor of this rank is finite."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        for state in self.optimizer.state.values():
+            tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+        for tensor in tensors:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                return False
+        return True
+
+    def maybe_checkpoint(self, on_commit: Callable[[int, str, TrainState], None] | None) -> str:
         """Save when the checkpointer says it is due; ``on_commit(step, path, state)`` runs on
-        rank 0 once the checkpoint is committed."""
-        if not self.checkpointer.due(self.step, self.cfg.train.steps):
-            return False
+        rank 0 once the checkpoint is committed. Returns "saved", "not_due", or "nonfinite"
+        (a tensor on some rank is not finite: nothing is written, so no committed checkpoint
+        ever holds one, and retention never trades a finite checkpoint for it).
+
+        While non-finite steps are being skipped the state is the one before the first of them;
+        periodic saves wait, so that retention keeps the checkpoints from before the skipping
+        (the rollback's sources) rather than copies of the same state."""
+        final = self.step == self.cfg.train.steps
+        if not self.checkpointer.due(self.step, self.cfg.train.steps) \
+                or (self.skipped_in_row and not final):
+            return "not_due"
+        if self._any_rank(not self._state_finite())[0]:
+            logger.error("step %d: a model or optimizer tensor is not finite; the checkpoint is "
+                         "not written", self.step)
+            return "nonfinite"
         state = TrainState(step=self.step, tokens_seen=self.tokens_seen,
                            data_position=self.position.to_dict(), mesh_plan=self.plan.to_dict(),
                            model_config=dataclasses.asdict(self.cfg.model),
@@ -277,4 +318,10 @@ class Trainer:
             def callback(step: int, path: str) -> None:
                 on_commit(step, path, state)
         self.checkpointer.save(self.step, self.model, self.optimizer, state, on_commit=callback)
-        return True
+        return "saved"
+
+    def skip_to(self, step: int, position: dict[str, Any]) -> None:
+        """After a rollback: keep the restored weights but go on from ``step`` at ``position``;
+        the batches in between are skipped (they were trained into the state thrown away)."""
+        self.step, self.position = step, DataPosition.from_dict(position)
+        self.skipped_in_row, self.first_skipped = 0, None

@@ -90,3 +90,31 @@ def raise_in_forward(step: int, rank: int):
         _middle_module(model).register_forward_pre_hook(hook)
 
     return wrap
+
+
+def nan_gradient(step: int, rank: int):
+    """A ``wrap_model`` argument: on ``rank``, the backward of step ``step`` turns one block's
+    input gradient into NaN. The loss stays finite there; only the gradient is poisoned."""
+    import torch
+
+    class _PoisonGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[no-untyped-def]
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[no-untyped-def]
+            return torch.full_like(grad, float("nan"))
+
+    def wrap(model, model_rank, current_step):  # type: ignore[no-untyped-def]
+        if model_rank != rank:
+            return
+
+        def hook(module, args, output):  # type: ignore[no-untyped-def]
+            if current_step() == step:
+                return _PoisonGrad.apply(output)
+            return None
+
+        _middle_module(model).register_forward_hook(hook)
+
+    return wrap
