@@ -52,13 +52,14 @@ class DataWorkerCore:
 
     def __init__(self, manifest_path: str, global_batch_size: int, dp_size: int = 1,
                  position: dict[str, Any] | None = None, seed: int = 0, prefetch: int = 4,
-                 ranks: list[int] | None = None) -> None:
+                 ranks: list[int] | None = None, skip_bad: bool = False) -> None:
         """``global_batch_size``/``dp_size``/``position``/``ranks`` set up the cursor API only
         (``ranks``: the dp ranks this worker serves, default all; with several workers the run's
         position is the minimum of their ``state()`` positions). ``batch_at`` ignores them."""
         if prefetch < 0:
             raise ValueError(f"prefetch={prefetch!r}: must be >= 0")
         self.dataset = TokenDataset(manifest_path)
+        self.skip_bad = skip_bad  # data.bad_samples="skip": leave bad sequences out, listed
         self.global_batch_size = global_batch_size
         self.prefetch = prefetch
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="data-prefetch")
@@ -85,7 +86,7 @@ class DataWorkerCore:
         epoch, index = divmod(offset, self.dataset.num_sequences)
         ids = batch_sample_ids(DataPosition(epoch=epoch, index=index, seed=seed),
                                self.dataset.num_sequences, global_batch, rank, dp_size)
-        return make_batch(self.dataset, ids)
+        return make_batch(self.dataset, ids, skip_bad=self.skip_bad)
 
     def _future(self, key: _Key) -> Future:
         fut = self._cache.get(key)
@@ -181,8 +182,8 @@ DataWorker = ray.remote(num_cpus=0, max_concurrency=16)(DataWorkerCore)  # type:
 
 
 def start_data_workers(run_name: str, manifest_path: str, count: int, prefetch: int,
-                       global_batch_size: int, namespace: str | None = None
-                       ) -> list[ray.actor.ActorHandle]:
+                       global_batch_size: int, namespace: str | None = None,
+                       skip_bad: bool = False) -> list[ray.actor.ActorHandle]:
     """The run's ``count`` data workers (named ``<run>-data-<i>``; reused if they exist).
 
     Training asks them by position (``batch_at``), so they hold nothing that must survive: Ray
@@ -191,5 +192,6 @@ def start_data_workers(run_name: str, manifest_path: str, count: int, prefetch: 
     return [DataWorker.options(  # type: ignore[attr-defined]
         name=f"{run_name}-data-{i}", namespace=namespace, get_if_exists=True,
         max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD",
-    ).remote(manifest_path, global_batch_size=global_batch_size, prefetch=prefetch)
+    ).remote(manifest_path, global_batch_size=global_batch_size, prefetch=prefetch,
+             skip_bad=skip_bad)
         for i in range(count)]

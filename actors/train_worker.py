@@ -287,7 +287,7 @@ class TrainWorker:
                     self.progress.metrics.append((committed.step, committed.metrics))
                 if self.spec.sample_log_dir:
                     self._log_samples(epoch, committed.step - 1, committed.sample_ids,
-                                      committed.skipped)
+                                      committed.skipped, committed.bad_sample_ids)
                 if committed.skipped and epoch.rank == 0:
                     self.spec.coordinator.record_event(
                         "step_skipped", committed.step, loss=committed.metrics["loss"],
@@ -362,13 +362,16 @@ class TrainWorker:
     def _on_commit(self, step: int, path: str, state: Any) -> None:
         self.spec.coordinator.commit(step, path, state.data_position, state.tokens_seen)
 
-    def _log_samples(self, epoch: EpochSpec, step: int, ids: list[Any],
-                     skipped: bool = False) -> None:
+    def _log_samples(self, epoch: EpochSpec, step: int, ids: list[Any], skipped: bool,
+                     bad: list[Any]) -> None:
+        """Audit record of the samples a committed step consumed, in stream order: ``ids``
+        (trained, or all skipped with the step) and ``bad`` (left out by data.bad_samples)."""
         directory = self.spec.sample_log_dir
         assert directory is not None
         os.makedirs(directory, exist_ok=True)
         record = {"step": step, "epoch": epoch.epoch, "rank": epoch.rank, "time": time.time(),
-                  "ids": [list(i) for i in ids], "skipped": skipped}
+                  "ids": [list(i) for i in ids], "skipped": skipped,
+                  "bad": [list(i) for i in bad]}
         with open(os.path.join(directory, f"worker-{os.getpid()}.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 

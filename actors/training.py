@@ -140,7 +140,8 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     use_gpu = bool(ray.cluster_resources().get("GPU", 0))
     data_readers = data_worker_mod.start_data_workers(
         run_name, manifest, cfg.data.num_workers, cfg.data.prefetch,
-        cfg.train.global_batch_size, namespace=coordinator_mod.NAMESPACE)
+        cfg.train.global_batch_size, namespace=coordinator_mod.NAMESPACE,
+        skip_bad=cfg.data.bad_samples == "skip")
     spec = WorkerSpec(cfg=cfg, run_name=run_name, checkpoint_dir=checkpoint_dir,
                       coordinator=coordinator, data_readers=data_readers,
                       threads_per_worker=threads_per_worker, sample_log_dir=sample_log_dir,

@@ -181,12 +181,18 @@ class DataConfig:
     tokenizer_vocab_size: int = 102400  # BPE vocab when a tokenizer is trained on the corpus
     num_workers: int = 1  # data-worker actors
     prefetch: int = 4  # batches each consumer keeps in flight
+    # A sequence that cannot be trained on (a token id >= the manifest's vocab_size): "stop"
+    # the run (exit 3, naming shard, row and value), or "skip" it -- the step trains on the rest
+    # of its batch, and the sample is counted (MLflow bad_samples) and named in the log.
+    bad_samples: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
         _require(self.tokenizer_vocab_size >= 260, "tokenizer_vocab_size",
                  self.tokenizer_vocab_size, "must be >= 260 (256 bytes + special tokens)")
         _require(self.num_workers > 0, "num_workers", self.num_workers, "must be positive")
         _require(self.prefetch >= 0, "prefetch", self.prefetch, "must be >= 0")
+        _require(self.bad_samples in ("stop", "skip"), "bad_samples", self.bad_samples,
+                 "must be 'stop' or 'skip'")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -126,7 +126,8 @@ def advance(position: DataPosition, global_batch_size: int, num_sequences: int,
     return DataPosition(epoch=epoch, index=index, seed=position.seed)
 
 
-def make_batch(dataset: Any, sample_ids: list[tuple[int, int]]) -> dict[str, Any]:
+def make_batch(dataset: Any, sample_ids: list[tuple[int, int]],
+               skip_bad: bool = False) -> dict[str, Any]:
     """Gather a batch from a :class:`~elastic_moe.data.shards.TokenDataset`.
 
     Returns torch tensors ``input_ids (B, S) int64`` (tokens 0..S-1), ``labels (B, S) int64``
@@ -134,19 +135,36 @@ def make_batch(dataset: Any, sample_ids: list[tuple[int, int]]) -> dict[str, Any
     position within its sequence: attend only where the ids are equal; a label crosses into the
     next document only at an EOS input, so it stays a valid target), and ``sample_ids`` (the
     ``(epoch, index)`` list, for bookkeeping and tests).
+
+    ``skip_bad``: a sequence the dataset refuses (``BadSampleError``) is left out of the batch
+    and listed in ``bad_samples`` as ``[(epoch, index), message]`` (without it, the error is
+    raised). A batch left with no sequence at all raises the first error.
     """
     import torch
+
+    from elastic_moe.data.shards import BadSampleError
 
     width = dataset.seq_len + 1
     tokens = np.empty((len(sample_ids), width), dtype=np.int64)
     docs = np.empty((len(sample_ids), width), dtype=np.int32)
-    for row, (_, idx) in enumerate(sample_ids):
-        tokens[row], docs[row] = dataset.sequence(idx)
+    kept: list[tuple[int, int]] = []
+    bad: list[tuple[tuple[int, int], str]] = []
+    for sample in sample_ids:
+        try:
+            tokens[len(kept)], docs[len(kept)] = dataset.sequence(sample[1])
+        except BadSampleError as exc:
+            if not skip_bad or len(bad) + 1 == len(sample_ids):
+                raise
+            bad.append((tuple(sample), str(exc)))  # type: ignore[arg-type]
+            continue
+        kept.append(sample)
+    rows = len(kept)
     return {
-        "input_ids": torch.from_numpy(tokens[:, :-1].copy()),
-        "labels": torch.from_numpy(tokens[:, 1:].copy()),
-        "doc_ids": torch.from_numpy(docs[:, :-1].copy()),
-        "sample_ids": list(sample_ids),
+        "input_ids": torch.from_numpy(tokens[:rows, :-1].copy()),
+        "labels": torch.from_numpy(tokens[:rows, 1:].copy()),
+        "doc_ids": torch.from_numpy(docs[:rows, :-1].copy()),
+        "sample_ids": kept,
+        "bad_samples": bad,
     }
 
 
@@ -156,5 +174,6 @@ def split_batch(batch: dict[str, Any], micro_batch_size: int) -> list[dict[str, 
     if micro_batch_size <= 0:
         raise ValueError(f"micro_batch_size={micro_batch_size!r}: must be positive")
     rows = len(batch["sample_ids"])
-    return [{key: value[i:i + micro_batch_size] for key, value in batch.items()}
+    return [{key: value[i:i + micro_batch_size] for key, value in batch.items()
+             if key != "bad_samples"}  # the batch's, not a micro-batch's
             for i in range(0, rows, micro_batch_size)]

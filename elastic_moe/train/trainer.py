@@ -58,6 +58,7 @@ class CommittedStep:
     metrics: dict[str, float]
     sample_ids: list[tuple[int, int]] = field(default_factory=list)
     skipped: bool = False  # non-finite somewhere: consumed its batch, changed nothing
+    bad_sample_ids: list[tuple[int, int]] = field(default_factory=list)  # left out, this rank
 
 
 class Trainer:
@@ -222,11 +223,20 @@ class Trainer:
             batch = self.batches.take()
         except Exception as exc:  # raised below, after the peers know
             error = exc
-        if self._any_rank(error is not None)[0] and error is None:
+        bad = len(batch.get("bad_samples", [])) if batch is not None else 0
+        # one SUM all-reduce: any rank's error, and the sequences left out (data.bad_samples)
+        value = torch.tensor([1.0 if error is not None else 0.0, float(bad)])
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        if value[0] > 0 and error is None:
             raise PeerStepError(f"step {self.step + 1}: another rank's batch failed")
         if error is not None:
             raise error
         assert batch is not None
+        batch["bad_samples_total"] = int(value[1])
+        for sample, message in batch.get("bad_samples", []):
+            logger.warning("step %d: sample %s left out (data.bad_samples=skip): %s",
+                           self.step + 1, tuple(sample), message)
         return batch
 
     def train_one_step(self) -> CommittedStep:
@@ -238,10 +248,12 @@ class Trainer:
         if self.step + 1 < self.cfg.train.steps:
             self.batches.request(position)
         ids = batch["sample_ids"]
+        bad_total = batch.pop("bad_samples_total")
+        # the step's loss and gradient are means over the sequences it trains on
         metrics = train_step(self.model, self.optimizer,
                              split_batch(batch, self.cfg.train.micro_batch_size), self.step,
                              self.train_cfg, self.cfg.model,
-                             batch_fraction=len(ids) / self.global_batch,
+                             batch_fraction=len(ids) / (self.global_batch - bad_total),
                              commit_vote=self._vote)
         # committed (applied, or skipped on every rank): everything below is local
         self.step += 1
@@ -262,7 +274,8 @@ class Trainer:
         values["tflops_per_gpu"] = tflops / self.world_size
         if self.peak_tflops:
             values["mfu"] = values["tflops_per_gpu"] / self.peak_tflops
-        values.update(world_size=self.world_size, ep_degree=self.plan.expert_parallel_degree,
+        values.update(bad_samples=bad_total,
+                      world_size=self.world_size, ep_degree=self.plan.expert_parallel_degree,
                       tokens_seen=self.tokens_seen, data_wait_s=self.batches.last_wait_s,
                       committed_at=time.time())
         eval_every = self.cfg.train.eval_every
@@ -270,7 +283,8 @@ class Trainer:
             values.update(self._evaluate())  # one record per step: val losses ride with it
         self.unlogged_metrics.append((self.step, values))
         return CommittedStep(step=self.step, metrics=values, sample_ids=list(ids),
-                             skipped=metrics.skipped)
+                             skipped=metrics.skipped,
+                             bad_sample_ids=[tuple(s) for s, _ in batch.get("bad_samples", [])])
 
     def start_stream(self) -> None:
         self.batches.request(self.position)

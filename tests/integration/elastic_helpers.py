@@ -38,7 +38,9 @@ def consumed_samples(directory: str) -> dict[int, list[tuple[int, int]]]:
             for line in f:
                 rec = json.loads(line)
                 by_epoch = per_step.setdefault(rec["step"], {})
-                by_epoch.setdefault(rec["epoch"], {})[rec["rank"]] = [tuple(i) for i in rec["ids"]]
+                # sequences left out by data.bad_samples=skip were consumed too
+                by_epoch.setdefault(rec["epoch"], {})[rec["rank"]] = [
+                    tuple(i) for i in rec["ids"] + rec.get("bad", [])]
     out = {}
     for step, by_epoch in per_step.items():
         shares = by_epoch[max(by_epoch)]

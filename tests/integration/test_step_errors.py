@@ -142,3 +142,34 @@ def test_exception_in_model_code_stops_the_run_and_peers_end_at_once(tmp_path):
     assert not [e for e in events if e["kind"] == "worker_lost"], events
     assert result.coordinator_state["last_step"] == 3
     assert stopped[0]["time"] - retried[0]["time"] < 30.0
+
+
+def test_skip_mode_leaves_the_bad_sequence_out_and_counts_it(tmp_path):
+    """The same planted token with ``data.bad_samples=skip``: the run finishes, step 3 trains on
+    the other sequences of its batch, MLflow counts one bad sample at step 3 (none elsewhere),
+    and the log names the shard and row once."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = debug()
+    clean = ensure_prepared(str(tmp_path.parent / "data-cache"), cfg.data.tokenizer_vocab_size,
+                            cfg.train.seq_len)
+    manifest, shard, row = _plant_bad_token(clean, str(tmp_path / "bad-data"))
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--steps", "5", "--workers", "2", "--data", manifest,
+         "--run-name", "skip", "--output-dir", str(out), "--set", "data.bad_samples=skip",
+         "--set", f"tracking.tracking_uri={uri}", "--set", "train.eval_every=0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    state = json.loads((out / "skip" / "coordinator.json").read_text())
+    assert state["last_step"] == 5
+    history = MlflowClient(tracking_uri=uri).get_metric_history(state["mlflow_run_id"],
+                                                                 "bad_samples")
+    counts = {m.step: m.value for m in history}
+    assert counts == {1: 0.0, 2: 0.0, BAD_STEP: 1.0, 4: 0.0, 5: 0.0}, counts
+    named = [line for line in text.splitlines() if "left out (data.bad_samples=skip)" in line]
+    assert named and f"{shard} row {row}" in named[0] and f"token id {BAD_VALUE}" in named[0]
+    assert not [e for e in state["events"] if e["kind"] in ("step_error", "worker_lost")]

@@ -201,3 +201,30 @@ def test_split_batch_into_micro_batches(dataset_path):
         assert np.array_equal(np.concatenate([p[key].numpy() for p in parts]), batch[key].numpy())
     with pytest.raises(ValueError, match="micro_batch_size=0"):
         split_batch(batch, 0)
+
+
+def test_make_batch_skips_bad_sequences_only_when_asked():
+    import numpy as np
+    import pytest
+
+    from elastic_moe.data.sampler import make_batch
+    from elastic_moe.data.shards import BadSampleError
+
+    class Planted:  # sequence 2 holds a bad token
+        seq_len = 4
+
+        def sequence(self, i):
+            if i == 2:
+                raise BadSampleError(f"row {i}: token id 9999")
+            return np.arange(i, i + 5, dtype=np.uint32), np.zeros(5, dtype=np.int32)
+
+    ids = [(0, 1), (0, 2), (0, 3)]
+    with pytest.raises(BadSampleError, match="row 2"):
+        make_batch(Planted(), ids)
+    batch = make_batch(Planted(), ids, skip_bad=True)
+    assert batch["sample_ids"] == [(0, 1), (0, 3)]
+    assert batch["bad_samples"] == [((0, 2), "row 2: token id 9999")]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [3, 4, 5, 6]]
+    assert batch["labels"].tolist() == [[2, 3, 4, 5], [4, 5, 6, 7]]
+    with pytest.raises(BadSampleError):  # nothing left to train on
+        make_batch(Planted(), [(0, 2)], skip_bad=True)
