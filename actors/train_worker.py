@@ -357,7 +357,8 @@ class TrainWorker:
         return TrainOutcome("error", trainer.step, error=error, report=StepReport(
             epoch.rank, step, kind, error, trace,
             [tuple(i) for i in trainer.current_sample_ids],
-            _memory_report(self.device) if kind is StepFailure.OOM else "", at=raised_at))
+            _memory_report(self.device, self.spec.cfg, epoch) if kind is StepFailure.OOM
+            else "", at=raised_at))
 
     def _on_commit(self, step: int, path: str, state: Any) -> None:
         self.spec.coordinator.commit(step, path, state.data_position, state.tokens_seen)
@@ -416,21 +417,42 @@ class TrainWorker:
         return shards.manifest(), shards
 
 
-def _memory_report(device: Any) -> str:
-    """What this worker used and had when it ran out of memory."""
+def _memory_report(device: Any, cfg: Config, epoch: EpochSpec) -> str:
+    """What this worker used and had when it ran out of memory, and the settings that the
+    launch-time memory estimate says would fit in what it had."""
     import psutil
     import torch
 
+    from elastic_moe.parallel.memory import MemoryBudget
+
     host = psutil.virtual_memory()
     rss = psutil.Process().memory_info().rss
-    text = (f"worker pid {os.getpid()}: host memory {rss / 2**30:.1f} GiB resident of "
-            f"{host.total / 2**30:.1f} GiB ({host.available / 2**30:.1f} GiB available)")
+    text = (f"worker rank {epoch.rank} pid {os.getpid()}: host memory {rss / 2**30:.1f} GiB "
+            f"resident of {host.total / 2**30:.1f} GiB ({host.available / 2**30:.1f} GiB "
+            "available)")
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         text += (f"; {device}: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak "
                  f"allocated, {(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB in use")
-    return text + ("; `jobs/train.py --describe` and the launch-time memory check show what each "
-                   "setting needs: lower train.micro_batch_size or train.seq_len, or add workers")
+        budget = MemoryBudget(total, 1, f"{device}", host=False)
+    else:  # the node's RAM, shared by this membership's workers on the node
+        sharing = max(1, epoch.node_of_rank.count(epoch.node_of_rank[epoch.rank]))
+        budget = MemoryBudget(host.total, sharing, "host RAM of this node", host=True)
+    return text + "; " + fit_advice(cfg, epoch.world_size, budget, device.type)
+
+
+def fit_advice(cfg: Config, world_size: int, budget: Any, device_type: str) -> str:
+    """The launch-time memory check's verdict for ``budget``: the settings that fit, or (when
+    the estimate says it fits) that the estimate missed what ran out."""
+    from elastic_moe.parallel.memory import check_memory
+
+    try:
+        estimate = check_memory(cfg, world_size, budget, device_type=device_type)
+    except ValueError as exc:
+        return str(exc)
+    return (f"the memory estimate ({estimate.describe()}) fits {budget.describe(world_size)}, "
+            "so something it does not count ran out: lower train.micro_batch_size or "
+            "train.seq_len, or add workers")
 
 
 def _wait_bounded(checkpointer: Any, seconds: float) -> None:

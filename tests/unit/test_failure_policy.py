@@ -63,3 +63,22 @@ def test_policy_rebuilds_on_faults_retries_an_error_once_then_stops():
     assert again.action is Action.STOP and again.report.step == 7
     # a different step gets its own retry
     assert policy.decide([_report(0, 9, StepFailure.OOM)]).action is Action.RETRY
+
+
+def test_oom_advice_names_the_settings_that_fit():
+    from elastic_moe.actors.train_worker import fit_advice
+
+    from elastic_moe.config import apply_overrides, debug
+    from elastic_moe.parallel.memory import GIB, MemoryBudget, check_memory
+
+    cfg = apply_overrides(debug(), ["train.micro_batch_size=8", "train.global_batch_size=16"])
+    estimate = check_memory(cfg, 2, MemoryBudget(1 << 50, 1, "plenty", host=True),
+                            device_type="cpu")
+    need = estimate.total
+    # room for half the activations: a smaller micro-batch fits, the configured one does not
+    tight = MemoryBudget(need - estimate.activations // 2, 1, "a tight device", host=True)
+    advice = fit_advice(cfg, 2, tight, "cpu")
+    assert "not enough memory" in advice and "--set train.micro_batch_size=" in advice, advice
+    roomy = MemoryBudget(int(need * 2), 1, "a roomy device", host=True)
+    assert "something it does not count ran out" in fit_advice(cfg, 2, roomy, "cpu")
+    assert estimate.activations > GIB / 1024  # a real estimate, not zero
