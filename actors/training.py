@@ -177,7 +177,7 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     tracker.log_text(_summary_text(snapshot, max(snapshot.get("last_step", 0), 0)), "summary.json")
     if not ok:
         tracker.set_tags({"failure": (error or "")[:5000]})
-    tracker.finish("FINISHED" if ok else "FAILED")
+    tracker.finish("FINISHED" if ok else "FAILED", timeout=cfg.tracking.flush_timeout_s)
     return TrainingResult(ok=ok, run_name=run_name, run_dir=run_dir, checkpoint_dir=checkpoint_dir,
                           tracking_uri=tracking_uri, mlflow_run_id=snapshot.get("mlflow_run_id")
                           or tracker.run_id,
@@ -193,7 +193,8 @@ def _open_tracker(cfg: Config, coordinator: CoordinatorClient, tracking_uri: str
     tracker = Tracker.open(tracking_uri, cfg.tracking.experiment,
                            cfg.tracking.run_name or run_name,
                            run_id=coordinator.snapshot().get("mlflow_run_id"),
-                           on_run_id=coordinator.set_mlflow_run_id)
+                           on_run_id=coordinator.set_mlflow_run_id,
+                           retry_s=cfg.tracking.retry_s, max_retry_s=cfg.tracking.max_retry_s)
     if tracker.is_new_run:  # the launcher could not create it (store unreachable then)
         params, tags = new_run_record(cfg.flat(), checkpoint_dir, manifest)
         tracker.log_params(params)

@@ -289,9 +289,22 @@ class TrackingConfig:
     # Dense bf16 peak of one accelerator in TFLOP/s for the logged MFU; 0 = known GPUs by name
     # (elastic_moe.model.flops), no MFU elsewhere.
     peak_tflops: float = 0.0
+    # The launcher sends to MLflow from a background thread, so training never waits on it. While
+    # the server is unreachable, records stay buffered and are retried after retry_s, 2*retry_s,
+    # ..., at most max_retry_s apart: a restarted server gets the backlog within max_retry_s.
+    retry_s: float = 2.0
+    max_retry_s: float = 30.0
+    # At the end of the run, how long to keep trying to send what is still buffered (and to mark
+    # the run FINISHED / FAILED) before reporting it unsent and exiting.
+    flush_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
+        _require(self.retry_s > 0, "retry_s", self.retry_s, "must be positive (seconds)")
+        _require(self.max_retry_s >= self.retry_s, "max_retry_s", self.max_retry_s,
+                 f"must be >= retry_s ({self.retry_s})")
+        _require(self.flush_timeout_s >= 0, "flush_timeout_s", self.flush_timeout_s,
+                 "must be >= 0 (seconds)")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -5,8 +5,16 @@ metrics every committed step, an event per resize or failure, checkpoint paths, 
 expert-load heatmap and a summary. One MLflow run spans every restart: the run id lives in the
 coordinator, and steps at or below the last logged step (re-executed after a restore) are not
 logged again. Logging never blocks or fails training: records go to a queue that a background
-thread flushes with retries; when the tracking server is unreachable they stay buffered and are
-retried, and whatever is still unsent at the end is reported.
+thread sends, in order, one at a time. When the tracking server is unreachable (down, restarting,
+cut off) they stay buffered and the thread retries with a growing pause until it answers again,
+however long that takes; at the end of the run it keeps trying for ``tracking.flush_timeout_s``
+and reports what is still unsent (the run's ``metrics.jsonl`` holds every step regardless).
+
+Each step's metrics reach the run once. A send whose reply was lost (the server died after its
+write landed) is in doubt: before sending it again the thread reads which of its metrics the run
+already holds at that step, and sends only the others. A SQL store would drop an identical
+resend by itself (a metric's key includes its timestamp, fixed when the step committed); a file
+store would not.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def default_tracking_uri(cwd: str | None = None) -> str:
@@ -68,26 +76,31 @@ def create_run(tracking_uri: str, experiment: str, run_name: str,
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     run_id = str(client.create_run(exp_id, run_name=run_name).info.run_id)
-    client.log_batch(run_id, params=[Param(k, v) for k, v in (params or {}).items()],
-                     tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+    if params or tags:
+        client.log_batch(run_id, params=[Param(k, v) for k, v in (params or {}).items()],
+                         tags=[RunTag(k, v) for k, v in (tags or {}).items()])
     return run_id
 
 
 @dataclass
 class _Record:
-    kind: str  # "metrics" | "params" | "tags" | "text" | "artifact"
+    kind: str  # "metrics" | "params" | "tags" | "text" | "artifact" | "status" (the last)
     payload: Any
     step: int = 0
     timestamp_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
 
 class Tracker:
-    """Buffered, retrying MLflow logger for the launcher's control loop. Create with :meth:`open`."""
+    """Buffered, retrying MLflow logger for the launcher's control loop. Create with :meth:`open`.
+
+    ``retry_s``, ``max_retry_s``: a failed send is retried after ``retry_s``, then ``2 * retry_s``
+    and so on, never more than ``max_retry_s`` apart (``tracking.retry_s`` / ``max_retry_s``).
+    """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str,
                  run_id: str | None = None, last_logged_step: int = -1,
                  on_run_id: Callable[[str], None] | None = None,
-                 retry_seconds: float = 2.0) -> None:
+                 retry_s: float = 2.0, max_retry_s: float = 30.0) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_name = run_name
@@ -97,10 +110,16 @@ class Tracker:
         self.client: Any = None
         self.last_logged_step = last_logged_step
         self.history_max_step = -1  # newest step already in the run (read when connecting)
-        self.retry_seconds = retry_seconds
+        self.retry_s = retry_s
+        self.max_retry_s = max_retry_s
         self._queue: queue.Queue[_Record | None] = queue.Queue()
         self._pending: list[_Record] = []
-        self._failures = 0
+        self._failures = 0  # failed sends in a row
+        self._unreachable_since = 0.0  # time.time() of the first of them
+        self._in_doubt = False  # the first pending record was sent and its reply lost
+        self._terminated = False  # the run's final status reached the server
+        self._deadline: float | None = None  # set by finish(): give up retrying then
+        self._wake = threading.Event()  # cuts a retry pause short (finish)
         self._connected = threading.Event()
         self._thread = threading.Thread(target=self._drain, name="mlflow-tracker", daemon=True)
         self._thread.start()
@@ -108,7 +127,7 @@ class Tracker:
     @classmethod
     def open(cls, tracking_uri: str, experiment: str, run_name: str, run_id: str | None = None,
              last_logged_step: int = -1, on_run_id: Callable[[str], None] | None = None,
-             retry_seconds: float = 2.0) -> Tracker:
+             retry_s: float = 2.0, max_retry_s: float = 30.0) -> Tracker:
         """Resume ``run_id`` (the same run across restarts) or create a run in ``experiment``.
 
         Returns at once: connecting (and creating the run, reported through ``on_run_id``) happens
@@ -119,7 +138,7 @@ class Tracker:
         """
         _fail_fast_http()
         return cls(tracking_uri, experiment, run_name, run_id, last_logged_step, on_run_id,
-                   retry_seconds)
+                   retry_s, max_retry_s)
 
     def _connect(self) -> None:
         from mlflow.tracking import MlflowClient
@@ -196,18 +215,23 @@ class Tracker:
         self.log_artifact(path, "expert_load")
 
     def finish(self, status: str = "FINISHED", timeout: float = 30.0) -> int:
-        """Flush (bounded by ``timeout``) and mark the run; returns records left unsent."""
+        """Send what is buffered, then mark the run ``status``, trying for at most ``timeout``
+        seconds; returns the number of records left unsent (the status not counted: a run that
+        could not be marked stays RUNNING in the UI, and an error line says so)."""
+        self._deadline = time.monotonic() + timeout
+        self._queue.put(_Record("status", status))
         self._queue.put(None)
-        self._thread.join(timeout)
-        left = len(self._pending) + self._queue.qsize()
-        try:
-            if self.client is None:
-                raise RuntimeError("never connected to the tracking server")
-            self.client.set_terminated(self.run_id, status=status)
-        except Exception as exc:  # the run stays RUNNING in the UI; say so
-            log.error("could not mark MLflow run %s %s: %s", self.run_id, status, exc)
+        self._wake.set()  # a server back up during a long retry pause: try it now
+        self._thread.join(timeout + 1.0)  # one send in flight may finish after the deadline
+        unsent = [*self._pending, *(r for r in self._take_queued() if r is not None)]
+        left = sum(r.kind != "status" for r in unsent)
+        if not self._terminated:
+            logger.error("could not mark MLflow run %s %s (tracking server %s unreachable); it "
+                         "stays RUNNING in the MLflow UI", self.run_id, status, self.tracking_uri)
         if left:
-            log.error("MLflow: %d records could not be sent (tracking server unreachable)", left)
+            logger.error("MLflow: %d records could not be sent in %.0f s (tracking server %s "
+                         "unreachable); every step's metrics are in the run's metrics.jsonl",
+                         left, timeout, self.tracking_uri)
         return left
 
     # ------------------------------------------------------------------ background sender
@@ -219,8 +243,13 @@ class Tracker:
                 return  # logged by an earlier worker group before the restore
             metrics = [Metric(k, float(v), record.timestamp_ms, record.step)
                        for k, v in record.payload.items()]
-            self.client.log_batch(self.run_id, metrics=metrics)
-        elif record.kind == "params":
+            if self._in_doubt:
+                metrics = self._not_in_run(metrics, record.step)
+            self._in_doubt = True  # until the server says it has them
+            if metrics:
+                self.client.log_batch(self.run_id, metrics=metrics)
+            self._in_doubt = False
+        elif record.kind == "params":  # params, tags, texts and artifacts: a resend overwrites
             items = [Param(k, v) for k, v in record.payload.items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i:i + 100])
@@ -231,37 +260,69 @@ class Tracker:
             self.client.log_text(self.run_id, *record.payload)
         elif record.kind == "artifact":
             self.client.log_artifact(self.run_id, *record.payload)
+        elif record.kind == "status":
+            self.client.set_terminated(self.run_id, status=record.payload)
+            self._terminated = True
+
+    def _not_in_run(self, metrics: list[Any], step: int) -> list[Any]:
+        """The ``metrics`` of ``step`` that the run does not hold yet. Steps are sent in order,
+        so a key whose newest step in the run (what MLflow keeps as its latest value) is ``step``
+        or later got this step's value already."""
+        run = self.client.get_run(self.run_id)
+        newest = {m.key: m.step for m in run.to_proto().data.metrics}
+        return [m for m in metrics if newest.get(m.key, -1) < step]
 
     def _drain(self) -> None:
         closing = False
         while True:
-            if not self._pending:
+            if not self._pending and not closing:
                 item = self._queue.get()  # nothing to retry: sleep until there is work
-                if item is None:
-                    return
-                self._pending.append(item)
-            while True:  # keep order: take everything queued behind the pending records
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
                 if item is None:
                     closing = True
                 else:
                     self._pending.append(item)
+            for item in self._take_queued():  # keep order: everything queued behind
+                if item is None:
+                    closing = True
+                else:
+                    self._pending.append(item)
+            if not self._pending or self._past_deadline():
+                return
             try:
                 if self.client is None:
                     self._connect()
                 self._send(self._pending[0])
-                self._pending.pop(0)
-                self._failures = 0
             except Exception as exc:
-                self._failures += 1
-                if self._failures in (1, 10) or self._failures % 100 == 0:
-                    log.warning("MLflow unreachable (%s); %d records buffered, retrying",
-                                exc, len(self._pending))
-                if closing:
-                    return
-                time.sleep(min(self.retry_seconds * self._failures, 30.0))
-            if closing and not self._pending:
-                return
+                self._failed(exc)
+                continue
+            self._pending.pop(0)
+            if self._failures:
+                logger.info("MLflow reachable again after %.0f s; sending %d buffered records",
+                            time.time() - self._unreachable_since, len(self._pending))
+                self._failures = 0
+
+    def _take_queued(self) -> list[_Record | None]:
+        items: list[_Record | None] = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _failed(self, exc: Exception) -> None:
+        """Count a failed send and pause before the next try (cut short by :meth:`finish`)."""
+        if not self._failures:
+            self._unreachable_since = time.time()
+        self._failures += 1
+        if self._failures in (1, 10) or self._failures % 100 == 0:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            logger.warning("MLflow unreachable (%s); %d records buffered, retrying; training "
+                           "goes on", reason, len(self._pending))
+        pause = min(self.retry_s * self._failures, self.max_retry_s)
+        if self._deadline is not None:
+            pause = min(pause, max(self._deadline - time.monotonic(), 0.0))
+        self._wake.wait(pause)
+        self._wake.clear()

@@ -7,13 +7,20 @@ launcher's :class:`~elastic_moe.train.tracking.Tracker` exactly as the training 
 a metric per step, a resize event, the heatmap, the summary) against ``http://127.0.0.1:<port>``;
 it then reads the run back through the server: status, every step's loss, params, and the
 artifacts -- downloaded over HTTP and found in the server's artifact directory, which the client
-never saw as a path. (A whole ``jobs/train.py`` run against the server took 95 s on a 2-core box;
-the launcher-to-tracker wiring is covered by test_job_submit.py with a sqlite store.) """
+never saw as a path.
+
+The outage test runs the README's CLI (real Ray, gloo) against the server, kills the server
+(SIGKILL) at step 10 of 60 and starts it again, on the same address and store, at step 25:
+training never waits, the launcher's tracker finds the server again while the run still trains,
+and MLflow ends up with every step's loss once, equal to the launcher's own metrics.jsonl. It
+takes 75-155 s on a shared 2-core box, most of it Ray's start and the server's two starts. """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -30,29 +37,47 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 only, with a sqlite store and an artifact directory under
+    ``root``. :meth:`kill` and :meth:`start` again bring it back on the same address and store."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifacts = root / "server-artifacts"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> None:
+        exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+        self.proc = subprocess.Popen(
+            [exe, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.artifacts)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return
+            except OSError:
+                assert self.proc.poll() is None, "mlflow server exited"
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """The server and its uvicorn/gunicorn children."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(30)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    artifacts = tmp_path / "server-artifacts"
-    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    proc = subprocess.Popen(
-        [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(artifacts)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                break
-        except OSError:
-            assert proc.poll() is None, "mlflow server exited"
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield uri, artifacts
-    os.killpg(proc.pid, 15)  # the server and its uvicorn/gunicorn children
-    proc.wait(30)
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server.uri, server.artifacts
+    server.kill(signal.SIGTERM)
 
 
 def test_tracker_logs_metrics_and_artifacts_to_an_mlflow_server(mlflow_server, tmp_path):
@@ -155,3 +180,108 @@ def test_basic_auth_server_as_in_the_docs_refuses_anonymous_clients(tmp_path, mo
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
+
+
+def _committed(metrics_log) -> list[dict]:
+    """The launcher's record of committed steps (a line being written is skipped)."""
+    records = []
+    if metrics_log.exists():
+        for line in metrics_log.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+    return records
+
+
+def _wait_for_step(metrics_log, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reached = max((r["step"] for r in _committed(metrics_log)), default=0)
+        if reached >= step:
+            return reached
+        assert proc.poll() is None, f"jobs/train.py exited ({proc.returncode}) before step {step}"
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not committed within {timeout} s")
+
+
+def test_server_killed_and_restarted_mid_run_gets_every_step_once(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    steps, kill_at, restart_at = 60, 10, 25
+    server = MlflowServer(tmp_path)
+    server.start()
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    console = tmp_path / "train.log"
+    with open(console, "w") as console_file:
+        proc = subprocess.Popen(
+            [sys.executable, "jobs/train.py", "--recipe", "debug", "--steps", str(steps),
+             "--workers", "2:2", "--run-name", "outage", "--output-dir", str(out),
+             "--set", f"tracking.tracking_uri={server.uri}", "--set", "train.eval_every=0",
+             "--set", f"data.cache_dir={tmp_path.parent / 'data-cache'}",
+             # a restarted server answers after 10-40 s on a shared 2-core box: steps of ~1 s
+             # (6x the recipe's batch) and retries at most 2 s apart (30 s by default) let the
+             # backlog arrive while the run still trains
+             "--set", "train.global_batch_size=48",
+             "--set", "tracking.retry_s=1", "--set", "tracking.max_retry_s=2"],
+            cwd=ROOT, env=env, stdout=console_file, stderr=subprocess.STDOUT)
+    metrics_log = out / "outage" / "metrics.jsonl"
+    try:
+        killed_step = _wait_for_step(metrics_log, kill_at, proc)
+        server.kill()
+        killed_at = time.time()
+        restart_step = _wait_for_step(metrics_log, restart_at, proc)
+        restarted_at = time.time()
+        server.start()
+        back_at = time.time()
+        client = MlflowClient(server.uri)  # read back through the server, as a user would
+        experiment = client.get_experiment_by_name("elastic-moe")
+        (run,) = client.search_runs([experiment.experiment_id])
+        # the launcher's tracker finds the server again while the run is still training
+        deadline = time.monotonic() + 120
+        while True:
+            caught_up = len(client.get_metric_history(run.info.run_id, "loss")) >= restart_step
+            if caught_up or proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        caught_up_at = max((r["step"] for r in _committed(metrics_log)), default=0)
+        caught_up_in_run = caught_up and caught_up_at < steps
+        caught_up_s = time.time() - back_at
+        returncode = proc.wait(300)
+        run = client.get_run(run.info.run_id)
+        history = client.get_metric_history(run.info.run_id, "loss")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.kill(signal.SIGTERM)
+    text = console.read_text()
+    assert returncode == 0, text[-4000:]
+    assert f"run outage: FINISHED at step {steps}" in text, text[-4000:]
+    # what the user sees: the outage and the recovery, while the step lines go on
+    assert "MLflow unreachable" in text and "MLflow reachable again" in text, text[-4000:]
+
+    committed = _committed(metrics_log)
+    assert [r["step"] for r in committed] == list(range(1, steps + 1))
+    # training did not wait for the server: steps committed while it was down came at the
+    # usual pace (a sanity bound on a shared 2-core box, not a speed target)
+    times = {r["step"]: r["time"] for r in committed}
+    gaps = [(times[s] - times[s - 1], killed_at <= times[s - 1] and times[s] <= back_at)
+            for s in range(2, steps + 1)]
+    down = [gap for gap, in_outage in gaps if in_outage]
+    up = [gap for gap, in_outage in gaps if not in_outage]
+    print(f"\nserver killed after step {killed_step}, restarted after step {restart_step} "
+          f"(healthy {back_at - restarted_at:.1f} s later); median step "
+          f"{statistics.median(down):.2f} s while down ({len(down)} steps) vs "
+          f"{statistics.median(up):.2f} s otherwise; MLflow caught up {caught_up_s:.1f} s "
+          f"after the restart, at step {caught_up_at}")
+    assert len(down) >= restart_at - kill_at - 2
+    assert statistics.median(down) <= 3 * statistics.median(up) + 1.0
+
+    assert caught_up_in_run, "the backlog reached MLflow only when the run ended (or never)"
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))  # 60 points, once each
+    assert {m.step: m.value for m in history} == {r["step"]: r["values"]["loss"]
+                                                  for r in committed}

@@ -53,7 +53,8 @@ def test_overrides_apply_and_reject_unknown_keys():
     for bad, needle in [("train.stepz=1", "no field 'stepz'"), ("modle.dim=3", "unknown section"),
                         ("train.steps=abc", "expected an integer"), ("train.steps", "key=value"),
                         ("model.score_func=relu", "must be one of"),
-                        ("model.num_activated_experts=99", "num_activated_experts")]:
+                        ("model.num_activated_experts=99", "num_activated_experts"),
+                        ("tracking.max_retry_s=1", r"max_retry_s=1.0: must be >= retry_s")]:
         with pytest.raises(ValueError, match=needle):
             apply_overrides(debug(), [bad])
     with pytest.raises(ValueError, match="unknown recipe"):
