@@ -47,7 +47,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from elastic_moe.config import Config
 from elastic_moe.parallel import MeshPlan, plan_mesh
 from elastic_moe.train.elastic import decide_restore
-from elastic_moe.train.failure_policy import Action, Decision, FailurePolicy, StepReport
+from elastic_moe.train.failure_policy import (
+    Action,
+    Decision,
+    Failure,
+    FailureBudget,
+    FailurePolicy,
+    StepReport,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +127,8 @@ class TrainingFailed(RuntimeError):
 
 
 class FailureBudgetSpent(TrainingFailed):
-    """More faults (lost or hung workers) than ``elastic.max_failures``."""
+    """More faults (lost or hung workers) than ``elastic.max_failures`` within
+    ``elastic.failure_window_s``."""
 
     exit_code = 4
 
@@ -188,7 +196,8 @@ class ElasticGroup:
         self.pending_joiners: dict[Any, tuple[Any, int]] = {}  # info ref -> (handle, slot)
         self.plan: MeshPlan | None = None
         self.epoch = 0
-        self.failures = 0
+        self.failure_budget = FailureBudget(cfg.elastic.max_failures,
+                                            cfg.elastic.failure_window_s)
         self.failure_policy = FailurePolicy()
         self.skipped_steps = 0  # non-finite steps skipped so far (MLflow: skipped_steps)
         self.rollbacks = 0
@@ -520,8 +529,6 @@ class ElasticGroup:
     def _recover(self, outcomes: dict[Member, TrainOutcome], failed: list[Member],
                  count_failure: bool = True) -> None:
         detected = time.time()
-        self.failures += int(count_failure)
-        limit = self.cfg.elastic.max_failures
         ranks = [m.rank for m in failed]
         if failed:
             logger.warning("lost worker(s) rank %s (pids %s) at step %d; rebuilding", ranks,
@@ -534,9 +541,11 @@ class ElasticGroup:
         for member in failed:
             fence(member.handle, member.info["pid"], member.info["node_id"])
         self._replace_lost_slots()
-        if count_failure and limit >= 0 and self.failures > limit:
-            raise FailureBudgetSpent(f"{self.failures} failures, more than elastic.max_failures="
-                                 f"{limit}; the last lost ranks {ranks}")
+        if count_failure:
+            spent = self.failure_budget.spend(Failure(
+                detected, self.logged_step, ranks, "worker_lost" if failed else "broken_step"))
+            if spent:
+                raise FailureBudgetSpent(spent)
         survivors = [m for m in self.members if m not in failed]
         if self.cfg.elastic.recovery == "restart":
             self._restart_all(survivors, detected)
@@ -556,6 +565,8 @@ class ElasticGroup:
         decision = decide_restore(len(self.members), holdings)
         self._collect_joiners()
         self.members = survivors
+        if failed:  # regrow at once: a replacement warms up in the freed slot while the
+            self._spawn_joiners()  # group trains, and joins at the next step boundary
         if decision.step is None:
             logger.error("RESTORING FROM THE LAST COMMITTED CHECKPOINT: %s", decision.reason)
             self._from_checkpoint(survivors, detected, decision.reason, failed)

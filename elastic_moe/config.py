@@ -246,7 +246,10 @@ class CheckpointConfig:
 class ElasticConfig:
     """Failure handling and resizing of the elastic worker group (actors/worker_group.py)."""
 
-    max_failures: int = 3  # failures the run survives before it fails; -1 = no limit
+    # faults (lost, hung or cut-off workers) the run survives in any failure_window_s; -1 = no
+    # limit. Errors (exceptions in our code or data) are not faults and are not counted.
+    max_failures: int = 3
+    failure_window_s: float = 3600.0  # the budget's window; 0 = the whole run
     # Process-group timeout: the last resort for a collective that never completes. Dead and
     # hung ranks are found much sooner (connection loss; missed pings, hang_timeout_s).
     collective_timeout_s: float = 120.0
@@ -266,6 +269,8 @@ class ElasticConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1")
+        _require(self.failure_window_s >= 0, "failure_window_s", self.failure_window_s,
+                 "must be >= 0 (seconds; 0 = the whole run)")
         _require(self.collective_timeout_s > 0, "collective_timeout_s",
                  self.collective_timeout_s, "must be positive (seconds)")
         _require(self.hang_timeout_s > 0, "hang_timeout_s", self.hang_timeout_s,

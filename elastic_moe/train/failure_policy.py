@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Action", "Decision", "FailurePolicy", "PeerStepError", "StepFailure", "StepReport",
-           "classify", "root_cause"]
+__all__ = ["Action", "Decision", "Failure", "FailureBudget", "FailurePolicy", "PeerStepError",
+           "StepFailure", "StepReport", "classify", "root_cause"]
 
 # Substrings of the messages that torch's gloo and NCCL backends raise (as plain RuntimeError)
 # when a peer goes away or a collective is aborted.
@@ -130,3 +130,41 @@ class FailurePolicy:
         self.retried[first.step] = spent + 1
         return Decision(Action.RETRY, f"step {first.step} raised on rank {first.rank}; "
                         "retrying it once", first)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One fault the group recovered from: what the failure budget counts."""
+
+    time: float
+    step: int  # committed steps when it was detected
+    ranks: list[int]  # the members lost (empty: a broken step with every member alive)
+    cause: str  # e.g. "worker_lost", "broken_step"
+
+    def describe(self) -> str:
+        ranks = f"rank(s) {self.ranks}" if self.ranks else "no member lost"
+        return f"{self.cause} at step {self.step} ({ranks})"
+
+
+class FailureBudget:
+    """At most ``max_failures`` faults in any ``window_s`` seconds (``window_s`` 0: over the
+    whole run; ``max_failures`` -1: no limit). A rate, not a lifetime count: a long run that
+    loses a node every few hours goes on, a crash loop stops. Faults only: errors (the
+    policy's retries) and members lost while still joining are not spent here."""
+
+    def __init__(self, max_failures: int, window_s: float) -> None:
+        self.max_failures, self.window_s = max_failures, window_s
+        self.spent: list[Failure] = []
+
+    def spend(self, failure: Failure) -> str | None:
+        """Count ``failure``; returns why the budget is spent (naming the failures that spent
+        it), or None while the run may go on."""
+        self.spent.append(failure)
+        if self.window_s > 0:
+            self.spent = [f for f in self.spent if failure.time - f.time <= self.window_s]
+        if self.max_failures < 0 or len(self.spent) <= self.max_failures:
+            return None
+        window = (f"within {self.window_s:.0f} s (elastic.failure_window_s)" if self.window_s > 0
+                  else "in this run")
+        return (f"{len(self.spent)} failures {window}, more than elastic.max_failures="
+                f"{self.max_failures}: " + "; ".join(f.describe() for f in self.spent))

@@ -82,3 +82,26 @@ def test_oom_advice_names_the_settings_that_fit():
     roomy = MemoryBudget(int(need * 2), 1, "a roomy device", host=True)
     assert "something it does not count ran out" in fit_advice(cfg, 2, roomy, "cpu")
     assert estimate.activations > GIB / 1024  # a real estimate, not zero
+
+
+def test_failure_budget_is_a_rate_and_names_what_spent_it():
+    from elastic_moe.train.failure_policy import Failure, FailureBudget
+
+    budget = FailureBudget(max_failures=2, window_s=3600.0)
+    hour = 3600.0
+    # one failure every 40 minutes forever: never more than 2 in an hour
+    for i in range(10):
+        assert budget.spend(Failure(i * 0.67 * hour, 100 * i, [1], "worker_lost")) is None
+    # a crash loop: the third within the hour spends it, and the message lists all three
+    loop = FailureBudget(max_failures=2, window_s=3600.0)
+    assert loop.spend(Failure(0.0, 5, [1], "worker_lost")) is None
+    assert loop.spend(Failure(60.0, 9, [0], "worker_lost")) is None
+    spent = loop.spend(Failure(120.0, 12, [], "broken_step"))
+    assert spent is not None and "3 failures within 3600 s" in spent
+    assert "elastic.max_failures=2" in spent and "step 5" in spent and "step 12" in spent
+    # window 0: a lifetime count; -1: no limit
+    lifetime = FailureBudget(max_failures=1, window_s=0.0)
+    assert lifetime.spend(Failure(0.0, 1, [0], "worker_lost")) is None
+    assert lifetime.spend(Failure(1e9, 2, [0], "worker_lost")) is not None
+    unlimited = FailureBudget(max_failures=-1, window_s=0.0)
+    assert all(unlimited.spend(Failure(t, t, [0], "worker_lost")) is None for t in range(50))
