@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,8 @@ class WorkerSpec:
     threads_per_worker: int = 1
     sample_log_dir: str | None = None  # audit log of the samples of every committed step
     val_manifest: str | None = None  # held-out data for val_loss every train.eval_every steps
+    # wraps each checkpoint save's DCP storage writer (tests hand in a slow or failing one)
+    wrap_writer: Callable[[Any, int], Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,7 @@ class EpochSpec:
 class TrainOutcome:
     status: str  # "finished" | "paused" | "broken" (a lost peer) | "error" (own code or data)
     step: int
-    error: str | None = None
+    error: str | None = None  # "finished" too: the final checkpoint could not be written
     expert_loads: Any = None  # [num_moe_layers, E] of the last step (finished only)
     report: StepReport | None = None  # "broken" and "error": why the step ended
 
@@ -171,6 +174,7 @@ class TrainWorker:
         from elastic_moe.parallel import MeshPlan
         from elastic_moe.parallel.comm import process_group_backend
         from elastic_moe.parallel.mesh import forget_layout_caches
+        from elastic_moe.storage import storage_options
         from elastic_moe.train.shard_state import needed_sources
         from elastic_moe.train.trainer import Trainer
 
@@ -191,7 +195,11 @@ class TrainWorker:
         ckpt = Checkpointer(self.spec.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
                             keep_every=cfg.checkpoint.keep_every,
                             async_save=cfg.checkpoint.async_save,
-                            every_steps=cfg.checkpoint.every_steps)
+                            every_steps=cfg.checkpoint.every_steps,
+                            wrap_writer=self.spec.wrap_writer,
+                            storage_options=storage_options(
+                                self.spec.checkpoint_dir, cfg.checkpoint.storage_timeout_s,
+                                cfg.checkpoint.storage_attempts))
         readers = self.spec.data_readers
         feed = _Feed(readers[epoch.rank % len(readers)], cfg.train.global_batch_size,
                      epoch.rank, epoch.world_size)
@@ -263,14 +271,15 @@ class TrainWorker:
                 if self.spec.sample_log_dir:
                     self._log_samples(epoch, committed.step - 1, committed.sample_ids)
                 trainer.maybe_snapshot()
-                trainer.maybe_checkpoint(self._on_commit)
+                trainer.maybe_checkpoint(self._on_commit, self._on_save_failed)
                 if trainer.paused:
                     trainer.settle_peers()
                     return TrainOutcome("paused", trainer.step)
             trainer.settle_peers()
-            trainer.checkpointer.wait()
+            final = trainer.checkpointer.collect()  # reported as it happened (_on_save_failed)
             loads = trainer.last_metrics.expert_loads if trainer.last_metrics else None
-            return TrainOutcome("finished", trainer.step, expert_loads=loads)
+            return TrainOutcome("finished", trainer.step, expert_loads=loads,
+                                error=str(final) if final is not None else None)
         except Exception as exc:  # kept as a report; the group's failure policy decides
             kind = classify(exc)
             if kind is not StepFailure.FAULT:
@@ -310,6 +319,20 @@ class TrainWorker:
 
     def _on_commit(self, step: int, path: str, state: Any) -> None:
         self.spec.coordinator.commit(step, path, state.data_position, state.tokens_seen)
+
+    def _on_save_failed(self, step: int, error: str) -> None:
+        """Rank 0, when a save has failed on every rank (nothing was committed): a loud event.
+        Training goes on; the next due save retries."""
+        cfg = self.spec.cfg
+        every = cfg.checkpoint.every_steps
+        retry = min((step // every + 1) * every, cfg.train.steps) if step < cfg.train.steps \
+            else None  # the final save: the run ends without it (FinalCheckpointFailed)
+        logger.error("checkpoint at step %d NOT SAVED (%s); %s", step, error,
+                     f"training goes on with peer copies as the recovery source; the save at "
+                     f"step {retry} retries" if retry else "it was the final one")
+        self.spec.coordinator.record_event("checkpoint_failed", step, error=error[:2000],
+                                           checkpoint_dir=self.spec.checkpoint_dir,
+                                           retry_step=retry)
 
     def _log_samples(self, epoch: EpochSpec, step: int, ids: list[Any]) -> None:
         directory = self.spec.sample_log_dir

@@ -263,18 +263,34 @@ class Trainer:
         self.unlogged_metrics = [(s, m) for s, m in self.unlogged_metrics if s > logged]
         return list(self.unlogged_metrics)
 
-    def maybe_checkpoint(self, on_commit: Callable[[int, str, TrainState], None] | None) -> bool:
+    def maybe_checkpoint(self, on_commit: Callable[[int, str, TrainState], None] | None,
+                         on_failure: Callable[[int, str], None] | None = None) -> bool:
         """Save when the checkpointer says it is due; ``on_commit(step, path, state)`` runs on
-        rank 0 once the checkpoint is committed."""
+        rank 0 once the checkpoint is committed, ``on_failure(step, error)`` on rank 0 once the
+        save has failed (storage full, read-only or unreachable: nothing is committed).
+
+        A failed save does not stop training: the peer copies stay the recovery source, and the
+        next due save (``checkpoint.every_steps`` later, the same step on every rank without
+        another collective) is the retry.
+        """
         if not self.checkpointer.due(self.step, self.cfg.train.steps):
             return False
+        self.checkpointer.collect()  # the previous save; a failure was reported as it happened
         state = TrainState(step=self.step, tokens_seen=self.tokens_seen,
                            data_position=self.position.to_dict(), mesh_plan=self.plan.to_dict(),
                            model_config=dataclasses.asdict(self.cfg.model),
                            extra={"metrics": self._unlogged()})
-        callback = None
+        committed: Callable[[int, str], None] | None = None
+        failed = on_failure if self.rank == 0 else None
         if on_commit is not None and self.rank == 0:
             def callback(step: int, path: str) -> None:
                 on_commit(step, path, state)
-        self.checkpointer.save(self.step, self.model, self.optimizer, state, on_commit=callback)
+            committed = callback
+        try:
+            self.checkpointer.save(self.step, self.model, self.optimizer, state,
+                                   on_commit=committed, on_failure=failed)
+        except CheckpointError as exc:  # a synchronous save (async_save=False) that failed
+            logger.error("%s", exc)
+            if failed is not None:
+                failed(self.step, str(exc))
         return True
