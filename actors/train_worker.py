@@ -62,6 +62,8 @@ class WorkerSpec:
     # membership epoch); ``step()`` is the 1-based step being run. A seam for profilers and
     # instrumentation, and for tests that plant faults in model code from outside.
     wrap_model: Callable[[Any, int, Callable[[], int]], None] | None = None
+    # wraps each checkpoint save's DCP storage writer (tests hand in a slow or failing one)
+    wrap_writer: Callable[[Any, int], Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +90,7 @@ class TrainOutcome:
     # "diverged" (train.max_skipped_steps non-finite steps in a row: roll back)
     status: str
     step: int
-    error: str | None = None
+    error: str | None = None  # "finished" too: the final checkpoint could not be written
     expert_loads: Any = None  # [num_moe_layers, E] of the last step (finished only)
     report: StepReport | None = None  # "broken" and "error": why the step ended
     # "diverged": the first skipped step and the data position after the last one
@@ -187,6 +189,7 @@ class TrainWorker:
         from elastic_moe.parallel import MeshPlan
         from elastic_moe.parallel.comm import process_group_backend
         from elastic_moe.parallel.mesh import forget_layout_caches
+        from elastic_moe.storage import storage_options
         from elastic_moe.train.shard_state import needed_sources
         from elastic_moe.train.trainer import Trainer
 
@@ -208,7 +211,11 @@ class TrainWorker:
         ckpt = Checkpointer(self.spec.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
                             keep_every=cfg.checkpoint.keep_every,
                             async_save=cfg.checkpoint.async_save,
-                            every_steps=cfg.checkpoint.every_steps)
+                            every_steps=cfg.checkpoint.every_steps,
+                            wrap_writer=self.spec.wrap_writer,
+                            storage_options=storage_options(
+                                self.spec.checkpoint_dir, cfg.checkpoint.storage_timeout_s,
+                                cfg.checkpoint.storage_attempts))
         readers = self.spec.data_readers
         feed = _Feed(readers[epoch.rank % len(readers)], cfg.train.global_batch_size,
                      epoch.rank, epoch.world_size)
@@ -304,9 +311,10 @@ class TrainWorker:
                     trainer.settle_peers()
                     return TrainOutcome("paused", trainer.step)
             trainer.settle_peers()
-            trainer.checkpointer.wait()
+            final = trainer.checkpointer.collect()  # reported as it happened (_on_save_failed)
             loads = trainer.last_metrics.expert_loads if trainer.last_metrics else None
-            return TrainOutcome("finished", trainer.step, expert_loads=loads)
+            return TrainOutcome("finished", trainer.step, expert_loads=loads,
+                                error=str(final) if final is not None else None)
         except Exception as exc:  # kept as a report; the group's failure policy decides
             ended = time.time()
             kind = classify(exc)
@@ -319,7 +327,8 @@ class TrainWorker:
                 epoch.rank, trainer.step + 1, kind, error, at=ended))
 
     def _checkpoint(self, epoch: EpochSpec, trainer: Any) -> None:
-        if trainer.maybe_checkpoint(self._on_commit) == "nonfinite" and epoch.rank == 0:
+        if trainer.maybe_checkpoint(self._on_commit, self._on_save_failed) == "nonfinite" \
+                and epoch.rank == 0:
             self.spec.coordinator.record_event("checkpoint_not_saved", trainer.step,
                                                reason="a model or optimizer tensor is not finite")
 
@@ -362,6 +371,20 @@ class TrainWorker:
 
     def _on_commit(self, step: int, path: str, state: Any) -> None:
         self.spec.coordinator.commit(step, path, state.data_position, state.tokens_seen)
+
+    def _on_save_failed(self, step: int, error: str) -> None:
+        """Rank 0, when a save has failed on every rank (nothing was committed): a loud event.
+        Training goes on; the next due save retries."""
+        cfg = self.spec.cfg
+        every = cfg.checkpoint.every_steps
+        retry = min((step // every + 1) * every, cfg.train.steps) if step < cfg.train.steps \
+            else None  # the final save: the run ends without it (FinalCheckpointFailed)
+        logger.error("checkpoint at step %d NOT SAVED (%s); %s", step, error,
+                     f"training goes on with peer copies as the recovery source; the save at "
+                     f"step {retry} retries" if retry else "it was the final one")
+        self.spec.coordinator.record_event("checkpoint_failed", step, error=error[:2000],
+                                           checkpoint_dir=self.spec.checkpoint_dir,
+                                           retry_step=retry)
 
     def _log_samples(self, epoch: EpochSpec, step: int, ids: list[Any], skipped: bool,
                      bad: list[Any]) -> None:

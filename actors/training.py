@@ -105,12 +105,14 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                  output_dir: str = "outputs", sample_log_dir: str | None = None,
                  num_cpus: int | None = None, threads_per_worker: int = 1,
                  wrap_model: Callable[[Any, int, Callable[[], int]], None] | None = None,
-                 ) -> TrainingResult:
+                 wrap_writer: Callable[[Any, int], Any] | None = None) -> TrainingResult:
     """Run (or with ``resume`` continue) training; blocks until the run ends.
 
     ``sample_log_dir``: write an audit log of the samples every committed step consumed.
     ``wrap_model(model, rank, step)``: runs on every worker's model once it is built (see
     :class:`WorkerSpec`).
+    ``wrap_writer(writer, step)``: wraps each checkpoint save's DCP storage writer in the
+    workers (tests hand in a slow or failing one).
     """
     from elastic_moe.train.tracking import default_tracking_uri
 
@@ -145,7 +147,8 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     spec = WorkerSpec(cfg=cfg, run_name=run_name, checkpoint_dir=checkpoint_dir,
                       coordinator=coordinator, data_readers=data_readers,
                       threads_per_worker=threads_per_worker, sample_log_dir=sample_log_dir,
-                      val_manifest=val_manifest, wrap_model=wrap_model)
+                      val_manifest=val_manifest, wrap_model=wrap_model,
+                      wrap_writer=wrap_writer)
     tracker = _open_tracker(cfg, coordinator, tracking_uri, run_name, checkpoint_dir, manifest)
     os.makedirs(run_dir, exist_ok=True)
     metrics_log = os.path.join(run_dir, "metrics.jsonl")

@@ -146,6 +146,13 @@ class Diverged(TrainingFailed):
     exit_code = 6
 
 
+class FinalCheckpointFailed(TrainingFailed):
+    """Every step trained, but the final checkpoint could not be written (storage full,
+    read-only or unreachable): the weights of the last steps are not on storage."""
+
+    exit_code = 7
+
+
 class StepError(TrainingFailed):
     """A step raised in the workers' own code or data, again after a retry (not a lost peer)."""
 
@@ -338,6 +345,14 @@ class ElasticGroup:
                 if outcomes and all(o.status == "finished" for o in outcomes.values()) \
                         and not failed:
                     final = max(o.step for o in outcomes.values())
+                    unsaved = next((o.error for o in outcomes.values() if o.error), None)
+                    if unsaved:
+                        committed = self.coordinator.restore_point()
+                        raise FinalCheckpointFailed(
+                            f"trained to step {final}, but its checkpoint was not written "
+                            f"({unsaved}); the last committed checkpoint is step "
+                            f"{committed['step'] if committed else None}: free or restore the "
+                            "checkpoint storage and resume with --resume")
                     loads = next((o.expert_loads for o in outcomes.values()
                                   if o.expert_loads is not None), None)
                     return GroupResult(final, loads)

@@ -8,6 +8,11 @@ DCP's metadata are on storage; anything without the marker is a partial save fro
 ignored and removed. Restores verify the manifest first and fall back to the previous committed
 checkpoint, loudly, when a file is missing, truncated or corrupted.
 
+A save that fails (storage full, read-only or unreachable; one rank's write failing fails it on
+every rank, as DCP gathers every rank's write result before rank 0 writes the metadata) is
+never committed: its directory stays without the marker and the next commit's retention pass
+removes it. The failure is a value handed to ``on_failure``; the caller decides what to do.
+
 Layout under ``root`` (a local path or any fsspec URL)::
 
     step_00000120/  __0_0.distcp ... .metadata  train_state.json  COMMITTED
@@ -19,6 +24,7 @@ import json
 import logging
 import re
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -47,7 +53,10 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(RuntimeError):
-    """No usable committed checkpoint could be restored."""
+    """A save failed, or no usable committed checkpoint could be restored."""
+
+
+SAVE_WAIT_LOG_S = 30.0  # while waiting on a save in flight, say so this often (never silently)
 
 
 @dataclass
@@ -88,10 +97,11 @@ class Checkpointer:
     def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0, async_save: bool = True,
                  process_group: dist.ProcessGroup | None = None, every_steps: int = 0,
                  wrap_writer: Callable[[dcp.StorageWriter, int], dcp.StorageWriter] | None = None,
-                 ) -> None:
+                 storage_options: dict[str, Any] | None = None) -> None:
         """``every_steps``: the save interval :meth:`due` answers by (0 = only when asked).
         ``wrap_writer(writer, step)`` may wrap each save's storage writer (tests hand in one
-        that fails part-way)."""
+        that fails part-way). ``storage_options``: fsspec options for ``root`` (timeouts:
+        :func:`elastic_moe.storage.storage_options`)."""
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: must be >= 1 (the latest is always kept)")
         self.root = root
@@ -100,7 +110,8 @@ class Checkpointer:
         self.async_save = async_save
         self.every_steps = every_steps
         self.wrap_writer = wrap_writer
-        self.fs, self.base = fsspec.core.url_to_fs(root)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.base = fsspec.core.url_to_fs(root, **self.storage_options)
         self._is_url = "://" in root
         # (future, step, event set once the outcome is known on this rank)
         self._pending: tuple[Future, int, threading.Event] | None = None
@@ -112,8 +123,8 @@ class Checkpointer:
             process_group = dist.new_group(backend="gloo")
         self.group = process_group
         self._stager = _CachedStager() if async_save else None
-        if _rank() == 0:
-            self.fs.makedirs(self.base, exist_ok=True)
+        # nothing touches storage here: a rebuild during a storage outage must not fail on it
+        # (DCP's writer creates the directories of each save)
 
     # ------------------------------------------------------------------ paths
     def _path(self, *parts: str) -> str:
@@ -150,20 +161,20 @@ class Checkpointer:
         return step == final_step or (self.every_steps > 0 and step % self.every_steps == 0)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-             state: TrainState, on_commit: Callable[[int, str], None] | None = None) -> None:
-        """Checkpoint after ``step`` completed steps. Async: returns once state is staged.
+             state: TrainState, on_commit: Callable[[int, str], None] | None = None,
+             on_failure: Callable[[int, str], None] | None = None) -> None:
+        """Checkpoint after ``step`` completed steps. Async: returns once state is staged; every
+        storage request runs in the background (the training thread never waits on storage).
 
-        At most one save is in flight: a new save first waits for (and commits) the previous one.
-        ``on_commit(step, path)`` runs on rank 0 right after the commit marker is written.
+        At most one save is in flight: a new save first waits for (and commits) the previous one,
+        and raises its failure (:meth:`collect` takes it as a value instead).
+        ``on_commit(step, path)`` runs on rank 0 right after the commit marker is written;
+        ``on_failure(step, error)`` runs on every rank when the save failed (nothing committed).
+        Synchronous saves raise :class:`CheckpointError` instead.
         """
         self.wait()
         state_dict = self._state_dict(model, optimizer)
         writer = self._writer(step)
-        directory = self._path(step_dir_name(step))
-        if _rank() == 0 and self.fs.exists(directory):
-            self.fs.rm(directory, recursive=True)  # a stale partial save of the same step
-        if _distributed():
-            dist.barrier(group=self.group)
         kwargs: dict[str, Any] = {"storage_writer": writer, "process_group": self.group,
                                   "no_dist": not _distributed()}
         if self.async_save:
@@ -175,26 +186,35 @@ class Checkpointer:
                 self._pending = (future, step, committed)
             pending_state = TrainState(**asdict(state))
             future.add_done_callback(
-                lambda f: self._on_written(f, step, pending_state, on_commit, committed))
+                lambda f: self._on_written(f, step, pending_state, on_commit, on_failure,
+                                           committed))
         else:
-            dcp.save(state_dict, **kwargs)
-            error = self._commit_everywhere(step, state, on_commit, None)
+            try:
+                dcp.save(state_dict, **kwargs)
+                write_error = None
+            except Exception as exc:  # DCP fails the save on every rank when one fails
+                write_error = _describe(exc)
+            error = self._commit_everywhere(step, state, on_commit, write_error)
             if error:
-                raise CheckpointError(f"checkpoint commit at step {step} failed: {error}")
+                raise CheckpointError(f"checkpoint save at step {step} failed: {error}")
 
     def _on_written(self, future: Future, step: int, state: TrainState,
                     on_commit: Callable[[int, str], None] | None,
+                    on_failure: Callable[[int, str], None] | None,
                     committed: threading.Event) -> None:
         try:
             try:
                 future.result()
                 write_error = None
             except BaseException as exc:  # DCP fails the save on every rank when one fails
-                write_error = f"{type(exc).__name__}: {exc}"
+                write_error = _describe(exc)
             error = self._commit_everywhere(step, state, on_commit, write_error)
             if error:
+                log.error("checkpoint save at step %d failed, nothing committed: %s", step, error)
                 self._commit_error = CheckpointError(
                     f"checkpoint save at step {step} failed: {error}")
+                if on_failure is not None:
+                    on_failure(step, error)
         except BaseException as exc:  # a dead peer breaks the broadcast: surfaced by wait()
             self._commit_error = exc
         finally:
@@ -223,17 +243,30 @@ class Checkpointer:
         return error
 
     def wait(self) -> None:
-        """Block until the in-flight save (if any) is written and committed on every rank."""
+        """Block until the in-flight save (if any) is written and committed on every rank;
+        raise :class:`CheckpointError` if it failed."""
+        error = self.collect()
+        if error is not None:
+            raise error
+
+    def collect(self) -> CheckpointError | None:
+        """Block until the in-flight save (if any) has ended on every rank; its failure, as a
+        value. Bounded by the storage's request timeouts (``storage_options``); a longer wait is
+        logged every ``SAVE_WAIT_LOG_S``."""
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is not None:
-            future, step, committed = pending
-            committed.wait()
-        if self._commit_error is not None:
-            error, self._commit_error = self._commit_error, None
-            if isinstance(error, CheckpointError):
-                raise error
-            raise CheckpointError(f"checkpoint save failed: {error}") from error
+            _, step, committed = pending
+            started = time.monotonic()
+            while not committed.wait(SAVE_WAIT_LOG_S):
+                log.warning("still waiting for the checkpoint save at step %d after %.0f s "
+                            "(storage slow or unreachable?)", step, time.monotonic() - started)
+        error, self._commit_error = self._commit_error, None
+        if error is None or isinstance(error, CheckpointError):
+            return error
+        wrapped = CheckpointError(f"checkpoint save failed: {error}")
+        wrapped.__cause__ = error
+        return wrapped
 
     def _commit(self, step: int, state: TrainState,
                 on_commit: Callable[[int, str], None] | None = None) -> None:
@@ -252,9 +285,13 @@ class Checkpointer:
             json.dump({"step": step, "files": files}, f, indent=1)
         self.fs.mv(tmp, f"{directory}/{COMMIT_FILE}")  # the commit point
         log.info("checkpoint committed: %s (%d files)", directory, len(files))
-        self._apply_retention()
         if on_commit is not None:
             on_commit(step, self._url(step))
+        try:  # committed whatever happens now: a failed clean-up is not a failed save
+            self._apply_retention()
+        except Exception as exc:
+            log.error("retention pass after the commit of step %d failed (the next commit "
+                      "tries again): %s", step, _describe(exc))
 
     def _apply_retention(self) -> None:
         committed = self.committed_steps()
@@ -271,9 +308,10 @@ class Checkpointer:
         if self._is_url:
             from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-            writer: dcp.StorageWriter = FsspecWriter(self._url(step))
+            writer: dcp.StorageWriter = FsspecWriter(self._url(step), **self.storage_options)
         else:
             writer = dcp.FileSystemWriter(self._url(step))
+        writer = _FreshDirectory(writer, self.fs, self._path(step_dir_name(step)))
         return self.wrap_writer(writer, step) if self.wrap_writer is not None else writer
 
     @staticmethod
@@ -368,7 +406,8 @@ class Checkpointer:
             if self._is_url:
                 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-                reader: dcp.StorageReader = FsspecReader(self._url(step))
+                reader: dcp.StorageReader = FsspecReader(self._url(step),
+                                                         **self.storage_options)
             else:
                 reader = dcp.FileSystemReader(self._url(step))
             dcp.load(state_dict, storage_reader=reader, process_group=self.group,
@@ -384,6 +423,55 @@ class Checkpointer:
                            optim_state_dict={}, options=options)
         torch.set_rng_state(state_dict["rng"]["cpu"])
         return None
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of a failed save; DCP's CheckpointException names each failed rank."""
+    return f"{type(exc).__name__}: {str(exc)[:2000]}"
+
+
+class _FreshDirectory(dcp.StorageWriter):
+    """DCP's writer, with rank 0 emptying the step's directory of an earlier attempt at the same
+    step (a partial save before a rollback) before any rank writes: in the global planning step,
+    which DCP runs in the save's background thread between the ranks' planning and their writes.
+    Files, not the directory: each rank's writer has created it already."""
+
+    def __init__(self, inner: dcp.StorageWriter, fs: fsspec.AbstractFileSystem,
+                 directory: str) -> None:
+        self.inner, self.fs, self.directory = inner, fs, directory
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        self.inner.reset(checkpoint_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.inner.set_up_storage_writer(is_coordinator, *args, **kwargs)
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        return self.inner.prepare_local_plan(plan)
+
+    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+        for path in self.fs.ls(self.directory, detail=False) if self.fs.exists(
+                self.directory) else []:
+            log.warning("removing %s of an earlier, uncommitted save of this step", path)
+            self.fs.rm(path, recursive=True)
+        return self.inner.prepare_global_plan(plans)
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        return self.inner.write_data(plan, planner)
+
+    def finish(self, metadata: Any, results: list[Any]) -> None:
+        self.inner.finish(metadata, results)
+
+    def storage_meta(self) -> Any:
+        return self.inner.storage_meta()
+
+    @property
+    def checkpoint_id(self) -> Any:
+        return getattr(self.inner, "checkpoint_id", None)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
 
 
 def _layout(obj: Any, path: str = "") -> list[tuple]:

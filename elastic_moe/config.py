@@ -234,9 +234,19 @@ class CheckpointConfig:
     # A new run starts from these HF-layout weights (directory or fsspec URL; jobs/train.py
     # --init-from) instead of random init, until it has committed its first checkpoint.
     init_from: str = ""
+    # One request to object storage (s3://: connect, send, read) that takes longer fails, and is
+    # tried storage_attempts times: a save against a storage server that stopped answering
+    # fails within about 5 * storage_attempts * storage_timeout_s (s3fs retries 5 times on top)
+    # instead of hanging. The run goes on; the next due save retries (docs/troubleshooting.md).
+    storage_timeout_s: float = 30.0
+    storage_attempts: int = 2
 
     def __post_init__(self) -> None:
         _require(self.every_steps > 0, "every_steps", self.every_steps, "must be positive")
+        _require(self.storage_timeout_s > 0, "storage_timeout_s", self.storage_timeout_s,
+                 "must be positive")
+        _require(self.storage_attempts >= 1, "storage_attempts", self.storage_attempts,
+                 "must be >= 1")
         _require(self.keep_last > 0, "keep_last", self.keep_last,
                  "must be positive (the latest checkpoint is always kept)")
         _require(self.keep_every >= 0, "keep_every", self.keep_every, "must be >= 0 (0 = off)")

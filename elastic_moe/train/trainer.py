@@ -306,11 +306,18 @@ class Trainer:
                 return False
         return True
 
-    def maybe_checkpoint(self, on_commit: Callable[[int, str, TrainState], None] | None) -> str:
+    def maybe_checkpoint(self, on_commit: Callable[[int, str, TrainState], None] | None,
+                         on_failure: Callable[[int, str], None] | None = None) -> str:
         """Save when the checkpointer says it is due; ``on_commit(step, path, state)`` runs on
-        rank 0 once the checkpoint is committed. Returns "saved", "not_due", or "nonfinite"
-        (a tensor on some rank is not finite: nothing is written, so no committed checkpoint
-        ever holds one, and retention never trades a finite checkpoint for it).
+        rank 0 once the checkpoint is committed, ``on_failure(step, error)`` on rank 0 once the
+        save has failed (storage full, read-only or unreachable: nothing is committed).
+        Returns "saved", "not_due", or "nonfinite" (a tensor on some rank is not finite:
+        nothing is written, so no committed checkpoint ever holds one, and retention never
+        trades a finite checkpoint for it).
+
+        A failed save does not stop training: the peer copies stay the recovery source, and the
+        next due save (``checkpoint.every_steps`` later, the same step on every rank without
+        another collective) is the retry.
 
         While non-finite steps are being skipped the state is the one before the first of them;
         periodic saves wait, so that retention keeps the checkpoints from before the skipping
@@ -323,15 +330,24 @@ class Trainer:
             logger.error("step %d: a model or optimizer tensor is not finite; the checkpoint is "
                          "not written", self.step)
             return "nonfinite"
+        self.checkpointer.collect()  # the previous save; a failure was reported as it happened
         state = TrainState(step=self.step, tokens_seen=self.tokens_seen,
                            data_position=self.position.to_dict(), mesh_plan=self.plan.to_dict(),
                            model_config=dataclasses.asdict(self.cfg.model),
                            extra={"metrics": self._unlogged()})
-        callback = None
+        committed: Callable[[int, str], None] | None = None
+        failed = on_failure if self.rank == 0 else None
         if on_commit is not None and self.rank == 0:
             def callback(step: int, path: str) -> None:
                 on_commit(step, path, state)
-        self.checkpointer.save(self.step, self.model, self.optimizer, state, on_commit=callback)
+            committed = callback
+        try:
+            self.checkpointer.save(self.step, self.model, self.optimizer, state,
+                                   on_commit=committed, on_failure=failed)
+        except CheckpointError as exc:  # a synchronous save (async_save=False) that failed
+            logger.error("%s", exc)
+            if failed is not None:
+                failed(self.step, str(exc))
         return "saved"
 
     def skip_to(self, step: int, position: dict[str, Any]) -> None:

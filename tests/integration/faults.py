@@ -1,10 +1,15 @@
-"""Faults the tests hand to production code from outside: a checkpoint writer that dies, and
-model code that raises or produces a non-finite gradient at a chosen step (``wrap_model``)."""
+"""Faults the tests hand to production code from outside: checkpoint writers that die, fail
+or stall (``Checkpointer(wrap_writer=...)``, ``run_training(wrap_writer=...)``), and model code
+that raises or produces a non-finite gradient at a chosen step (``run_training(wrap_model=...)``).
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -13,12 +18,11 @@ import torch.distributed.checkpoint as dcp
 log = logging.getLogger(__name__)
 
 
-class DyingWriter(dcp.StorageWriter):
-    """Delegating DCP writer that ends the process after writing half of its items."""
+class _Delegating(dcp.StorageWriter):
+    """A DCP storage writer that passes every call to ``inner``."""
 
-    def __init__(self, inner: dcp.StorageWriter, exit_code: int = 17) -> None:
+    def __init__(self, inner: dcp.StorageWriter) -> None:
         self.inner = inner
-        self.exit_code = exit_code
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -36,12 +40,7 @@ class DyingWriter(dcp.StorageWriter):
         return self.inner.prepare_global_plan(plans)
 
     def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
-        half = plan.items[: max(len(plan.items) // 2, 1)]
-        half_plan = type(plan)(items=half, storage_data=plan.storage_data,
-                               planner_data=plan.planner_data)
-        self.inner.write_data(half_plan, planner).wait()
-        log.error("rank %d exits in the middle of its save", dist.get_rank())
-        os._exit(self.exit_code)
+        return self.inner.write_data(plan, planner)
 
     def finish(self, metadata, results):  # type: ignore[no-untyped-def]
         return self.inner.finish(metadata, results)
@@ -52,6 +51,71 @@ class DyingWriter(dcp.StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:  # type: ignore[no-untyped-def]
         return True
+
+
+def _write_half(inner: dcp.StorageWriter, plan, planner) -> None:  # type: ignore[no-untyped-def]
+    half = plan.items[: max(len(plan.items) // 2, 1)]
+    half_plan = type(plan)(items=half, storage_data=plan.storage_data,
+                           planner_data=plan.planner_data)
+    inner.write_data(half_plan, planner).wait()
+
+
+class DyingWriter(_Delegating):
+    """Ends the process after writing half of its items."""
+
+    def __init__(self, inner: dcp.StorageWriter, exit_code: int = 17) -> None:
+        super().__init__(inner)
+        self.exit_code = exit_code
+
+    def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+        _write_half(self.inner, plan, planner)
+        log.error("rank %d exits in the middle of its save", dist.get_rank())
+        os._exit(self.exit_code)
+
+
+class FullDiskWriter(_Delegating):
+    """Writes half of its items, then fails as a full disk does (ENOSPC); the process lives."""
+
+    def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+        _write_half(self.inner, plan, planner)
+        raise OSError(errno.ENOSPC, f"rank {dist.get_rank()}: No space left on device (test)")
+
+
+class AnnouncedSlowWriter(_Delegating):
+    """Touches ``<signal_dir>/step_<S>.rank<R>`` and sleeps ``delay_s`` before writing: the
+    test sees the save in flight and can take the storage away in the middle of it."""
+
+    def __init__(self, inner: dcp.StorageWriter, signal: Path, delay_s: float) -> None:
+        super().__init__(inner)
+        self.signal, self.delay_s = signal, delay_s
+
+    def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+        self.signal.touch()
+        time.sleep(self.delay_s)
+        return self.inner.write_data(plan, planner)
+
+
+def fail_during_save(step: int, rank: int):
+    """A ``Checkpointer(wrap_writer=...)`` argument: ``rank``'s writes of ``step`` fail with
+    ENOSPC half-way."""
+
+    def wrap(writer: dcp.StorageWriter, save_step: int) -> dcp.StorageWriter:
+        if save_step == step and dist.get_rank() == rank:
+            return FullDiskWriter(writer)
+        return writer
+
+    return wrap
+
+
+def announce_saves(signal_dir: str, delay_s: float):
+    """A ``run_training(wrap_writer=...)`` argument: every save announces itself in
+    ``signal_dir`` and waits ``delay_s`` before writing (a wide window to fault it in)."""
+
+    def wrap(writer: dcp.StorageWriter, save_step: int) -> dcp.StorageWriter:
+        signal = Path(signal_dir) / f"step_{save_step:08d}.rank{dist.get_rank()}"
+        return AnnouncedSlowWriter(writer, signal, delay_s)
+
+    return wrap
 
 
 def die_during_save(step: int, rank: int):
