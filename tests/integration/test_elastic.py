@@ -530,7 +530,9 @@ def test_lost_workers_are_replaced_at_once(tmp_path):
     assert epochs[2]["restored_step"] < second_kill_step, "no regrowth before the second kill"
     for e in epochs[1:]:
         assert e["restored_from"] == "peers" and e["steps_redone"] <= 1, e
-        assert e["rebuild_s"] <= 2.0, e  # sanity bound; benchmarks measure the pause
+        # sanity bounds (measured 0.2-0.3 s per kill, 1.9-2.1 s per join with other suites on
+        # the 2 cores); benchmarks/elastic_recovery.py measures the pauses
+        assert e["rebuild_s"] <= (2.0 if e["cause"] == "scale_down" else 5.0), e
     assert not [e for e in result.coordinator_state["events"]
                 if e["kind"] == "checkpoint_fallback"]
     assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
