@@ -164,6 +164,7 @@ class TrainWorker:
         from elastic_moe.parallel.comm import GlooLinks
 
         self.gloo_links = GlooLinks()  # what to close when this rank's own step raises
+        self.joining: EpochSpec | None = None  # the epoch whose join is in progress
 
     # ------------------------------------------------------------------ identity
     def info(self) -> dict[str, Any]:
@@ -183,6 +184,14 @@ class TrainWorker:
         return self.torch_thread.submit(self._join, epoch, sources).result()
 
     def _join(self, epoch: EpochSpec, sources: list[Any] | None) -> dict[str, Any]:
+        self.joining = epoch
+        try:
+            return self._join_epoch(epoch, sources, {"join_start": time.time()})
+        finally:
+            self.joining = None
+
+    def _join_epoch(self, epoch: EpochSpec, sources: list[Any] | None,
+                    marks: dict[str, float]) -> dict[str, Any]:
         import torch.distributed as dist
 
         from elastic_moe.checkpoint import Checkpointer
@@ -193,7 +202,6 @@ class TrainWorker:
         from elastic_moe.train.shard_state import needed_sources
         from elastic_moe.train.trainer import Trainer
 
-        marks = {"join_start": time.time()}
         cfg = self.spec.cfg
         self._leave_group()
         # exports of the old layout since the group broke have cached its (equal-looking) mesh
@@ -422,6 +430,20 @@ class TrainWorker:
             aborted = abort_communicators()
         logger.warning("epoch %d: aborted %d process group(s) after a lost peer", epoch, aborted)
         return aborted
+
+    def abort_join(self, epoch: int) -> int:
+        """A member of membership epoch ``epoch`` died while the group formed: end this
+        worker's join now (it may be waiting in the rendezvous store for the dead member until
+        the timeout). The join then raises and this worker keeps the state it had. Runs beside
+        ``join()``; returns how many connections were shut down."""
+        joining = self.joining
+        if joining is None or joining.epoch != epoch:
+            return 0
+        closed = self.gloo_links.shut_down_rendezvous(joining.master_port)
+        closed += self.gloo_links.shut_down()
+        logger.warning("epoch %d: join aborted (a member was lost while the group formed); "
+                       "%d connection(s) closed", epoch, closed)
+        return closed
 
     def request_pause(self) -> int:
         """Ask the group to stop after the current step (carried by the commit vote)."""

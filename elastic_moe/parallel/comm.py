@@ -194,6 +194,30 @@ class GlooLinks:
                 self._links[fd] = fresh[fd]
         return len(self._links)
 
+    def shut_down_rendezvous(self, store_port: int) -> int:
+        """Shut down this process's connections to the rendezvous store on ``store_port``
+        opened since :meth:`opening` (from any thread): a join blocked waiting in the store for
+        a member that died fails now instead of at the timeout. Returns how many."""
+        closed = 0
+        for fd, inode in _socket_inodes().items():
+            if inode in self._before:
+                continue
+            ends = _endpoints(fd)
+            if ends is None or ends[0] or ends[2] is None or ends[2][1] != store_port:
+                continue
+            try:
+                sock = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                closed += 1
+            except OSError:
+                pass
+            finally:
+                sock.close()
+        return closed
+
     def shut_down(self) -> int:
         """Shut down every connection found (both directions), from any thread: the peers'
         pending and next collectives fail at once, and so do this rank's. Returns how many
