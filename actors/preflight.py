@@ -2,8 +2,9 @@
 
 In order: the memory estimate when the budget is known without the cluster's nodes (embedded, or
 ``parallel.memory_per_gpu_gib`` set); on a cluster, the bounded wait for ``min_workers`` worker
-bundles; the memory estimate against the worker nodes' memory otherwise; and on a multi-node
-cluster the shared-storage probe. Each refusal is a :class:`~elastic_moe.actors.cluster.LaunchError` whose
+bundles; the memory estimate against the worker nodes' memory otherwise; that every worker node
+has the interface the process groups bind to; and on a multi-node cluster the shared-storage
+probe. Each refusal is a :class:`~elastic_moe.actors.cluster.LaunchError` whose
 message names the numbers and what to change.
 """
 
@@ -28,6 +29,7 @@ from elastic_moe.actors.shared_storage import NodeInfo, check_shared_storage, wo
 
 from elastic_moe.config import Config
 from elastic_moe.parallel.memory import GIB, MemoryBudget, MemoryEstimate, check_memory
+from elastic_moe.parallel.network import NetworkInterfaceError, choose_binding
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,37 @@ def _nodes_memory(nodes: list[NodeInfo], timeout_s: float = 60.0) -> list[NodeMe
         scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote()
         for node in nodes]
     return list(ray.get(refs, timeout=timeout_s))
+
+
+def node_binding(interface: str) -> tuple[bool, str]:
+    """(True, the binding) of this node's process groups, or (False, why there is none)."""
+    try:
+        return True, choose_binding(ray.util.get_node_ip_address(), interface,
+                                    node=ray.get_runtime_context().get_node_id()).describe()
+    except NetworkInterfaceError as exc:
+        return False, str(exc)
+
+
+_node_binding = ray.remote(num_cpus=0, max_retries=0)(node_binding)
+
+
+def check_network(cfg: Config, nodes: list[NodeInfo] | None, timeout_s: float = 60.0) -> None:
+    """Every node that may host workers (``nodes``; None: this one, embedded) has the interface
+    the process groups bind to (``elastic.network_interface``, or the one holding its Ray
+    address). Raises ``LaunchError`` naming the node, the interface and the ones it has."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    interface = cfg.elastic.network_interface
+    if nodes is None:
+        found = [node_binding(interface)]
+    else:
+        found = ray.get([_node_binding.options(  # type: ignore[attr-defined]
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+        ).remote(interface) for node in nodes], timeout=timeout_s)
+    for ok, text in found:
+        if not ok:
+            raise LaunchError(text)
+        logger.debug("process groups bind to %s", text)
 
 
 def memory_budget(cfg: Config, bundle: dict[str, float], connection: RayConnection | None,
@@ -160,6 +193,7 @@ def preflight(cfg: Config, connection: RayConnection, *, checkpoint_dir: str,
                         "set parallel.memory_per_gpu_gib to check it")
         elif budget is not None:
             _check_memory(cfg, budget, device_type)
+    check_network(cfg, None if connection.embedded else nodes)
     alive = [n for n in ray.nodes() if n.get("Alive")]
     if len(alive) > 1:
         check_shared_storage(checkpoint_dir, tracking_uri, cfg.tracking.experiment, nodes)

@@ -173,8 +173,9 @@ class TrainWorker:
                 "ip": ray.util.get_node_ip_address()}
 
     def free_port(self) -> int:
+        """A free port on the node's Ray address, for the rendezvous store this rank hosts."""
         with socket.socket() as s:
-            s.bind(("", 0))
+            s.bind((ray.util.get_node_ip_address(), 0))
             return int(s.getsockname()[1])
 
     # ------------------------------------------------------------------ membership
@@ -198,6 +199,7 @@ class TrainWorker:
         from elastic_moe.parallel import MeshPlan
         from elastic_moe.parallel.comm import process_group_backend
         from elastic_moe.parallel.mesh import forget_layout_caches
+        from elastic_moe.parallel.network import bind_process_groups, choose_binding
         from elastic_moe.storage import storage_options
         from elastic_moe.train.shard_state import needed_sources
         from elastic_moe.train.trainer import Trainer
@@ -207,6 +209,12 @@ class TrainWorker:
         # exports of the old layout since the group broke have cached its (equal-looking) mesh
         forget_layout_caches()
         timeout = datetime.timedelta(seconds=cfg.elastic.collective_timeout_s)
+        # never the hostname's address: raises NetworkInterfaceError, a setting to fix
+        binding = choose_binding(ray.util.get_node_ip_address(), cfg.elastic.network_interface,
+                                 node=ray.get_runtime_context().get_node_id())
+        bind_process_groups(binding)
+        logger.info("rank %d, epoch %d: process groups bind to %s", epoch.rank, epoch.epoch,
+                    binding.describe())
         with self.group_lock:
             self.gloo_links.opening()
             dist.init_process_group(

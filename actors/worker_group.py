@@ -46,6 +46,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from elastic_moe.config import Config
 from elastic_moe.parallel import MeshPlan, plan_mesh
+from elastic_moe.parallel.network import NetworkInterfaceError
 from elastic_moe.train.elastic import decide_restore
 from elastic_moe.train.failure_policy import (
     Action,
@@ -704,6 +705,8 @@ class ElasticGroup:
         try:
             joined = ray.get(calls, timeout=max(120.0, self.cfg.elastic.collective_timeout_s * 2))
         except (ray.exceptions.RayError, TimeoutError) as exc:
+            if isinstance(getattr(exc, "cause", None), NetworkInterfaceError):  # a setting, no retry
+                raise TrainingFailed(str(exc.cause)) from exc  # type: ignore[attr-defined]
             raise TrainingFailed(f"rebuilding the group at {world} workers failed: {exc}") from exc
         self.members = members
         self.plan = plan

@@ -276,6 +276,11 @@ class ElasticConfig:
     # Refresh each rank's in-memory copy on its buddy every N committed steps (0 = no copies:
     # a lost worker then means the last committed checkpoint). 1 redoes at most one step.
     snapshot_every: int = 1
+    # The network interface the process groups (gloo, NCCL) bind to on every node, e.g. "ens5"
+    # for the fast NIC of a multi-homed node; "" = the interface that holds the node's Ray
+    # address (ray start --node-ip-address). Never what the hostname resolves to (127.0.0.1 or
+    # 127.0.1.1 on many machines). A node without it fails the run (docs/elastic.md).
+    network_interface: str = ""
 
     def __post_init__(self) -> None:
         _require(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1")
@@ -292,6 +297,10 @@ class ElasticConfig:
                  "must be 'live' or 'restart'")
         _require(self.snapshot_every >= 0, "snapshot_every", self.snapshot_every,
                  "must be >= 0 (0 = no peer copies)")
+        _require(len(self.network_interface) < 16 and not any(
+            c.isspace() or c in ",/" for c in self.network_interface), "network_interface",
+            self.network_interface, "must be one interface name (at most 15 characters, no "
+            "spaces, commas or slashes), or empty for the Ray address's interface")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,0 +1,63 @@
+"""Which interface the process groups bind to (elastic_moe.parallel.network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from elastic_moe.config import ElasticConfig
+from elastic_moe.parallel.network import (
+    NetworkInterfaceError,
+    bind_process_groups,
+    choose_binding,
+    interface_addresses,
+)
+
+# a multi-homed node: Ray on the management NIC, a fast NIC for training
+NODE = {"lo": ["127.0.0.1", "::1"], "eth0": ["10.0.0.5"], "ens5": ["192.168.8.5", "fe80::1"],
+        "docker0": []}
+
+
+def test_the_interface_of_the_ray_address_by_default():
+    binding = choose_binding("10.0.0.5", interfaces=NODE)
+    assert (binding.interface, binding.address, binding.named) == ("eth0", "10.0.0.5", False)
+    assert "10.0.0.5 (interface eth0, from the node's Ray address)" == binding.describe()
+
+
+def test_a_named_interface_wins_and_binds_its_own_address():
+    binding = choose_binding("10.0.0.5", "ens5", interfaces=NODE)
+    assert (binding.interface, binding.address, binding.named) == ("ens5", "192.168.8.5", True)
+
+
+def test_a_missing_interface_names_the_node_and_what_it_has():
+    with pytest.raises(NetworkInterfaceError) as err:
+        choose_binding("10.0.0.5", "ib0", node="abc123", interfaces=NODE)
+    text = str(err.value)
+    assert "elastic.network_interface='ib0'" in text
+    assert "node abc123 (10.0.0.5) has no interface 'ib0'" in text
+    assert "eth0 (10.0.0.5)" in text and "lo (127.0.0.1 ::1)" in text
+    with pytest.raises(NetworkInterfaceError, match="has no IP address"):
+        choose_binding("10.0.0.5", "docker0", interfaces=NODE)
+
+
+def test_a_ray_address_on_no_interface_asks_for_the_setting():
+    with pytest.raises(NetworkInterfaceError, match="set elastic.network_interface"):
+        choose_binding("203.0.113.9", interfaces=NODE)
+
+
+def test_this_machines_loopback_is_found():
+    assert choose_binding("127.0.0.1", interfaces=interface_addresses()).address == "127.0.0.1"
+
+
+def test_binding_sets_gloo_and_nccl(monkeypatch):
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth9")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    changed = bind_process_groups(choose_binding("10.0.0.5", interfaces=NODE))
+    assert changed == {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
+    assert bind_process_groups(choose_binding("10.0.0.5", interfaces=NODE)) == {}
+
+
+@pytest.mark.parametrize("name", ["eth0,eth1", "eth 0", "a" * 16, "eth/0"])
+def test_config_rejects_what_is_not_one_interface_name(name):
+    with pytest.raises(ValueError, match="network_interface="):
+        ElasticConfig(network_interface=name)
+    assert ElasticConfig(network_interface="ens5").network_interface == "ens5"
