@@ -348,24 +348,25 @@ class TrainWorker:
             self.spec.coordinator.record_event("checkpoint_not_saved", trainer.step,
                                                reason="a model or optimizer tensor is not finite")
 
-    def _end_broken_step(self, trainer: Any, close_links: bool = False) -> None:
+    def _end_broken_step(self, trainer: Any) -> None:
         """After a step broke, for a fault or an error alike: keep the peer copies that arrive,
-        then leave the group. ``close_links``: this rank's own step raised, so its peers still
-        wait in a collective for it: close its connections (gloo) and abort its communicators
-        (NCCL) so that they fail now, not at the timeout."""
+        close this rank's connections (gloo) and abort its communicators (NCCL), then leave the
+        group. Its peers may still wait in a collective for *this* rank -- it raised, or with
+        three or more ranks it is a survivor another survivor waits on -- and would otherwise
+        wait out the collective timeout (leaving a gloo group closes nothing)."""
+        from elastic_moe.parallel.comm import abort_communicators
+
         # the last step's copies left before the failure, as a rule: keep what arrived
         trainer.settle_peers(timeout_s=PEER_SETTLE_S)
-        if close_links:
-            from elastic_moe.parallel.comm import abort_communicators
-
-            with self.group_lock:
-                closed, aborted = self.gloo_links.shut_down(), abort_communicators()
-            logger.warning("closed %d gloo connection(s) and aborted %d NCCL communicator(s) "
-                           "so that the peers' step ends now", closed, aborted)
-        # A save in flight cannot complete without the lost peer: a rank whose save waits in a
-        # collective for a peer whose own save already failed would hold up the rebuild until
-        # the timeout
-        self._leave_group(checkpoint_wait_s=BROKEN_SAVE_WAIT_S)
+        # A save in flight may still complete (every peer alive: this rank's own error); it
+        # cannot without a lost peer, and a rank whose save waits in a collective for a peer
+        # whose own save already failed would hold up the rebuild: wait briefly, then close
+        _wait_bounded(trainer.checkpointer, BROKEN_SAVE_WAIT_S)
+        with self.group_lock:
+            closed, aborted = self.gloo_links.shut_down(), abort_communicators()
+        logger.warning("closed %d gloo connection(s) and aborted %d NCCL communicator(s) so "
+                       "that the peers' step ends now", closed, aborted)
+        self._leave_group(checkpoint_wait_s=0.0)
 
     def _step_error(self, epoch: EpochSpec, trainer: Any, exc: Exception,
                     kind: StepFailure, raised_at: float) -> TrainOutcome:
@@ -378,7 +379,7 @@ class TrainWorker:
         trace = str(exc) if cause is not exc else traceback.format_exc()
         step = trainer.step + 1
         logger.error("rank %d: step %d raised %s", epoch.rank, step, error)
-        self._end_broken_step(trainer, close_links=True)
+        self._end_broken_step(trainer)
         return TrainOutcome("error", trainer.step, error=error, report=StepReport(
             epoch.rank, step, kind, error, trace,
             [tuple(i) for i in trainer.current_sample_ids],

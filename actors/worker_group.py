@@ -160,6 +160,15 @@ class StepError(TrainingFailed):
     exit_code = 3
 
 
+class RebuildFault(Exception):
+    """Members or joiners were lost (died, or hung and fenced) while the group formed. An
+    ordinary fault: the rebuild is retried without them."""
+
+    def __init__(self, lost: list[Member]) -> None:
+        super().__init__(f"{len(lost)} worker(s) lost while the group formed")
+        self.lost = lost
+
+
 def _report_detail(report: StepReport, reports: list[StepReport]) -> dict[str, Any]:
     """A step error's fields as a coordinator event records them, with how long after the
     erroring rank its peers' steps ended (``peers_ended_after_s``)."""
@@ -336,11 +345,12 @@ class ElasticGroup:
             self._collect_joiners(timeout=STARTUP_GRACE_S)  # those still starting, briefly
             committed = self.coordinator.restore_point()
             start_step = committed["step"] if committed else 0
-            self._form_epoch(survivors=[], sources=None,
-                             restore="checkpoint" if committed else "fresh",
-                             checkpoint_step=start_step if committed else None,
-                             cause_detail={"restored_from": "checkpoint" if committed else "init"},
-                             marks={"detected": time.time()}, restored_step=start_step)
+            self._form_from_storage(survivors=[], sources=None,
+                                   restore="checkpoint" if committed else "fresh",
+                                   checkpoint_step=start_step if committed else None,
+                                   cause_detail={"restored_from":
+                                                 "checkpoint" if committed else "init"},
+                                   marks={"detected": time.time()}, restored_step=start_step)
             while True:
                 outcomes, failed = self._train_epoch()
                 if outcomes and all(o.status == "finished" for o in outcomes.values()) \
@@ -566,35 +576,60 @@ class ElasticGroup:
         if self.cfg.elastic.recovery == "restart":
             self._restart_all(survivors, detected)
             return
-        holdings: dict[int, dict[str, Any]] = {}
-        refs = {m.handle.holdings.remote(): m for m in survivors}
-        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=5.0)
-        for ref in done:
+        self._restore_live(survivors, detected, failed, regrow=bool(failed))
+
+    def _restore_live(self, survivors: list[Member], detected: float, failed: list[Member],
+                      regrow: bool = False, reason: str | None = None) -> None:
+        """Rebuild from the survivors' live state and peer copies (the checkpoint only when
+        some shard has no copy left). A member or joiner lost meanwhile is dropped and the
+        restore decided again from who is left: a fault during recovery is an ordinary fault.
+        ``regrow``: start replacements for lost members at once."""
+        while True:
+            holdings: dict[int, dict[str, Any]] = {}
+            refs = {m.handle.holdings.remote(): m for m in survivors}
+            done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=5.0)
+            for ref in done:
+                try:
+                    holdings[refs[ref].rank] = ray.get(ref)
+                except ray.exceptions.RayError:
+                    pass
+            lost_now = [m for m in survivors if m.rank not in holdings]
+            for member in lost_now:
+                fence(member.handle, member.info["pid"], member.info["node_id"])
+            survivors = [m for m in survivors if m.rank in holdings]
+            assert self.plan is not None  # a live restore follows a formed layout
+            decision = decide_restore(self.plan.world_size, holdings)
+            self._collect_joiners()
+            self.members = survivors
+            if regrow:  # a replacement warms up in a freed slot while the group trains
+                self._spawn_joiners()  # and joins at the next step boundary
+            if decision.step is None:
+                logger.error("RESTORING FROM THE LAST COMMITTED CHECKPOINT: %s", decision.reason)
+                self._from_checkpoint(survivors, detected, decision.reason, failed)
+                return
+            logger.info("restore point: %s", decision.reason)
             try:
-                holdings[refs[ref].rank] = ray.get(ref)
-            except ray.exceptions.RayError:
-                pass
-        lost_now = [m for m in survivors if m.rank not in holdings]
-        for member in lost_now:
-            fence(member.handle, member.info["pid"], member.info["node_id"])
-        survivors = [m for m in survivors if m.rank in holdings]
-        decision = decide_restore(len(self.members), holdings)
-        self._collect_joiners()
-        self.members = survivors
-        if failed:  # regrow at once: a replacement warms up in the freed slot while the
-            self._spawn_joiners()  # group trains, and joins at the next step boundary
-        if decision.step is None:
-            logger.error("RESTORING FROM THE LAST COMMITTED CHECKPOINT: %s", decision.reason)
-            self._from_checkpoint(survivors, detected, decision.reason, failed)
-            return
-        logger.info("restore point: %s", decision.reason)
-        sources = self._export(survivors, decision.holders, decision.step)
-        self._form_epoch(survivors=survivors, sources=sources, restore="shards",
-                         marks={"detected": detected},
-                         restored_step=decision.step,
-                         cause_detail={"restored_from": "peers", "reason": decision.reason,
-                                       "failed_ranks": ranks,
-                                       "failed_pids": [m.info["pid"] for m in failed]})
+                sources = self._export(survivors, decision.holders, decision.step)
+                self._form_epoch(survivors=survivors, sources=sources, restore="shards",
+                                 marks={"detected": detected}, restored_step=decision.step,
+                                 cause_detail={"restored_from": "peers",
+                                               "reason": reason or decision.reason,
+                                               "failed_ranks": [m.rank for m in failed],
+                                               "failed_pids": [m.info["pid"] for m in failed]})
+                return
+            except RebuildFault as fault:
+                self._lost_while_forming(fault)
+                survivors = [m for m in survivors if m not in fault.lost]
+                regrow = True
+
+    def _lost_while_forming(self, fault: RebuildFault) -> None:
+        """Record workers lost during a rebuild. Not spent from the failure budget: the
+        rebuild is one recovery, and a joiner that dies while starting held no state."""
+        pids = [m.info["pid"] for m in fault.lost]
+        logger.warning("worker(s) pid %s lost while the group formed; rebuilding without them",
+                       pids)
+        self.coordinator.record_event("lost_while_forming", self.logged_step, pids=pids)
+        self._replace_lost_slots()
 
     def _roll_back(self, outcomes: dict[Member, TrainOutcome]) -> None:
         """``train.max_skipped_steps`` non-finite steps in a row (the vote makes every rank see
@@ -622,43 +657,56 @@ class ElasticGroup:
                      "of steps %d-%d", what, target, target + 1, step)
         self.coordinator.record_event("rollback", step, first_skipped=first, to_step=target,
                                       skipped_batches=[target + 1, step])
-        self._form_epoch(survivors=list(self.members), sources=None, restore="checkpoint",
-                         checkpoint_step=target,
-                         skip_to={"step": step, "position": diverged.position},
-                         marks={"detected": detected}, restored_step=target,
-                         cause_detail={"restored_from": "checkpoint", "reason": "rollback"})
+        self._form_from_storage(survivors=list(self.members), sources=None, restore="checkpoint",
+                               checkpoint_step=target,
+                               skip_to={"step": step, "position": diverged.position},
+                               marks={"detected": detected}, restored_step=target,
+                               cause_detail={"restored_from": "checkpoint", "reason": "rollback"})
 
     def _grow(self, outcomes: dict[Member, TrainOutcome]) -> None:
         detected = time.time()
         if self.cfg.elastic.recovery == "restart":
             self._restart_all(list(self.members), detected)
             return
-        step = min(o.step for o in outcomes.values())
-        holders = {m.rank: m.rank for m in self.members}
-        sources = self._export(self.members, holders, step)
-        self._form_epoch(survivors=list(self.members), sources=sources, restore="shards",
-                         marks={"detected": detected}, restored_step=step,
-                         cause_detail={"restored_from": "peers", "reason": "join"})
+        self._restore_live(list(self.members), detected, [], reason="join")
 
     def _export(self, survivors: list[Member], holders: dict[int, int], step: int
                 ) -> list[tuple[Any, Any]]:
         by_rank = {m.rank: m for m in survivors}
-        pairs = [by_rank[holders[rank]].handle.export.remote(rank, step)
-                 for rank in sorted(holders)]
-        manifests = ray.get([p[0] for p in pairs])
+        exporters = [by_rank[holders[rank]] for rank in sorted(holders)]
+        pairs = [m.handle.export.remote(rank, step)
+                 for m, rank in zip(exporters, sorted(holders), strict=True)]
+        manifests = []
+        for member, pair in zip(exporters, pairs, strict=True):
+            try:
+                manifests.append(ray.get(pair[0], timeout=max(60.0, self.cfg.elastic
+                                                               .collective_timeout_s)))
+            except (ray.exceptions.RayActorError, TimeoutError) as exc:  # the holder is gone
+                raise RebuildFault([member]) from exc
         return [(manifest, pair[1]) for manifest, pair in zip(manifests, pairs, strict=True)]
+
+    def _form_from_storage(self, **form: Any) -> None:
+        """:meth:`_form_epoch` for a restore from the checkpoint (or a fresh start), retried
+        without the workers lost while the group formed."""
+        while True:
+            try:
+                self._form_epoch(**form)
+                return
+            except RebuildFault as fault:
+                self._lost_while_forming(fault)
+                form["survivors"] = [m for m in form["survivors"] if m not in fault.lost]
 
     def _from_checkpoint(self, survivors: list[Member], detected: float, reason: str,
                          failed: list[Member]) -> None:
         committed = self.coordinator.restore_point()
         self._record_fallback(self.logged_step, reason=reason)
-        self._form_epoch(survivors=survivors, sources=None,
-                         restore="checkpoint" if committed else "fresh",
-                         checkpoint_step=committed["step"] if committed else None,
-                         marks={"detected": detected},
-                         restored_step=committed["step"] if committed else 0,
-                         cause_detail={"restored_from": "checkpoint", "reason": reason,
-                                       "failed_ranks": [m.rank for m in failed]})
+        self._form_from_storage(survivors=survivors, sources=None,
+                               restore="checkpoint" if committed else "fresh",
+                               checkpoint_step=committed["step"] if committed else None,
+                               marks={"detected": detected},
+                               restored_step=committed["step"] if committed else 0,
+                               cause_detail={"restored_from": "checkpoint", "reason": reason,
+                                             "failed_ranks": [m.rank for m in failed]})
 
     def _record_fallback(self, step: int, **detail: Any) -> None:
         """A restore from an older state than wanted, in the coordinator's record and MLflow."""
@@ -691,23 +739,15 @@ class ElasticGroup:
         plan = plan_mesh(world, self.cfg.parallel.gpus_per_node, self.cfg.model,
                          self.cfg.parallel, global_batch_size=self.cfg.train.global_batch_size)
         self.epoch += 1
-        master = members[0]
-        port = ray.get(master.handle.free_port.remote())
-        nodes = [m.info["node_id"] for m in members]
-        calls = []
-        for rank, member in enumerate(members):
-            member.rank = rank
-            spec = EpochSpec(epoch=self.epoch, rank=rank, world_size=world,
-                             plan=plan.to_dict(), master_addr=master.info["ip"],
-                             master_port=port, node_of_rank=nodes, restore=restore,
-                             checkpoint_step=checkpoint_step, skip_to=skip_to)
-            calls.append(member.handle.join.remote(spec, sources))
+        joiners = [m for m in members if m not in survivors]
         try:
-            joined = ray.get(calls, timeout=max(120.0, self.cfg.elastic.collective_timeout_s * 2))
-        except (ray.exceptions.RayError, TimeoutError) as exc:
-            if isinstance(getattr(exc, "cause", None), NetworkInterfaceError):  # a setting, no retry
-                raise TrainingFailed(str(exc.cause)) from exc  # type: ignore[attr-defined]
-            raise TrainingFailed(f"rebuilding the group at {world} workers failed: {exc}") from exc
+            joined = self._rendezvous(members, plan, restore=restore, sources=sources,
+                                      checkpoint_step=checkpoint_step, skip_to=skip_to)
+        except RebuildFault as fault:  # joiners still alive wait for the next try
+            self.joiners = [j for j in joiners if j not in fault.lost] + self.joiners
+            raise
+        for rank, member in enumerate(members):  # old ranks stay until the new layout exists
+            member.rank = rank
         self.members = members
         self.plan = plan
         marks["rebuilt"] = time.time()
@@ -737,6 +777,79 @@ class ElasticGroup:
         logger.info("epoch %d (%s): %d workers at step %d (%s), rebuilt in %.2f s; plan %s",
                     self.epoch, epoch["cause"], world, step, cause_detail.get("restored_from"),
                     pause_s, plan.describe())
+
+    def _rendezvous(self, members: list[Member], plan: MeshPlan, *, restore: str,
+                    sources: list[Any] | None, checkpoint_step: int | None,
+                    skip_to: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """Every member joins membership epoch ``self.epoch``; returns their join reports.
+
+        A member that dies or stops answering meanwhile (a kill during recovery, a joiner that
+        crashes while it starts) raises :class:`RebuildFault`, after the others' joins were
+        aborted (they would wait in the rendezvous for it until the timeout): the caller
+        retries without it. A join that raises in a live worker with nobody lost is an error in
+        our code or setup, not a fault: the run stops with it.
+        """
+        master = members[0]
+        try:
+            port = ray.get(master.handle.free_port.remote(), timeout=self.cfg.elastic.hang_timeout_s)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            logger.warning("worker pid %s lost before the group formed: %s", master.info["pid"],
+                           str(exc).splitlines()[0][:200])
+            raise RebuildFault([master]) from exc
+        nodes = [m.info["node_id"] for m in members]
+        refs = {}
+        for rank, member in enumerate(members):
+            spec = EpochSpec(epoch=self.epoch, rank=rank, world_size=len(members),
+                             plan=plan.to_dict(), master_addr=master.info["ip"],
+                             master_port=port, node_of_rank=nodes, restore=restore,
+                             checkpoint_step=checkpoint_step, skip_to=skip_to)
+            refs[member.handle.join.remote(spec, sources)] = member
+        deadline = time.time() + max(120.0, self.cfg.elastic.collective_timeout_s * 2)
+        reports: dict[Member, dict[str, Any]] = {}
+        errors: dict[Member, BaseException] = {}
+        lost: list[Member] = []
+        pending = dict(refs)
+        abort_sent = False
+        for member in members:
+            member.last_reply, member.ping_ref = time.time(), None
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PING_INTERVAL_S)
+            for ref in done:
+                member = pending.pop(ref)
+                try:
+                    reports[member] = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:  # the process is gone
+                    logger.warning("worker pid %s lost while the group formed: %s",
+                                   member.info["pid"], str(exc).splitlines()[0][:200])
+                    lost.append(member)
+                except ray.exceptions.RayTaskError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, NetworkInterfaceError):  # a setting: no retry
+                        raise TrainingFailed(str(cause)) from exc
+                    errors[member] = exc
+            self._ping_all(list(pending.values()), since=self.logged_step)
+            now = time.time()
+            for ref, member in list(pending.items()):
+                if now - member.last_reply > self.cfg.elastic.hang_timeout_s or now > deadline:
+                    logger.warning("worker pid %s silent while the group formed: fencing it off",
+                                   member.info["pid"])
+                    fence(member.handle, member.info["pid"], member.info["node_id"])
+                    pending.pop(ref)
+                    lost.append(member)
+            if (lost or errors) and pending and not abort_sent:
+                # the rest wait in the rendezvous (or a collective) for the lost member
+                for member in pending.values():
+                    member.handle.abort_join.remote(self.epoch)
+                abort_sent = True
+        if lost:
+            for member in lost:
+                fence(member.handle, member.info["pid"], member.info["node_id"])
+            raise RebuildFault(lost)
+        if errors:
+            member, exc = next(iter(errors.items()))
+            raise TrainingFailed(f"rebuilding the group at {len(members)} workers failed on "
+                                 f"worker pid {member.info['pid']}: {exc}") from exc
+        return [reports[m] for m in members]
 
     # ------------------------------------------------------------------ teardown
     def _shutdown(self) -> None:

@@ -182,3 +182,19 @@ def nan_gradient(step: int, rank: int):
         _middle_module(model).register_forward_hook(hook)
 
     return wrap
+
+
+def die_in_join(trigger: str):
+    """A ``wrap_model`` argument: once the file ``trigger`` exists, the next worker to build its
+    model for a new membership epoch (inside its join, after the rendezvous) deletes it and
+    exits -- a fault during recovery, planted from outside. One worker dies per trigger."""
+
+    def wrap(model, model_rank, current_step):  # type: ignore[no-untyped-def]
+        try:
+            os.unlink(trigger)  # only one worker wins the unlink
+        except FileNotFoundError:
+            return
+        log.error("rank %d exits in the middle of its join", model_rank)
+        os._exit(19)
+
+    return wrap

@@ -536,3 +536,35 @@ def test_lost_workers_are_replaced_at_once(tmp_path):
     assert not [e for e in result.coordinator_state["events"]
                 if e["kind"] == "checkpoint_fallback"]
     assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
+
+
+def test_worker_lost_during_a_rebuild_is_an_ordinary_fault(tmp_path):
+    """Three workers; kill -9 of one at step 4, and inside the rebuild that follows another
+    one dies in the middle of its join (planted from outside: the test drops a trigger file
+    that the next worker to join consumes). On main that failed the run (`rebuilding the group
+    at 2 workers failed`); now the rebuild is retried with the one worker left, and the run
+    finishes with every step logged once, regrowing as replacements start."""
+    from tests.integration.faults import die_in_join
+
+    steps = 16
+    trigger = str(tmp_path / "die-in-join")
+    _ray(num_cpus=4)
+    try:
+        cfg = tiny_config(tmp_path, steps=steps, every=4, workers=(1, 3),
+                          extra=["elastic.resize_check_s=60"])
+        run = _Run(cfg, "rebuild-fault", tmp_path, wrap_model=die_in_join(trigger))
+        state = _when("rebuild-fault", lambda s: s["last_step"] >= 4 and len(s["workers"]) == 3)
+        open(trigger, "w").close()
+        os.kill(state["workers"][-1]["pid"], signal.SIGKILL)
+        result = run.wait()
+    finally:
+        ray.shutdown()
+    assert result.ok, result.error
+    assert not os.path.exists(trigger), "no worker joined after the kill"
+    events = result.coordinator_state["events"]
+    print("\n" + "; ".join(f"{e['kind']}@{e['step']}" for e in events
+                          if e["kind"] not in ("checkpoint",)))
+    assert [e for e in events if e["kind"] == "lost_while_forming"], events
+    sizes = [e["world_size"] for e in result.coordinator_state["world_sizes"]]
+    assert sizes[0] == 3 and sizes[1] == 1, sizes  # the rebuild went on with the last one
+    assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
