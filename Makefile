@@ -11,7 +11,7 @@ TORCH_CPU := 2.13.0
 PIP_TOOLS := pip-tools==7.7.0
 RUFF_PATHS := elastic_moe actors kernels jobs tests benchmarks
 
-.PHONY: demo test lint lock bench-cpu clean
+.PHONY: demo test soak lint lock bench-cpu clean
 
 $(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,7 +28,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check $(RUFF_PATHS)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not soak" tests
+
+# Repetitions of the fault scenarios (each runs once in `make test`): minutes to an hour.
+soak: $(STAMP)
+	$(PY) -m pytest -q -m soak tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(RUFF_PATHS)

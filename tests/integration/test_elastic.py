@@ -568,3 +568,64 @@ def test_worker_lost_during_a_rebuild_is_an_ordinary_fault(tmp_path):
     sizes = [e["world_size"] for e in result.coordinator_state["world_sizes"]]
     assert sizes[0] == 3 and sizes[1] == 1, sizes  # the rebuild went on with the last one
     assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
+
+
+def _trainworker_pids() -> set[int]:
+    """Pids of every TrainWorker process, by the title Ray gives an actor's process
+    (``ray::TrainWorker`` / ``ray::TrainWorker.<method>``): members, warm joiners and those
+    still starting (``ray::TrainWorker.__init__``)."""
+    import psutil
+
+    pids = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith("ray::TrainWorker"):
+            pids.add(proc.pid)
+    return pids
+
+
+def _kill_every_40_steps(tmp_path, name: str, steps: int = 200) -> None:
+    """``--workers 1:2`` with a kill -9 every 40 steps. The victim is a member; every second
+    time, the replacement that starts for it is killed too while it is still starting or
+    joining (a fault inside the recovery). Every run must finish with all steps logged once;
+    the budget is raised above the member kills so that only a real bug fails the run (kills
+    of workers that are not members cost none)."""
+    _ray(num_cpus=3)
+    try:
+        cfg = tiny_config(tmp_path, steps=steps, every=20, workers=(1, 2),
+                          extra=["elastic.max_failures=8", "elastic.resize_check_s=60"])
+        run = _Run(cfg, name, tmp_path)
+        victims = []
+        for index, at in enumerate(range(40, steps, 40)):
+            state = _when(name, lambda s, at=at: s["last_step"] >= at, timeout=600)
+            member = state["workers"][-1]["pid"]
+            before = _trainworker_pids()
+            victims.append((state["last_step"], "member"))
+            os.kill(member, signal.SIGKILL)
+            if index % 2:  # and its replacement, as soon as it exists
+                deadline = time.time() + 60
+                while time.time() < deadline:
+                    new = sorted(_trainworker_pids() - before)
+                    if new:
+                        os.kill(new[0], signal.SIGKILL)
+                        victims.append((_coordinator_state(name)["last_step"], "starting"))
+                        break
+                    time.sleep(0.05)
+        result = run.wait(timeout=900)
+    finally:
+        ray.shutdown()
+    print(f"\n{name}: kills {victims}; world sizes "
+          f"{[e['world_size'] for e in result.coordinator_state['world_sizes']]}")
+    assert result.ok, result.error
+    assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
+    assert ("starting" in [kind for _, kind in victims]), victims
+
+
+def test_kill_every_40_steps_members_and_starting_workers(tmp_path):
+    _kill_every_40_steps(tmp_path, "kill-every-40", steps=120)  # 200 steps x 5: make soak
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("repeat", range(5))
+def test_kill_every_40_steps_repeated(tmp_path, repeat):
+    _kill_every_40_steps(tmp_path, f"kill-every-40-{repeat}")
