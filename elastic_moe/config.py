@@ -5,11 +5,10 @@ applies ``--set section.field=value`` overrides (unknown keys are rejected). Eve
 itself in ``__post_init__`` and raises ``ValueError`` naming the field, its value and the rule.
 
 Model field names follow DeepSeek-V3's inference code where they exist, with counts prefixed
-``num_`` (STYLE.md): ``num_routed_experts`` is DeepSeek's ``n_routed_experts``,
-``num_expert_groups``
-its ``n_expert_groups`` (HF ``n_group``), ``num_limited_groups`` its ``n_limited_groups`` (HF
-``topk_group``), ``num_activated_experts`` its ``n_activated_experts`` (HF
-``num_experts_per_tok``).
+``num_`` (the project's one name for a count): ``num_routed_experts`` is DeepSeek's
+``n_routed_experts``, ``num_expert_groups`` its ``n_expert_groups`` (HF ``n_group``),
+``num_limited_groups`` its ``n_limited_groups`` (HF ``topk_group``), ``num_activated_experts``
+its ``n_activated_experts`` (HF ``num_experts_per_tok``).
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def check_init_from(init_from: str | None, resume: bool, run_dir: str) -> None:
 
 def init_dry_run(cfg: Config, world_size: int) -> str:
     """Per-rank parameter bytes after init at ``world_size``, from shapes alone (no allocation)."""
-    from elastic_moe.model.init import init_bytes_per_rank
+    from elastic_moe.parallel.memory import init_bytes_per_rank
     from elastic_moe.parallel.mesh import plan_mesh
 
     plan = plan_mesh(world_size, cfg.parallel.gpus_per_node, cfg.model, cfg.parallel,

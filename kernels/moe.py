@@ -26,7 +26,7 @@ from elastic_moe.kernels.runtime import check_device
 from elastic_moe.kernels.swiglu import swiglu, swiglu_backward
 
 __all__ = ["ExpertMLPFunction", "RoutedExpertsFunction", "expert_mlp_triton",
-           "permute_triton", "routed_experts_triton"]
+           "routed_experts_triton"]
 
 
 def _check_weights(x: torch.Tensor, w13_EHD: torch.Tensor, w2_EDI: torch.Tensor) -> None:
@@ -118,13 +118,6 @@ class RoutedExpertsFunction(torch.autograd.Function):
         # Each token's K row-gradients are summed in k order (a gather, not a scatter-add).
         dx_TD = combine(dx_MD, rows_TK, None) if need_x and dx_MD is not None else None
         return dx_TD, None, dweights_TK if need_weights else None, dw13_EHD, dw2_EDI, None
-
-
-def permute_triton(topk_ids_TK: torch.Tensor, num_experts: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``permute_reference``: (order_M, counts_E)."""
-    order_M, counts_E, _ = expert_order(topk_ids_TK, num_experts)
-    return order_M, counts_E
 
 
 def expert_mlp_triton(x_MD: torch.Tensor, counts_E: torch.Tensor, w13_EHD: torch.Tensor,

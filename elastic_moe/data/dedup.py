@@ -37,7 +37,6 @@ import xxhash
 
 logger = logging.getLogger(__name__)
 
-_MASK64 = (1 << 64) - 1
 _POLY_BASE = 0x100000001B3  # odd, so it has an inverse mod 2^64 (prefix-hash spans need it)
 _POLY_BASE_INV = pow(_POLY_BASE, -1, 1 << 64)
 _MAX_SIG = np.uint32(0xFFFFFFFF)

@@ -14,8 +14,8 @@ model the usual way (meta device -> FSDP2 / expert parallelism -> ``init_weights
 No process holds more than its shards plus one chunk. Checkpoints written by ``transformers``
 usually say ``num_nextn_predict_layers: 1`` but carry no MTP weights: such MTP modules keep
 their fresh (seeded) initialisation, with one warning naming them. Torchtitan does the same job
-with DCP's Hugging Face storage reader and a per-model key adapter; here the name mapping is
-``hf.hf_to_ours`` and the reader is :mod:`elastic_moe.model.safetensors_files`.
+with DCP's Hugging Face storage reader and a per-model key adapter; here the adapter is
+:mod:`elastic_moe.model.hf_adapter` and the reader is :mod:`elastic_moe.model.safetensors_files`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from elastic_moe.config import ModelConfig
-from elastic_moe.model.hf import config_from_hf, hf_to_ours
+from elastic_moe.model.hf_adapter import config_from_hf, hf_to_ours
 from elastic_moe.model.init import local_box
 from elastic_moe.model.safetensors_files import CheckpointFiles, HFCheckpointError
 

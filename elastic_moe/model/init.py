@@ -13,8 +13,9 @@ tensor in one process) draws just the blocks that overlap them. So:
 FSDP2 and expert parallelism both shard dim 0 (``Shard(0)``); other placements are handled by
 slicing the drawn block, so any box-shaped local shard works.
 
-:func:`init_bytes_per_rank` computes, without allocating anything, what each rank of a mesh plan
-holds after initialisation (the ``--init-dry-run`` report of ``jobs/train.py``).
+:func:`elastic_moe.parallel.memory.init_bytes_per_rank` computes, without allocating anything,
+what each rank of a mesh plan holds after initialisation (the ``--init-dry-run`` report of
+``jobs/train.py``).
 """
 
 from __future__ import annotations
@@ -22,15 +23,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed.tensor import DTensor
-
-if TYPE_CHECKING:
-    from elastic_moe.config import ModelConfig
-    from elastic_moe.parallel.mesh import MeshPlan
 
 logger = logging.getLogger(__name__)
 
@@ -100,68 +95,3 @@ def seeded_normal_(t: torch.Tensor, std: float, seed: int, fqn: str) -> None:
     offset, _ = local_box(t)
     local = t.to_local() if isinstance(t, DTensor) else t
     fill_normal_(local.data, tuple(t.shape), offset, std, seed, fqn)
-
-
-# ---------------------------------------------------------------------------------------------
-# dry run: what each rank holds after init, from shapes alone
-
-
-@dataclass(frozen=True)
-class InitReport:
-    """Per-rank bytes of initialised parameters and buffers for one mesh plan."""
-
-    world_size: int
-    dp_shard_degree: int
-    expert_parallel_degree: int
-    bytes_per_rank: tuple[int, ...]  # parameters held by each rank (plus replicated buffers)
-    transient_bytes: int  # the largest row block drawn at once
-    total_bytes: int  # the whole model, for comparison
-
-    def describe(self) -> str:
-        gib = 2**30
-        most, least = max(self.bytes_per_rank), min(self.bytes_per_rank)
-        return (f"init at W={self.world_size} (dp_shard={self.dp_shard_degree}, "
-                f"ep={self.expert_parallel_degree}): {most / gib:.2f} GiB on the fullest rank "
-                f"({least / gib:.2f} GiB on the emptiest) + {self.transient_bytes / 2**20:.1f} "
-                f"MiB transient per drawn block; whole model {self.total_bytes / gib:.1f} GiB")
-
-
-def _chunk_rows(rows: int, parts: int, index: int) -> int:
-    """Rows of chunk ``index`` when ``torch.chunk`` splits ``rows`` into ``parts`` (FSDP2)."""
-    size = -(-rows // parts)
-    return max(0, min(size, rows - index * size))
-
-
-def init_bytes_per_rank(model_cfg: ModelConfig, plan: MeshPlan,
-                        dtype: torch.dtype = torch.float32) -> InitReport:
-    """What each rank of ``plan`` holds after ``setup_model``; allocates nothing.
-
-    Routed experts are split over ``ep`` ranks (then replicated); with ``ep == 1`` FSDP shards
-    them like the dense weights: dim 0 in ``torch.chunk`` pieces over ``dp_shard``.
-    """
-    from elastic_moe.model.transformer import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    element = torch.empty((), dtype=dtype).element_size()
-    per_rank = [0] * plan.world_size
-    transient = 0
-    total = 0
-    ep = plan.expert_parallel_degree
-    for name, param in model.named_parameters():
-        shape = tuple(param.shape)
-        total += math.prod(shape) * element
-        row = math.prod(shape[1:]) if len(shape) > 1 else 1
-        transient = max(transient, rows_per_block(shape) * row * 4)
-        for rank in range(plan.world_size):
-            dp_shard_rank = rank % plan.dp_shard_degree
-            if ".experts." in name and ep > 1:
-                rows = shape[0] // ep
-            else:
-                rows = _chunk_rows(shape[0], plan.dp_shard_degree, dp_shard_rank)
-            per_rank[rank] += rows * row * element
-    buffers = sum(b.numel() * 4 for n, b in model.named_buffers())
-    return InitReport(world_size=plan.world_size, dp_shard_degree=plan.dp_shard_degree,
-                      expert_parallel_degree=ep,
-                      bytes_per_rank=tuple(b + buffers for b in per_rank),
-                      transient_bytes=transient, total_bytes=total)

@@ -16,7 +16,10 @@ A worker holds, for the mesh plan of its world size (``mesh.py``):
   ``_CachedStager`` keeps fp32 weights + moments resident) and a fixed per-process runtime cost
   (Python, torch, Ray worker).
 
-The numbers are estimates, meant to refuse plans that are off by a wide margin before any worker
+:func:`init_bytes_per_rank` is exact rather than estimated: what each rank holds right after
+``setup_model`` (the ``--init-dry-run`` report of ``jobs/train.py``), from shapes alone.
+
+The other numbers are estimates, meant to refuse plans that are off by a wide margin before any worker
 starts (tests check them against measured peaks within a factor); they are not a substitute for
 ``torch.cuda.max_memory_allocated``.
 """
@@ -28,7 +31,11 @@ import logging
 import math
 from dataclasses import dataclass
 
+import torch
+
 from elastic_moe.config import Config, ModelConfig, TrainConfig
+from elastic_moe.model.init import rows_per_block
+from elastic_moe.model.transformer import Transformer
 from elastic_moe.parallel.mesh import TRAIN_BYTES_PER_PARAM, MeshPlan, param_counts, plan_mesh
 
 logger = logging.getLogger(__name__)
@@ -243,5 +250,68 @@ def check_memory(cfg: Config, world_size: int, budget: MemoryBudget, *,
            else ""))
 
 
-__all__ = ["MemoryBudget", "MemoryEstimate", "activation_bytes",
-           "check_memory", "estimate_worker_memory"]
+# ---------------------------------------------------------------------------------------------
+# init dry run: what each rank holds right after initialisation, from shapes alone
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """Per-rank bytes of initialised parameters and buffers for one mesh plan."""
+
+    world_size: int
+    dp_shard_degree: int
+    expert_parallel_degree: int
+    bytes_per_rank: tuple[int, ...]  # parameters held by each rank (plus replicated buffers)
+    transient_bytes: int  # the largest row block drawn at once
+    total_bytes: int  # the whole model, for comparison
+
+    def describe(self) -> str:
+        gib = 2**30
+        most, least = max(self.bytes_per_rank), min(self.bytes_per_rank)
+        return (f"init at W={self.world_size} (dp_shard={self.dp_shard_degree}, "
+                f"ep={self.expert_parallel_degree}): {most / gib:.2f} GiB on the fullest rank "
+                f"({least / gib:.2f} GiB on the emptiest) + {self.transient_bytes / 2**20:.1f} "
+                f"MiB transient per drawn block; whole model {self.total_bytes / gib:.1f} GiB")
+
+
+def _chunk_rows(rows: int, parts: int, index: int) -> int:
+    """Rows of chunk ``index`` when ``torch.chunk`` splits ``rows`` into ``parts`` (FSDP2)."""
+    size = -(-rows // parts)
+    return max(0, min(size, rows - index * size))
+
+
+def init_bytes_per_rank(model_cfg: ModelConfig, plan: MeshPlan,
+                        dtype: torch.dtype = torch.float32) -> InitReport:
+    """What each rank of ``plan`` holds after ``setup_model``; allocates nothing.
+
+    Routed experts are split over ``ep`` ranks (then replicated); with ``ep == 1`` FSDP shards
+    them like the dense weights: dim 0 in ``torch.chunk`` pieces over ``dp_shard``.
+    """
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    element = torch.empty((), dtype=dtype).element_size()
+    per_rank = [0] * plan.world_size
+    transient = 0
+    total = 0
+    ep = plan.expert_parallel_degree
+    for name, param in model.named_parameters():
+        shape = tuple(param.shape)
+        total += math.prod(shape) * element
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        transient = max(transient, rows_per_block(shape) * row * 4)
+        for rank in range(plan.world_size):
+            dp_shard_rank = rank % plan.dp_shard_degree
+            if ".experts." in name and ep > 1:
+                rows = shape[0] // ep
+            else:
+                rows = _chunk_rows(shape[0], plan.dp_shard_degree, dp_shard_rank)
+            per_rank[rank] += rows * row * element
+    buffers = sum(b.numel() * 4 for n, b in model.named_buffers())
+    return InitReport(world_size=plan.world_size, dp_shard_degree=plan.dp_shard_degree,
+                      expert_parallel_degree=ep,
+                      bytes_per_rank=tuple(b + buffers for b in per_rank),
+                      transient_bytes=transient, total_bytes=total)
+
+
+__all__ = ["InitReport", "MemoryBudget", "MemoryEstimate", "activation_bytes",
+           "check_memory", "estimate_worker_memory", "init_bytes_per_rank"]

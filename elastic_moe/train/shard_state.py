@@ -10,10 +10,11 @@ reads storage when it can help it. What it needs from the library is here:
   another layout (another world size, EP degree, HSDP split): each target block is assembled from
   the overlapping source blocks, and every element must be covered, or it raises naming the
   tensors that are not. Replicas (HSDP, expert replicas) simply overlap.
-* :func:`buddy_of` and :func:`exchange_snapshots` keep a copy of every rank's shards in a peer's
-  memory (on another node where there is one): after each committed step each rank sends its
-  flattened shards to its buddy over the process group and receives its wards' (Gemini, SOSP'23,
-  keeps such in-memory checkpoints in peer CPU memory; here the copy is refreshed every step).
+* :func:`buddy_of`, :func:`start_exchange` and :class:`PeerCopies` keep a copy of every rank's
+  shards in a peer's memory (on another node where there is one): every
+  ``elastic.snapshot_every`` committed steps each rank sends its flattened shards to its buddy
+  over the process group and receives its wards' (Gemini, SOSP'23, keeps such in-memory
+  checkpoints in peer CPU memory).
 
 Per-step accumulators (``tokens_per_expert``) are not state: they are zero between steps.
 """

@@ -1,8 +1,8 @@
 """One optimizer step: micro-batches -> gradient accumulation -> clip -> AdamW -> router biases.
 
-The schedule is DeepSeek-V3's shape (sec. 4.2) simplified: linear warmup, then cosine decay to
-``min_lr``. Aux-loss-free bias updates happen after the optimizer step with loads summed over the
-global batch (all ranks).
+The learning rate of each step comes from an :class:`~elastic_moe.train.lr_schedule.LRSchedule`.
+Aux-loss-free bias updates happen after the optimizer step with loads summed over the global batch
+(all ranks).
 
 A step whose loss or gradient norm is not finite on any rank is skipped on every rank (the commit
 vote carries each rank's flag): gradients are dropped, and no parameter, Adam moment or router
@@ -31,15 +31,7 @@ from elastic_moe.model.moe import (
 )
 from elastic_moe.parallel.expert_parallel import reduce_expert_grads
 from elastic_moe.parallel.fsdp import mixed_precision_dtype
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based)."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
-    progress = min(max(step - cfg.warmup_steps, 0) / decay_steps, 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+from elastic_moe.train.lr_schedule import LRSchedule
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -162,7 +154,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                model_cfg: ModelConfig, *, dp_size: int = 1,
                group: dist.ProcessGroup | None = None,
                batch_fraction: float | None = None,
-               commit_vote: Callable[[bool], bool] | None = None) -> StepMetrics:
+               commit_vote: Callable[[bool], bool] | None = None,
+               lr_schedule: LRSchedule | None = None) -> StepMetrics:
     """Run one optimizer step over this rank's micro-batches of the global batch.
 
     ``batch_fraction`` is this rank's share of the global batch (its sequences / global batch
@@ -177,6 +170,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     ``commit_vote(nonfinite)`` is the step's last collective, after the gradients are reduced:
     it takes this rank's non-finite flag and returns whether every rank may apply the step.
     Without a vote the step is skipped when it is non-finite here.
+
+    ``lr_schedule`` gives the step's learning rate; default: ``train_cfg``'s schedule, unscaled.
     """
     start = time.perf_counter()
     if batch_fraction is None:
@@ -185,7 +180,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         raise ValueError(f"batch_fraction={batch_fraction!r}: must be in (0, 1]")
     device = next(model.parameters()).device
     amp = autocast_dtype(train_cfg, device)
-    lr = lr_at(step, train_cfg)
+    lr = (lr_schedule or LRSchedule.from_config(train_cfg)).at(step)
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
     model.train()

@@ -31,6 +31,7 @@ from elastic_moe.model.flops import peak_tflops, training_flops_per_token
 from elastic_moe.parallel import MeshPlan, setup_model
 from elastic_moe.train.elastic import effective_batch
 from elastic_moe.train.failure_policy import PeerStepError
+from elastic_moe.train.lr_schedule import LRSchedule
 from elastic_moe.train.shard_state import PeerCopies, ShardLayout, ShardSet, fill_from_shards
 from elastic_moe.train.step import StepMetrics, build_optimizer, train_step
 
@@ -75,8 +76,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.global_batch, lr_scale = effective_batch(cfg.train, self.world_size,
                                                       cfg.parallel.max_workers)
-        self.train_cfg = dataclasses.replace(cfg.train, lr=cfg.train.lr * lr_scale,
-                                             min_lr=cfg.train.min_lr * lr_scale)
+        self.lr_schedule = LRSchedule.from_config(cfg.train, scale=lr_scale)
         # MFU per accelerator: model FLOPs of the global batch over the step time, split over
         # the ranks; the peak is tracking.peak_tflops, else the device's by name (None on CPU)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
@@ -252,9 +252,9 @@ class Trainer:
         # the step's loss and gradient are means over the sequences it trains on
         metrics = train_step(self.model, self.optimizer,
                              split_batch(batch, self.cfg.train.micro_batch_size), self.step,
-                             self.train_cfg, self.cfg.model,
+                             self.cfg.train, self.cfg.model,
                              batch_fraction=len(ids) / (self.global_batch - bad_total),
-                             commit_vote=self._vote)
+                             commit_vote=self._vote, lr_schedule=self.lr_schedule)
         # committed (applied, or skipped on every rank): everything below is local
         self.step += 1
         self.position = position

@@ -32,9 +32,10 @@ from elastic_moe.config import ParallelConfig, debug
 from elastic_moe.data.shards import write_manifest, write_shard
 from elastic_moe.model import hf
 from elastic_moe.model.hf_sharded import hf_config_to_model_config, load_hf_into
-from elastic_moe.model.init import init_bytes_per_rank, local_box
+from elastic_moe.model.init import local_box
 from elastic_moe.model.transformer import Transformer
 from elastic_moe.parallel import plan_mesh, setup_model
+from elastic_moe.parallel.memory import init_bytes_per_rank
 from elastic_moe.train.evaluate import evaluate, val_micro_batches
 from tests.integration.multiproc import launch
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from elastic_moe.config import ModelConfig, debug
-from elastic_moe.model import Transformer, hf
+from elastic_moe.model import Transformer, hf, hf_adapter
 
 transformers = pytest.importorskip("transformers")
 
@@ -185,13 +185,13 @@ def test_fp8_block_quantized_weights_are_dequantized(tmp_path):
 
 
 def test_unsupported_configs_are_named(tmp_path):
-    base = hf.config_to_hf(debug().model, torch.float32)
+    base = hf_adapter.config_to_hf(debug().model, torch.float32)
     for change, needle in [({"quantization_config": {"quant_method": "gptq"}}, "quant_method"),
                            ({"hidden_act": "gelu"}, "hidden_act"),
                            ({"tie_word_embeddings": True}, "tie_word_embeddings"),
                            ({"n_routed_experts": 9}, "num_routed_experts")]:
         with pytest.raises(ValueError, match=needle):
-            hf.config_from_hf({**base, **change})
+            hf_adapter.config_from_hf({**base, **change})
 
 
 def test_truncated_shard_is_a_clear_error(tmp_path):

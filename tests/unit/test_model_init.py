@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from elastic_moe.config import ParallelConfig, debug, deepseek_v3_671b
-from elastic_moe.model.init import BLOCK_ELEMENTS, draw_normal, init_bytes_per_rank, rows_per_block
+from elastic_moe.model.init import BLOCK_ELEMENTS, draw_normal, rows_per_block
+from elastic_moe.parallel.memory import init_bytes_per_rank
 from elastic_moe.parallel.mesh import TRAIN_BYTES_PER_PARAM, estimate_bytes_per_rank, plan_mesh
 
 
