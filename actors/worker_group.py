@@ -202,7 +202,7 @@ class ElasticGroup:
                  tracker: Any, *, use_gpu: bool, metrics_log: str | None = None) -> None:
         """``metrics_log``: a JSONL file each committed step's metrics are appended to before
         MLflow gets them, so a launcher killed with records still queued loses none
-        (:func:`replay_metrics_log` sends them when the run is resumed)."""
+        (:func:`replay_metrics` sends them when the run is resumed)."""
         self.cfg, self.spec, self.coordinator, self.tracker = cfg, spec, coordinator, tracker
         self.metrics_log = metrics_log
         self.bundle = {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
