@@ -226,7 +226,7 @@ class ElasticGroup:
     def _open_slots(self) -> None:
         from ray.autoscaler.sdk import request_resources
 
-        high = self.cfg.parallel.max_workers
+        high = self.cfg.parallel.max_workers + self.cfg.elastic.spares
         try:  # ask an autoscaling cluster for the maximum; a no-op on a fixed cluster
             request_resources(bundles=[dict(self.bundle)] * high)
         except Exception as exc:
@@ -290,9 +290,10 @@ class ElasticGroup:
         return handle, handle.info.remote()
 
     def _spawn_joiners(self) -> None:
-        """Start workers in free slots, up to the maximum; they warm up in the background."""
-        room = self.cfg.parallel.max_workers - len(self.members) - len(self.joiners) - len(
-            self.pending_joiners)
+        """Start workers in free slots, up to the maximum and ``elastic.spares`` more; they warm
+        up in the background."""
+        room = (self.cfg.parallel.max_workers + self.cfg.elastic.spares - len(self.members)
+                - len(self.joiners) - len(self.pending_joiners))
         for slot in self._free_slots()[:max(room, 0)]:
             handle, info_ref = self._start_worker(slot)
             self.pending_joiners[info_ref] = (handle, slot)
@@ -471,10 +472,10 @@ class ElasticGroup:
         if now - self.last_resize_check >= self.cfg.elastic.resize_check_s:
             self.last_resize_check = now
             self._replace_lost_slots()
-            if len(self.members) < self.cfg.parallel.max_workers:
-                self._spawn_joiners()
+            self._spawn_joiners()
         self._collect_joiners()
-        return bool(self.joiners)
+        # spares wait outside a full group; a joiner pauses the group only if it has room
+        return bool(self.joiners) and len(self.members) < self.cfg.parallel.max_workers
 
     # ------------------------------------------------------------------ metrics
     def _ping_all(self, members: list[Member], since: int, wait: float = 0.0) -> None:

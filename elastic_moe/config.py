@@ -259,6 +259,9 @@ class ElasticConfig:
     # limit. Errors (exceptions in our code or data) are not faults and are not counted.
     max_failures: int = 3
     failure_window_s: float = 3600.0  # the budget's window; 0 = the whole run
+    # Warmed workers kept outside the group (each in its own slot, holding no state): a lost
+    # member's place is taken by a spare at once, and the spare is replaced in the background.
+    spares: int = 0
     # Process-group timeout: the last resort for a collective that never completes. Dead and
     # hung ranks are found much sooner (connection loss; missed pings, hang_timeout_s).
     collective_timeout_s: float = 120.0
@@ -285,6 +288,7 @@ class ElasticConfig:
         _require(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1")
         _require(self.failure_window_s >= 0, "failure_window_s", self.failure_window_s,
                  "must be >= 0 (seconds; 0 = the whole run)")
+        _require(self.spares >= 0, "spares", self.spares, "must be >= 0")
         _require(self.collective_timeout_s > 0, "collective_timeout_s",
                  self.collective_timeout_s, "must be positive (seconds)")
         _require(self.hang_timeout_s > 0, "hang_timeout_s", self.hang_timeout_s,

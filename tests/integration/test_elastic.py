@@ -629,3 +629,42 @@ def test_kill_every_40_steps_members_and_starting_workers(tmp_path):
 @pytest.mark.parametrize("repeat", range(5))
 def test_kill_every_40_steps_repeated(tmp_path, repeat):
     _kill_every_40_steps(tmp_path, f"kill-every-40-{repeat}")
+
+
+def test_a_warm_spare_takes_a_lost_members_place(tmp_path):
+    """``elastic.spares=1`` with ``--workers 2:2`` on 3 slots: a kill -9 of a member is answered
+    by a rebuild that takes the warmed spare in at once (the group stays at 2 workers, at most
+    1 step redone), and a new spare starts in the freed slot."""
+    steps = 24
+    _ray(num_cpus=3)
+    try:
+        cfg = tiny_config(tmp_path, steps=steps, every=8, workers=(2, 2),
+                          extra=["elastic.spares=1", "train.global_batch_size=24"])
+        run = _Run(cfg, "spare", tmp_path)
+        state = _when("spare", lambda s: s["last_step"] >= 6)
+        spares_before = _trainworker_pids() - {w["pid"] for w in state["workers"]}
+        victim = state["workers"][-1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        # the spare becomes a member, and a new spare starts in the freed slot
+        state = _when("spare", lambda s: victim not in {w["pid"] for w in s["workers"]})
+        deadline, new_spare = time.time() + 60, set()
+        while time.time() < deadline and not new_spare:
+            new_spare = _trainworker_pids() - {w["pid"] for w in state["workers"]} - {victim}
+            time.sleep(0.1)
+        result = run.wait()
+    finally:
+        ray.shutdown()
+    assert result.ok, result.error
+    assert len(spares_before) == 1, spares_before  # the spare was up before the kill
+    epochs = result.coordinator_state["world_sizes"]
+    after = [e for e in epochs if e.get("failed_pids") == [victim]]
+    assert len(after) == 1, epochs
+    took = after[0]
+    print(f"\nspare took the place of pid {victim}: rebuild {took['rebuild_s']:.2f} s, "
+          f"downtime {took['downtime_s']:.2f} s, {took['steps_redone']} redone")
+    assert took["world_size"] == 2 and took["restored_from"] == "peers"
+    assert {w["pid"] for w in took["workers"]} >= spares_before  # the spare is a member now
+    # a sanity bound, not the target: 1.9 s measured with another suite on the 2 cores
+    assert took["steps_redone"] <= 1 and took["rebuild_s"] < 4.0, took
+    assert new_spare and not new_spare & spares_before, "no new spare was started"
+    assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
