@@ -445,16 +445,30 @@ def test_killed_driver_resumes_with_resume(tmp_path):
     assert sorted(steps) == list(range(1, 17))
 
 
-def _coordinator_pids() -> list[int]:
-    """Pids of coordinator actor processes, as ``ps`` shows them (``ray::Coordinator``)."""
+def _session_actor_pids(title: str) -> list[int]:
+    """Pids of this Ray session's actor processes whose title (as ``ps`` shows it) starts with
+    ``title``, e.g. ``ray::Coordinator``: started by a raylet of this session, since other
+    suites may run beside this one."""
     import psutil
+    from ray._private.worker import _global_node
 
+    session = os.path.basename(_global_node.get_session_dir_path())
     pids = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith("ray::Coordinator"):
+        if not (cmdline and cmdline[0].startswith(title)):
+            continue
+        try:
+            parent = " ".join(proc.parent().cmdline())
+        except (psutil.Error, AttributeError):
+            continue
+        if session in parent:
             pids.append(proc.info["pid"])
     return pids
+
+
+def _coordinator_pids() -> list[int]:
+    return _session_actor_pids("ray::Coordinator")
 
 
 def test_killed_coordinator_restarts_and_training_goes_on(tmp_path):
@@ -571,17 +585,9 @@ def test_worker_lost_during_a_rebuild_is_an_ordinary_fault(tmp_path):
 
 
 def _trainworker_pids() -> set[int]:
-    """Pids of every TrainWorker process, by the title Ray gives an actor's process
-    (``ray::TrainWorker`` / ``ray::TrainWorker.<method>``): members, warm joiners and those
-    still starting (``ray::TrainWorker.__init__``)."""
-    import psutil
-
-    pids = set()
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith("ray::TrainWorker"):
-            pids.add(proc.pid)
-    return pids
+    """Pids of every TrainWorker process of this Ray session (``ray::TrainWorker`` /
+    ``ray::TrainWorker.<method>``): members, warm joiners and those still starting."""
+    return set(_session_actor_pids("ray::TrainWorker"))
 
 
 def _kill_every_40_steps(tmp_path, name: str, steps: int = 200) -> None:
