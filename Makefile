@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check $(RUFF_PATHS)
-	$(PY) -m pytest -q -m "not soak" tests
+	$(PY) -m pytest -q -m "not soak" --durations=15 tests
 
 # Repetitions of the fault scenarios (each runs once in `make test`): minutes to an hour.
 soak: $(STAMP)
