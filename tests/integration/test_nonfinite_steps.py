@@ -121,10 +121,12 @@ def test_nan_gradient_on_one_rank_skips_that_step_everywhere(tmp_path):
     counted = _metric(result.tracking_uri, result.mlflow_run_id, "skipped_steps")
     assert counted[STEPS] == 1.0 and counted[NAN_STEP - 1] == 0.0, counted
     # the data: every sample of the stream exactly once, the skipped step's marked as such
+    from elastic_moe.data.sample_corpus import ensure_prepared
     from elastic_moe.data.shards import TokenDataset
 
-    manifest = result.coordinator_state.get("manifest") or glob.glob(
-        str(tmp_path.parent / "data-cache" / "**" / "manifest.json"), recursive=True)[0]
+    # the run's training data (the cache also holds the held-out validation set)
+    manifest = ensure_prepared(cfg.data.cache_dir, cfg.data.tokenizer_vocab_size,
+                               cfg.train.seq_len)
     data = TokenDataset(manifest)
     assert_each_sample_once(samples, STEPS, cfg.train.global_batch_size, data.num_sequences)
     flags = {}
