@@ -152,6 +152,22 @@ def _endpoints(fd: int) -> tuple[bool, tuple[str, int], tuple[str, int] | None] 
         sock.close()  # the duplicate only: the socket itself stays open
 
 
+def _shut_down_fd(fd: int) -> int:
+    """Shut down the socket behind ``fd`` in both directions (through a duplicate, so the fd
+    itself stays its owner's to close); 1 if it was shut down, 0 if it was already gone."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return 0
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+        return 1
+    except OSError:  # already disconnected
+        return 0
+    finally:
+        sock.close()
+
+
 class GlooLinks:
     """The TCP connections of the gloo process groups this process opens between
     :meth:`opening` and :meth:`collect`, so that :meth:`shut_down` can close them.
@@ -205,17 +221,7 @@ class GlooLinks:
             ends = _endpoints(fd)
             if ends is None or ends[0] or ends[2] is None or ends[2][1] != store_port:
                 continue
-            try:
-                sock = socket.socket(fileno=os.dup(fd))
-            except OSError:
-                continue
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                closed += 1
-            except OSError:
-                pass
-            finally:
-                sock.close()
+            closed += _shut_down_fd(fd)
         return closed
 
     def shut_down(self) -> int:
@@ -227,16 +233,6 @@ class GlooLinks:
         for fd, inode in self._links.items():
             if current.get(fd) != inode:  # gloo closed it (and the number may be reused)
                 continue
-            try:
-                sock = socket.socket(fileno=os.dup(fd))
-            except OSError:
-                continue
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                closed += 1
-            except OSError:  # already disconnected
-                pass
-            finally:
-                sock.close()
+            closed += _shut_down_fd(fd)
         self._links = {}
         return closed
