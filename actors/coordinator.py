@@ -328,10 +328,12 @@ def get_or_create(run_name: str, state_path: str) -> CoordinatorClient:
 
     It is placed on the launcher's node (the head, as a rule), not on any node with room: a
     coordinator on a worker node that is partitioned away would take the whole run with it, and
-    the run could no longer tell a cut-off worker from a cut-off coordinator."""
+    the run could no longer tell a cut-off worker from a cut-off coordinator. The affinity is
+    hard: a soft one still put it on another node here (1 of 4 tries, Ray 2.60), and the
+    launcher that drives the run lives on that node anyway."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return CoordinatorClient(Coordinator.options(  # type: ignore[attr-defined]
         name=actor_name(run_name), namespace=NAMESPACE, lifetime="detached",
         get_if_exists=True, scheduling_strategy=here).remote(run_name, state_path))

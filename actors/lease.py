@@ -7,10 +7,12 @@ again. Ray keeps reporting its node alive for the better part of a minute, and t
 SIGKILL (a task on that node) waits for the link to come back. So the worker fences itself:
 
 - **Lease**: a thread renews the worker's lease with the coordinator every
-  ``elastic.lease_interval_s``. A worker that has had no answer for ``elastic.hang_timeout_s``
-  (the time after which the group drops a silent member) stops its process; so does one the
-  coordinator calls retired (a newer membership epoch formed without it: the link healed
-  after the group moved on). Its node then takes a fresh worker.
+  ``elastic.lease_interval_s``; each ping from the group renews it too, so a coordinator that
+  Ray is restarting does not end a worker the group still talks to. A worker that has heard
+  from neither for ``elastic.hang_timeout_s`` (the time after which the group drops a silent
+  member) stops its process; so does one the coordinator calls retired (a newer membership
+  epoch formed without it: the link healed after the group moved on). Its node then takes a
+  fresh worker.
 - **Commit admission**: rank 0 writes a checkpoint's commit marker only after the coordinator
   admitted it for the current membership epoch (:func:`admit_commit`), and only within half of
   ``hang_timeout_s`` of asking. The group drops a member no sooner than ``hang_timeout_s``
@@ -55,6 +57,11 @@ class Lease:
     def stop(self) -> None:
         self._stop.set()
 
+    def renewed_by_group(self) -> None:
+        """The group pinged this worker: it is a member still (the group drops a member only
+        after ``hang_timeout_s`` without its answers)."""
+        self.renewed_at = max(self.renewed_at, self.clock())
+
     def check(self) -> str | None:
         """One renewal; why the worker must stop (None: it may go on)."""
         sent = self.clock()
@@ -67,8 +74,9 @@ class Lease:
             return None
         silent = self.clock() - self.renewed_at
         if silent > self.hang_timeout_s:
-            return (f"no answer from the coordinator for {silent:.1f} s (elastic.hang_timeout_s="
-                    f"{self.hang_timeout_s:g}): the group has dropped this worker")
+            return (f"no answer from the coordinator and no ping from the group for "
+                    f"{silent:.1f} s (elastic.hang_timeout_s={self.hang_timeout_s:g}): the group "
+                    "has dropped this worker")
         return None
 
     def _run(self) -> None:

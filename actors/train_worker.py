@@ -449,6 +449,7 @@ class TrainWorker:
     def ping(self, since_step: int = 0) -> dict[str, Any]:
         """Liveness, the step reached and the committed metrics after ``since_step`` (the
         launcher has written down every step up to it)."""
+        self.lease.renewed_by_group()
         if self.trainer is not None:
             self.trainer.logged_step = max(self.trainer.logged_step, since_step)
         with self.lock:

@@ -96,7 +96,21 @@ def test_the_lease_lapses_after_hang_timeout_without_an_answer():
         assert lease.check() is None
     clock.now += 0.5
     reason = lease.check()
-    assert reason is not None and "no answer from the coordinator for 3.5 s" in reason
+    assert reason is not None and "no ping from the group for 3.5 s" in reason
+
+
+def test_a_ping_from_the_group_renews_the_lease():
+    """A coordinator being restarted answers nothing for a while; the group's pings still
+    show the worker is a member."""
+    clock = _Clock()
+    lease = Lease(lambda timeout_s: None, hang_timeout_s=3.0, interval_s=1.0,
+                  on_end=lambda reason: None, clock=clock)
+    for _ in range(10):
+        clock.now += 1.0
+        lease.renewed_by_group()
+        assert lease.check() is None
+    clock.now += 3.5
+    assert lease.check() is not None
 
 
 def test_a_retired_worker_ends_at_its_first_answer():
