@@ -8,6 +8,16 @@ data position, the MLflow run id, the last committed step, and every resize and 
 Its state is also written to ``state_path`` on each change, so a coordinator recreated after a
 cluster restart (or a resubmitted job with ``--resume``) carries on.
 
+Every membership epoch has a number, handed out here (:meth:`CoordinatorState.open_epoch`, once
+per attempt to form a group) and never reused, across launcher restarts too. Checkpoint commits
+are accepted only from the newest formed epoch, until it is found broken or a newer one forms
+(:meth:`CoordinatorState.admit_commit`
+before the commit marker is written, :meth:`CoordinatorState.commit` after): a worker cut off by
+a partition, which no signal reaches, can still write to shared storage, and whatever it tries
+after the group moved on is refused (``stale_commit_refused``). Workers renew a lease here
+(:meth:`CoordinatorState.renew_lease`, :mod:`elastic_moe.actors.lease`); the reply tells an old
+member that the group has formed without it.
+
 Workers and the launcher talk to it through :class:`CoordinatorClient`, the one place where its
 methods are called by name over Ray.
 """
@@ -40,7 +50,13 @@ class CoordinatorState:
         self._last_saved = 0.0
         self.state: dict[str, Any] = {
             "run_name": run_name,
+            # the newest membership epoch's number (opened; formed once in world_sizes)
             "membership_epoch": 0,
+            # the newest *formed* membership epoch, and whether it may still commit: it may
+            # until the group finds it broken (close_epoch) or a newer epoch forms; a growth
+            # rebuild that is still forming lets the old epoch's save in flight commit
+            "formed_epoch": 0,
+            "epoch_open": False,
             "world_sizes": [],  # [{epoch, world_size, plan, time, cause, restored_step}]
             "committed": None,  # {step, path, data_position, tokens_seen, time}
             "events": [],  # [{time, kind, step, ...}]
@@ -66,11 +82,27 @@ class CoordinatorState:
         os.replace(tmp, self.state_path)
 
     # ------------------------------------------------------------------ membership
-    def start_epoch(self, world_size: int, plan: dict[str, Any], restored_step: int,
+    def open_epoch(self) -> int:
+        """A new membership epoch is being formed: its number. None of its commits is
+        accepted until :meth:`start_epoch`; the formed epoch before it commits until then only
+        if it was not closed (a growth rebuild, not a lost member)."""
+        self.state["membership_epoch"] += 1
+        self._save()
+        return int(self.state["membership_epoch"])
+
+    def close_epoch(self, epoch: int) -> None:
+        """The group found epoch ``epoch`` broken (a member lost or cut off): its commits are
+        refused from now on, so that the restore point read next is final."""
+        if epoch == self.state["formed_epoch"] and self.state["epoch_open"]:
+            self.state["epoch_open"] = False
+            self._save()
+
+    def start_epoch(self, epoch: int, world_size: int, plan: dict[str, Any], restored_step: int,
                     timings: dict[str, float] | None = None, *,
                     workers: list[dict[str, Any]] | None = None,
                     detail: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A membership epoch starts; returns it with its cause and downtime.
+        """Membership epoch ``epoch`` (from :meth:`open_epoch`) is formed and starts training;
+        returns it with its cause and downtime.
 
         ``timings``: wall-clock marks of the change (detected, rebuilt, ...); ``workers``: the
         members' ranks, pids and nodes; ``detail``: how the state was restored (peers or
@@ -87,24 +119,41 @@ class CoordinatorState:
             cause = "scale_down"
         else:
             cause = "restart"  # a failure at unchanged size, or a resubmission
-        self.state["membership_epoch"] += 1
-        epoch = {"epoch": self.state["membership_epoch"], "world_size": world_size, "plan": plan,
-                 "time": now, "cause": cause, "restored_step": restored_step,
-                 "previous_world_size": previous["world_size"] if previous else None,
-                 "steps_redone": max(self.state["last_step"] - restored_step, 0),
-                 "downtime_s": (now - self.state["last_heartbeat"]) if (
-                     previous and self.state["last_heartbeat"]) else None,
-                 "timings": dict(timings or {}),
-                 "previous_plan": previous["plan"] if previous else None,
-                 "workers": list(workers or []),
-                 "last_heartbeat_before": self.state["last_heartbeat"], **(detail or {})}
-        history.append(epoch)
+        if epoch != self.state["membership_epoch"]:
+            raise ValueError(f"epoch {epoch} cannot start: epoch "
+                             f"{self.state['membership_epoch']} is the newest one opened")
+        self.state["formed_epoch"] = epoch
+        self.state["epoch_open"] = True
+        record = {"epoch": epoch, "world_size": world_size, "plan": plan,
+                  "time": now, "cause": cause, "restored_step": restored_step,
+                  "previous_world_size": previous["world_size"] if previous else None,
+                  "steps_redone": max(self.state["last_step"] - restored_step, 0),
+                  "downtime_s": (now - self.state["last_heartbeat"]) if (
+                      previous and self.state["last_heartbeat"]) else None,
+                  "timings": dict(timings or {}),
+                  "previous_plan": previous["plan"] if previous else None,
+                  "workers": list(workers or []),
+                  "last_heartbeat_before": self.state["last_heartbeat"], **(detail or {})}
+        history.append(record)
         self.state["workers"] = list(workers or [])
         self.record_event(cause, restored_step, world_size=world_size,
-                          previous_world_size=epoch["previous_world_size"],
-                          steps_redone=epoch["steps_redone"], downtime_s=epoch["downtime_s"],
+                          previous_world_size=record["previous_world_size"],
+                          steps_redone=record["steps_redone"], downtime_s=record["downtime_s"],
                           **(detail or {}))
-        return epoch
+        return record
+
+    def renew_lease(self, pid: int, epoch: int | None) -> dict[str, Any]:
+        """A worker's lease renewal (:mod:`elastic_moe.actors.lease`). ``epoch``: the last
+        membership epoch it joined (None: it has joined none yet). ``retired``: a newer epoch
+        has formed without it (it was dropped, e.g. cut off by a partition): it must stop."""
+        history = self.state["world_sizes"]
+        formed = history[-1]["epoch"] if history else 0
+        retired = epoch is not None and epoch < formed and pid not in {
+            w["pid"] for w in self.state["workers"]}
+        if retired:
+            self.record_event("worker_retired", self.state["last_step"], pid=pid, epoch=epoch,
+                              membership_epoch=self.state["membership_epoch"])
+        return {"membership_epoch": self.state["membership_epoch"], "retired": retired}
 
     def heartbeat(self, step: int, first_after_start: bool = False) -> None:
         now = time.time()
@@ -122,16 +171,41 @@ class CoordinatorState:
             self._save()
 
     # ------------------------------------------------------------------ checkpoints
-    def commit(self, step: int, path: str, data_position: dict[str, Any], tokens_seen: int) -> bool:
-        """Record a committed checkpoint; never moves backwards."""
+    def _refuse_stale(self, epoch: int, step: int, what: str) -> bool:
+        """Whether ``epoch`` may commit now; if not, the refusal is recorded."""
+        if epoch == self.state["formed_epoch"] and self.state["epoch_open"]:
+            return False
+        log.warning("refusing %s of step %d from membership epoch %d (newest formed: %d, %s; "
+                    "newest opened: %d)", what, step, epoch, self.state["formed_epoch"],
+                    "open" if self.state["epoch_open"] else "closed",
+                    self.state["membership_epoch"])
+        self.record_event("stale_commit_refused", step, what=what, epoch=epoch,
+                          membership_epoch=self.state["membership_epoch"])
+        return True
+
+    def admit_commit(self, epoch: int, step: int) -> bool:
+        """Rank 0 of ``epoch`` asks before it writes step ``step``'s commit marker: True only
+        while ``epoch`` is the current, formed membership epoch and the step is new."""
+        if self._refuse_stale(epoch, step, "commit marker"):
+            return False
+        current = self.state["committed"]
+        return current is None or step > current["step"]
+
+    def commit(self, step: int, path: str, data_position: dict[str, Any], tokens_seen: int,
+               epoch: int) -> bool:
+        """Record a committed checkpoint of membership epoch ``epoch``; only from the current
+        epoch, and never backwards."""
+        if self._refuse_stale(epoch, step, "commit"):
+            return False
         current = self.state["committed"]
         if current is not None and step <= current["step"]:
             log.warning("ignoring commit of step %d: step %d already committed", step,
                         current["step"])
             return False
         self.state["committed"] = {"step": step, "path": path, "data_position": data_position,
-                                   "tokens_seen": tokens_seen, "time": time.time()}
-        self.record_event("checkpoint", step, path=path)
+                                   "tokens_seen": tokens_seen, "time": time.time(),
+                                   "epoch": epoch}
+        self.record_event("checkpoint", step, path=path, epoch=epoch)
         return True
 
     def restore_point(self) -> dict[str, Any] | None:
@@ -167,11 +241,20 @@ class CoordinatorAPI(Protocol):
     def restore_point(self) -> dict[str, Any] | None: ...
 
     def commit(self, step: int, path: str, data_position: dict[str, Any],
-               tokens_seen: int) -> None: ...
+               tokens_seen: int, epoch: int) -> None: ...
+
+    def admit_commit(self, epoch: int, step: int, timeout_s: float) -> bool | None: ...
+
+    def renew_lease(self, pid: int, epoch: int | None,
+                    timeout_s: float) -> dict[str, Any] | None: ...
 
     def heartbeat(self, step: int, first_after_start: bool = False) -> None: ...
 
-    def start_epoch(self, world_size: int, plan: dict[str, Any], restored_step: int,
+    def open_epoch(self) -> int: ...
+
+    def close_epoch(self, epoch: int) -> None: ...
+
+    def start_epoch(self, epoch: int, world_size: int, plan: dict[str, Any], restored_step: int,
                     timings: dict[str, float] | None = None, *,
                     workers: list[dict[str, Any]] | None = None,
                     detail: dict[str, Any] | None = None) -> dict[str, Any]: ...
@@ -200,18 +283,40 @@ class CoordinatorClient:
         return ray.get(self.handle.restore_point.remote())
 
     def commit(self, step: int, path: str, data_position: dict[str, Any],
-               tokens_seen: int) -> None:
-        self.handle.commit.remote(step, path, data_position, tokens_seen)
+               tokens_seen: int, epoch: int) -> None:
+        self.handle.commit.remote(step, path, data_position, tokens_seen, epoch)
+
+    def admit_commit(self, epoch: int, step: int, timeout_s: float) -> bool | None:
+        """The coordinator's verdict, or None when it did not answer within ``timeout_s``."""
+        return self._get_within(self.handle.admit_commit.remote(epoch, step), timeout_s)
+
+    def renew_lease(self, pid: int, epoch: int | None,
+                    timeout_s: float) -> dict[str, Any] | None:
+        """The coordinator's reply, or None when it did not answer within ``timeout_s``."""
+        return self._get_within(self.handle.renew_lease.remote(pid, epoch), timeout_s)
+
+    @staticmethod
+    def _get_within(ref: Any, timeout_s: float) -> Any:
+        try:
+            return ray.get(ref, timeout=timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            return None
 
     def heartbeat(self, step: int, first_after_start: bool = False) -> None:
         self.handle.heartbeat.remote(step, first_after_start)
 
-    def start_epoch(self, world_size: int, plan: dict[str, Any], restored_step: int,
+    def open_epoch(self) -> int:
+        return ray.get(self.handle.open_epoch.remote())
+
+    def close_epoch(self, epoch: int) -> None:
+        ray.get(self.handle.close_epoch.remote(epoch))
+
+    def start_epoch(self, epoch: int, world_size: int, plan: dict[str, Any], restored_step: int,
                     timings: dict[str, float] | None = None, *,
                     workers: list[dict[str, Any]] | None = None,
                     detail: dict[str, Any] | None = None) -> dict[str, Any]:
-        return ray.get(self.handle.start_epoch.remote(world_size, plan, restored_step, timings,
-                                                      workers=workers, detail=detail))
+        return ray.get(self.handle.start_epoch.remote(epoch, world_size, plan, restored_step,
+                                                      timings, workers=workers, detail=detail))
 
     def record_event(self, kind: str, step: int, **detail: Any) -> None:
         self.handle.record_event.remote(kind, step, **detail)
@@ -224,10 +329,19 @@ class CoordinatorClient:
 
 
 def get_or_create(run_name: str, state_path: str) -> CoordinatorClient:
-    """The run's coordinator, created (detached, so it outlives the job) if it does not exist."""
+    """The run's coordinator, created (detached, so it outlives the job) if it does not exist.
+
+    It is placed on the launcher's node (the head, as a rule), not on any node with room: a
+    coordinator on a worker node that is partitioned away would take the whole run with it, and
+    the run could no longer tell a cut-off worker from a cut-off coordinator. The affinity is
+    hard: a soft one still put it on another node here (1 of 4 tries, Ray 2.60), and the
+    launcher that drives the run lives on that node anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return CoordinatorClient(Coordinator.options(  # type: ignore[attr-defined]
         name=actor_name(run_name), namespace=NAMESPACE, lifetime="detached",
-        get_if_exists=True).remote(run_name, state_path))
+        get_if_exists=True, scheduling_strategy=here).remote(run_name, state_path))
 
 
 def get(run_name: str) -> CoordinatorClient:

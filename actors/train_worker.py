@@ -13,6 +13,11 @@ One process per rank for the whole run. The worker group (:mod:`elastic_moe.acto
 - ``ping()``: answered from another thread while ``train()`` runs: liveness (a stopped process
   answers nothing), the step reached, and the metrics of committed steps for MLflow.
 
+Each worker also holds a lease with the coordinator (:mod:`elastic_moe.actors.lease`): a worker
+cut off from it for ``elastic.hang_timeout_s``, or told that a newer membership epoch formed
+without it, ends its own process. Rank 0 writes a checkpoint's commit marker only once the
+coordinator has admitted it for the worker's membership epoch.
+
 The actor is threaded (``max_concurrency``): ``train()`` holds one thread, the control calls run
 beside it.
 """
@@ -20,6 +25,7 @@ beside it.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import os
@@ -35,6 +41,7 @@ from typing import Any
 
 import ray
 from elastic_moe.actors.coordinator import CoordinatorClient
+from elastic_moe.actors.lease import Lease, admit_commit
 
 from elastic_moe.config import Config
 from elastic_moe.train.failure_policy import StepFailure, StepReport, classify, root_cause
@@ -165,9 +172,26 @@ class TrainWorker:
 
         self.gloo_links = GlooLinks()  # what to close when this rank's own step raises
         self.joining: EpochSpec | None = None  # the epoch whose join is in progress
-
+        elastic = spec.cfg.elastic
+        self.lease = Lease(self._renew_lease, hang_timeout_s=elastic.hang_timeout_s,
+                           interval_s=elastic.lease_interval_s, on_end=self._end_lease)
+        self.lease.start()
         # pay the first-build costs now, while the group trains without this worker
         self.torch_thread.submit(_warm_up, self.device).result()
+
+    def _renew_lease(self, timeout_s: float) -> dict[str, Any] | None:
+        epoch = self.epoch.epoch if self.epoch is not None else None
+        return self.spec.coordinator.renew_lease(os.getpid(), epoch, timeout_s=timeout_s)
+
+    def _end_lease(self, reason: str) -> None:
+        """The lease is over: this worker is no member of the group any more. End the
+        process, the only stop that also ends a checkpoint write in flight and frees the
+        node's slot for a fresh worker; its connections close with it."""
+        logger.error("worker pid %d stops itself: %s", os.getpid(), reason)
+        try:  # peers still reachable see the connections close at once
+            self.gloo_links.shut_down()
+        finally:
+            os._exit(75)  # EX_TEMPFAIL: the node may take a fresh worker
 
     # ------------------------------------------------------------------ identity
     def info(self) -> dict[str, Any]:
@@ -346,7 +370,11 @@ class TrainWorker:
                 epoch.rank, trainer.step + 1, kind, error, at=ended))
 
     def _checkpoint(self, epoch: EpochSpec, trainer: Any) -> None:
-        if trainer.maybe_checkpoint(self._on_commit, self._on_save_failed) == "nonfinite" \
+        # bound to the epoch now: an async save commits later, maybe after the next join
+        admit = functools.partial(admit_commit, self.spec.coordinator, epoch.epoch,
+                                  hang_timeout_s=self.spec.cfg.elastic.hang_timeout_s)
+        if trainer.maybe_checkpoint(functools.partial(self._on_commit, epoch.epoch),
+                                    self._on_save_failed, admit) == "nonfinite" \
                 and epoch.rank == 0:
             self.spec.coordinator.record_event("checkpoint_not_saved", trainer.step,
                                                reason="a model or optimizer tensor is not finite")
@@ -389,8 +417,8 @@ class TrainWorker:
             _memory_report(self.device, self.spec.cfg, epoch) if kind is StepFailure.OOM
             else "", at=raised_at))
 
-    def _on_commit(self, step: int, path: str, state: Any) -> None:
-        self.spec.coordinator.commit(step, path, state.data_position, state.tokens_seen)
+    def _on_commit(self, epoch: int, step: int, path: str, state: Any) -> None:
+        self.spec.coordinator.commit(step, path, state.data_position, state.tokens_seen, epoch)
 
     def _on_save_failed(self, step: int, error: str) -> None:
         """Rank 0, when a save has failed on every rank (nothing was committed): a loud event.
@@ -423,6 +451,7 @@ class TrainWorker:
     def ping(self, since_step: int = 0) -> dict[str, Any]:
         """Liveness, the step reached and the committed metrics after ``since_step`` (the
         launcher has written down every step up to it)."""
+        self.lease.renewed_by_group()
         if self.trainer is not None:
             self.trainer.logged_step = max(self.trainer.logged_step, since_step)
         with self.lock:
@@ -432,15 +461,18 @@ class TrainWorker:
     def abort_group(self, epoch: int) -> int:
         """Abort this process's communicators of membership epoch ``epoch`` (a peer is lost), so
         that a collective blocked on the lost peer returns now: on NCCL it would otherwise spin
-        until the timeout. Runs beside ``train()``; the torch thread then sees its step break
-        and leaves the group itself. Returns how many process groups were aborted."""
+        until the timeout. Its gloo connections are shut down too: a peer cut off by a
+        partition closes none of them, and the collective would wait for the full
+        ``collective_timeout_s``. Runs beside ``train()``; the torch thread then sees its step
+        break and leaves the group itself. Returns how many process groups were aborted."""
         from elastic_moe.parallel.comm import abort_communicators
 
         with self.group_lock:
             if self.group_epoch != epoch:  # already left it, or already in a later epoch
                 return 0
-            aborted = abort_communicators()
-        logger.warning("epoch %d: aborted %d process group(s) after a lost peer", epoch, aborted)
+            closed, aborted = self.gloo_links.shut_down(), abort_communicators()
+        logger.warning("epoch %d: aborted %d process group(s) and closed %d gloo connection(s) "
+                       "after a lost peer", epoch, aborted, closed)
         return aborted
 
     def abort_join(self, epoch: int) -> int:

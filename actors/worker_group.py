@@ -11,6 +11,13 @@ placement group; ranks are ordered node by node). It writes every decision to th
 - **Hung worker** (stopped, deadlocked): it stops answering ``ping`` (served on another thread);
   after ``elastic.hang_timeout_s`` it is fenced off -- killed, so it can never come back with
   stale state -- and its peers' collectives fail at once.
+- **Cut-off worker** (a partition): silent like a hung one, but the kill cannot reach its node
+  and nothing closes its connections. It is dropped all the same; the survivors' blocked
+  collectives end when the group's ``abort_group`` shuts their gloo connections. The worker
+  fences itself: it stops when its lease with the coordinator lapses, and nothing it tries
+  after the group moved on is accepted (membership epochs are numbered by the coordinator,
+  which admits commits only from the current one: :mod:`elastic_moe.actors.lease`). When the
+  link heals, its node takes a fresh worker, which joins like any other.
 - **Rebuild in place**: the survivors return from ``train()`` with their state in memory. The
   newest committed step of which a copy of every shard survives is chosen
   (:func:`elastic_moe.train.elastic.decide_restore`): survivors hand out their own shards and the
@@ -556,6 +563,9 @@ class ElasticGroup:
     def _recover(self, outcomes: dict[Member, TrainOutcome], failed: list[Member],
                  count_failure: bool = True) -> None:
         detected = time.time()
+        # no commit of the broken epoch from now on (a cut-off member may still try one), so
+        # that the restore point read below is final
+        self.coordinator.close_epoch(self.epoch)
         ranks = [m.rank for m in failed]
         if failed:
             logger.warning("lost worker(s) rank %s (pids %s) at step %d; rebuilding", ranks,
@@ -739,7 +749,7 @@ class ElasticGroup:
         world = len(members)
         plan = plan_mesh(world, self.cfg.parallel.gpus_per_node, self.cfg.model,
                          self.cfg.parallel, global_batch_size=self.cfg.train.global_batch_size)
-        self.epoch += 1
+        self.epoch = self.coordinator.open_epoch()  # numbered by the coordinator, never reused
         joiners = [m for m in members if m not in survivors]
         try:
             joined = self._rendezvous(members, plan, restore=restore, sources=sources,
@@ -770,8 +780,8 @@ class ElasticGroup:
                   "old_plan": old_plan.describe() if old_plan else None,
                   "new_plan": plan.describe(),
                   "snapshot_bytes": max(j["snapshot_bytes"] for j in joined)}
-        epoch = self.coordinator.start_epoch(world, plan.to_dict(), step, marks, workers=workers,
-                                             detail=detail)
+        epoch = self.coordinator.start_epoch(self.epoch, world, plan.to_dict(), step, marks,
+                                             workers=workers, detail=detail)
         self.tracker.log_event(epoch["cause"], step, world_size=world,
                                previous_world_size=epoch["previous_world_size"],
                                steps_redone=epoch["steps_redone"], **detail)

@@ -56,6 +56,11 @@ class CheckpointError(RuntimeError):
     """A save failed, or no usable committed checkpoint could be restored."""
 
 
+class CommitRefused(CheckpointError):
+    """The ``admit`` check before the commit marker refused it (e.g. the writer's membership
+    epoch is over): the save is not committed."""
+
+
 SAVE_WAIT_LOG_S = 30.0  # while waiting on a save in flight, say so this often (never silently)
 
 
@@ -162,7 +167,8 @@ class Checkpointer:
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
              state: TrainState, on_commit: Callable[[int, str], None] | None = None,
-             on_failure: Callable[[int, str], None] | None = None) -> None:
+             on_failure: Callable[[int, str], None] | None = None,
+             admit: Callable[[int], None] | None = None) -> None:
         """Checkpoint after ``step`` completed steps. Async: returns once state is staged; every
         storage request runs in the background (the training thread never waits on storage).
 
@@ -170,6 +176,8 @@ class Checkpointer:
         and raises its failure (:meth:`collect` takes it as a value instead).
         ``on_commit(step, path)`` runs on rank 0 right after the commit marker is written;
         ``on_failure(step, error)`` runs on every rank when the save failed (nothing committed).
+        ``admit(step)`` runs on rank 0 right before the marker is written; it raises
+        :class:`CommitRefused` to refuse the commit (the save then fails on every rank).
         Synchronous saves raise :class:`CheckpointError` instead.
         """
         self.wait()
@@ -187,28 +195,29 @@ class Checkpointer:
             pending_state = TrainState(**asdict(state))
             future.add_done_callback(
                 lambda f: self._on_written(f, step, pending_state, on_commit, on_failure,
-                                           committed))
+                                           committed, admit))
         else:
             try:
                 dcp.save(state_dict, **kwargs)
                 write_error = None
             except Exception as exc:  # DCP fails the save on every rank when one fails
                 write_error = _describe(exc)
-            error = self._commit_everywhere(step, state, on_commit, write_error)
+            error = self._commit_everywhere(step, state, on_commit, write_error, admit)
             if error:
                 raise CheckpointError(f"checkpoint save at step {step} failed: {error}")
 
     def _on_written(self, future: Future, step: int, state: TrainState,
                     on_commit: Callable[[int, str], None] | None,
                     on_failure: Callable[[int, str], None] | None,
-                    committed: threading.Event) -> None:
+                    committed: threading.Event,
+                    admit: Callable[[int], None] | None = None) -> None:
         try:
             try:
                 future.result()
                 write_error = None
             except BaseException as exc:  # DCP fails the save on every rank when one fails
                 write_error = _describe(exc)
-            error = self._commit_everywhere(step, state, on_commit, write_error)
+            error = self._commit_everywhere(step, state, on_commit, write_error, admit)
             if error:
                 log.error("checkpoint save at step %d failed, nothing committed: %s", step, error)
                 self._commit_error = CheckpointError(
@@ -222,7 +231,8 @@ class Checkpointer:
 
     def _commit_everywhere(self, step: int, state: TrainState,
                            on_commit: Callable[[int, str], None] | None,
-                           write_error: str | None) -> str | None:
+                           write_error: str | None,
+                           admit: Callable[[int], None] | None = None) -> str | None:
         """Rank 0 commits (unless the write failed) and tells every rank the outcome.
 
         The broadcast makes ``save``/``wait`` return on every rank only after the marker is on
@@ -232,7 +242,7 @@ class Checkpointer:
         error = write_error
         if error is None and _rank() == 0:
             try:
-                self._commit(step, state, on_commit)
+                self._commit(step, state, on_commit, admit)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 log.error("checkpoint commit at step %d failed: %s", step, error)
@@ -269,7 +279,8 @@ class Checkpointer:
         return wrapped
 
     def _commit(self, step: int, state: TrainState,
-                on_commit: Callable[[int, str], None] | None = None) -> None:
+                on_commit: Callable[[int, str], None] | None = None,
+                admit: Callable[[int], None] | None = None) -> None:
         """Rank 0, after every rank's shards and DCP's metadata are written."""
         if _rank() != 0:
             return
@@ -283,6 +294,8 @@ class Checkpointer:
         tmp = f"{directory}/{COMMIT_FILE}.tmp"
         with self.fs.open(tmp, "w") as f:
             json.dump({"step": step, "files": files}, f, indent=1)
+        if admit is not None:  # last, so that nothing slow runs between it and the marker
+            admit(step)
         self.fs.mv(tmp, f"{directory}/{COMMIT_FILE}")  # the commit point
         log.info("checkpoint committed: %s (%d files)", directory, len(files))
         if on_commit is not None:

@@ -266,6 +266,10 @@ class ElasticConfig:
     # hung ranks are found much sooner (connection loss; missed pings, hang_timeout_s).
     collective_timeout_s: float = 120.0
     hang_timeout_s: float = 5.0  # a worker silent this long is hung: fenced off (killed)
+    # How often each worker renews its lease with the coordinator. A worker without an answer
+    # for hang_timeout_s (cut off by a partition, which no kill reaches) stops itself; several
+    # renewals must fit in that time, or one slow answer would end a healthy worker.
+    lease_interval_s: float = 1.0
     resize_check_s: float = 10.0  # how often the group looks for capacity to grow
     # How long to wait for min_workers to fit (at launch, and after losses below the minimum;
     # autoscaler nodes take minutes to boot) before giving up with what is missing;
@@ -293,6 +297,9 @@ class ElasticConfig:
                  self.collective_timeout_s, "must be positive (seconds)")
         _require(self.hang_timeout_s > 0, "hang_timeout_s", self.hang_timeout_s,
                  "must be positive (seconds)")
+        _require(0 < self.lease_interval_s <= self.hang_timeout_s / 3, "lease_interval_s",
+                 self.lease_interval_s, f"must be positive and at most hang_timeout_s / 3 "
+                 f"({self.hang_timeout_s / 3:g} s): several renewals fit in one hang_timeout_s")
         _require(self.resize_check_s >= 0, "resize_check_s", self.resize_check_s, "must be >= 0")
         _require(self.capacity_wait_s >= 0, "capacity_wait_s", self.capacity_wait_s,
                  "must be >= 0 (seconds)")

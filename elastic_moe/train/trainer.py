@@ -307,10 +307,12 @@ class Trainer:
         return True
 
     def maybe_checkpoint(self, on_commit: Callable[[int, str, TrainState], None] | None,
-                         on_failure: Callable[[int, str], None] | None = None) -> str:
+                         on_failure: Callable[[int, str], None] | None = None,
+                         admit: Callable[[int], None] | None = None) -> str:
         """Save when the checkpointer says it is due; ``on_commit(step, path, state)`` runs on
         rank 0 once the checkpoint is committed, ``on_failure(step, error)`` on rank 0 once the
-        save has failed (storage full, read-only or unreachable: nothing is committed).
+        save has failed (storage full, read-only or unreachable: nothing is committed);
+        ``admit(step)`` on rank 0 right before the commit marker (raising refuses it).
         Returns "saved", "not_due", or "nonfinite" (a tensor on some rank is not finite:
         nothing is written, so no committed checkpoint ever holds one, and retention never
         trades a finite checkpoint for it).
@@ -343,7 +345,8 @@ class Trainer:
             committed = callback
         try:
             self.checkpointer.save(self.step, self.model, self.optimizer, state,
-                                   on_commit=committed, on_failure=failed)
+                                   on_commit=committed, on_failure=failed,
+                                   admit=admit if self.rank == 0 else None)
         except CheckpointError as exc:  # a synchronous save (async_save=False) that failed
             logger.error("%s", exc)
             if failed is not None:

@@ -216,9 +216,12 @@ def _ray_start(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProc
 @contextmanager
 def two_host_cluster(root: str, *, head_resources: dict[str, float] | None = None,
                      worker_resources: dict[str, float] | None = None,
-                     num_cpus: int = 1) -> Iterator[TwoHostCluster]:
+                     num_cpus: int = 1,
+                     head_env: dict[str, str] | None = None) -> Iterator[TwoHostCluster]:
     """A Ray head bound to the host's veth address and a worker node inside the namespace, both
-    with ``num_cpus`` CPU slots; everything is stopped and removed on exit, on failures too."""
+    with ``num_cpus`` CPU slots; everything is stopped and removed on exit, on failures too.
+    ``head_env``: extra environment of the head's ``ray start`` (Ray's ``RAY_<setting>``
+    overrides, e.g. its node health check)."""
     link = VethNamespace.create()
     base = tempfile.mkdtemp(prefix="emoe-net-", dir="/tmp")  # short: Ray's socket paths
     head = RayNode(temp_dir=os.path.join(base, "h"), ip=link.host_ip)
@@ -238,7 +241,7 @@ def two_host_cluster(root: str, *, head_resources: dict[str, float] | None = Non
             f"--resources={json.dumps(head_resources or {})}", "--include-dashboard=false",
             f"--dashboard-agent-listen-port={_free_port(link.host_ip)}",
             f"--object-manager-port={_free_port(link.host_ip)}",
-            "--disable-usage-stats", f"--temp-dir={head.temp_dir}"], env)
+            "--disable-usage-stats", f"--temp-dir={head.temp_dir}"], {**env, **(head_env or {})})
         # The namespace has a port space of its own: Ray's default ports are free in it
         worker.proc = _ray_start(link.argv(
             os.path.join(BIN, "ray"), "start", f"--address={head.address}",
