@@ -24,9 +24,11 @@ methods are called by name over Ray.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any, Protocol
 
@@ -42,10 +44,23 @@ def actor_name(run_name: str) -> str:
     return f"coordinator:{run_name}"
 
 
+def _locked(method: Any) -> Any:
+    """Serialise a :class:`CoordinatorState` method: the actor serves the workers' calls on
+    several threads while its control loop runs on another."""
+
+    @functools.wraps(method)
+    def locked(self: CoordinatorState, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class CoordinatorState:
     """Plain-Python coordinator logic (the actor wraps it); JSON-serializable state."""
 
     def __init__(self, run_name: str, state_path: str | None = None) -> None:
+        self._lock = threading.RLock()
         self.state_path = state_path
         self._last_saved = 0.0
         self.state: dict[str, Any] = {
@@ -63,12 +78,18 @@ class CoordinatorState:
             "mlflow_run_id": None,
             "last_step": -1,  # highest step completed by any epoch
             "last_heartbeat": None,
-            "workers": [],  # the current epoch's workers: [{rank, pid, node_id}]
+            # the current epoch's workers: [{rank, pid, node_id, name, slot}] (named actors: a
+            # restarted coordinator takes them over)
+            "workers": [],
+            "slots": [],  # the names of the run's placement groups, one per worker slot
             "status": "RUNNING",
+            "result": None,  # how the control loop ended (RunResult fields), once it has
         }
+        self.loaded_status: str | None = None  # the status in the state file, if there was one
         if state_path and os.path.exists(state_path):
             with open(state_path) as f:
                 self.state.update(json.load(f))
+            self.loaded_status = self.state["status"]
             self.state["status"] = "RUNNING"
 
     def _save(self) -> None:
@@ -82,6 +103,7 @@ class CoordinatorState:
         os.replace(tmp, self.state_path)
 
     # ------------------------------------------------------------------ membership
+    @_locked
     def open_epoch(self) -> int:
         """A new membership epoch is being formed: its number. None of its commits is
         accepted until :meth:`start_epoch`; the formed epoch before it commits until then only
@@ -90,6 +112,7 @@ class CoordinatorState:
         self._save()
         return int(self.state["membership_epoch"])
 
+    @_locked
     def close_epoch(self, epoch: int) -> None:
         """The group found epoch ``epoch`` broken (a member lost or cut off): its commits are
         refused from now on, so that the restore point read next is final."""
@@ -97,6 +120,7 @@ class CoordinatorState:
             self.state["epoch_open"] = False
             self._save()
 
+    @_locked
     def start_epoch(self, epoch: int, world_size: int, plan: dict[str, Any], restored_step: int,
                     timings: dict[str, float] | None = None, *,
                     workers: list[dict[str, Any]] | None = None,
@@ -142,6 +166,7 @@ class CoordinatorState:
                           **(detail or {}))
         return record
 
+    @_locked
     def renew_lease(self, pid: int, epoch: int | None) -> dict[str, Any]:
         """A worker's lease renewal (:mod:`elastic_moe.actors.lease`). ``epoch``: the last
         membership epoch it joined (None: it has joined none yet). ``retired``: a newer epoch
@@ -155,6 +180,7 @@ class CoordinatorState:
                               membership_epoch=self.state["membership_epoch"])
         return {"membership_epoch": self.state["membership_epoch"], "retired": retired}
 
+    @_locked
     def heartbeat(self, step: int, first_after_start: bool = False) -> None:
         now = time.time()
         self.state["last_heartbeat"] = now
@@ -183,6 +209,7 @@ class CoordinatorState:
                           membership_epoch=self.state["membership_epoch"])
         return True
 
+    @_locked
     def admit_commit(self, epoch: int, step: int) -> bool:
         """Rank 0 of ``epoch`` asks before it writes step ``step``'s commit marker: True only
         while ``epoch`` is the current, formed membership epoch and the step is new."""
@@ -191,6 +218,7 @@ class CoordinatorState:
         current = self.state["committed"]
         return current is None or step > current["step"]
 
+    @_locked
     def commit(self, step: int, path: str, data_position: dict[str, Any], tokens_seen: int,
                epoch: int) -> bool:
         """Record a committed checkpoint of membership epoch ``epoch``; only from the current
@@ -208,29 +236,96 @@ class CoordinatorState:
         self.record_event("checkpoint", step, path=path, epoch=epoch)
         return True
 
+    @_locked
     def restore_point(self) -> dict[str, Any] | None:
         return self.state["committed"]
 
     # ------------------------------------------------------------------ tracking + events
+    @_locked
     def record_event(self, kind: str, step: int, **detail: Any) -> None:
         self.state["events"].append({"time": time.time(), "kind": kind, "step": step, **detail})
         self._save()
 
+    @_locked
     def set_mlflow_run_id(self, run_id: str) -> None:
         self.state["mlflow_run_id"] = run_id
         self._save()
 
-    def finish(self, status: str) -> None:
+    @_locked
+    def set_slots(self, names: list[str]) -> None:
+        """The run's worker slots (placement group names), for a restarted coordinator."""
+        self.state["slots"] = list(names)
+        self._save()
+
+    @_locked
+    def finish(self, status: str, result: dict[str, Any] | None = None) -> None:
         self.state["status"] = status
+        self.state["result"] = result
         self.record_event("finish", self.state["last_step"], status=status)
 
+    @_locked
     def snapshot(self) -> dict[str, Any]:
         return json.loads(json.dumps(self.state, default=str))
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=64)
 class Coordinator(CoordinatorState):
-    """The Ray actor: ``Coordinator.options(name=actor_name(run), namespace=NAMESPACE, ...)``."""
+    """The Ray actor (:func:`create`): the record above and, given a ``launch``, the run's
+    control loop (:class:`elastic_moe.actors.run_loop.RunHost`).
+
+    Detached and restartable: Ray restarts it with the same arguments after its process dies;
+    the record is read back from ``state_path`` and a loop that was running takes over the live
+    workers (:meth:`RunHost.start` with ``adopt``). Threaded: the workers' calls (leases,
+    commits, heartbeats) are served while the loop runs.
+    """
+
+    def __init__(self, run_name: str, state_path: str | None = None,
+                 launch: Any = None) -> None:
+        super().__init__(run_name, state_path)
+        self.host: Any = None
+        if launch is None:
+            return
+        import warnings
+
+        from elastic_moe.actors.run_loop import RunHost
+
+        self.host = RunHost(self, launch)
+        with warnings.catch_warnings():  # Ray 2.60 reads a deprecated field inside the property
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with self._lock:
+            self.state["coordinator_pid"] = os.getpid()  # where the loop runs (operators, tests)
+            self._save()
+        if restarted and self.loaded_status == "RUNNING" and self.state["slots"]:
+            log.warning("coordinator restarted (pid %d): taking over the run's live workers",
+                        os.getpid())
+            self.record_event("coordinator_restarted", self.state["last_step"], pid=os.getpid())
+            self.host.start(adopt=True)
+        elif self.loaded_status in ("FINISHED", "FAILED"):
+            self.state["status"] = self.loaded_status  # a restart after the run ended
+
+    def start_run(self) -> None:
+        """Start the control loop (once; a second call, e.g. from an attaching launcher, does
+        nothing)."""
+        if self.host is None:
+            raise RuntimeError("this coordinator was created without a launch: it only records")
+        self.host.start(adopt=False)
+
+    def progress(self, since: int, incarnation: str | None) -> dict[str, Any]:
+        """The control loop's log lines after ``since`` (numbering restarts with each
+        ``incarnation``: a restarted coordinator), its step, and its result once it ended."""
+        if self.host is None:
+            raise RuntimeError("this coordinator was created without a launch: no control loop")
+        with self._lock:
+            status, step, result = (self.state["status"], self.state["last_step"],
+                                    self.state["result"])
+        return {**self.host.console.since(since, incarnation), "status": status, "step": step,
+                "result": result}
+
+    def release(self) -> None:
+        """A launcher has the result of the finished run: end this actor (no restart)."""
+        if self.host is not None:
+            self.host.release()
 
 
 class CoordinatorAPI(Protocol):
@@ -263,7 +358,9 @@ class CoordinatorAPI(Protocol):
 
     def set_mlflow_run_id(self, run_id: str) -> None: ...
 
-    def finish(self, status: str) -> None: ...
+    def set_slots(self, names: list[str]) -> None: ...
+
+    def finish(self, status: str, result: dict[str, Any] | None = None) -> None: ...
 
 
 class CoordinatorClient:
@@ -324,24 +421,53 @@ class CoordinatorClient:
     def set_mlflow_run_id(self, run_id: str) -> None:
         ray.get(self.handle.set_mlflow_run_id.remote(run_id))
 
-    def finish(self, status: str) -> None:
-        ray.get(self.handle.finish.remote(status))
+    def set_slots(self, names: list[str]) -> None:
+        ray.get(self.handle.set_slots.remote(names))
+
+    def finish(self, status: str, result: dict[str, Any] | None = None) -> None:
+        ray.get(self.handle.finish.remote(status, result))
 
 
-def get_or_create(run_name: str, state_path: str) -> CoordinatorClient:
-    """The run's coordinator, created (detached, so it outlives the job) if it does not exist.
+def create(run_name: str, state_path: str, launch: Any) -> Any:
+    """Create the run's coordinator with its control loop and return its handle: detached (it
+    outlives the launcher), restartable (it takes over the live workers after its process
+    dies). A coordinator of the same name that did not answer :func:`find` is replaced.
 
     It is placed on the launcher's node (the head, as a rule), not on any node with room: a
     coordinator on a worker node that is partitioned away would take the whole run with it, and
     the run could no longer tell a cut-off worker from a cut-off coordinator. The affinity is
-    hard: a soft one still put it on another node here (1 of 4 tries, Ray 2.60), and the
-    launcher that drives the run lives on that node anyway."""
+    hard: a soft one still put it on another node here (1 of 4 tries, Ray 2.60)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return CoordinatorClient(Coordinator.options(  # type: ignore[attr-defined]
-        name=actor_name(run_name), namespace=NAMESPACE, lifetime="detached",
-        get_if_exists=True, scheduling_strategy=here).remote(run_name, state_path))
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            return Coordinator.options(  # type: ignore[attr-defined]
+                name=actor_name(run_name), namespace=NAMESPACE, lifetime="detached",
+                scheduling_strategy=here).remote(run_name, state_path, launch)
+        except ValueError:  # the name is taken by a stale coordinator: end it first
+            if time.monotonic() > deadline:
+                raise
+            try:
+                ray.kill(ray.get_actor(actor_name(run_name), namespace=NAMESPACE),
+                         no_restart=True)
+            except ValueError:
+                pass
+            time.sleep(0.2)
+
+
+def find(run_name: str) -> Any:
+    """The live coordinator of ``run_name`` with a control loop (its handle), or None."""
+    try:
+        handle = ray.get_actor(actor_name(run_name), namespace=NAMESPACE)
+    except ValueError:
+        return None
+    try:
+        ray.get(handle.progress.remote(0, None), timeout=30)
+    except (ray.exceptions.RayError, RuntimeError):  # gone, or a recorder without a loop
+        return None
+    return handle
 
 
 def get(run_name: str) -> CoordinatorClient:

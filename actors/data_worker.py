@@ -187,11 +187,13 @@ def start_data_workers(run_name: str, manifest_path: str, count: int, prefetch: 
     """The run's ``count`` data workers (named ``<run>-data-<i>``; reused if they exist).
 
     Training asks them by position (``batch_at``), so they hold nothing that must survive: Ray
-    restarts a lost one (its node failed) and retries the calls that were in flight.
+    restarts a lost one (its node failed) and retries the calls that were in flight. Detached:
+    they outlive the coordinator's process (which starts them) like the training workers; the
+    coordinator stops them when the run ends.
     """
     return [DataWorker.options(  # type: ignore[attr-defined]
         name=f"{run_name}-data-{i}", namespace=namespace, get_if_exists=True,
-        max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD",
+        lifetime="detached", max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD",
     ).remote(manifest_path, global_batch_size=global_batch_size, prefetch=prefetch,
              skip_bad=skip_bad)
         for i in range(count)]

@@ -172,6 +172,7 @@ class TrainWorker:
 
         self.gloo_links = GlooLinks()  # what to close when this rank's own step raises
         self.joining: EpochSpec | None = None  # the epoch whose join is in progress
+        self.training: tuple[int | None, Any] | None = None  # (epoch, future) of train()
         elastic = spec.cfg.elastic
         self.lease = Lease(self._renew_lease, hang_timeout_s=elastic.hang_timeout_s,
                            interval_s=elastic.lease_interval_s, on_end=self._end_lease)
@@ -197,7 +198,7 @@ class TrainWorker:
     def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         return {"pid": os.getpid(), "node_id": ctx.get_node_id(),
-                "ip": ray.util.get_node_ip_address()}
+                "ip": ray.util.get_node_ip_address(), "name": ctx.get_actor_name()}
 
     def free_port(self) -> int:
         """A free port on the node's Ray address, for the rendezvous store this rank hosts."""
@@ -315,7 +316,24 @@ class TrainWorker:
     # ------------------------------------------------------------------ training
     def train(self) -> TrainOutcome:
         """Committed steps until finished, paused by a vote, or broken by a failed peer."""
-        return self.torch_thread.submit(self._train).result()
+        with self.lock:
+            epoch = self.epoch.epoch if self.epoch is not None else None
+            self.training = (epoch, self.torch_thread.submit(self._train))
+        return self.training[1].result()
+
+    def take_over(self, epoch: int) -> TrainOutcome:
+        """The outcome of this worker's ``train()`` in membership epoch ``epoch``: the call in
+        progress (or already returned), or a new one if the epoch's was never made. How a
+        restarted coordinator takes over a worker its predecessor was driving."""
+        with self.lock:
+            current = self.epoch.epoch if self.epoch is not None else None
+            if current != epoch:
+                raise RuntimeError(f"take_over({epoch}): this worker is in membership epoch "
+                                   f"{current}")
+            training = self.training
+        if training is None or training[0] != epoch:
+            return self.train()
+        return training[1].result()
 
     def _train(self) -> TrainOutcome:
         trainer = self.trainer

@@ -1,14 +1,16 @@
-"""Launch an elastic training run: data readers, coordinator, the elastic worker group, MLflow.
+"""Launch an elastic training run, or attach to a live one, and follow it to its end.
 
-The training workers are the project's own Ray actors (:mod:`elastic_moe.actors.train_worker`, one per
-accelerator; CPU + gloo without GPUs), each holding its expert-parallel shard of the routed
-experts and its FSDP shard of the rest. :class:`elastic_moe.actors.worker_group.ElasticGroup` keeps them
-training through failures and joins without restarting the survivors. The MLflow run is created
-here, before any worker starts, and this process logs every committed step to it once.
+The run is driven by its coordinator (:mod:`elastic_moe.actors.coordinator`, hosting the control
+loop of :mod:`elastic_moe.actors.run_loop`), a detached actor: this process checks the launch,
+prepares the data, creates the MLflow run and the coordinator, and then only prints the
+coordinator's log lines and returns the outcome. It can die without stopping training; the
+same call again attaches. The training workers are the project's own Ray actors
+(:mod:`elastic_moe.actors.train_worker`, one per accelerator; CPU + gloo without GPUs).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -18,16 +20,16 @@ from typing import Any
 
 import ray
 from elastic_moe.actors import coordinator as coordinator_mod
-from elastic_moe.actors import data_worker as data_worker_mod
 from elastic_moe.actors.cluster import RayConnection, init_ray, requested_address
 from elastic_moe.actors.coordinator import CoordinatorClient
 from elastic_moe.actors.preflight import preflight
-from elastic_moe.actors.train_worker import WorkerSpec
-from elastic_moe.actors.worker_group import ElasticGroup, replay_metrics
 
 from elastic_moe.config import Config
 
 log = logging.getLogger(__name__)
+
+FOLLOW_POLL_S = 10.0  # how long one progress request may take before the launcher says so
+FOLLOW_IDLE_S = 0.5  # between progress requests while nothing new came
 
 
 @dataclass
@@ -106,14 +108,19 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                  num_cpus: int | None = None, threads_per_worker: int = 1,
                  wrap_model: Callable[[Any, int, Callable[[], int]], None] | None = None,
                  wrap_writer: Callable[[Any, int], Any] | None = None) -> TrainingResult:
-    """Run (or with ``resume`` continue) training; blocks until the run ends.
+    """Start the run (with ``resume``: continue it from its last committed checkpoint) in its
+    coordinator, or attach to it if it is live; follow it and return how it ended.
 
+    The control loop runs in the coordinator (:mod:`elastic_moe.actors.run_loop`), so this
+    process can die without stopping training; calling this again with the same run attaches.
     ``sample_log_dir``: write an audit log of the samples every committed step consumed.
     ``wrap_model(model, rank, step)``: runs on every worker's model once it is built (see
     :class:`WorkerSpec`).
     ``wrap_writer(writer, step)``: wraps each checkpoint save's DCP storage writer in the
     workers (tests hand in a slow or failing one).
     """
+    from elastic_moe.actors.run_loop import Launch
+
     from elastic_moe.train.tracking import default_tracking_uri
 
     run_dir = os.path.abspath(os.path.join(output_dir, run_name))
@@ -121,17 +128,33 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     if "://" not in checkpoint_dir and not os.path.isabs(checkpoint_dir):
         checkpoint_dir = os.path.join(run_dir, "checkpoints")
     state_path = os.path.join(run_dir, "coordinator.json")
-    if os.path.exists(state_path) and not resume:
-        raise ValueError(f"run {run_name!r} already exists in {run_dir}: pass --resume to continue "
-                         "it or --run-name NAME for a new run")
     tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri()
+    where = {"run_name": run_name, "run_dir": run_dir, "checkpoint_dir": checkpoint_dir,
+             "tracking_uri": tracking_uri, "state_path": state_path}
+    connection = None
+    if os.path.exists(state_path) or resume:  # the run may be live: attach to it
+        connection = _init_ray(num_cpus, cfg.parallel.min_workers)
+        live = coordinator_mod.find(run_name)
+        if live is not None:
+            log.info("run %s is live: attaching to it (its coordinator drives it; stopping "
+                     "this launcher stops nothing)", run_name)
+            return _follow(live, **where)
+        if os.path.exists(state_path) and not resume:
+            raise ValueError(f"run {run_name!r} already exists in {run_dir} and is not running: "
+                             "pass --resume to continue it or --run-name NAME for a new run")
     manifest = _prepare_data(cfg)
     from elastic_moe.train.evaluate import validation_manifest
 
     val_manifest = validation_manifest(cfg, manifest)
-    connection = _init_ray(num_cpus, cfg.parallel.min_workers)
-    coordinator = coordinator_mod.get_or_create(run_name, state_path)
+    connection = connection or _init_ray(num_cpus, cfg.parallel.min_workers)
     preflight(cfg, connection, checkpoint_dir=checkpoint_dir, tracking_uri=tracking_uri)
+    launch = Launch(cfg=cfg, run_name=run_name, run_dir=run_dir, checkpoint_dir=checkpoint_dir,
+                    manifest=manifest, val_manifest=val_manifest, tracking_uri=tracking_uri,
+                    use_gpu=bool(ray.cluster_resources().get("GPU", 0)), resume=resume,
+                    sample_log_dir=sample_log_dir, threads_per_worker=threads_per_worker,
+                    wrap_model=wrap_model, wrap_writer=wrap_writer)
+    handle = coordinator_mod.create(run_name, state_path, launch)
+    coordinator = CoordinatorClient(handle)
     snapshot = coordinator.snapshot()
     if not snapshot.get("mlflow_run_id"):
         _create_mlflow_run(coordinator, tracking_uri, cfg, run_name, checkpoint_dir, manifest)
@@ -139,78 +162,67 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
         committed = snapshot.get("committed")
         log.info("resuming run %s from %s", run_name,
                  f"step {committed['step']}" if committed else "the start (nothing committed)")
-    use_gpu = bool(ray.cluster_resources().get("GPU", 0))
-    data_readers = data_worker_mod.start_data_workers(
-        run_name, manifest, cfg.data.num_workers, cfg.data.prefetch,
-        cfg.train.global_batch_size, namespace=coordinator_mod.NAMESPACE,
-        skip_bad=cfg.data.bad_samples == "skip")
-    spec = WorkerSpec(cfg=cfg, run_name=run_name, checkpoint_dir=checkpoint_dir,
-                      coordinator=coordinator, data_readers=data_readers,
-                      threads_per_worker=threads_per_worker, sample_log_dir=sample_log_dir,
-                      val_manifest=val_manifest, wrap_model=wrap_model,
-                      wrap_writer=wrap_writer)
-    tracker = _open_tracker(cfg, coordinator, tracking_uri, run_name, checkpoint_dir, manifest)
-    os.makedirs(run_dir, exist_ok=True)
-    metrics_log = os.path.join(run_dir, "metrics.jsonl")
-    if resume:  # steps an earlier launcher committed but had not yet sent to MLflow
-        from elastic_moe.checkpoint import Checkpointer
-
-        replay_metrics(metrics_log, Checkpointer(checkpoint_dir, async_save=False), tracker)
-    group = ElasticGroup(cfg, spec, coordinator, tracker, use_gpu=use_gpu,
-                         metrics_log=metrics_log)
-    started = time.time()
-    error = None
-    exit_code = 0
-    final_step = 0
-    try:
-        outcome = group.run()
-        final_step = outcome.final_step
-        if outcome.expert_loads is not None:
-            tracker.log_expert_heatmap(outcome.expert_loads.numpy(), final_step)
-    except Exception as exc:  # TrainingFailed and friends: report, mark, don't lose state
-        error = f"{type(exc).__name__}: {exc}"
-        exit_code = getattr(exc, "exit_code", 1)
-        log.error("training failed after %.0f s: %s", time.time() - started, error)
-    finally:
-        for reader in data_readers:  # they hold no state; a resubmit starts new ones
-            ray.kill(reader)
-    ok = error is None
-    coordinator.finish("FINISHED" if ok else "FAILED")
-    snapshot = coordinator.snapshot()
-    tracker.log_text(_summary_text(snapshot, max(snapshot.get("last_step", 0), 0)), "summary.json")
-    if not ok:
-        tracker.set_tags({"failure": (error or "")[:5000]})
-    tracker.finish("FINISHED" if ok else "FAILED", timeout=cfg.tracking.flush_timeout_s)
-    return TrainingResult(ok=ok, run_name=run_name, run_dir=run_dir, checkpoint_dir=checkpoint_dir,
-                          tracking_uri=tracking_uri, mlflow_run_id=snapshot.get("mlflow_run_id")
-                          or tracker.run_id,
-                          final_step=max(snapshot.get("last_step", 0), final_step, 0),
-                          error=error, coordinator_state=snapshot, exit_code=exit_code)
+    ray.get(handle.start_run.remote())
+    return _follow(handle, **where)
 
 
-def _open_tracker(cfg: Config, coordinator: CoordinatorClient, tracking_uri: str, run_name: str,
-                  checkpoint_dir: str, manifest: str) -> Any:
-    """The run's MLflow tracker, in this process: the same run across resubmissions."""
-    from elastic_moe.train.tracking import Tracker, new_run_record
+def _follow(handle: Any, *, run_name: str, run_dir: str, checkpoint_dir: str,
+            tracking_uri: str, state_path: str) -> TrainingResult:
+    """Print the coordinator's log lines as they come (through this process's loggers of the
+    same names) until the run ends; then release the coordinator and return the result."""
+    index, incarnation = 0, None
+    waiting_since: float | None = None
+    while True:
+        try:
+            reply = ray.get(handle.progress.remote(index, incarnation), timeout=FOLLOW_POLL_S)
+        except ray.exceptions.GetTimeoutError:  # busy, or restarting after its process died
+            waiting_since = waiting_since or time.time()
+            log.warning("the coordinator of run %s has not answered for %.0f s; waiting",
+                        run_name, time.time() - waiting_since)
+            continue
+        except ray.exceptions.RayActorError as exc:  # gone for good: what its record says
+            return _from_record(state_path, run_name=run_name, run_dir=run_dir,
+                                checkpoint_dir=checkpoint_dir, tracking_uri=tracking_uri,
+                                gone=str(exc).splitlines()[0])
+        waiting_since = None
+        if incarnation is not None and reply["incarnation"] != incarnation:
+            log.warning("the coordinator of run %s restarted; its log follows from the start",
+                        run_name)
+        incarnation = reply["incarnation"]
+        for item in reply["lines"]:
+            logging.getLogger(item["name"]).log(item["level"], "%s", item["msg"])
+        index = reply["next"]
+        if reply["result"] is not None and not reply["lines"]:
+            break
+        if not reply["lines"]:
+            time.sleep(FOLLOW_IDLE_S)
+    result = reply["result"]
+    snapshot = ray.get(handle.snapshot.remote())
+    handle.release.remote()
+    return TrainingResult(ok=result["ok"], run_name=run_name, run_dir=run_dir,
+                          checkpoint_dir=checkpoint_dir, tracking_uri=tracking_uri,
+                          mlflow_run_id=result["mlflow_run_id"] or snapshot.get("mlflow_run_id"),
+                          final_step=result["final_step"], error=result["error"],
+                          coordinator_state=snapshot, exit_code=result["exit_code"])
 
-    tracker = Tracker.open(tracking_uri, cfg.tracking.experiment,
-                           cfg.tracking.run_name or run_name,
-                           run_id=coordinator.snapshot().get("mlflow_run_id"),
-                           on_run_id=coordinator.set_mlflow_run_id,
-                           retry_s=cfg.tracking.retry_s, max_retry_s=cfg.tracking.max_retry_s)
-    if tracker.is_new_run:  # the launcher could not create it (store unreachable then)
-        params, tags = new_run_record(cfg.flat(), checkpoint_dir, manifest)
-        tracker.log_params(params)
-        tracker.set_tags(tags)
-    return tracker
 
-
-def _summary_text(snapshot: dict[str, Any], step: int) -> str:
-    import json
-
-    return json.dumps({"final_step": step, "world_sizes": snapshot["world_sizes"],
-                       "events": snapshot["events"], "committed": snapshot["committed"]},
-                      indent=1, default=str)
+def _from_record(state_path: str, *, gone: str, **where: Any) -> TrainingResult:
+    """The result a coordinator that is gone left in its state file."""
+    where.pop("state_path", None)
+    snapshot: dict[str, Any] = {}
+    if os.path.exists(state_path):
+        with open(state_path) as f:
+            snapshot = json.load(f)
+    result = snapshot.get("result")
+    if result is None:
+        return TrainingResult(ok=False, mlflow_run_id=snapshot.get("mlflow_run_id"),
+                              final_step=max(snapshot.get("last_step", 0), 0),
+                              error=f"the run's coordinator is gone ({gone}) and recorded no "
+                                    "result: continue the run with --resume",
+                              coordinator_state=snapshot, exit_code=1, **where)
+    return TrainingResult(ok=result["ok"], mlflow_run_id=result["mlflow_run_id"],
+                          final_step=result["final_step"], error=result["error"],
+                          coordinator_state=snapshot, exit_code=result["exit_code"], **where)
 
 
 def _create_mlflow_run(coordinator: CoordinatorClient, tracking_uri: str, cfg: Config, run_name: str,

@@ -1,8 +1,11 @@
 """The elastic worker group on Ray core: membership, failure detection, live rebuilds, joins.
 
-The group runs in the launcher process and owns the run's training workers
-(:class:`elastic_moe.actors.train_worker.TrainWorker`, one per accelerator, each in its own one-bundle
-placement group; ranks are ordered node by node). It writes every decision to the coordinator.
+The group runs in the coordinator's process (:mod:`elastic_moe.actors.run_loop`), not in the
+launcher's, and owns the run's training workers
+(:class:`elastic_moe.actors.train_worker.TrainWorker`, one per accelerator, each in its own
+one-bundle placement group; ranks are ordered node by node). It writes every decision to the
+coordinator's record. Workers, slots and data readers are named and detached: they outlive the
+coordinator's process, and a restarted coordinator takes them over (:meth:`ElasticGroup.adopt`).
 
 - **Dead worker**: its ``train()`` call fails (Ray saw the process go). Its peers' collectives
   fail within milliseconds on gloo (the connection closes); NCCL's would spin on, so as soon as
@@ -37,11 +40,12 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from elastic_moe.actors.coordinator import CoordinatorClient
+from elastic_moe.actors.coordinator import NAMESPACE, CoordinatorAPI
 from elastic_moe.actors.train_worker import EpochSpec, TrainOutcome, TrainWorker, WorkerSpec
 from ray.util.placement_group import (
     PlacementGroup,
@@ -84,10 +88,14 @@ def _sigkill(pid: int) -> None:
 _kill_pid = ray.remote(num_cpus=0)(_sigkill)
 
 
-def fence(handle: Any, pid: int, node_id: str) -> None:
+def fence(handle: Any | None, pid: int, node_id: str) -> None:
     """Make sure a worker is gone for good: it can never rejoin with stale state, and its open
-    connections close, so peers blocked on it in a collective fail at once."""
+    connections close, so peers blocked on it in a collective fail at once. No ``handle``:
+    its named actor is gone already (its pid may belong to another process by now)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if handle is None:
+        return
 
     if node_id == ray.get_runtime_context().get_node_id():  # our node: no task needed
         _sigkill(pid)
@@ -103,13 +111,14 @@ def fence(handle: Any, pid: int, node_id: str) -> None:
         logger.debug("ray.kill of pid %d: %s", pid, exc)
 
 
-def replay_metrics(metrics_log: str, checkpointer: Any, tracker: Any) -> int:
-    """Queue the steps an earlier launcher committed, in order: from its metrics log, and from
-    the committed checkpoints (each holds every step the launcher had not acknowledged writing
-    down when it was taken). The tracker drops steps the MLflow run already has.
-    Returns the last step found."""
+def replay_metrics(metrics_log: str, checkpointer: Any | None, tracker: Any) -> int:
+    """Queue the steps an earlier control loop committed, in order: from its metrics log, and
+    from the committed checkpoints (each holds every step the loop had not acknowledged writing
+    down when it was taken; no ``checkpointer``: the log alone, as when a restarted coordinator
+    takes over live workers, which still hold the rest). The tracker drops steps the MLflow run
+    already has. Returns the last step found."""
     records: dict[int, tuple[dict[str, float], float | None]] = {}
-    for step in checkpointer.committed_steps():
+    for step in checkpointer.committed_steps() if checkpointer is not None else []:
         for saved_step, values in checkpointer.train_state(step).extra.get("metrics", []):
             values = dict(values)
             records[int(saved_step)] = (values, values.pop("committed_at", None))
@@ -205,7 +214,7 @@ class GroupResult:
 class ElasticGroup:
     """Owns the workers of one run; :meth:`run` trains to the end or raises TrainingFailed."""
 
-    def __init__(self, cfg: Config, spec: WorkerSpec, coordinator: CoordinatorClient,
+    def __init__(self, cfg: Config, spec: WorkerSpec, coordinator: CoordinatorAPI,
                  tracker: Any, *, use_gpu: bool, metrics_log: str | None = None) -> None:
         """``metrics_log``: a JSONL file each committed step's metrics are appended to before
         MLflow gets them, so a launcher killed with records still queued loses none
@@ -215,6 +224,7 @@ class ElasticGroup:
         self.bundle = {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
         self.use_gpu = use_gpu
         self.slots: list[PlacementGroup] = []
+        self.slot_names: list[str] = []  # named and detached: a restarted coordinator finds them
         self.members: list[Member] = []
         self.joiners: list[Member] = []  # started, warming up or ready, not yet in the group
         self.pending_joiners: dict[Any, tuple[Any, int]] = {}  # info ref -> (handle, slot)
@@ -238,7 +248,20 @@ class ElasticGroup:
             request_resources(bundles=[dict(self.bundle)] * high)
         except Exception as exc:
             logger.debug("request_resources: %s", exc)
-        self.slots = [placement_group([dict(self.bundle)]) for _ in range(high)]
+        for _ in range(high):
+            self._add_slot()
+        self.coordinator.set_slots(self.slot_names)
+
+    def _add_slot(self, index: int | None = None) -> None:
+        """A fresh named, detached slot (at ``index``, or appended): it outlives the
+        coordinator's process, like the worker placed in it."""
+        name = f"{self.spec.run_name}-slot-{uuid.uuid4().hex[:8]}"
+        pg = placement_group([dict(self.bundle)], name=name, lifetime="detached")
+        if index is None:
+            self.slots.append(pg)
+            self.slot_names.append(name)
+        else:
+            self.slots[index], self.slot_names[index] = pg, name
 
     def _slot_states(self) -> dict[int, str] | None:
         """Each slot's placement state from the GCS (CREATED = placed), or None if it is busy."""
@@ -258,6 +281,7 @@ class ElasticGroup:
         capacity (PENDING) without that cost, and is placed as soon as a node has room.
         """
         states = self._slot_states()
+        replaced = False
         for i, state in (states or {}).items():
             if state != "RESCHEDULING":
                 continue
@@ -266,7 +290,10 @@ class ElasticGroup:
                 remove_placement_group(self.slots[i])
             except Exception as exc:
                 logger.debug("remove_placement_group: %s", exc)
-            self.slots[i] = placement_group([dict(self.bundle)])
+            self._add_slot(i)
+            replaced = True
+        if replaced:
+            self.coordinator.set_slots(self.slot_names)
 
     def _ready_slots(self, timeout: float = 0.0) -> list[int]:
         """Slots placed now (waiting up to ``timeout`` for all of them).
@@ -290,7 +317,10 @@ class ElasticGroup:
     def _start_worker(self, slot: int) -> tuple[Any, Any]:
         options: dict[str, Any] = {
             "scheduling_strategy": PlacementGroupSchedulingStrategy(self.slots[slot], 0),
-            "num_cpus": self.bundle["CPU"]}
+            "num_cpus": self.bundle["CPU"],
+            # named and detached: it outlives the coordinator's process (adopt)
+            "name": f"{self.spec.run_name}-worker-{uuid.uuid4().hex[:8]}",
+            "namespace": NAMESPACE, "lifetime": "detached"}
         if self.use_gpu:
             options["num_gpus"] = 1
         handle = TrainWorker.options(**options).remote(self.spec)  # type: ignore[attr-defined]
@@ -345,6 +375,8 @@ class ElasticGroup:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> GroupResult:
+        """Start the run's workers, form the first group (from the last committed checkpoint,
+        or fresh) and train to the end."""
         self._open_slots()
         try:
             self._ready_slots(timeout=5.0)  # let the slots the cluster can place now get placed
@@ -359,47 +391,121 @@ class ElasticGroup:
                                    cause_detail={"restored_from":
                                                  "checkpoint" if committed else "init"},
                                    marks={"detected": time.time()}, restored_step=start_step)
-            while True:
-                outcomes, failed = self._train_epoch()
-                if outcomes and all(o.status == "finished" for o in outcomes.values()) \
-                        and not failed:
-                    final = max(o.step for o in outcomes.values())
-                    unsaved = next((o.error for o in outcomes.values() if o.error), None)
-                    if unsaved:
-                        committed = self.coordinator.restore_point()
-                        raise FinalCheckpointFailed(
-                            f"trained to step {final}, but its checkpoint was not written "
-                            f"({unsaved}); the last committed checkpoint is step "
-                            f"{committed['step'] if committed else None}: free or restore the "
-                            "checkpoint storage and resume with --resume")
-                    loads = next((o.expert_loads for o in outcomes.values()
-                                  if o.expert_loads is not None), None)
-                    return GroupResult(final, loads)
-                if not failed and outcomes \
-                        and any(o.status == "diverged" for o in outcomes.values()):
-                    self._roll_back(outcomes)
-                elif failed or any(o.status in ("broken", "error") for o in outcomes.values()):
-                    reports = [o.report for o in outcomes.values() if o.report is not None]
-                    decision = self.failure_policy.decide(reports)
-                    if decision.action is Action.STOP:
-                        raise self._stop_on_error(decision, reports)
-                    if decision.report is not None:
-                        self._record_step_error(decision, reports)
-                    # an error is retried without spending the failure budget; a worker that
-                    # died is a fault whatever else happened
-                    self._recover(outcomes, failed,
-                                  count_failure=bool(failed) or decision.action is Action.REBUILD)
-                else:
-                    self._grow(outcomes)
+            return self._loop()
         finally:
             self._shutdown()
 
-    def _train_epoch(self) -> tuple[dict[Member, TrainOutcome], list[Member]]:
-        """Run ``train()`` on every member until all return; detect dead and hung members."""
-        refs = {m.handle.train.remote(): m for m in self.members}
+    def adopt(self, logged_step: int) -> GroupResult:
+        """Take over a run whose coordinator's process died: the record's slots and members
+        (named actors) are found again, and the members go on with the state they hold; no
+        checkpoint is read. ``logged_step``: the last step the metrics log holds.
+
+        A member that is gone is a lost worker like any other. If the coordinator died while
+        a group was forming, the joins in progress are aborted and the group is rebuilt from
+        the members' live state. Joiners and spares are not taken over (they are stopped, and
+        replacements start)."""
+        snap = self.coordinator.snapshot()
+        self.logged_step = self.last_log_step = logged_step
+        for name in snap["slots"]:
+            try:
+                pg = ray.util.get_placement_group(name)
+            except ValueError:  # removed with its node: a fresh one takes its place
+                self._add_slot()
+                continue
+            self.slots.append(pg)
+            self.slot_names.append(name)
+        self.coordinator.set_slots(self.slot_names)
+        self.plan = MeshPlan.from_dict(snap["world_sizes"][-1]["plan"])
+        members, lost = [], []
+        for worker in snap["workers"]:
+            try:
+                handle = ray.get_actor(worker["name"], namespace=NAMESPACE)
+            except ValueError:  # a named actor is gone only once it died
+                handle = None
+            member = Member(handle, worker["slot"], {k: worker[k] for k in
+                                                     ("pid", "node_id", "name")},
+                            rank=worker["rank"])
+            (members if handle is not None else lost).append(member)
+        self._stop_strays({m.info["name"] for m in members})
+        self.members = members + lost
+        logger.info("took over %d live worker(s) of membership epoch %d at step %d%s",
+                    len(members), snap["formed_epoch"], logged_step,
+                    f"; lost meanwhile: pids {[m.info['pid'] for m in lost]}" if lost else "")
+        try:
+            if snap["epoch_open"] and snap["formed_epoch"] == snap["membership_epoch"]:
+                self.epoch = snap["formed_epoch"]
+                return self._loop(self._train_epoch(take_over=True, lost=lost))
+            # it died while a group formed: the members keep the state they had
+            aborts = [m.handle.abort_join.remote(snap["membership_epoch"]) for m in members]
+            ray.wait(aborts, num_returns=len(aborts), timeout=5.0)
+            self.epoch = snap["formed_epoch"]
+            self._recover({}, lost, count_failure=False)
+            return self._loop()
+        finally:
+            self._shutdown()
+
+    def _stop_strays(self, keep: set[str]) -> None:
+        """Stop this run's named workers that are not in ``keep`` (joiners and spares of a
+        coordinator that died: they hold no state)."""
+        prefix = f"{self.spec.run_name}-worker-"
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] != NAMESPACE or not entry["name"].startswith(prefix) \
+                    or entry["name"] in keep:
+                continue
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE), no_restart=True)
+            except Exception as exc:  # gone meanwhile
+                logger.debug("stopping %s: %s", entry["name"], exc)
+
+    def _loop(self, first: tuple[dict[Member, TrainOutcome], list[Member]] | None = None
+              ) -> GroupResult:
+        """Train epoch after epoch, recovering and growing between them, to the end.
+        ``first``: the outcome of an epoch already trained (a take-over)."""
+        while True:
+            outcomes, failed = first if first is not None else self._train_epoch()
+            first = None
+            if outcomes and all(o.status == "finished" for o in outcomes.values()) \
+                    and not failed:
+                final = max(o.step for o in outcomes.values())
+                unsaved = next((o.error for o in outcomes.values() if o.error), None)
+                if unsaved:
+                    committed = self.coordinator.restore_point()
+                    raise FinalCheckpointFailed(
+                        f"trained to step {final}, but its checkpoint was not written "
+                        f"({unsaved}); the last committed checkpoint is step "
+                        f"{committed['step'] if committed else None}: free or restore the "
+                        "checkpoint storage and resume with --resume")
+                loads = next((o.expert_loads for o in outcomes.values()
+                              if o.expert_loads is not None), None)
+                return GroupResult(final, loads)
+            if not failed and outcomes \
+                    and any(o.status == "diverged" for o in outcomes.values()):
+                self._roll_back(outcomes)
+            elif failed or any(o.status in ("broken", "error") for o in outcomes.values()):
+                reports = [o.report for o in outcomes.values() if o.report is not None]
+                decision = self.failure_policy.decide(reports)
+                if decision.action is Action.STOP:
+                    raise self._stop_on_error(decision, reports)
+                if decision.report is not None:
+                    self._record_step_error(decision, reports)
+                # an error is retried without spending the failure budget; a worker that
+                # died is a fault whatever else happened
+                self._recover(outcomes, failed,
+                              count_failure=bool(failed) or decision.action is Action.REBUILD)
+            else:
+                self._grow(outcomes)
+
+    def _train_epoch(self, take_over: bool = False, lost: list[Member] | None = None
+                     ) -> tuple[dict[Member, TrainOutcome], list[Member]]:
+        """Run ``train()`` on every member until all return; detect dead and hung members.
+        ``take_over``: the members are already training (a restarted coordinator), and
+        ``lost`` of them are gone."""
+        lost = list(lost or [])
+        refs = {(m.handle.take_over.remote(self.epoch) if take_over
+                 else m.handle.train.remote()): m for m in self.members if m not in lost}
         outcomes: dict[Member, TrainOutcome] = {}
-        failed: list[Member] = []
-        broken_since: float | None = None
+        failed: list[Member] = lost
+        broken_since: float | None = time.time() if lost else None
         pause_sent = False
         aborts: dict[Any, Member] = {}  # abort_group calls sent (once, when the step broke)
         slots_checked = 0.0
@@ -415,6 +521,15 @@ class ElasticGroup:
                 except ray.exceptions.RayActorError as exc:
                     logger.warning("worker rank %d (pid %s) died: %s", member.rank,
                                    member.info["pid"], str(exc).splitlines()[0][:200])
+                    failed.append(member)
+                    broken_since = broken_since or time.time()
+                    continue
+                except ray.exceptions.RayTaskError as exc:
+                    if not take_over:
+                        raise
+                    logger.warning("worker rank %d (pid %s) cannot be taken over: %s",
+                                   member.rank, member.info["pid"],
+                                   str(exc).splitlines()[-1][:200])
                     failed.append(member)
                     broken_since = broken_since or time.time()
                     continue
@@ -774,8 +889,8 @@ class ElasticGroup:
                       f"{step}")
             logger.error("%s", reason)
             self._record_fallback(step, committed_step=checkpoint_step, reason=reason)
-        workers = [{"rank": m.rank, "pid": m.info["pid"], "node_id": m.info["node_id"]}
-                   for m in members]
+        workers = [{"rank": m.rank, "pid": m.info["pid"], "node_id": m.info["node_id"],
+                    "name": m.info["name"], "slot": m.slot} for m in members]
         detail = {**cause_detail, "rebuild_s": round(pause_s, 3),
                   "old_plan": old_plan.describe() if old_plan else None,
                   "new_plan": plan.describe(),

@@ -1,0 +1,242 @@
+"""The run's control loop, hosted by the coordinator actor: the run outlives its launcher.
+
+:class:`RunHost` lives in the coordinator's process (:class:`elastic_moe.actors.coordinator.
+Coordinator`). It starts the data readers and the MLflow tracker, drives the elastic worker group
+(:class:`elastic_moe.actors.worker_group.ElasticGroup`) to the end of the run, and records the
+result. The launcher (``jobs/train.py``, :func:`elastic_moe.actors.training.run_training`) only
+starts the run or attaches to it, prints the loop's log lines as they come
+(:meth:`ConsoleBuffer.since`) and exits with the run's outcome. Killing the launcher stops
+nothing; running the same command again attaches to the live run.
+
+When the coordinator's process dies, Ray restarts it with the same arguments; the host then
+takes over the live workers (:meth:`ElasticGroup.adopt`) instead of starting new ones, and MLflow
+gets every step once (the metrics log is replayed, and the tracker drops what MLflow has).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray
+
+from elastic_moe.config import Config
+
+logger = logging.getLogger(__name__)
+
+# After the run ended, how long the coordinator waits for a launcher to collect the result
+# before it ends itself (the result stays in its state file).
+LINGER_S = 600.0
+CONSOLE_LINES = 20_000  # log records kept for launchers that attach late
+LINES_PER_REPLY = 2_000
+
+
+@dataclass
+class Launch:
+    """What the coordinator needs to run the run (passed once; Ray keeps it for restarts)."""
+
+    cfg: Config
+    run_name: str
+    run_dir: str
+    checkpoint_dir: str
+    manifest: str
+    val_manifest: str | None
+    tracking_uri: str
+    use_gpu: bool
+    resume: bool = False
+    sample_log_dir: str | None = None
+    threads_per_worker: int = 1
+    wrap_model: Callable[[Any, int, Callable[[], int]], None] | None = None
+    wrap_writer: Callable[[Any, int], Any] | None = None
+
+
+@dataclass
+class RunResult:
+    """How the control loop ended (kept in the coordinator's record as a dict)."""
+
+    ok: bool
+    final_step: int
+    error: str | None = None
+    exit_code: int = 0
+    mlflow_run_id: str | None = None
+
+
+class ConsoleBuffer(logging.Handler):
+    """The control loop's log records, numbered, for the launchers that follow the run.
+
+    A launcher asks for the records after the last one it printed; the numbering starts again
+    in a restarted coordinator (a new ``incarnation``), and the launcher then starts over.
+    """
+
+    def __init__(self, capacity: int = CONSOLE_LINES) -> None:
+        super().__init__(logging.INFO)
+        self.incarnation = uuid.uuid4().hex
+        self.records: deque[tuple[int, dict[str, Any]]] = deque(maxlen=capacity)
+        self.next_index = 0
+        self.guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            item = {"name": record.name, "level": record.levelno, "msg": record.getMessage(),
+                    "time": record.created}
+            if record.exc_info:
+                item["msg"] += "\n" + logging.Formatter().formatException(record.exc_info)
+        except Exception:  # a malformed record is not worth losing the loop over
+            return
+        with self.guard:
+            self.records.append((self.next_index, item))
+            self.next_index += 1
+
+    def since(self, index: int, incarnation: str | None) -> dict[str, Any]:
+        if incarnation != self.incarnation:
+            index = 0
+        with self.guard:
+            lines = [item for i, item in self.records if i >= index][:LINES_PER_REPLY]
+            first = next((i for i, _ in self.records if i >= index), self.next_index)
+        return {"incarnation": self.incarnation, "next": first + len(lines), "lines": lines}
+
+
+def _install_console(console: ConsoleBuffer, run_dir: str) -> None:
+    """This process's project log goes to the buffer and to ``run_dir/coordinator.log``, not to
+    its stderr (which Ray would forward to the first launcher a second time)."""
+    from elastic_moe.actors.console import QUIET_LOGGERS
+
+    os.makedirs(run_dir, exist_ok=True)
+    to_file = logging.FileHandler(os.path.join(run_dir, "coordinator.log"))
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    project = logging.getLogger("elastic_moe")
+    project.setLevel(logging.INFO)
+    project.propagate = False
+    for handler in (console, to_file):
+        project.addHandler(handler)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class RunHost:
+    """The control loop of one run, in the coordinator's process (one thread)."""
+
+    def __init__(self, coordinator: Any, launch: Launch) -> None:
+        self.coordinator = coordinator  # the CoordinatorState of this process (thread-safe)
+        self.launch = launch
+        self.console = ConsoleBuffer()
+        _install_console(self.console, launch.run_dir)
+        self.thread: threading.Thread | None = None
+        self.guard = threading.Lock()
+        self.released = threading.Event()
+
+    def start(self, adopt: bool) -> None:
+        """Run the loop on its own thread (once). ``adopt``: take over the live workers of a
+        coordinator that died, instead of starting the run's workers."""
+        with self.guard:
+            if self.thread is not None:
+                return
+            self.thread = threading.Thread(target=self._run, args=(adopt,), daemon=True,
+                                           name="control-loop")
+            self.thread.start()
+
+    def release(self) -> None:
+        """A launcher has the result: end the coordinator now (its loop's thread does it, or
+        this call, in a coordinator restarted after the loop had ended)."""
+        self.released.set()
+        if self.thread is None:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def _run(self, adopt: bool) -> None:
+        try:
+            result = self._drive(adopt)
+        except BaseException as exc:  # the loop's own set-up failed: still record an outcome
+            logger.exception("the control loop failed")
+            result = RunResult(ok=False, final_step=max(self.coordinator.snapshot()["last_step"],
+                                                        0),
+                               error=f"{type(exc).__name__}: {exc}", exit_code=1)
+        self.coordinator.finish("FINISHED" if result.ok else "FAILED", asdict(result))
+        self.released.wait(LINGER_S)
+        time.sleep(0.5)  # the launcher's last progress reply is on its way
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def _drive(self, adopt: bool) -> RunResult:
+        from elastic_moe.actors.coordinator import NAMESPACE, CoordinatorClient
+        from elastic_moe.actors.data_worker import start_data_workers
+        from elastic_moe.actors.train_worker import WorkerSpec
+        from elastic_moe.actors.worker_group import ElasticGroup, replay_metrics
+
+        from elastic_moe.checkpoint import Checkpointer
+
+        launch, cfg = self.launch, self.launch.cfg
+        data_readers = start_data_workers(
+            launch.run_name, launch.manifest, cfg.data.num_workers, cfg.data.prefetch,
+            cfg.train.global_batch_size, namespace=NAMESPACE,
+            skip_bad=cfg.data.bad_samples == "skip")
+        spec = WorkerSpec(cfg=cfg, run_name=launch.run_name,
+                          checkpoint_dir=launch.checkpoint_dir,
+                          coordinator=CoordinatorClient(ray.get_runtime_context().current_actor),
+                          data_readers=data_readers,
+                          threads_per_worker=launch.threads_per_worker,
+                          sample_log_dir=launch.sample_log_dir, val_manifest=launch.val_manifest,
+                          wrap_model=launch.wrap_model, wrap_writer=launch.wrap_writer)
+        tracker = self._open_tracker()
+        metrics_log = os.path.join(launch.run_dir, "metrics.jsonl")
+        logged_step = 0
+        if adopt:  # the live workers hold the steps the log lacks: no checkpoint is read
+            logged_step = replay_metrics(metrics_log, None, tracker)
+        elif launch.resume:  # steps an earlier loop committed but had not sent to MLflow
+            replay_metrics(metrics_log, Checkpointer(launch.checkpoint_dir, async_save=False),
+                           tracker)
+        group = ElasticGroup(cfg, spec, self.coordinator, tracker, use_gpu=launch.use_gpu,
+                             metrics_log=metrics_log)
+        started = time.time()
+        result = RunResult(ok=True, final_step=0)
+        try:
+            outcome = group.adopt(logged_step) if adopt else group.run()
+            result.final_step = outcome.final_step
+            if outcome.expert_loads is not None:
+                tracker.log_expert_heatmap(outcome.expert_loads.numpy(), outcome.final_step)
+        except Exception as exc:  # TrainingFailed and friends: report, mark, don't lose state
+            result.ok, result.error = False, f"{type(exc).__name__}: {exc}"
+            result.exit_code = getattr(exc, "exit_code", 1)
+            logger.error("training failed after %.0f s: %s", time.time() - started,
+                         result.error)
+        finally:
+            for reader in data_readers:  # they hold no state; a resubmit starts new ones
+                ray.kill(reader, no_restart=True)
+        snapshot = self.coordinator.snapshot()
+        result.final_step = max(snapshot.get("last_step", 0), result.final_step, 0)
+        tracker.log_text(_summary_text(snapshot, result.final_step), "summary.json")
+        if not result.ok:
+            tracker.set_tags({"failure": (result.error or "")[:5000]})
+        tracker.finish("FINISHED" if result.ok else "FAILED",
+                       timeout=cfg.tracking.flush_timeout_s)
+        result.mlflow_run_id = self.coordinator.snapshot().get("mlflow_run_id") or tracker.run_id
+        return result
+
+    def _open_tracker(self) -> Any:
+        """The run's MLflow tracker, in this process: the same run across launchers and
+        coordinator restarts."""
+        from elastic_moe.train.tracking import Tracker, new_run_record
+
+        launch, cfg = self.launch, self.launch.cfg
+        tracker = Tracker.open(launch.tracking_uri, cfg.tracking.experiment,
+                               cfg.tracking.run_name or launch.run_name,
+                               run_id=self.coordinator.snapshot().get("mlflow_run_id"),
+                               on_run_id=self.coordinator.set_mlflow_run_id,
+                               retry_s=cfg.tracking.retry_s, max_retry_s=cfg.tracking.max_retry_s)
+        if tracker.is_new_run:  # the launcher could not create it (store unreachable then)
+            params, tags = new_run_record(cfg.flat(), launch.checkpoint_dir, launch.manifest)
+            tracker.log_params(params)
+            tracker.set_tags(tags)
+        return tracker
+
+
+def _summary_text(snapshot: dict[str, Any], step: int) -> str:
+    return json.dumps({"final_step": step, "world_sizes": snapshot["world_sizes"],
+                       "events": snapshot["events"], "committed": snapshot["committed"]},
+                      indent=1, default=str)

@@ -1,0 +1,188 @@
+"""The coordinator runs the run: training outlives the launcher and the coordinator's process.
+
+A real ``ray start --head`` on this machine; ``jobs/train.py`` is driven as a user drives it,
+and processes are killed by pid from outside:
+
+- ``kill -9`` of the launcher at step 15 of 60: MLflow keeps receiving steps while no launcher
+  exists; the coordinator's process is then killed too (Ray restarts it, and it takes over the
+  live workers); the same command again attaches and exits 0 when the run ends.
+- ``kill -9`` of the coordinator's process while the launcher follows: the launcher follows the
+  restarted coordinator to the end.
+
+Both runs must end with every step in MLflow exactly once, the workers that started the run
+(same pids) finishing it in its one and only membership epoch, and no checkpoint read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from tests.integration.multiproc import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A head node of its own (temp dir, ports), stopped by killing only its processes."""
+    bin_dir = os.path.dirname(sys.executable)
+    temp_dir = tempfile.mkdtemp(prefix="emoe-", dir="/tmp")  # short: Ray's socket paths
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bin_dir}:{os.environ['PATH']}",
+               PYTHONPATH=ROOT)
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", f"--port={port}",
+                    "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                    f"--temp-dir={temp_dir}"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    yield env, f"127.0.0.1:{port}"
+    out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout
+    for pid in out.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _command(address: str, tmp_path, run_name: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "jobs", "train.py"), "--ray-address", address,
+            "--run-name", run_name, "--steps", str(STEPS), "--workers", "2",
+            "--output-dir", str(tmp_path / "out"),
+            "--set", "checkpoint.every_steps=20", "--set", "train.eval_every=0",
+            "--set", f"data.cache_dir={tmp_path / 'data'}",
+            "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+def _record(tmp_path, run_name: str) -> dict:
+    path = tmp_path / "out" / run_name / "coordinator.json"
+    for _ in range(50):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # not written yet, or being replaced
+            time.sleep(0.1)
+    raise AssertionError(f"no readable {path}")
+
+
+def _mlflow_steps(tmp_path) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("elastic-moe")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) <= 1, [r.info.run_name for r in runs]
+    return [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] \
+        if runs else []
+
+
+def _wait(predicate, timeout_s: float, what: str, log: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"no {what} after {timeout_s:.0f} s; launcher output:\n"
+                         f"{open(log).read()[-6000:]}")
+
+
+def _logged_step(tmp_path, run_name: str) -> int:
+    path = tmp_path / "out" / run_name / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.endswith("}")]
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _kill_coordinator(tmp_path, run_name: str, log: str) -> int:
+    pid = _record(tmp_path, run_name)["coordinator_pid"]
+    os.kill(pid, signal.SIGKILL)
+    restarted = _wait(lambda: (_record(tmp_path, run_name).get("coordinator_pid") or pid) != pid,
+                      60, "restarted coordinator", log)
+    assert restarted
+    return pid
+
+
+def _check_one_history(tmp_path, run_name: str, record: dict) -> None:
+    # every step in MLflow exactly once
+    assert _mlflow_steps(tmp_path) == list(range(1, STEPS + 1))
+    # the workers that started the run finished it, in its only membership epoch: nothing
+    # was rebuilt, no checkpoint was read
+    epochs = record["world_sizes"]
+    assert [(e["cause"], e["restored_from"]) for e in epochs] == [("start", "init")], epochs
+    kinds = [e["kind"] for e in record["events"]]
+    assert "coordinator_restarted" in kinds, kinds
+    assert not {"worker_lost", "checkpoint_fallback", "resume"} & set(kinds), kinds
+    assert record["status"] == "FINISHED" and record["result"]["ok"], record["result"]
+
+
+def test_training_outlives_the_launcher_and_the_coordinator(ray_head, tmp_path):
+    env, address = ray_head
+    run = "outlives"
+    command = _command(address, tmp_path, run)
+    first_log = str(tmp_path / "launcher-1.log")
+    with open(first_log, "w") as out:
+        launcher = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    _wait(lambda: _logged_step(tmp_path, run) >= 15 or launcher.poll() is not None, 300,
+          "step 15", first_log)
+    assert launcher.poll() is None, open(first_log).read()[-4000:]
+    workers = {w["pid"] for w in _record(tmp_path, run)["workers"]}
+    launcher.kill()  # SIGKILL: no cleanup of any kind
+    launcher.wait()
+    killed_at = max(_mlflow_steps(tmp_path), default=0)
+    # no launcher exists: MLflow keeps receiving steps
+    _wait(lambda: max(_mlflow_steps(tmp_path), default=0) >= killed_at + 5, 120,
+          "steps in MLflow without a launcher", first_log)
+    # and the coordinator's process dies too: Ray restarts it, and it takes over
+    _kill_coordinator(tmp_path, run, first_log)
+    _wait(lambda: _logged_step(tmp_path, run) >= killed_at + 10, 120,
+          "steps after the coordinator restarted", first_log)
+    assert _logged_step(tmp_path, run) < STEPS, "the run ended before the launcher re-attached"
+    second_log = str(tmp_path / "launcher-2.log")
+    with open(second_log, "w") as out:
+        again = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                               timeout=300)
+    output = open(second_log).read()
+    assert again.returncode == 0, output[-6000:]
+    assert f"run {run} is live: attaching to it" in output, output[-6000:]
+    assert f"run {run}: FINISHED at step {STEPS}" in output, output[-6000:]
+    record = _record(tmp_path, run)
+    assert {w["pid"] for w in record["workers"]} == workers
+    _wait(lambda: not any(psutil.pid_exists(p) for p in workers), 30,  # stopped at the end
+          "workers stopped", second_log)
+    _check_one_history(tmp_path, run, record)
+
+
+def test_the_launcher_follows_a_restarted_coordinator(ray_head, tmp_path):
+    env, address = ray_head
+    run = "follows"
+    log = str(tmp_path / "launcher.log")
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(_command(address, tmp_path, run), env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
+    _wait(lambda: _logged_step(tmp_path, run) >= 20 or launcher.poll() is not None, 300,
+          "step 20", log)
+    workers = {w["pid"] for w in _record(tmp_path, run)["workers"]}
+    _kill_coordinator(tmp_path, run, log)
+    assert launcher.wait(timeout=300) == 0, open(log).read()[-6000:]
+    output = open(log).read()
+    assert "restarted; its log follows from the start" in output, output[-6000:]
+    assert f"run {run}: FINISHED at step {STEPS}" in output, output[-6000:]
+    record = _record(tmp_path, run)
+    assert {w["pid"] for w in record["workers"]} == workers
+    _check_one_history(tmp_path, run, record)
