@@ -18,8 +18,9 @@ after the group moved on is refused (``stale_commit_refused``). Workers renew a 
 (:meth:`CoordinatorState.renew_lease`, :mod:`elastic_moe.actors.lease`); the reply tells an old
 member that the group has formed without it.
 
-Workers and the launcher talk to it through :class:`CoordinatorClient`, the one place where its
-methods are called by name over Ray.
+The actor that holds this record and runs the control loop is
+:class:`elastic_moe.actors.run_loop.Coordinator`. Workers and the launcher talk to it through
+:class:`CoordinatorClient`, the one place where its methods are called by name over Ray.
 """
 
 from __future__ import annotations
@@ -268,66 +269,6 @@ class CoordinatorState:
         return json.loads(json.dumps(self.state, default=str))
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=64)
-class Coordinator(CoordinatorState):
-    """The Ray actor (:func:`create`): the record above and, given a ``launch``, the run's
-    control loop (:class:`elastic_moe.actors.run_loop.RunHost`).
-
-    Detached and restartable: Ray restarts it with the same arguments after its process dies;
-    the record is read back from ``state_path`` and a loop that was running takes over the live
-    workers (:meth:`RunHost.start` with ``adopt``). Threaded: the workers' calls (leases,
-    commits, heartbeats) are served while the loop runs.
-    """
-
-    def __init__(self, run_name: str, state_path: str | None = None,
-                 launch: Any = None) -> None:
-        super().__init__(run_name, state_path)
-        self.host: Any = None
-        if launch is None:
-            return
-        import warnings
-
-        from elastic_moe.actors.run_loop import RunHost
-
-        self.host = RunHost(self, launch)
-        with warnings.catch_warnings():  # Ray 2.60 reads a deprecated field inside the property
-            warnings.simplefilter("ignore", DeprecationWarning)
-            restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        with self._lock:
-            self.state["coordinator_pid"] = os.getpid()  # where the loop runs (operators, tests)
-            self._save()
-        if restarted and self.loaded_status == "RUNNING" and self.state["slots"]:
-            log.warning("coordinator restarted (pid %d): taking over the run's live workers",
-                        os.getpid())
-            self.record_event("coordinator_restarted", self.state["last_step"], pid=os.getpid())
-            self.host.start(adopt=True)
-        elif self.loaded_status in ("FINISHED", "FAILED"):
-            self.state["status"] = self.loaded_status  # a restart after the run ended
-
-    def start_run(self) -> None:
-        """Start the control loop (once; a second call, e.g. from an attaching launcher, does
-        nothing)."""
-        if self.host is None:
-            raise RuntimeError("this coordinator was created without a launch: it only records")
-        self.host.start(adopt=False)
-
-    def progress(self, since: int, incarnation: str | None) -> dict[str, Any]:
-        """The control loop's log lines after ``since`` (numbering restarts with each
-        ``incarnation``: a restarted coordinator), its step, and its result once it ended."""
-        if self.host is None:
-            raise RuntimeError("this coordinator was created without a launch: no control loop")
-        with self._lock:
-            status, step, result = (self.state["status"], self.state["last_step"],
-                                    self.state["result"])
-        return {**self.host.console.since(since, incarnation), "status": status, "step": step,
-                "result": result}
-
-    def release(self) -> None:
-        """A launcher has the result of the finished run: end this actor (no restart)."""
-        if self.host is not None:
-            self.host.release()
-
-
 class CoordinatorAPI(Protocol):
     """What the rest of the system asks of the coordinator (blocking calls)."""
 
@@ -426,48 +367,6 @@ class CoordinatorClient:
 
     def finish(self, status: str, result: dict[str, Any] | None = None) -> None:
         ray.get(self.handle.finish.remote(status, result))
-
-
-def create(run_name: str, state_path: str, launch: Any) -> Any:
-    """Create the run's coordinator with its control loop and return its handle: detached (it
-    outlives the launcher), restartable (it takes over the live workers after its process
-    dies). A coordinator of the same name that did not answer :func:`find` is replaced.
-
-    It is placed on the launcher's node (the head, as a rule), not on any node with room: a
-    coordinator on a worker node that is partitioned away would take the whole run with it, and
-    the run could no longer tell a cut-off worker from a cut-off coordinator. The affinity is
-    hard: a soft one still put it on another node here (1 of 4 tries, Ray 2.60)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    deadline = time.monotonic() + 30.0
-    while True:
-        try:
-            return Coordinator.options(  # type: ignore[attr-defined]
-                name=actor_name(run_name), namespace=NAMESPACE, lifetime="detached",
-                scheduling_strategy=here).remote(run_name, state_path, launch)
-        except ValueError:  # the name is taken by a stale coordinator: end it first
-            if time.monotonic() > deadline:
-                raise
-            try:
-                ray.kill(ray.get_actor(actor_name(run_name), namespace=NAMESPACE),
-                         no_restart=True)
-            except ValueError:
-                pass
-            time.sleep(0.2)
-
-
-def find(run_name: str) -> Any:
-    """The live coordinator of ``run_name`` with a control loop (its handle), or None."""
-    try:
-        handle = ray.get_actor(actor_name(run_name), namespace=NAMESPACE)
-    except ValueError:
-        return None
-    try:
-        ray.get(handle.progress.remote(0, None), timeout=30)
-    except (ray.exceptions.RayError, RuntimeError):  # gone, or a recorder without a loop
-        return None
-    return handle
 
 
 def get(run_name: str) -> CoordinatorClient:

@@ -1,11 +1,13 @@
-"""The run's control loop, hosted by the coordinator actor: the run outlives its launcher.
+"""The coordinator actor and the control loop it hosts: the run outlives its launcher.
 
-:class:`RunHost` lives in the coordinator's process (:class:`elastic_moe.actors.coordinator.
-Coordinator`). It starts the data readers and the MLflow tracker, drives the elastic worker group
-(:class:`elastic_moe.actors.worker_group.ElasticGroup`) to the end of the run, and records the
-result. The launcher (``jobs/train.py``, :func:`elastic_moe.actors.training.run_training`) only
-starts the run or attaches to it, prints the loop's log lines as they come
-(:meth:`ConsoleBuffer.since`) and exits with the run's outcome. Killing the launcher stops
+:class:`Coordinator` is the run's detached, restartable actor: the record of
+:mod:`elastic_moe.actors.coordinator`, served to the workers, plus :class:`RunHost`, which
+runs on a thread of the same process. The loop starts the data readers and the MLflow tracker,
+drives the elastic worker group (:class:`elastic_moe.actors.worker_group.ElasticGroup`) to the
+end of the run, and records the result. The launcher (``jobs/train.py``,
+:func:`elastic_moe.actors.training.run_training`) only starts the run or attaches to it, prints
+the loop's log lines as they come (:meth:`ConsoleBuffer.since`) and exits with the run's
+outcome. Killing the launcher stops
 nothing; running the same command again attaches to the live run.
 
 When the coordinator's process dies, Ray restarts it with the same arguments; the host then
@@ -21,12 +23,14 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
+from elastic_moe.actors.coordinator import NAMESPACE, CoordinatorClient, CoordinatorState, actor_name
 
 from elastic_moe.config import Config
 
@@ -64,6 +68,7 @@ class RunResult:
 
     ok: bool
     final_step: int
+    status: str = "FINISHED"  # FINISHED | FAILED | STOPPED (on request: --stop)
     error: str | None = None
     exit_code: int = 0
     mlflow_run_id: str | None = None
@@ -132,6 +137,8 @@ class RunHost:
         self.thread: threading.Thread | None = None
         self.guard = threading.Lock()
         self.released = threading.Event()
+        self.group: Any = None
+        self.stop_reason: str | None = None
 
     def start(self, adopt: bool) -> None:
         """Run the loop on its own thread (once). ``adopt``: take over the live workers of a
@@ -142,6 +149,12 @@ class RunHost:
             self.thread = threading.Thread(target=self._run, args=(adopt,), daemon=True,
                                            name="control-loop")
             self.thread.start()
+
+    def stop(self, reason: str) -> None:
+        """Stop the run at the next step boundary, after saving that step."""
+        self.stop_reason = reason
+        if self.group is not None:
+            self.group.stop_requested = reason
 
     def release(self) -> None:
         """A launcher has the result: end the coordinator now (its loop's thread does it, or
@@ -157,17 +170,17 @@ class RunHost:
             logger.exception("the control loop failed")
             result = RunResult(ok=False, final_step=max(self.coordinator.snapshot()["last_step"],
                                                         0),
-                               error=f"{type(exc).__name__}: {exc}", exit_code=1)
-        self.coordinator.finish("FINISHED" if result.ok else "FAILED", asdict(result))
+                               status="FAILED", error=f"{type(exc).__name__}: {exc}",
+                               exit_code=1)
+        self.coordinator.finish(result.status, asdict(result))
         self.released.wait(LINGER_S)
         time.sleep(0.5)  # the launcher's last progress reply is on its way
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def _drive(self, adopt: bool) -> RunResult:
-        from elastic_moe.actors.coordinator import NAMESPACE, CoordinatorClient
         from elastic_moe.actors.data_worker import start_data_workers
         from elastic_moe.actors.train_worker import WorkerSpec
-        from elastic_moe.actors.worker_group import ElasticGroup, replay_metrics
+        from elastic_moe.actors.worker_group import ElasticGroup, RunStopped, replay_metrics
 
         from elastic_moe.checkpoint import Checkpointer
 
@@ -193,6 +206,8 @@ class RunHost:
                            tracker)
         group = ElasticGroup(cfg, spec, self.coordinator, tracker, use_gpu=launch.use_gpu,
                              metrics_log=metrics_log)
+        group.stop_requested = self.stop_reason
+        self.group = group
         started = time.time()
         result = RunResult(ok=True, final_step=0)
         try:
@@ -203,8 +218,10 @@ class RunHost:
         except Exception as exc:  # TrainingFailed and friends: report, mark, don't lose state
             result.ok, result.error = False, f"{type(exc).__name__}: {exc}"
             result.exit_code = getattr(exc, "exit_code", 1)
-            logger.error("training failed after %.0f s: %s", time.time() - started,
-                         result.error)
+            result.status = "STOPPED" if isinstance(exc, RunStopped) else "FAILED"
+            logger.log(logging.WARNING if result.status == "STOPPED" else logging.ERROR,
+                       "training %s after %.0f s: %s", result.status.lower(),
+                       time.time() - started, result.error)
         finally:
             for reader in data_readers:  # they hold no state; a resubmit starts new ones
                 ray.kill(reader, no_restart=True)
@@ -213,7 +230,7 @@ class RunHost:
         tracker.log_text(_summary_text(snapshot, result.final_step), "summary.json")
         if not result.ok:
             tracker.set_tags({"failure": (result.error or "")[:5000]})
-        tracker.finish("FINISHED" if result.ok else "FAILED",
+        tracker.finish({"STOPPED": "KILLED"}.get(result.status, result.status),
                        timeout=cfg.tracking.flush_timeout_s)
         result.mlflow_run_id = self.coordinator.snapshot().get("mlflow_run_id") or tracker.run_id
         return result
@@ -240,3 +257,109 @@ def _summary_text(snapshot: dict[str, Any], step: int) -> str:
     return json.dumps({"final_step": step, "world_sizes": snapshot["world_sizes"],
                        "events": snapshot["events"], "committed": snapshot["committed"]},
                       indent=1, default=str)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=64)
+class Coordinator(CoordinatorState):
+    """The coordinator actor (:func:`create`): the run's record
+    (:class:`~elastic_moe.actors.coordinator.CoordinatorState`) and, given a ``launch``, its
+    control loop (:class:`RunHost`).
+
+    Detached and restartable: Ray restarts it with the same arguments after its process dies;
+    the record is read back from ``state_path`` and a loop that was running takes over the live
+    workers (:meth:`RunHost.start` with ``adopt``). Threaded: the workers' calls (leases,
+    commits, heartbeats) are served while the loop runs.
+    """
+
+    def __init__(self, run_name: str, state_path: str | None = None,
+                 launch: Any = None) -> None:
+        super().__init__(run_name, state_path)
+        self.host: Any = None
+        if launch is None:
+            return
+        self.host = RunHost(self, launch)
+        with warnings.catch_warnings():  # Ray 2.60 reads a deprecated field inside the property
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with self._lock:
+            self.state["coordinator_pid"] = os.getpid()  # where the loop runs (operators, tests)
+            self._save()
+        if restarted and self.loaded_status == "RUNNING" and self.state["slots"]:
+            logger.warning("coordinator restarted (pid %d): taking over the run's live workers",
+                        os.getpid())
+            self.record_event("coordinator_restarted", self.state["last_step"], pid=os.getpid())
+            self.host.start(adopt=True)
+        elif self.loaded_status in ("FINISHED", "FAILED", "STOPPED"):
+            self.state["status"] = self.loaded_status  # a restart after the run ended
+
+    def start_run(self) -> None:
+        """Start the control loop (once; a second call, e.g. from an attaching launcher, does
+        nothing)."""
+        if self.host is None:
+            raise RuntimeError("this coordinator was created without a launch: it only records")
+        self.host.start(adopt=False)
+
+    def progress(self, since: int, incarnation: str | None) -> dict[str, Any]:
+        """The control loop's log lines after ``since`` (numbering restarts with each
+        ``incarnation``: a restarted coordinator), its step, and its result once it ended."""
+        if self.host is None:
+            raise RuntimeError("this coordinator was created without a launch: no control loop")
+        with self._lock:
+            status, step, result = (self.state["status"], self.state["last_step"],
+                                    self.state["result"])
+        return {**self.host.console.since(since, incarnation), "status": status, "step": step,
+                "result": result}
+
+    def stop(self, reason: str) -> None:
+        """Stop the run at the next step boundary, after saving that step (``--stop``)."""
+        if self.host is None:
+            raise RuntimeError("this coordinator was created without a launch: no control loop")
+        logger.warning("stop requested: %s", reason)
+        self.host.stop(reason)
+
+    def release(self) -> None:
+        """A launcher has the result of the finished run: end this actor (no restart)."""
+        if self.host is not None:
+            self.host.release()
+
+
+def create(run_name: str, state_path: str, launch: Any) -> Any:
+    """Create the run's coordinator with its control loop and return its handle: detached (it
+    outlives the launcher), restartable (it takes over the live workers after its process
+    dies). A coordinator of the same name that did not answer :func:`find` is replaced.
+
+    It is placed on the launcher's node (the head, as a rule), not on any node with room: a
+    coordinator on a worker node that is partitioned away would take the whole run with it, and
+    the run could no longer tell a cut-off worker from a cut-off coordinator. The affinity is
+    hard: a soft one still put it on another node here (1 of 4 tries, Ray 2.60)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            return Coordinator.options(  # type: ignore[attr-defined]
+                name=actor_name(run_name), namespace=NAMESPACE, lifetime="detached",
+                scheduling_strategy=here).remote(run_name, state_path, launch)
+        except ValueError:  # the name is taken by a stale coordinator: end it first
+            if time.monotonic() > deadline:
+                raise
+            try:
+                ray.kill(ray.get_actor(actor_name(run_name), namespace=NAMESPACE),
+                         no_restart=True)
+            except ValueError:
+                pass
+            time.sleep(0.2)
+
+
+def find(run_name: str) -> Any:
+    """The live coordinator of ``run_name`` with a control loop (its handle), or None."""
+    try:
+        handle = ray.get_actor(actor_name(run_name), namespace=NAMESPACE)
+    except ValueError:
+        return None
+    try:
+        ray.get(handle.progress.remote(0, None), timeout=30)
+    except (ray.exceptions.RayError, RuntimeError):  # gone, or a recorder without a loop
+        return None
+    return handle

@@ -387,15 +387,28 @@ class TrainWorker:
             return TrainOutcome("broken", trainer.step, error=error, report=StepReport(
                 epoch.rank, trainer.step + 1, kind, error, at=ended))
 
-    def _checkpoint(self, epoch: EpochSpec, trainer: Any) -> None:
+    def _checkpoint(self, epoch: EpochSpec, trainer: Any, force: bool = False) -> str:
         # bound to the epoch now: an async save commits later, maybe after the next join
         admit = functools.partial(admit_commit, self.spec.coordinator, epoch.epoch,
                                   hang_timeout_s=self.spec.cfg.elastic.hang_timeout_s)
-        if trainer.maybe_checkpoint(functools.partial(self._on_commit, epoch.epoch),
-                                    self._on_save_failed, admit) == "nonfinite" \
-                and epoch.rank == 0:
+        outcome = trainer.maybe_checkpoint(functools.partial(self._on_commit, epoch.epoch),
+                                           self._on_save_failed, admit, force=force)
+        if outcome == "nonfinite" and epoch.rank == 0:
             self.spec.coordinator.record_event("checkpoint_not_saved", trainer.step,
                                                reason="a model or optimizer tensor is not finite")
+        return outcome
+
+    def checkpoint_now(self) -> str:
+        """After the group paused to stop: save the current step on every rank (they call this
+        together) and wait until it is committed or failed. Returns "saved" or "nonfinite"."""
+        def save() -> str:
+            if self.trainer is None or self.epoch is None:
+                raise RuntimeError("checkpoint_now() before join(): the worker has no state")
+            outcome = self._checkpoint(self.epoch, self.trainer, force=True)
+            self.trainer.checkpointer.wait()
+            return outcome
+
+        return self.torch_thread.submit(save).result()
 
     def _end_broken_step(self, trainer: Any) -> None:
         """After a step broke, for a fault or an error alike: keep the peer copies that arrive,

@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 from elastic_moe.actors import coordinator as coordinator_mod
+from elastic_moe.actors import run_loop
 from elastic_moe.actors.cluster import RayConnection, init_ray, requested_address
 from elastic_moe.actors.coordinator import CoordinatorClient
 from elastic_moe.actors.preflight import preflight
@@ -44,12 +45,14 @@ class TrainingResult:
     error: str | None = None
     coordinator_state: dict[str, Any] = field(default_factory=dict)
     exit_code: int = 0  # jobs/train.py's exit status (docs/troubleshooting.md)
+    status: str = ""  # FINISHED | FAILED | STOPPED; empty: from ``ok``
 
     def summary(self) -> str:
         state = self.coordinator_state
         sizes = " -> ".join(str(w["world_size"]) for w in state.get("world_sizes", []))
         lines = [
-            f"run {self.run_name}: {'FINISHED' if self.ok else 'FAILED'} at step {self.final_step}",
+            f"run {self.run_name}: {self.status or ('FINISHED' if self.ok else 'FAILED')} at "
+            f"step {self.final_step}",
             f"  world sizes:  {sizes or '-'}",
             f"  checkpoints:  {self.checkpoint_dir}",
             f"  MLflow:       {self.tracking_uri}  (run id {self.mlflow_run_id})",
@@ -107,9 +110,12 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                  output_dir: str = "outputs", sample_log_dir: str | None = None,
                  num_cpus: int | None = None, threads_per_worker: int = 1,
                  wrap_model: Callable[[Any, int, Callable[[], int]], None] | None = None,
-                 wrap_writer: Callable[[Any, int], Any] | None = None) -> TrainingResult:
+                 wrap_writer: Callable[[Any, int], Any] | None = None,
+                 attach_to: str | None = None) -> TrainingResult:
     """Start the run (with ``resume``: continue it from its last committed checkpoint) in its
     coordinator, or attach to it if it is live; follow it and return how it ended.
+    ``attach_to``: a run to attach to instead, if it is live (the launcher was given no run
+    name: the newest running run of the recipe).
 
     The control loop runs in the coordinator (:mod:`elastic_moe.actors.run_loop`), so this
     process can die without stopping training; calling this again with the same run attaches.
@@ -119,22 +125,20 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     ``wrap_writer(writer, step)``: wraps each checkpoint save's DCP storage writer in the
     workers (tests hand in a slow or failing one).
     """
-    from elastic_moe.actors.run_loop import Launch
-
-    from elastic_moe.train.tracking import default_tracking_uri
-
-    run_dir = os.path.abspath(os.path.join(output_dir, run_name))
-    checkpoint_dir = cfg.checkpoint.dir
-    if "://" not in checkpoint_dir and not os.path.isabs(checkpoint_dir):
-        checkpoint_dir = os.path.join(run_dir, "checkpoints")
-    state_path = os.path.join(run_dir, "coordinator.json")
-    tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri()
-    where = {"run_name": run_name, "run_dir": run_dir, "checkpoint_dir": checkpoint_dir,
-             "tracking_uri": tracking_uri, "state_path": state_path}
     connection = None
-    if os.path.exists(state_path) or resume:  # the run may be live: attach to it
+    if attach_to:
         connection = _init_ray(num_cpus, cfg.parallel.min_workers)
-        live = coordinator_mod.find(run_name)
+        live = run_loop.find(attach_to)
+        if live is not None:
+            log.info("run %s is live: attaching to it (the newest running %s run; give "
+                     "--run-name for a new one)", attach_to, cfg.name)
+            return _follow(live, **_paths(cfg, attach_to, output_dir))
+    where = _paths(cfg, run_name, output_dir)
+    run_dir, checkpoint_dir, state_path, tracking_uri = (
+        where["run_dir"], where["checkpoint_dir"], where["state_path"], where["tracking_uri"])
+    if os.path.exists(state_path) or resume:  # the run may be live: attach to it
+        connection = connection or _init_ray(num_cpus, cfg.parallel.min_workers)
+        live = run_loop.find(run_name)
         if live is not None:
             log.info("run %s is live: attaching to it (its coordinator drives it; stopping "
                      "this launcher stops nothing)", run_name)
@@ -148,12 +152,14 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     val_manifest = validation_manifest(cfg, manifest)
     connection = connection or _init_ray(num_cpus, cfg.parallel.min_workers)
     preflight(cfg, connection, checkpoint_dir=checkpoint_dir, tracking_uri=tracking_uri)
-    launch = Launch(cfg=cfg, run_name=run_name, run_dir=run_dir, checkpoint_dir=checkpoint_dir,
-                    manifest=manifest, val_manifest=val_manifest, tracking_uri=tracking_uri,
-                    use_gpu=bool(ray.cluster_resources().get("GPU", 0)), resume=resume,
-                    sample_log_dir=sample_log_dir, threads_per_worker=threads_per_worker,
-                    wrap_model=wrap_model, wrap_writer=wrap_writer)
-    handle = coordinator_mod.create(run_name, state_path, launch)
+    launch = run_loop.Launch(cfg=cfg, run_name=run_name, run_dir=run_dir,
+                             checkpoint_dir=checkpoint_dir, manifest=manifest,
+                             val_manifest=val_manifest, tracking_uri=tracking_uri,
+                             use_gpu=bool(ray.cluster_resources().get("GPU", 0)), resume=resume,
+                             sample_log_dir=sample_log_dir,
+                             threads_per_worker=threads_per_worker, wrap_model=wrap_model,
+                             wrap_writer=wrap_writer)
+    handle = run_loop.create(run_name, state_path, launch)
     coordinator = CoordinatorClient(handle)
     snapshot = coordinator.snapshot()
     if not snapshot.get("mlflow_run_id"):
@@ -164,6 +170,34 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                  f"step {committed['step']}" if committed else "the start (nothing committed)")
     ray.get(handle.start_run.remote())
     return _follow(handle, **where)
+
+
+def _paths(cfg: Config, run_name: str, output_dir: str) -> dict[str, str]:
+    """Where run ``run_name`` keeps its record, checkpoints and metrics."""
+    from elastic_moe.train.tracking import default_tracking_uri
+
+    run_dir = os.path.abspath(os.path.join(output_dir, run_name))
+    checkpoint_dir = cfg.checkpoint.dir
+    if "://" not in checkpoint_dir and not os.path.isabs(checkpoint_dir):
+        checkpoint_dir = os.path.join(run_dir, "checkpoints")
+    return {"run_name": run_name, "run_dir": run_dir, "checkpoint_dir": checkpoint_dir,
+            "tracking_uri": cfg.tracking.tracking_uri or default_tracking_uri(),
+            "state_path": os.path.join(run_dir, "coordinator.json")}
+
+
+def stop_training(cfg: Config, run_name: str, *, output_dir: str = "outputs",
+                  reason: str = "jobs/train.py --stop") -> TrainingResult:
+    """Ask the live run ``run_name`` to stop at its next step boundary, after saving that
+    step; follow it to its end. Raises ValueError when the run is not live."""
+    _init_ray(None, cfg.parallel.min_workers)
+    live = run_loop.find(run_name)
+    if live is None:
+        raise ValueError(f"--stop: run {run_name!r} is not running on this Ray cluster "
+                         "(give --ray-address, or the run has ended)")
+    ray.get(live.stop.remote(reason))
+    log.info("run %s: stop requested; it stops after its current step, once that is saved",
+             run_name)
+    return _follow(live, **_paths(cfg, run_name, output_dir))
 
 
 def _follow(handle: Any, *, run_name: str, run_dir: str, checkpoint_dir: str,
@@ -203,7 +237,8 @@ def _follow(handle: Any, *, run_name: str, run_dir: str, checkpoint_dir: str,
                           checkpoint_dir=checkpoint_dir, tracking_uri=tracking_uri,
                           mlflow_run_id=result["mlflow_run_id"] or snapshot.get("mlflow_run_id"),
                           final_step=result["final_step"], error=result["error"],
-                          coordinator_state=snapshot, exit_code=result["exit_code"])
+                          coordinator_state=snapshot, exit_code=result["exit_code"],
+                          status=result["status"])
 
 
 def _from_record(state_path: str, *, gone: str, **where: Any) -> TrainingResult:
@@ -222,7 +257,8 @@ def _from_record(state_path: str, *, gone: str, **where: Any) -> TrainingResult:
                               coordinator_state=snapshot, exit_code=1, **where)
     return TrainingResult(ok=result["ok"], mlflow_run_id=result["mlflow_run_id"],
                           final_step=result["final_step"], error=result["error"],
-                          coordinator_state=snapshot, exit_code=result["exit_code"], **where)
+                          coordinator_state=snapshot, exit_code=result["exit_code"],
+                          status=result["status"], **where)
 
 
 def _create_mlflow_run(coordinator: CoordinatorClient, tracking_uri: str, cfg: Config, run_name: str,

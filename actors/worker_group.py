@@ -170,6 +170,13 @@ class FinalCheckpointFailed(TrainingFailed):
     exit_code = 7
 
 
+class RunStopped(TrainingFailed):
+    """Stopped on request (``jobs/train.py --stop``): the group paused at a step boundary and
+    saved that step; ``--resume`` continues from it."""
+
+    exit_code = 8
+
+
 class StepError(TrainingFailed):
     """A step raised in the workers' own code or data, again after a retry (not a lost peer)."""
 
@@ -238,6 +245,7 @@ class ElasticGroup:
         self.logged_step = 0
         self.last_log_step = 0
         self.last_resize_check = time.time()
+        self.stop_requested: str | None = None  # why the run is to stop (jobs/train.py --stop)
 
     # ------------------------------------------------------------------ capacity
     def _open_slots(self) -> None:
@@ -444,6 +452,25 @@ class ElasticGroup:
         finally:
             self._shutdown()
 
+    def _stop(self, step: int) -> RunStopped:
+        """Every member paused after ``step``: save it (unless it is committed already) and
+        end the run."""
+        committed = self.coordinator.restore_point()
+        if committed is None or committed["step"] < step:
+            logger.info("stopping at step %d (%s): saving it", step, self.stop_requested)
+            refs = [m.handle.checkpoint_now.remote() for m in self.members]
+            try:
+                ray.get(refs, timeout=self.cfg.elastic.collective_timeout_s
+                        + self.cfg.checkpoint.storage_timeout_s)
+            except Exception as exc:  # what was committed before still stands
+                logger.error("the checkpoint of step %d on stopping failed: %s", step, exc)
+        committed = self.coordinator.restore_point()
+        last = committed["step"] if committed else None
+        self.coordinator.record_event("stopped", step, reason=self.stop_requested,
+                                      committed_step=last)
+        return RunStopped(f"stopped on request ({self.stop_requested}) after step {step}; the "
+                          f"last committed checkpoint is step {last}: continue with --resume")
+
     def _stop_strays(self, keep: set[str]) -> None:
         """Stop this run's named workers that are not in ``keep`` (joiners and spares of a
         coordinator that died: they hold no state)."""
@@ -478,6 +505,9 @@ class ElasticGroup:
                 loads = next((o.expert_loads for o in outcomes.values()
                               if o.expert_loads is not None), None)
                 return GroupResult(final, loads)
+            if self.stop_requested and outcomes and not failed \
+                    and all(o.status == "paused" for o in outcomes.values()):
+                raise self._stop(max(o.step for o in outcomes.values()))
             if not failed and outcomes \
                     and any(o.status == "diverged" for o in outcomes.values()):
                 self._roll_back(outcomes)
@@ -563,7 +593,8 @@ class ElasticGroup:
                                              if o.status == "broken")]
                 aborts = {member.handle.abort_group.remote(self.epoch): member
                           for member in targets}
-            if broken_since is None and not pause_sent and self._growth_ready():
+            if broken_since is None and not pause_sent \
+                    and (self.stop_requested or self._growth_ready()):
                 for member in refs.values():
                     member.handle.request_pause.remote()
                 pause_sent = True

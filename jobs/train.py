@@ -6,10 +6,13 @@
     python jobs/train.py --recipe deepseek_v3_671b --init-dry-run 256   # init bytes per rank
     python jobs/train.py --init-from hf-model/ --data prepared/manifest.json --steps 100
     ray job submit --working-dir . -- python jobs/train.py --recipe small --workers 8:64
+    python jobs/train.py --run-name NAME --stop   # stop a live run after saving its current step
 
 With ``RAY_ADDRESS`` set (as under ``ray job submit``) or ``--ray-address`` it attaches to that
 cluster; otherwise it always starts its own local Ray. Launch-time checks (Ray address, capacity,
-memory, shared storage) refuse a run that cannot work before any worker starts.
+memory, shared storage) refuse a run that cannot work before any worker starts. The run is driven
+by its coordinator actor, not by this process: on a cluster, this process may die, and the same
+command (same ``--run-name``) attaches to the live run again.
 """
 
 from __future__ import annotations
@@ -121,6 +124,24 @@ def choose_run_name(cfg: Config, run_name: str | None, resume: bool, output_dir:
     return runs[-1][1]
 
 
+def running_run(cfg: Config, output_dir: str) -> str | None:
+    """The newest run of this recipe in ``output_dir`` whose record says it is running (it may
+    be live: a launcher given no run name attaches to it rather than start another)."""
+    runs = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        path = os.path.join(output_dir, name, "coordinator.json")
+        if not name.startswith(cfg.name + "-") or not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                status = json.load(f).get("status")
+        except (OSError, ValueError):
+            continue
+        if status == "RUNNING":
+            runs.append((os.path.getmtime(path), name))
+    return max(runs)[1] if runs else None
+
+
 def describe(cfg: Config) -> str:
     from elastic_moe.model import count_parameters
 
@@ -152,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                              "size (nothing is allocated), then exit")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run of the same name from its last committed checkpoint")
+    parser.add_argument("--stop", action="store_true",
+                        help="stop the live run (--run-name, default: the newest of this recipe) "
+                             "at its next step boundary, after saving that step; --resume "
+                             "continues it")
     parser.add_argument("--run-name", help="run name (checkpoints, coordinator, MLflow run name); "
                                            "default: <recipe>-<time>, or with --resume the newest")
     parser.add_argument("--output-dir", default="outputs",
@@ -187,23 +212,39 @@ def main(argv: list[str] | None = None) -> int:
     configure_console(verbose=args.verbose)
     if args.ray_address:  # what ray.init and the job's workers read
         os.environ["RAY_ADDRESS"] = args.ray_address
+    address = requested_address()
     try:
-        address = requested_address()
         if address is None:
             from elastic_moe.actors.preflight import check_memory_before_ray
 
             check_memory_before_ray(cfg)
         else:  # before preparing data: a dead address fails in seconds
             check_address(address)
-        from elastic_moe.actors.training import run_training
+        from elastic_moe.actors.training import run_training, stop_training
 
-        run_name = choose_run_name(cfg, args.run_name, args.resume, args.output_dir)
-        check_init_from(args.init_from, args.resume, os.path.join(args.output_dir, run_name))
-        result = run_training(cfg, run_name=run_name, resume=args.resume,
-                              output_dir=args.output_dir)
+        run_name = choose_run_name(cfg, args.run_name, args.resume or args.stop,
+                                   args.output_dir)
+        if args.stop:
+            result = stop_training(cfg, run_name, output_dir=args.output_dir)
+        else:
+            check_init_from(args.init_from, args.resume, os.path.join(args.output_dir, run_name))
+            # no run name on a cluster: the newest running run of the recipe, if it is live
+            attach_to = (running_run(cfg, args.output_dir)
+                         if not (args.run_name or args.resume or args.init_from)
+                         and address is not None else None)
+            result = run_training(cfg, run_name=run_name, resume=args.resume,
+                                  output_dir=args.output_dir, attach_to=attach_to)
     except (ValueError, LaunchError) as exc:  # found at launch: one clear line, no traceback
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if address is None:  # the embedded Ray ends with this process, and the run with it
+            print("train.py: interrupted; the embedded Ray stops with this process. Continue "
+                  "the run with --resume", file=sys.stderr)
+        else:  # the run goes on in its coordinator
+            print("train.py: stopped following; the run goes on. Attach again with the same "
+                  "command, or stop it with --stop --run-name NAME", file=sys.stderr)
+        return 130
     print(result.summary())
     return 0 if result.ok else result.exit_code or 1
 

@@ -308,8 +308,10 @@ class Trainer:
 
     def maybe_checkpoint(self, on_commit: Callable[[int, str, TrainState], None] | None,
                          on_failure: Callable[[int, str], None] | None = None,
-                         admit: Callable[[int], None] | None = None) -> str:
-        """Save when the checkpointer says it is due; ``on_commit(step, path, state)`` runs on
+                         admit: Callable[[int], None] | None = None,
+                         force: bool = False) -> str:
+        """Save when the checkpointer says it is due (``force``: now, on every rank at the same
+        step; a run stopped on request); ``on_commit(step, path, state)`` runs on
         rank 0 once the checkpoint is committed, ``on_failure(step, error)`` on rank 0 once the
         save has failed (storage full, read-only or unreachable: nothing is committed);
         ``admit(step)`` on rank 0 right before the commit marker (raising refuses it).
@@ -325,8 +327,8 @@ class Trainer:
         periodic saves wait, so that retention keeps the checkpoints from before the skipping
         (the rollback's sources) rather than copies of the same state."""
         final = self.step == self.cfg.train.steps
-        if not self.checkpointer.due(self.step, self.cfg.train.steps) \
-                or (self.skipped_in_row and not final):
+        if not force and (not self.checkpointer.due(self.step, self.cfg.train.steps)
+                          or (self.skipped_in_row and not final)):
             return "not_due"
         if self._any_rank(not self._state_finite())[0]:
             logger.error("step %d: a model or optimizer tensor is not finite; the checkpoint is "

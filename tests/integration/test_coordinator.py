@@ -186,3 +186,40 @@ def test_the_launcher_follows_a_restarted_coordinator(ray_head, tmp_path):
     record = _record(tmp_path, run)
     assert {w["pid"] for w in record["workers"]} == workers
     _check_one_history(tmp_path, run, record)
+
+
+def test_stop_saves_the_step_it_stops_at_and_resume_goes_on_from_it(ray_head, tmp_path):
+    """``--stop`` ends a live run at a step boundary after saving that step (exit 8, MLflow
+    KILLED); ``--resume`` continues from exactly there: no step lost, none redone."""
+    from mlflow.tracking import MlflowClient
+
+    env, address = ray_head
+    run = "stopped"
+    log = str(tmp_path / "launcher.log")
+    command = _command(address, tmp_path, run)
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    _wait(lambda: _logged_step(tmp_path, run) >= 8 or launcher.poll() is not None, 300,
+          "step 8", log)
+    stop = subprocess.run([*command, "--stop"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert launcher.wait(timeout=120) == 8, open(log).read()[-6000:]
+    assert stop.returncode == 8, stop.stdout[-3000:] + stop.stderr[-3000:]
+    assert f"run {run}: STOPPED at step" in stop.stdout, stop.stdout[-3000:]
+    record = _record(tmp_path, run)
+    stopped = next(e for e in record["events"] if e["kind"] == "stopped")
+    assert record["status"] == "STOPPED" and 8 <= stopped["step"] < STEPS, stopped
+    assert record["committed"]["step"] == stopped["step"] == stopped["committed_step"]
+    assert os.path.exists(record["committed"]["path"] + "/COMMITTED")
+    assert _mlflow_steps(tmp_path) == list(range(1, stopped["step"] + 1))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_info = client.search_runs([client.get_experiment_by_name("elastic-moe").experiment_id])
+    assert run_info[0].info.status == "KILLED"
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    record = _record(tmp_path, run)
+    assert [(e["restored_from"], e["restored_step"], e["steps_redone"])
+            for e in record["world_sizes"]][-1] == ("checkpoint", stopped["step"], 0)
+    assert _mlflow_steps(tmp_path) == list(range(1, STEPS + 1))
