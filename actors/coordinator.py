@@ -34,6 +34,7 @@ import time
 from typing import Any, Protocol
 
 import ray
+from elastic_moe.actors.messages import LeaseReply
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class CoordinatorState:
             "workers": [],
             "slots": [],  # the names of the run's placement groups, one per worker slot
             "status": "RUNNING",
+            "loop_state": None,  # the control loop's state (messages.LoopState), and since when
+            "loop_state_since": None,
             "result": None,  # how the control loop ended (RunResult fields), once it has
         }
         self.loaded_status: str | None = None  # the status in the state file, if there was one
@@ -168,7 +171,7 @@ class CoordinatorState:
         return record
 
     @_locked
-    def renew_lease(self, pid: int, epoch: int | None) -> dict[str, Any]:
+    def renew_lease(self, pid: int, epoch: int | None) -> LeaseReply:
         """A worker's lease renewal (:mod:`elastic_moe.actors.lease`). ``epoch``: the last
         membership epoch it joined (None: it has joined none yet). ``retired``: a newer epoch
         has formed without it (it was dropped, e.g. cut off by a partition): it must stop."""
@@ -179,7 +182,7 @@ class CoordinatorState:
         if retired:
             self.record_event("worker_retired", self.state["last_step"], pid=pid, epoch=epoch,
                               membership_epoch=self.state["membership_epoch"])
-        return {"membership_epoch": self.state["membership_epoch"], "retired": retired}
+        return LeaseReply(membership_epoch=self.state["membership_epoch"], retired=retired)
 
     @_locked
     def heartbeat(self, step: int, first_after_start: bool = False) -> None:
@@ -253,6 +256,12 @@ class CoordinatorState:
         self._save()
 
     @_locked
+    def set_loop_state(self, state: str) -> None:
+        """The control loop entered ``state`` (a :class:`~elastic_moe.actors.messages.LoopState`)."""
+        self.state["loop_state"], self.state["loop_state_since"] = str(state), time.time()
+        self._save()
+
+    @_locked
     def set_slots(self, names: list[str]) -> None:
         """The run's worker slots (placement group names), for a restarted coordinator."""
         self.state["slots"] = list(names)
@@ -282,7 +291,7 @@ class CoordinatorAPI(Protocol):
     def admit_commit(self, epoch: int, step: int, timeout_s: float) -> bool | None: ...
 
     def renew_lease(self, pid: int, epoch: int | None,
-                    timeout_s: float) -> dict[str, Any] | None: ...
+                    timeout_s: float) -> LeaseReply | None: ...
 
     def heartbeat(self, step: int, first_after_start: bool = False) -> None: ...
 
@@ -300,6 +309,8 @@ class CoordinatorAPI(Protocol):
     def set_mlflow_run_id(self, run_id: str) -> None: ...
 
     def set_slots(self, names: list[str]) -> None: ...
+
+    def set_loop_state(self, state: str) -> None: ...
 
     def finish(self, status: str, result: dict[str, Any] | None = None) -> None: ...
 
@@ -329,7 +340,7 @@ class CoordinatorClient:
         return self._get_within(self.handle.admit_commit.remote(epoch, step), timeout_s)
 
     def renew_lease(self, pid: int, epoch: int | None,
-                    timeout_s: float) -> dict[str, Any] | None:
+                    timeout_s: float) -> LeaseReply | None:
         """The coordinator's reply, or None when it did not answer within ``timeout_s``."""
         return self._get_within(self.handle.renew_lease.remote(pid, epoch), timeout_s)
 

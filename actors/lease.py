@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from elastic_moe.actors.messages import LeaseReply
+
 from elastic_moe.checkpoint import CommitRefused
 
 logger = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ class Lease:
     from when an answered request was *sent*, so a slow answer never extends it.
     """
 
-    def __init__(self, renew: Callable[[float], dict[str, Any] | None], *, hang_timeout_s: float,
+    def __init__(self, renew: Callable[[float], LeaseReply | None], *, hang_timeout_s: float,
                  interval_s: float, on_end: Callable[[str], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.renew, self.on_end, self.clock = renew, on_end, clock
@@ -68,8 +70,8 @@ class Lease:
         reply = self.renew(self.interval_s)
         if reply is not None:
             self.renewed_at = sent
-            if reply.get("retired"):
-                return (f"retired: membership epoch {reply['membership_epoch']} formed without "
+            if reply.retired:
+                return (f"retired: membership epoch {reply.membership_epoch} formed without "
                         "this worker (it was cut off or silent past elastic.hang_timeout_s)")
             return None
         silent = self.clock() - self.renewed_at

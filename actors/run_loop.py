@@ -31,6 +31,7 @@ from typing import Any
 
 import ray
 from elastic_moe.actors.coordinator import NAMESPACE, CoordinatorClient, CoordinatorState, actor_name
+from elastic_moe.actors.messages import LoopState
 
 from elastic_moe.config import Config
 
@@ -74,6 +75,28 @@ class RunResult:
     mlflow_run_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One log record of the control loop, as a launcher re-logs it."""
+
+    name: str  # the logger's name
+    level: int
+    msg: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """The coordinator's answer to a launcher that follows the run."""
+
+    incarnation: str  # changes when the coordinator restarted: the numbering starts over
+    next: int  # ask for the lines from this number on next time
+    lines: list[LogLine]
+    status: str  # RUNNING | FINISHED | FAILED | STOPPED
+    step: int
+    result: RunResult | None  # once the loop ended
+
+
 class ConsoleBuffer(logging.Handler):
     """The control loop's log records, numbered, for the launchers that follow the run.
 
@@ -84,29 +107,30 @@ class ConsoleBuffer(logging.Handler):
     def __init__(self, capacity: int = CONSOLE_LINES) -> None:
         super().__init__(logging.INFO)
         self.incarnation = uuid.uuid4().hex
-        self.records: deque[tuple[int, dict[str, Any]]] = deque(maxlen=capacity)
+        self.records: deque[tuple[int, LogLine]] = deque(maxlen=capacity)
         self.next_index = 0
         self.guard = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            item = {"name": record.name, "level": record.levelno, "msg": record.getMessage(),
-                    "time": record.created}
+            msg = record.getMessage()
             if record.exc_info:
-                item["msg"] += "\n" + logging.Formatter().formatException(record.exc_info)
+                msg += "\n" + logging.Formatter().formatException(record.exc_info)
         except Exception:  # a malformed record is not worth losing the loop over
             return
+        item = LogLine(name=record.name, level=record.levelno, msg=msg, time=record.created)
         with self.guard:
             self.records.append((self.next_index, item))
             self.next_index += 1
 
-    def since(self, index: int, incarnation: str | None) -> dict[str, Any]:
+    def since(self, index: int, incarnation: str | None) -> tuple[str, int, list[LogLine]]:
+        """(incarnation, the number to ask from next, the lines from ``index`` on)."""
         if incarnation != self.incarnation:
             index = 0
         with self.guard:
             lines = [item for i, item in self.records if i >= index][:LINES_PER_REPLY]
             first = next((i for i, _ in self.records if i >= index), self.next_index)
-        return {"incarnation": self.incarnation, "next": first + len(lines), "lines": lines}
+        return self.incarnation, first + len(lines), lines
 
 
 def _install_console(console: ConsoleBuffer, run_dir: str) -> None:
@@ -219,6 +243,8 @@ class RunHost:
             result.ok, result.error = False, f"{type(exc).__name__}: {exc}"
             result.exit_code = getattr(exc, "exit_code", 1)
             result.status = "STOPPED" if isinstance(exc, RunStopped) else "FAILED"
+            if result.status == "FAILED":
+                self.coordinator.set_loop_state(LoopState.FAILED.value)
             logger.log(logging.WARNING if result.status == "STOPPED" else logging.ERROR,
                        "training %s after %.0f s: %s", result.status.lower(),
                        time.time() - started, result.error)
@@ -299,7 +325,7 @@ class Coordinator(CoordinatorState):
             raise RuntimeError("this coordinator was created without a launch: it only records")
         self.host.start(adopt=False)
 
-    def progress(self, since: int, incarnation: str | None) -> dict[str, Any]:
+    def progress(self, since: int, incarnation: str | None) -> Progress:
         """The control loop's log lines after ``since`` (numbering restarts with each
         ``incarnation``: a restarted coordinator), its step, and its result once it ended."""
         if self.host is None:
@@ -307,8 +333,9 @@ class Coordinator(CoordinatorState):
         with self._lock:
             status, step, result = (self.state["status"], self.state["last_step"],
                                     self.state["result"])
-        return {**self.host.console.since(since, incarnation), "status": status, "step": step,
-                "result": result}
+        current, following, lines = self.host.console.since(since, incarnation)
+        return Progress(incarnation=current, next=following, lines=lines, status=status,
+                        step=step, result=RunResult(**result) if result else None)
 
     def stop(self, reason: str) -> None:
         """Stop the run at the next step boundary, after saving that step (``--stop``)."""

@@ -42,6 +42,17 @@ from typing import Any
 import ray
 from elastic_moe.actors.coordinator import CoordinatorClient
 from elastic_moe.actors.lease import Lease, admit_commit
+from elastic_moe.actors.messages import (
+    EpochSpec,
+    Holdings,
+    JoinReport,
+    LeaseReply,
+    PingReply,
+    RestoreSource,
+    Status,
+    TrainOutcome,
+    WorkerInfo,
+)
 
 from elastic_moe.config import Config
 from elastic_moe.train.failure_policy import StepFailure, StepReport, classify, root_cause
@@ -71,38 +82,6 @@ class WorkerSpec:
     wrap_model: Callable[[Any, int, Callable[[], int]], None] | None = None
     # wraps each checkpoint save's DCP storage writer (tests hand in a slow or failing one)
     wrap_writer: Callable[[Any, int], Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class EpochSpec:
-    """One membership epoch as one worker sees it."""
-
-    epoch: int
-    rank: int
-    world_size: int
-    plan: dict[str, Any]  # MeshPlan.to_dict()
-    master_addr: str
-    master_port: int
-    node_of_rank: list[str]  # node id of every rank (buddies go to another node)
-    restore: str  # "shards" | "checkpoint" | "fresh"
-    checkpoint_step: int | None = None  # with restore="checkpoint"
-    # a rollback: after restoring checkpoint_step, go on from this step and data position
-    # ({"step": s, "position": DataPosition dict}); the batches in between are skipped
-    skip_to: dict[str, Any] | None = None
-
-
-@dataclass(slots=True)
-class TrainOutcome:
-    # "finished" | "paused" | "broken" (a lost peer) | "error" (own code or data) |
-    # "diverged" (train.max_skipped_steps non-finite steps in a row: roll back)
-    status: str
-    step: int
-    error: str | None = None  # "finished" too: the final checkpoint could not be written
-    expert_loads: Any = None  # [num_moe_layers, E] of the last step (finished only)
-    report: StepReport | None = None  # "broken" and "error": why the step ended
-    # "diverged": the first skipped step and the data position after the last one
-    first_skipped: int | None = None
-    position: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -180,7 +159,7 @@ class TrainWorker:
         # pay the first-build costs now, while the group trains without this worker
         self.torch_thread.submit(_warm_up, self.device).result()
 
-    def _renew_lease(self, timeout_s: float) -> dict[str, Any] | None:
+    def _renew_lease(self, timeout_s: float) -> LeaseReply | None:
         epoch = self.epoch.epoch if self.epoch is not None else None
         return self.spec.coordinator.renew_lease(os.getpid(), epoch, timeout_s=timeout_s)
 
@@ -195,10 +174,10 @@ class TrainWorker:
             os._exit(75)  # EX_TEMPFAIL: the node may take a fresh worker
 
     # ------------------------------------------------------------------ identity
-    def info(self) -> dict[str, Any]:
+    def info(self) -> WorkerInfo:
         ctx = ray.get_runtime_context()
-        return {"pid": os.getpid(), "node_id": ctx.get_node_id(),
-                "ip": ray.util.get_node_ip_address(), "name": ctx.get_actor_name()}
+        return WorkerInfo(pid=os.getpid(), node_id=ctx.get_node_id(),
+                          ip=ray.util.get_node_ip_address(), name=ctx.get_actor_name())
 
     def free_port(self) -> int:
         """A free port on the node's Ray address, for the rendezvous store this rank hosts."""
@@ -207,12 +186,12 @@ class TrainWorker:
             return int(s.getsockname()[1])
 
     # ------------------------------------------------------------------ membership
-    def join(self, epoch: EpochSpec, sources: list[Any] | None = None) -> dict[str, Any]:
+    def join(self, epoch: EpochSpec, sources: list[Any] | None = None) -> JoinReport:
         """Enter ``epoch``: new process group, new layout, state filled in. ``sources``: the
         (manifest, shards ref) of every rank of the previous layout, with restore="shards"."""
         return self.torch_thread.submit(self._join, epoch, sources).result()
 
-    def _join(self, epoch: EpochSpec, sources: list[Any] | None) -> dict[str, Any]:
+    def _join(self, epoch: EpochSpec, sources: list[Any] | None) -> JoinReport:
         self.joining = epoch
         try:
             return self._join_epoch(epoch, sources, {"join_start": time.time()})
@@ -220,7 +199,7 @@ class TrainWorker:
             self.joining = None
 
     def _join_epoch(self, epoch: EpochSpec, sources: list[Any] | None,
-                    marks: dict[str, float]) -> dict[str, Any]:
+                    marks: dict[str, float]) -> JoinReport:
         import torch.distributed as dist
 
         from elastic_moe.checkpoint import Checkpointer
@@ -269,14 +248,14 @@ class TrainWorker:
         if self.spec.wrap_model is not None:
             self.spec.wrap_model(trainer.model, epoch.rank, lambda: trainer.step + 1)
         marks["built"] = time.time()
-        if epoch.restore == "shards":
+        if epoch.restore is RestoreSource.SHARDS:
             assert sources is not None
             manifests = [m for m, _ in sources]
             wanted = needed_sources(trainer.model, trainer.optimizer, manifests)
             shard_sets = ray.get([sources[i][1] for i in wanted])
             trainer.restore_from_shards(shard_sets)
             del shard_sets
-        elif epoch.restore == "checkpoint" and epoch.checkpoint_step is not None:
+        elif epoch.restore is RestoreSource.CHECKPOINT and epoch.checkpoint_step is not None:
             trainer.restore_from_checkpoint(epoch.checkpoint_step)
             if epoch.skip_to is not None:
                 trainer.skip_to(epoch.skip_to["step"], epoch.skip_to["position"])
@@ -291,9 +270,10 @@ class TrainWorker:
         with self.lock:
             self.trainer, self.epoch = trainer, epoch
             self.progress.step = trainer.step
-        return {"rank": epoch.rank, "step": trainer.step, "marks": marks,
-                "snapshot_bytes": trainer.peers.own[-1].nbytes() if trainer.peers.own else 0,
-                "copies_bytes": trainer.peers.nbytes()}
+        return JoinReport(rank=epoch.rank, step=trainer.step, marks=marks,
+                          snapshot_bytes=(trainer.peers.own[-1].nbytes() if trainer.peers.own
+                                          else 0),
+                          copies_bytes=trainer.peers.nbytes())
 
     def _leave_group(self, checkpoint_wait_s: float = 10.0) -> None:
         """Leave the current process group, letting an async save in flight finish first
@@ -364,17 +344,17 @@ class TrainWorker:
                 trainer.maybe_snapshot()
                 if trainer.skipped_in_row >= cfg.train.max_skipped_steps:
                     trainer.settle_peers()  # the group rolls back (no save of this state)
-                    return TrainOutcome("diverged", trainer.step,
+                    return TrainOutcome(Status.DIVERGED, trainer.step,
                                         first_skipped=trainer.first_skipped,
                                         position=trainer.position.to_dict())
                 self._checkpoint(epoch, trainer)
                 if trainer.paused:
                     trainer.settle_peers()
-                    return TrainOutcome("paused", trainer.step)
+                    return TrainOutcome(Status.PAUSED, trainer.step)
             trainer.settle_peers()
             final = trainer.checkpointer.collect()  # reported as it happened (_on_save_failed)
             loads = trainer.last_metrics.expert_loads if trainer.last_metrics else None
-            return TrainOutcome("finished", trainer.step, expert_loads=loads,
+            return TrainOutcome(Status.FINISHED, trainer.step, expert_loads=loads,
                                 error=str(final) if final is not None else None)
         except Exception as exc:  # kept as a report; the group's failure policy decides
             ended = time.time()
@@ -384,7 +364,7 @@ class TrainWorker:
             error = f"{type(exc).__name__}: {str(exc)[:300]}"
             logger.warning("rank %d: step %d broken (%s)", epoch.rank, trainer.step + 1, error)
             self._end_broken_step(trainer)
-            return TrainOutcome("broken", trainer.step, error=error, report=StepReport(
+            return TrainOutcome(Status.BROKEN, trainer.step, error=error, report=StepReport(
                 epoch.rank, trainer.step + 1, kind, error, at=ended))
 
     def _checkpoint(self, epoch: EpochSpec, trainer: Any, force: bool = False) -> str:
@@ -442,7 +422,7 @@ class TrainWorker:
         step = trainer.step + 1
         logger.error("rank %d: step %d raised %s", epoch.rank, step, error)
         self._end_broken_step(trainer)
-        return TrainOutcome("error", trainer.step, error=error, report=StepReport(
+        return TrainOutcome(Status.ERROR, trainer.step, error=error, report=StepReport(
             epoch.rank, step, kind, error, trace,
             [tuple(i) for i in trainer.current_sample_ids],
             _memory_report(self.device, self.spec.cfg, epoch) if kind is StepFailure.OOM
@@ -479,7 +459,7 @@ class TrainWorker:
             f.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------ control (other threads)
-    def ping(self, since_step: int = 0) -> dict[str, Any]:
+    def ping(self, since_step: int = 0) -> PingReply:
         """Liveness, the step reached and the committed metrics after ``since_step`` (the
         launcher has written down every step up to it)."""
         self.lease.renewed_by_group()
@@ -487,7 +467,7 @@ class TrainWorker:
             self.trainer.logged_step = max(self.trainer.logged_step, since_step)
         with self.lock:
             metrics = [(s, m) for s, m in self.progress.metrics if s > since_step]
-            return {"step": self.progress.step, "metrics": metrics}
+            return PingReply(step=self.progress.step, metrics=metrics)
 
     def abort_group(self, epoch: int) -> int:
         """Abort this process's communicators of membership epoch ``epoch`` (a peer is lost), so
@@ -526,9 +506,9 @@ class TrainWorker:
             self.trainer.pause_requested = True
         return self.progress.step
 
-    def holdings(self) -> dict[str, Any]:
+    def holdings(self) -> Holdings:
         if self.trainer is None:
-            return {"rank": None, "live": None, "own": [], "wards": {}}
+            return Holdings(rank=None, live=None)
         return self.trainer.holdings()
 
     @ray.method(num_returns=2)

@@ -219,26 +219,26 @@ def _follow(handle: Any, *, run_name: str, run_dir: str, checkpoint_dir: str,
                                 checkpoint_dir=checkpoint_dir, tracking_uri=tracking_uri,
                                 gone=str(exc).splitlines()[0])
         waiting_since = None
-        if incarnation is not None and reply["incarnation"] != incarnation:
+        if incarnation is not None and reply.incarnation != incarnation:
             log.warning("the coordinator of run %s restarted; its log follows from the start",
                         run_name)
-        incarnation = reply["incarnation"]
-        for item in reply["lines"]:
-            logging.getLogger(item["name"]).log(item["level"], "%s", item["msg"])
-        index = reply["next"]
-        if reply["result"] is not None and not reply["lines"]:
+        incarnation = reply.incarnation
+        for line in reply.lines:
+            logging.getLogger(line.name).log(line.level, "%s", line.msg)
+        index = reply.next
+        if reply.result is not None and not reply.lines:
             break
-        if not reply["lines"]:
+        if not reply.lines:
             time.sleep(FOLLOW_IDLE_S)
-    result = reply["result"]
+    result = reply.result
     snapshot = ray.get(handle.snapshot.remote())
     handle.release.remote()
-    return TrainingResult(ok=result["ok"], run_name=run_name, run_dir=run_dir,
+    return TrainingResult(ok=result.ok, run_name=run_name, run_dir=run_dir,
                           checkpoint_dir=checkpoint_dir, tracking_uri=tracking_uri,
-                          mlflow_run_id=result["mlflow_run_id"] or snapshot.get("mlflow_run_id"),
-                          final_step=result["final_step"], error=result["error"],
-                          coordinator_state=snapshot, exit_code=result["exit_code"],
-                          status=result["status"])
+                          mlflow_run_id=result.mlflow_run_id or snapshot.get("mlflow_run_id"),
+                          final_step=result.final_step, error=result.error,
+                          coordinator_state=snapshot, exit_code=result.exit_code,
+                          status=result.status)
 
 
 def _from_record(state_path: str, *, gone: str, **where: Any) -> TrainingResult:

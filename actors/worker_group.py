@@ -46,7 +46,17 @@ from typing import Any
 
 import ray
 from elastic_moe.actors.coordinator import NAMESPACE, CoordinatorAPI
-from elastic_moe.actors.train_worker import EpochSpec, TrainOutcome, TrainWorker, WorkerSpec
+from elastic_moe.actors.messages import (
+    EpochSpec,
+    Holdings,
+    JoinReport,
+    LoopState,
+    RestoreSource,
+    Status,
+    TrainOutcome,
+    WorkerInfo,
+)
+from elastic_moe.actors.train_worker import TrainWorker, WorkerSpec
 from ray.util.placement_group import (
     PlacementGroup,
     placement_group,
@@ -205,7 +215,7 @@ def _report_detail(report: StepReport, reports: list[StepReport]) -> dict[str, A
 class Member:
     handle: Any
     slot: int
-    info: dict[str, Any]
+    info: WorkerInfo
     rank: int = -1
     last_reply: float = field(default_factory=time.time)
     ping_ref: Any = None
@@ -246,6 +256,7 @@ class ElasticGroup:
         self.last_log_step = 0
         self.last_resize_check = time.time()
         self.stop_requested: str | None = None  # why the run is to stop (jobs/train.py --stop)
+        self.loop_state: LoopState | None = None
 
     # ------------------------------------------------------------------ capacity
     def _open_slots(self) -> None:
@@ -385,6 +396,7 @@ class ElasticGroup:
     def run(self) -> GroupResult:
         """Start the run's workers, form the first group (from the last committed checkpoint,
         or fresh) and train to the end."""
+        self._enter(LoopState.FORMING)
         self._open_slots()
         try:
             self._ready_slots(timeout=5.0)  # let the slots the cluster can place now get placed
@@ -394,7 +406,7 @@ class ElasticGroup:
             committed = self.coordinator.restore_point()
             start_step = committed["step"] if committed else 0
             self._form_from_storage(survivors=[], sources=None,
-                                   restore="checkpoint" if committed else "fresh",
+                                   restore=RestoreSource.CHECKPOINT if committed else RestoreSource.FRESH,
                                    checkpoint_step=start_step if committed else None,
                                    cause_detail={"restored_from":
                                                  "checkpoint" if committed else "init"},
@@ -430,15 +442,16 @@ class ElasticGroup:
                 handle = ray.get_actor(worker["name"], namespace=NAMESPACE)
             except ValueError:  # a named actor is gone only once it died
                 handle = None
-            member = Member(handle, worker["slot"], {k: worker[k] for k in
-                                                     ("pid", "node_id", "name")},
+            member = Member(handle, worker["slot"],
+                            WorkerInfo(pid=worker["pid"], node_id=worker["node_id"],
+                                       ip=worker["ip"], name=worker["name"]),
                             rank=worker["rank"])
             (members if handle is not None else lost).append(member)
-        self._stop_strays({m.info["name"] for m in members})
+        self._stop_strays({m.info.name for m in members})
         self.members = members + lost
         logger.info("took over %d live worker(s) of membership epoch %d at step %d%s",
                     len(members), snap["formed_epoch"], logged_step,
-                    f"; lost meanwhile: pids {[m.info['pid'] for m in lost]}" if lost else "")
+                    f"; lost meanwhile: pids {[m.info.pid for m in lost]}" if lost else "")
         try:
             if snap["epoch_open"] and snap["formed_epoch"] == snap["membership_epoch"]:
                 self.epoch = snap["formed_epoch"]
@@ -455,6 +468,7 @@ class ElasticGroup:
     def _stop(self, step: int) -> RunStopped:
         """Every member paused after ``step``: save it (unless it is committed already) and
         end the run."""
+        self._enter(LoopState.STOPPING)
         committed = self.coordinator.restore_point()
         if committed is None or committed["step"] < step:
             logger.info("stopping at step %d (%s): saving it", step, self.stop_requested)
@@ -470,6 +484,11 @@ class ElasticGroup:
                                       committed_step=last)
         return RunStopped(f"stopped on request ({self.stop_requested}) after step {step}; the "
                           f"last committed checkpoint is step {last}: continue with --resume")
+
+    def _enter(self, state: LoopState) -> None:
+        """The loop's explicit state, in the coordinator's record (operators, tests)."""
+        self.loop_state = state
+        self.coordinator.set_loop_state(state.value)
 
     def _stop_strays(self, keep: set[str]) -> None:
         """Stop this run's named workers that are not in ``keep`` (joiners and spares of a
@@ -489,9 +508,10 @@ class ElasticGroup:
         """Train epoch after epoch, recovering and growing between them, to the end.
         ``first``: the outcome of an epoch already trained (a take-over)."""
         while True:
+            self._enter(LoopState.TRAINING)
             outcomes, failed = first if first is not None else self._train_epoch()
             first = None
-            if outcomes and all(o.status == "finished" for o in outcomes.values()) \
+            if outcomes and all(o.status is Status.FINISHED for o in outcomes.values()) \
                     and not failed:
                 final = max(o.step for o in outcomes.values())
                 unsaved = next((o.error for o in outcomes.values() if o.error), None)
@@ -504,14 +524,15 @@ class ElasticGroup:
                         "checkpoint storage and resume with --resume")
                 loads = next((o.expert_loads for o in outcomes.values()
                               if o.expert_loads is not None), None)
+                self._enter(LoopState.FINISHED)
                 return GroupResult(final, loads)
             if self.stop_requested and outcomes and not failed \
-                    and all(o.status == "paused" for o in outcomes.values()):
+                    and all(o.status is Status.PAUSED for o in outcomes.values()):
                 raise self._stop(max(o.step for o in outcomes.values()))
             if not failed and outcomes \
-                    and any(o.status == "diverged" for o in outcomes.values()):
+                    and any(o.status is Status.DIVERGED for o in outcomes.values()):
                 self._roll_back(outcomes)
-            elif failed or any(o.status in ("broken", "error") for o in outcomes.values()):
+            elif failed or any(o.status in (Status.BROKEN, Status.ERROR) for o in outcomes.values()):
                 reports = [o.report for o in outcomes.values() if o.report is not None]
                 decision = self.failure_policy.decide(reports)
                 if decision.action is Action.STOP:
@@ -550,7 +571,7 @@ class ElasticGroup:
                     outcome = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
                     logger.warning("worker rank %d (pid %s) died: %s", member.rank,
-                                   member.info["pid"], str(exc).splitlines()[0][:200])
+                                   member.info.pid, str(exc).splitlines()[0][:200])
                     failed.append(member)
                     broken_since = broken_since or time.time()
                     continue
@@ -558,13 +579,13 @@ class ElasticGroup:
                     if not take_over:
                         raise
                     logger.warning("worker rank %d (pid %s) cannot be taken over: %s",
-                                   member.rank, member.info["pid"],
+                                   member.rank, member.info.pid,
                                    str(exc).splitlines()[-1][:200])
                     failed.append(member)
                     broken_since = broken_since or time.time()
                     continue
                 outcomes[member] = outcome
-                if outcome.status in ("broken", "error"):
+                if outcome.status in (Status.BROKEN, Status.ERROR):
                     broken_since = broken_since or time.time()
             self._ping_all([m for m in refs.values()], since=self.logged_step)
             now = time.time()
@@ -579,9 +600,9 @@ class ElasticGroup:
                     self.cfg.elastic.collective_timeout_s + hang)
                 if silent > hang or stuck:
                     logger.warning("worker rank %d (pid %s) %s: fencing it off", member.rank,
-                                   member.info["pid"], f"silent for {silent:.1f} s"
+                                   member.info.pid, f"silent for {silent:.1f} s"
                                    if silent > hang else "did not leave a broken step")
-                    fence(member.handle, member.info["pid"], member.info["node_id"])
+                    fence(member.handle, member.info.pid, member.info.node_id)
                     refs.pop(ref)
                     failed.append(member)
                     broken_since = broken_since or now
@@ -590,7 +611,7 @@ class ElasticGroup:
                 # never returns by itself, so abort their communicators now
                 # (those that already left their broken step answer 0: nothing left to abort)
                 targets = [*refs.values(), *(m for m, o in outcomes.items()
-                                             if o.status == "broken")]
+                                             if o.status is Status.BROKEN)]
                 aborts = {member.handle.abort_group.remote(self.epoch): member
                           for member in targets}
             if broken_since is None and not pause_sent \
@@ -648,7 +669,7 @@ class ElasticGroup:
             except ray.exceptions.RayError:
                 continue
             member.last_reply = time.time()
-            self._log_metrics(reply["metrics"])
+            self._log_metrics(reply.metrics)
 
     def _log_metrics(self, records: list[tuple[int, dict[str, float]]]) -> None:
         for step, values in sorted(records, key=lambda r: r[0]):
@@ -709,20 +730,21 @@ class ElasticGroup:
     def _recover(self, outcomes: dict[Member, TrainOutcome], failed: list[Member],
                  count_failure: bool = True) -> None:
         detected = time.time()
+        self._enter(LoopState.RECOVERING)
         # no commit of the broken epoch from now on (a cut-off member may still try one), so
         # that the restore point read below is final
         self.coordinator.close_epoch(self.epoch)
         ranks = [m.rank for m in failed]
         if failed:
             logger.warning("lost worker(s) rank %s (pids %s) at step %d; rebuilding", ranks,
-                           [m.info["pid"] for m in failed], self.logged_step)
+                           [m.info.pid for m in failed], self.logged_step)
             self.coordinator.record_event("worker_lost", self.logged_step, ranks=ranks,
-                                          pids=[m.info["pid"] for m in failed])
+                                          pids=[m.info.pid for m in failed])
         else:  # every member is alive: a broken step (an error to retry, or a broken link)
             logger.warning("step %d broke with every worker alive; rebuilding the group",
                            self.logged_step + 1)
         for member in failed:
-            fence(member.handle, member.info["pid"], member.info["node_id"])
+            fence(member.handle, member.info.pid, member.info.node_id)
         self._replace_lost_slots()
         if count_failure:
             spent = self.failure_budget.spend(Failure(
@@ -742,7 +764,7 @@ class ElasticGroup:
         restore decided again from who is left: a fault during recovery is an ordinary fault.
         ``regrow``: start replacements for lost members at once."""
         while True:
-            holdings: dict[int, dict[str, Any]] = {}
+            holdings: dict[int, Holdings] = {}
             refs = {m.handle.holdings.remote(): m for m in survivors}
             done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=5.0)
             for ref in done:
@@ -752,7 +774,7 @@ class ElasticGroup:
                     pass
             lost_now = [m for m in survivors if m.rank not in holdings]
             for member in lost_now:
-                fence(member.handle, member.info["pid"], member.info["node_id"])
+                fence(member.handle, member.info.pid, member.info.node_id)
             survivors = [m for m in survivors if m.rank in holdings]
             assert self.plan is not None  # a live restore follows a formed layout
             decision = decide_restore(self.plan.world_size, holdings)
@@ -767,12 +789,12 @@ class ElasticGroup:
             logger.info("restore point: %s", decision.reason)
             try:
                 sources = self._export(survivors, decision.holders, decision.step)
-                self._form_epoch(survivors=survivors, sources=sources, restore="shards",
+                self._form_epoch(survivors=survivors, sources=sources, restore=RestoreSource.SHARDS,
                                  marks={"detected": detected}, restored_step=decision.step,
                                  cause_detail={"restored_from": "peers",
                                                "reason": reason or decision.reason,
                                                "failed_ranks": [m.rank for m in failed],
-                                               "failed_pids": [m.info["pid"] for m in failed]})
+                                               "failed_pids": [m.info.pid for m in failed]})
                 return
             except RebuildFault as fault:
                 self._lost_while_forming(fault)
@@ -782,7 +804,7 @@ class ElasticGroup:
     def _lost_while_forming(self, fault: RebuildFault) -> None:
         """Record workers lost during a rebuild. Not spent from the failure budget: the
         rebuild is one recovery, and a joiner that dies while starting held no state."""
-        pids = [m.info["pid"] for m in fault.lost]
+        pids = [m.info.pid for m in fault.lost]
         logger.warning("worker(s) pid %s lost while the group formed; rebuilding without them",
                        pids)
         self.coordinator.record_event("lost_while_forming", self.logged_step, pids=pids)
@@ -794,8 +816,9 @@ class ElasticGroup:
         batches since (PaLM, sec. 5.1), or fail when the rollback budget is spent."""
         from elastic_moe.checkpoint import Checkpointer
 
+        self._enter(LoopState.ROLLING_BACK)
         detected = time.time()
-        diverged = next(o for o in outcomes.values() if o.status == "diverged")
+        diverged = next(o for o in outcomes.values() if o.status is Status.DIVERGED)
         first, step = diverged.first_skipped or diverged.step, diverged.step
         committed = Checkpointer(self.spec.checkpoint_dir, async_save=False).committed_steps()
         # a checkpoint at first - 1 holds the very state the skipped steps started from
@@ -814,7 +837,7 @@ class ElasticGroup:
                      "of steps %d-%d", what, target, target + 1, step)
         self.coordinator.record_event("rollback", step, first_skipped=first, to_step=target,
                                       skipped_batches=[target + 1, step])
-        self._form_from_storage(survivors=list(self.members), sources=None, restore="checkpoint",
+        self._form_from_storage(survivors=list(self.members), sources=None, restore=RestoreSource.CHECKPOINT,
                                checkpoint_step=target,
                                skip_to={"step": step, "position": diverged.position},
                                marks={"detected": detected}, restored_step=target,
@@ -822,6 +845,7 @@ class ElasticGroup:
 
     def _grow(self, outcomes: dict[Member, TrainOutcome]) -> None:
         detected = time.time()
+        self._enter(LoopState.GROWING)
         if self.cfg.elastic.recovery == "restart":
             self._restart_all(list(self.members), detected)
             return
@@ -858,7 +882,7 @@ class ElasticGroup:
         committed = self.coordinator.restore_point()
         self._record_fallback(self.logged_step, reason=reason)
         self._form_from_storage(survivors=survivors, sources=None,
-                               restore="checkpoint" if committed else "fresh",
+                               restore=RestoreSource.CHECKPOINT if committed else RestoreSource.FRESH,
                                checkpoint_step=committed["step"] if committed else None,
                                marks={"detected": detected},
                                restored_step=committed["step"] if committed else 0,
@@ -878,7 +902,8 @@ class ElasticGroup:
         self.joiners = []
         self._from_checkpoint([], detected, "recovery=restart", [])
 
-    def _form_epoch(self, *, survivors: list[Member], sources: list[Any] | None, restore: str,
+    def _form_epoch(self, *, survivors: list[Member], sources: list[Any] | None,
+                    restore: RestoreSource,
                     marks: dict[str, float], restored_step: int,
                     cause_detail: dict[str, Any], checkpoint_step: int | None = None,
                     skip_to: dict[str, Any] | None = None) -> None:
@@ -890,7 +915,7 @@ class ElasticGroup:
         members = list(survivors) + self.joiners[:max(high - len(survivors), 0)]
         self.joiners = self.joiners[len(members) - len(survivors):]
         # node by node: ranks of one node are contiguous (EP groups stay inside a node)
-        members.sort(key=lambda m: (m.info["node_id"], m.rank if m.rank >= 0 else 1 << 30))
+        members.sort(key=lambda m: (m.info.node_id, m.rank if m.rank >= 0 else 1 << 30))
         old_plan = self.plan
         world = len(members)
         plan = plan_mesh(world, self.cfg.parallel.gpus_per_node, self.cfg.model,
@@ -909,23 +934,23 @@ class ElasticGroup:
         self.plan = plan
         marks["rebuilt"] = time.time()
         for key in ("join_start", "group_ready", "built", "restored", "linked"):
-            marks[key] = max(j["marks"][key] for j in joined)
+            marks[key] = max(j.marks[key] for j in joined)
         logger.debug("rebuild marks: %s", {k: round(v - marks["detected"], 3)
                                            for k, v in marks.items()})
         pause_s = marks["rebuilt"] - marks["detected"]
-        step = joined[0]["step"]
+        step = joined[0].step
         if checkpoint_step is not None and skip_to is None \
                 and step < checkpoint_step:  # the workers said why
             reason = (f"committed checkpoint step {checkpoint_step} unusable; restored step "
                       f"{step}")
             logger.error("%s", reason)
             self._record_fallback(step, committed_step=checkpoint_step, reason=reason)
-        workers = [{"rank": m.rank, "pid": m.info["pid"], "node_id": m.info["node_id"],
-                    "name": m.info["name"], "slot": m.slot} for m in members]
+        workers = [{"rank": m.rank, "pid": m.info.pid, "node_id": m.info.node_id,
+                    "ip": m.info.ip, "name": m.info.name, "slot": m.slot} for m in members]
         detail = {**cause_detail, "rebuild_s": round(pause_s, 3),
                   "old_plan": old_plan.describe() if old_plan else None,
                   "new_plan": plan.describe(),
-                  "snapshot_bytes": max(j["snapshot_bytes"] for j in joined)}
+                  "snapshot_bytes": max(j.snapshot_bytes for j in joined)}
         epoch = self.coordinator.start_epoch(self.epoch, world, plan.to_dict(), step, marks,
                                              workers=workers, detail=detail)
         self.tracker.log_event(epoch["cause"], step, world_size=world,
@@ -935,9 +960,9 @@ class ElasticGroup:
                     self.epoch, epoch["cause"], world, step, cause_detail.get("restored_from"),
                     pause_s, plan.describe())
 
-    def _rendezvous(self, members: list[Member], plan: MeshPlan, *, restore: str,
+    def _rendezvous(self, members: list[Member], plan: MeshPlan, *, restore: RestoreSource,
                     sources: list[Any] | None, checkpoint_step: int | None,
-                    skip_to: dict[str, Any] | None) -> list[dict[str, Any]]:
+                    skip_to: dict[str, Any] | None) -> list[JoinReport]:
         """Every member joins membership epoch ``self.epoch``; returns their join reports.
 
         A member that dies or stops answering meanwhile (a kill during recovery, a joiner that
@@ -950,19 +975,19 @@ class ElasticGroup:
         try:
             port = ray.get(master.handle.free_port.remote(), timeout=self.cfg.elastic.hang_timeout_s)
         except (ray.exceptions.RayError, TimeoutError) as exc:
-            logger.warning("worker pid %s lost before the group formed: %s", master.info["pid"],
+            logger.warning("worker pid %s lost before the group formed: %s", master.info.pid,
                            str(exc).splitlines()[0][:200])
             raise RebuildFault([master]) from exc
-        nodes = [m.info["node_id"] for m in members]
+        nodes = [m.info.node_id for m in members]
         refs = {}
         for rank, member in enumerate(members):
             spec = EpochSpec(epoch=self.epoch, rank=rank, world_size=len(members),
-                             plan=plan.to_dict(), master_addr=master.info["ip"],
+                             plan=plan.to_dict(), master_addr=master.info.ip,
                              master_port=port, node_of_rank=nodes, restore=restore,
                              checkpoint_step=checkpoint_step, skip_to=skip_to)
             refs[member.handle.join.remote(spec, sources)] = member
         deadline = time.time() + max(120.0, self.cfg.elastic.collective_timeout_s * 2)
-        reports: dict[Member, dict[str, Any]] = {}
+        reports: dict[Member, JoinReport] = {}
         errors: dict[Member, BaseException] = {}
         lost: list[Member] = []
         pending = dict(refs)
@@ -977,7 +1002,7 @@ class ElasticGroup:
                     reports[member] = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:  # the process is gone
                     logger.warning("worker pid %s lost while the group formed: %s",
-                                   member.info["pid"], str(exc).splitlines()[0][:200])
+                                   member.info.pid, str(exc).splitlines()[0][:200])
                     lost.append(member)
                 except ray.exceptions.RayTaskError as exc:
                     cause = getattr(exc, "cause", None)
@@ -989,8 +1014,8 @@ class ElasticGroup:
             for ref, member in list(pending.items()):
                 if now - member.last_reply > self.cfg.elastic.hang_timeout_s or now > deadline:
                     logger.warning("worker pid %s silent while the group formed: fencing it off",
-                                   member.info["pid"])
-                    fence(member.handle, member.info["pid"], member.info["node_id"])
+                                   member.info.pid)
+                    fence(member.handle, member.info.pid, member.info.node_id)
                     pending.pop(ref)
                     lost.append(member)
             if (lost or errors) and pending and not abort_sent:
@@ -1000,12 +1025,12 @@ class ElasticGroup:
                 abort_sent = True
         if lost:
             for member in lost:
-                fence(member.handle, member.info["pid"], member.info["node_id"])
+                fence(member.handle, member.info.pid, member.info.node_id)
             raise RebuildFault(lost)
         if errors:
             member, exc = next(iter(errors.items()))
             raise TrainingFailed(f"rebuilding the group at {len(members)} workers failed on "
-                                 f"worker pid {member.info['pid']}: {exc}") from exc
+                                 f"worker pid {member.info.pid}: {exc}") from exc
         return [reports[m] for m in members]
 
     # ------------------------------------------------------------------ teardown

@@ -10,13 +10,12 @@ instead and scales the LR linearly with the resulting batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from elastic_moe.config import TrainConfig
 from elastic_moe.data.sampler import rank_share
 
-__all__ = ["RestoreDecision", "decide_restore", "effective_batch", "rank_share"]
+__all__ = ["Holdings", "RestoreDecision", "decide_restore", "effective_batch", "rank_share"]
 
 
 def effective_batch(cfg: TrainConfig, world_size: int, max_workers: int) -> tuple[int, float]:
@@ -34,6 +33,17 @@ def effective_batch(cfg: TrainConfig, world_size: int, max_workers: int) -> tupl
 
 
 @dataclass(frozen=True, slots=True)
+class Holdings:
+    """Which committed steps one live rank can hand out: its live state (``live``), its own
+    snapshots (``own``) and the copies it keeps of each ward (``wards``: rank -> steps)."""
+
+    rank: int | None  # None: the worker holds no layout yet
+    live: int | None
+    own: list[int] = field(default_factory=list)
+    wards: dict[int, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class RestoreDecision:
     """Where the next layout's state comes from after a membership change.
 
@@ -48,29 +58,29 @@ class RestoreDecision:
     reason: str
 
 
-def decide_restore(world_size: int, holdings: dict[int, dict[str, Any]]) -> RestoreDecision:
+def decide_restore(world_size: int, holdings: dict[int, Holdings]) -> RestoreDecision:
     """Pick the restore point from the survivors' holdings.
 
-    ``holdings``: for each surviving old rank, ``{"live": step, "own": [steps],
-    "wards": {rank: [steps]}}`` as ``Trainer.holdings`` reports it. Ranks missing from it are
-    lost. Newest step first; a survivor's own state beats a peer's copy.
+    ``holdings``: for each surviving old rank, what ``Trainer.holdings`` reports. Ranks missing
+    from it are lost. Newest step first; a survivor's own state beats a peer's copy.
     """
     lost = sorted(set(range(world_size)) - set(holdings))
     steps = set()
     for held in holdings.values():
-        steps.add(int(held["live"]))
-        steps.update(int(s) for s in held["own"])
-        for ward_steps in held["wards"].values():
+        if held.live is not None:
+            steps.add(int(held.live))
+        steps.update(int(s) for s in held.own)
+        for ward_steps in held.wards.values():
             steps.update(int(s) for s in ward_steps)
     for step in sorted(steps, reverse=True):
         holders: dict[int, int] = {}
         for rank in range(world_size):
             mine = holdings.get(rank)
-            if mine is not None and (int(mine["live"]) == step or step in mine["own"]):
+            if mine is not None and (mine.live == step or step in mine.own):
                 holders[rank] = rank
                 continue
             keeper = next((r for r, h in sorted(holdings.items())
-                           if step in h["wards"].get(rank, [])), None)
+                           if step in h.wards.get(rank, [])), None)
             if keeper is None:
                 break
             holders[rank] = keeper

@@ -453,9 +453,10 @@ class PeerCopies:
             self.ward_copies[ward_rank].append(shards)
         return True
 
-    def holdings(self) -> dict[str, Any]:
-        return {"own": [s.step for s in self.own],
-                "wards": {w: [s.step for s in copies] for w, copies in self.ward_copies.items()}}
+    def holdings(self) -> tuple[list[int], dict[int, list[int]]]:
+        """The steps of this rank's own snapshots, and of the copies kept for each ward."""
+        return ([s.step for s in self.own],
+                {w: [s.step for s in copies] for w, copies in self.ward_copies.items()})
 
     def find(self, rank: int, step: int) -> ShardSet | None:
         copies = list(self.own) if rank == self.rank else list(self.ward_copies.get(rank, ()))

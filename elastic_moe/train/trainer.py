@@ -29,7 +29,7 @@ from elastic_moe.config import Config
 from elastic_moe.data.sampler import DataPosition, advance, split_batch
 from elastic_moe.model.flops import peak_tflops, training_flops_per_token
 from elastic_moe.parallel import MeshPlan, setup_model
-from elastic_moe.train.elastic import effective_batch
+from elastic_moe.train.elastic import Holdings, effective_batch
 from elastic_moe.train.failure_policy import PeerStepError
 from elastic_moe.train.lr_schedule import LRSchedule
 from elastic_moe.train.shard_state import PeerCopies, ShardLayout, ShardSet, fill_from_shards
@@ -184,9 +184,10 @@ class Trainer:
         reporting holdings); ``timeout_s`` when the group is broken: give up after that long."""
         self.peers.settle(timeout_s)
 
-    def holdings(self) -> dict[str, Any]:
+    def holdings(self) -> Holdings:
         """Which committed steps this rank can hand out, for itself and for its wards."""
-        return {"rank": self.rank, "live": self.step, **self.peers.holdings()}
+        own, wards = self.peers.holdings()
+        return Holdings(rank=self.rank, live=self.step, own=own, wards=wards)
 
     def export(self, rank: int, step: int) -> ShardSet:
         """The shards of ``rank`` (this one or a ward) at committed ``step``."""

@@ -129,6 +129,7 @@ def _check_one_history(tmp_path, run_name: str, record: dict) -> None:
     assert "coordinator_restarted" in kinds, kinds
     assert not {"worker_lost", "checkpoint_fallback", "resume"} & set(kinds), kinds
     assert record["status"] == "FINISHED" and record["result"]["ok"], record["result"]
+    assert record["loop_state"] == "finished", record["loop_state"]
 
 
 def test_training_outlives_the_launcher_and_the_coordinator(ray_head, tmp_path):
@@ -209,6 +210,7 @@ def test_stop_saves_the_step_it_stops_at_and_resume_goes_on_from_it(ray_head, tm
     record = _record(tmp_path, run)
     stopped = next(e for e in record["events"] if e["kind"] == "stopped")
     assert record["status"] == "STOPPED" and 8 <= stopped["step"] < STEPS, stopped
+    assert record["loop_state"] == "stopping", record["loop_state"]
     assert record["committed"]["step"] == stopped["step"] == stopped["committed_step"]
     assert os.path.exists(record["committed"]["path"] + "/COMMITTED")
     assert _mlflow_steps(tmp_path) == list(range(1, stopped["step"] + 1))

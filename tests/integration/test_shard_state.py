@@ -75,7 +75,7 @@ def _worker(rank: int, world_size: int, tmp: str, ports: list[int]) -> None:
     peers.link(mine, ["node-a"] * 3)  # one node: rank r's copy lives on rank r + 1
     torch.save(mine, os.path.join(tmp, f"own{rank}.pt"))
     if rank == 2:  # rank 1 will be lost: its copy is the one rank 2 keeps
-        assert peers.holdings() == {"own": [1], "wards": {1: [1]}}
+        assert peers.holdings() == ([1], {1: [1]})
         torch.save(peers.find(1, 1), os.path.join(tmp, "copy1.pt"))
     if rank == 0:
         torch.save(reference, os.path.join(tmp, "reference.pt"))
@@ -144,10 +144,10 @@ def _overlapped_copies(rank: int, world: int, tmp: str) -> None:
     torch.save(mine, os.path.join(tmp, f"step2-{rank}.pt"))
     peers.refresh(mine)
     ward = (rank - 1) % world
-    assert peers.holdings() == {"own": [1, 2], "wards": {ward: [1]}}  # step 2 not in yet
+    assert peers.holdings() == ([1, 2], {ward: [1]})  # step 2 not in yet
     one_step(2)  # runs while the copies travel; changes the live state, not the snapshot
     assert peers.settle()
-    assert peers.holdings() == {"own": [1, 2], "wards": {ward: [1, 2]}}
+    assert peers.holdings() == ([1, 2], {ward: [1, 2]})
     dist.barrier()
     sent = torch.load(os.path.join(tmp, f"step2-{ward}.pt"), weights_only=False)
     got = peers.find(ward, 2)

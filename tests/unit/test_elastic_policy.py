@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from elastic_moe.train.elastic import decide_restore
+from elastic_moe.train.elastic import Holdings, decide_restore
 from elastic_moe.train.shard_state import buddy_of
 
 
 def _held(live, own, wards=None):
-    return {"live": live, "own": own, "wards": wards or {}}
+    return Holdings(rank=None, live=live, own=own, wards=wards or {})
 
 
 def test_buddies_are_on_another_node_when_there_is_one():

@@ -7,6 +7,7 @@ admission (:mod:`elastic_moe.actors.lease`) and the checkpointer's admit hook, w
 import pytest
 from elastic_moe.actors.coordinator import CoordinatorState
 from elastic_moe.actors.lease import Lease, admit_commit
+from elastic_moe.actors.messages import LeaseReply
 
 from elastic_moe.checkpoint import (
     COMMIT_FILE,
@@ -80,16 +81,16 @@ def test_an_epoch_starts_only_with_the_number_it_was_opened_with():
 
 def test_a_member_left_out_of_a_newer_epoch_is_retired():
     state = CoordinatorState("run")
-    assert not state.renew_lease(10, None)["retired"]  # a worker that joined nothing yet
+    assert not state.renew_lease(10, None).retired  # a worker that joined nothing yet
     first = _formed(state, [10, 11])
     state.open_epoch()  # 11 is cut off; the group forms again with 10
-    assert not state.renew_lease(11, first)["retired"]  # not formed yet: no verdict
+    assert not state.renew_lease(11, first).retired  # not formed yet: no verdict
     second = state.state["membership_epoch"]
     state.start_epoch(second, 1, {}, 0, workers=[{"rank": 0, "pid": 10, "node_id": "n"}])
-    assert not state.renew_lease(10, second)["retired"]
-    assert not state.renew_lease(12, None)["retired"]  # a joiner warming up
+    assert not state.renew_lease(10, second).retired
+    assert not state.renew_lease(12, None).retired  # a joiner warming up
     reply = state.renew_lease(11, first)  # the link healed
-    assert reply == {"membership_epoch": second, "retired": True}
+    assert reply == LeaseReply(membership_epoch=second, retired=True)
     assert [e["pid"] for e in _events(state, "worker_retired")] == [11]
 
 
@@ -103,7 +104,7 @@ class _Clock:
 
 def test_the_lease_lapses_after_hang_timeout_without_an_answer():
     clock = _Clock()
-    replies: list = [{"membership_epoch": 1, "retired": False}]
+    replies: list = [LeaseReply(membership_epoch=1, retired=False)]
     lease = Lease(lambda timeout_s: replies.pop(0) if replies else None, hang_timeout_s=3.0,
                   interval_s=1.0, on_end=lambda reason: None, clock=clock)
     assert lease.check() is None and lease.renewed_at == 100.0
@@ -130,7 +131,7 @@ def test_a_ping_from_the_group_renews_the_lease():
 
 
 def test_a_retired_worker_ends_at_its_first_answer():
-    lease = Lease(lambda timeout_s: {"membership_epoch": 7, "retired": True}, hang_timeout_s=3.0,
+    lease = Lease(lambda timeout_s: LeaseReply(membership_epoch=7, retired=True), hang_timeout_s=3.0,
                   interval_s=1.0, on_end=lambda reason: None, clock=_Clock())
     reason = lease.check()
     assert reason is not None and reason.startswith("retired: membership epoch 7")
