@@ -206,7 +206,11 @@ class TrainWorker:
         from elastic_moe.parallel import MeshPlan
         from elastic_moe.parallel.comm import process_group_backend
         from elastic_moe.parallel.mesh import forget_layout_caches
-        from elastic_moe.parallel.network import bind_process_groups, choose_binding
+        from elastic_moe.parallel.network import (
+            bind_process_groups,
+            choose_binding,
+            rendezvous_store,
+        )
         from elastic_moe.storage import storage_options
         from elastic_moe.train.shard_state import needed_sources
         from elastic_moe.train.trainer import Trainer
@@ -224,10 +228,12 @@ class TrainWorker:
                     binding.describe())
         with self.group_lock:
             self.gloo_links.opening()
-            dist.init_process_group(
-                process_group_backend(self.device),
-                init_method=f"tcp://{epoch.master_addr}:{epoch.master_port}",
-                rank=epoch.rank, world_size=epoch.world_size, timeout=timeout)
+            store = rendezvous_store(epoch.master_addr, epoch.master_port,
+                                     is_master=epoch.rank == 0, world_size=epoch.world_size,
+                                     timeout=timeout)
+            dist.init_process_group(process_group_backend(self.device), store=store,
+                                    rank=epoch.rank, world_size=epoch.world_size,
+                                    timeout=timeout)
             self.group_epoch = epoch.epoch
         marks["group_ready"] = time.time()
         plan = MeshPlan.from_dict(epoch.plan)

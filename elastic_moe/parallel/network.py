@@ -13,19 +13,25 @@ libraries take it from the environment when a group is created (``GLOO_SOCKET_IF
 ``NCCL_SOCKET_IFNAME``), so :func:`bind_process_groups` runs before ``init_process_group``. A
 named interface that a node does not have is a configuration error
 (:class:`NetworkInterfaceError`): retrying cannot fix it.
+
+The rendezvous store of each membership epoch (:func:`rendezvous_store`) listens on the hosting
+rank's address only: torch's own ``tcp://`` rendezvous starts its store server on every
+interface, and that store takes writes from anyone who reaches the port.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Binding", "NetworkInterfaceError", "bind_process_groups", "choose_binding",
-           "interface_addresses"]
+           "interface_addresses", "rendezvous_store"]
 
 BIND_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
@@ -104,3 +110,29 @@ def bind_process_groups(binding: Binding) -> dict[str, str]:
             os.environ[name] = binding.interface
             changed[name] = binding.interface
     return changed
+
+
+def rendezvous_store(host: str, port: int, *, is_master: bool, world_size: int,
+                     timeout: datetime.timedelta) -> Any:
+    """The store a membership epoch's process groups rendezvous through, at ``host:port``.
+
+    The rank hosting it (``is_master``) binds the listening socket to ``host`` itself and hands
+    it to the store (``master_listen_fd``, libuv backend): the server then listens there only,
+    not on every interface. The others connect as clients.
+    """
+    import torch.distributed as dist
+
+    if not is_master:
+        return dist.TCPStore(host, port, world_size, False, timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    # the store owns the descriptor from here on
+    return dist.TCPStore(host, port, world_size, True, timeout, wait_for_workers=False,
+                         master_listen_fd=sock.detach(), use_libuv=True)

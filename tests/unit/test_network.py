@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from elastic_moe.config import ElasticConfig
@@ -61,3 +63,26 @@ def test_config_rejects_what_is_not_one_interface_name(name):
     with pytest.raises(ValueError, match="network_interface="):
         ElasticConfig(network_interface=name)
     assert ElasticConfig(network_interface="ens5").network_interface == "ens5"
+
+
+def test_the_rendezvous_store_listens_on_its_host_only():
+    """torch's tcp:// rendezvous listens on every interface; ours on the hosting rank's
+    address alone, and ranks still meet through it."""
+    import datetime
+    import os
+
+    import psutil
+
+    from elastic_moe.parallel.network import rendezvous_store
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    timeout = datetime.timedelta(seconds=10)
+    master = rendezvous_store("127.0.0.1", port, is_master=True, world_size=2, timeout=timeout)
+    client = rendezvous_store("127.0.0.1", port, is_master=False, world_size=2, timeout=timeout)
+    client.set("planted", "by the client")
+    assert master.get("planted") == b"by the client"
+    listening = [c.laddr for c in psutil.Process(os.getpid()).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
