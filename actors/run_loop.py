@@ -203,8 +203,9 @@ class RunHost:
 
     def _drive(self, adopt: bool) -> RunResult:
         from elastic_moe.actors.data_worker import start_data_workers
+        from elastic_moe.actors.run_log import replay_metrics
         from elastic_moe.actors.train_worker import WorkerSpec
-        from elastic_moe.actors.worker_group import ElasticGroup, RunStopped, replay_metrics
+        from elastic_moe.actors.worker_group import ElasticGroup, RunStopped
 
         from elastic_moe.checkpoint import Checkpointer
 
@@ -308,8 +309,8 @@ class Coordinator(CoordinatorState):
             warnings.simplefilter("ignore", DeprecationWarning)
             restarted = ray.get_runtime_context().was_current_actor_reconstructed
         with self._lock:
-            self.state["coordinator_pid"] = os.getpid()  # where the loop runs (operators, tests)
-            self._save()
+            # where the loop runs (operators, tests); written with the next change of the record
+            self.state["coordinator_pid"] = os.getpid()
         if restarted and self.loaded_status == "RUNNING" and self.state["slots"]:
             logger.warning("coordinator restarted (pid %d): taking over the run's live workers",
                         os.getpid())
@@ -380,13 +381,15 @@ def create(run_name: str, state_path: str, launch: Any) -> Any:
 
 
 def find(run_name: str) -> Any:
-    """The live coordinator of ``run_name`` with a control loop (its handle), or None."""
+    """The coordinator of ``run_name`` whose run is still going (its handle), or None. One
+    whose run has ended (it waits for a launcher to collect the result) is not live: a new
+    launch replaces it (:func:`create`)."""
     try:
         handle = ray.get_actor(actor_name(run_name), namespace=NAMESPACE)
     except ValueError:
         return None
     try:
-        ray.get(handle.progress.remote(0, None), timeout=30)
+        progress = ray.get(handle.progress.remote(0, None), timeout=30)
     except (ray.exceptions.RayError, RuntimeError):  # gone, or a recorder without a loop
         return None
-    return handle
+    return handle if progress.result is None else None

@@ -151,7 +151,6 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
 
     val_manifest = validation_manifest(cfg, manifest)
     connection = connection or _init_ray(num_cpus, cfg.parallel.min_workers)
-    preflight(cfg, connection, checkpoint_dir=checkpoint_dir, tracking_uri=tracking_uri)
     launch = run_loop.Launch(cfg=cfg, run_name=run_name, run_dir=run_dir,
                              checkpoint_dir=checkpoint_dir, manifest=manifest,
                              val_manifest=val_manifest, tracking_uri=tracking_uri,
@@ -159,7 +158,14 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                              sample_log_dir=sample_log_dir,
                              threads_per_worker=threads_per_worker, wrap_model=wrap_model,
                              wrap_writer=wrap_writer)
+    # the coordinator exists (and answers --stop, attaches) while the checks wait for capacity;
+    # it writes nothing until the run starts, and a refused launch ends it
     handle = run_loop.create(run_name, state_path, launch)
+    try:
+        preflight(cfg, connection, checkpoint_dir=checkpoint_dir, tracking_uri=tracking_uri)
+    except BaseException:
+        ray.kill(handle, no_restart=True)
+        raise
     coordinator = CoordinatorClient(handle)
     snapshot = coordinator.snapshot()
     if not snapshot.get("mlflow_run_id"):

@@ -36,7 +36,6 @@ every worker from the last committed checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -56,13 +55,9 @@ from elastic_moe.actors.messages import (
     TrainOutcome,
     WorkerInfo,
 )
+from elastic_moe.actors.run_log import RunLog
+from elastic_moe.actors.slots import Slots
 from elastic_moe.actors.train_worker import TrainWorker, WorkerSpec
-from ray.util.placement_group import (
-    PlacementGroup,
-    placement_group,
-    placement_group_table,
-    remove_placement_group,
-)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from elastic_moe.config import Config
@@ -86,7 +81,6 @@ STARTUP_GRACE_S = 30.0  # at start, how long workers already starting are waited
 
 def _sigkill(pid: int) -> None:
     """SIGKILL a process on this node (a stopped one too: Ray's own kill needs its cooperation)."""
-    import os
     import signal
 
     try:
@@ -119,31 +113,6 @@ def fence(handle: Any | None, pid: int, node_id: str) -> None:
         ray.kill(handle, no_restart=True)
     except Exception as exc:
         logger.debug("ray.kill of pid %d: %s", pid, exc)
-
-
-def replay_metrics(metrics_log: str, checkpointer: Any | None, tracker: Any) -> int:
-    """Queue the steps an earlier control loop committed, in order: from its metrics log, and
-    from the committed checkpoints (each holds every step the loop had not acknowledged writing
-    down when it was taken; no ``checkpointer``: the log alone, as when a restarted coordinator
-    takes over live workers, which still hold the rest). The tracker drops steps the MLflow run
-    already has. Returns the last step found."""
-    records: dict[int, tuple[dict[str, float], float | None]] = {}
-    for step in checkpointer.committed_steps() if checkpointer is not None else []:
-        for saved_step, values in checkpointer.train_state(step).extra.get("metrics", []):
-            values = dict(values)
-            records[int(saved_step)] = (values, values.pop("committed_at", None))
-    if os.path.exists(metrics_log):
-        with open(metrics_log) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:  # the last line of a launcher killed mid-write
-                    continue
-                records.setdefault(int(record["step"]), (record["values"], record["time"]))
-    for step in sorted(records):
-        values, committed_at = records[step]
-        tracker.log_metrics(values, step, timestamp=committed_at)
-    return max(records, default=0)
 
 
 class TrainingFailed(RuntimeError):
@@ -237,11 +206,10 @@ class ElasticGroup:
         MLflow gets them, so a launcher killed with records still queued loses none
         (:func:`replay_metrics` sends them when the run is resumed)."""
         self.cfg, self.spec, self.coordinator, self.tracker = cfg, spec, coordinator, tracker
-        self.metrics_log = metrics_log
+        self.run_log = RunLog(cfg, tracker, coordinator, metrics_log)
         self.bundle = {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
         self.use_gpu = use_gpu
-        self.slots: list[PlacementGroup] = []
-        self.slot_names: list[str] = []  # named and detached: a restarted coordinator finds them
+        self.slots = Slots(spec.run_name, self.bundle, coordinator.set_slots)
         self.members: list[Member] = []
         self.joiners: list[Member] = []  # started, warming up or ready, not yet in the group
         self.pending_joiners: dict[Any, tuple[Any, int]] = {}  # info ref -> (handle, slot)
@@ -250,88 +218,21 @@ class ElasticGroup:
         self.failure_budget = FailureBudget(cfg.elastic.max_failures,
                                             cfg.elastic.failure_window_s)
         self.failure_policy = FailurePolicy()
-        self.skipped_steps = 0  # non-finite steps skipped so far (MLflow: skipped_steps)
         self.rollbacks = 0
-        self.logged_step = 0
-        self.last_log_step = 0
         self.last_resize_check = time.time()
         self.stop_requested: str | None = None  # why the run is to stop (jobs/train.py --stop)
         self.loop_state: LoopState | None = None
 
+    @property
+    def logged_step(self) -> int:
+        """The last step written down (metrics log, MLflow)."""
+        return self.run_log.logged_step
+
     # ------------------------------------------------------------------ capacity
-    def _open_slots(self) -> None:
-        from ray.autoscaler.sdk import request_resources
-
-        high = self.cfg.parallel.max_workers + self.cfg.elastic.spares
-        try:  # ask an autoscaling cluster for the maximum; a no-op on a fixed cluster
-            request_resources(bundles=[dict(self.bundle)] * high)
-        except Exception as exc:
-            logger.debug("request_resources: %s", exc)
-        for _ in range(high):
-            self._add_slot()
-        self.coordinator.set_slots(self.slot_names)
-
-    def _add_slot(self, index: int | None = None) -> None:
-        """A fresh named, detached slot (at ``index``, or appended): it outlives the
-        coordinator's process, like the worker placed in it."""
-        name = f"{self.spec.run_name}-slot-{uuid.uuid4().hex[:8]}"
-        pg = placement_group([dict(self.bundle)], name=name, lifetime="detached")
-        if index is None:
-            self.slots.append(pg)
-            self.slot_names.append(name)
-        else:
-            self.slots[index], self.slot_names[index] = pg, name
-
-    def _slot_states(self) -> dict[int, str] | None:
-        """Each slot's placement state from the GCS (CREATED = placed), or None if it is busy."""
-        try:
-            table = placement_group_table()
-        except Exception as exc:  # the GCS is busy or restarting: the next check tries again
-            logger.debug("placement_group_table: %s", exc)
-            return None
-        return {i: table.get(pg.id.hex(), {}).get("state", "") for i, pg in enumerate(self.slots)}
-
-    def _replace_lost_slots(self) -> None:
-        """Give up slots whose node died and open fresh ones in their place.
-
-        A one-bundle slot whose node dies waits to be placed again (state RESCHEDULING); while
-        it waits, Ray 2.60's GCS spins a whole core (and so does the head's dashboard agent),
-        which on a small head node starves the survivors. A fresh placement group waits for
-        capacity (PENDING) without that cost, and is placed as soon as a node has room.
-        """
-        states = self._slot_states()
-        replaced = False
-        for i, state in (states or {}).items():
-            if state != "RESCHEDULING":
-                continue
-            logger.info("slot %d lost its node: replacing it with a fresh placement group", i)
-            try:
-                remove_placement_group(self.slots[i])
-            except Exception as exc:
-                logger.debug("remove_placement_group: %s", exc)
-            self._add_slot(i)
-            replaced = True
-        if replaced:
-            self.coordinator.set_slots(self.slot_names)
-
-    def _ready_slots(self, timeout: float = 0.0) -> list[int]:
-        """Slots placed now (waiting up to ``timeout`` for all of them).
-
-        Read from the GCS's table, not from ``pg.ready()``: each ``ready()`` is a fresh
-        asynchronous request, so a zero-timeout wait on it can miss a slot placed long ago.
-        """
-        deadline = time.time() + timeout
-        while True:
-            states = self._slot_states() or {}
-            ready = sorted(i for i, state in states.items() if state == "CREATED")
-            if len(ready) == len(self.slots) or time.time() >= deadline:
-                return ready
-            time.sleep(0.05)
-
     def _free_slots(self) -> list[int]:
         used = {m.slot for m in self.members + self.joiners}
         used |= {slot for _, slot in self.pending_joiners.values()}
-        return [i for i in self._ready_slots() if i not in used]
+        return [i for i in self.slots.ready() if i not in used]
 
     def _start_worker(self, slot: int) -> tuple[Any, Any]:
         options: dict[str, Any] = {
@@ -375,7 +276,7 @@ class ElasticGroup:
         deadline = started + self.cfg.elastic.capacity_wait_s
         last_log = started
         while True:
-            self._replace_lost_slots()
+            self.slots.replace_lost()
             self._spawn_joiners()
             self._collect_joiners(timeout=0.5)
             have = len(self.members) + len(self.joiners)
@@ -397,9 +298,9 @@ class ElasticGroup:
         """Start the run's workers, form the first group (from the last committed checkpoint,
         or fresh) and train to the end."""
         self._enter(LoopState.FORMING)
-        self._open_slots()
+        self.slots.open(self.cfg.parallel.max_workers + self.cfg.elastic.spares)
         try:
-            self._ready_slots(timeout=5.0)  # let the slots the cluster can place now get placed
+            self.slots.ready(timeout=5.0)  # let the slots the cluster can place now get placed
             self._wait_for_minimum()
             self._spawn_joiners()
             self._collect_joiners(timeout=STARTUP_GRACE_S)  # those still starting, briefly
@@ -425,16 +326,8 @@ class ElasticGroup:
         the members' live state. Joiners and spares are not taken over (they are stopped, and
         replacements start)."""
         snap = self.coordinator.snapshot()
-        self.logged_step = self.last_log_step = logged_step
-        for name in snap["slots"]:
-            try:
-                pg = ray.util.get_placement_group(name)
-            except ValueError:  # removed with its node: a fresh one takes its place
-                self._add_slot()
-                continue
-            self.slots.append(pg)
-            self.slot_names.append(name)
-        self.coordinator.set_slots(self.slot_names)
+        self.run_log.logged_step = self.run_log.last_log_step = logged_step
+        self.slots.find(snap["slots"])
         self.plan = MeshPlan.from_dict(snap["world_sizes"][-1]["plan"])
         members, lost = [], []
         for worker in snap["workers"]:
@@ -591,7 +484,7 @@ class ElasticGroup:
             now = time.time()
             if failed and now - slots_checked >= 1.0:  # a node may have gone with the worker
                 slots_checked = now
-                self._replace_lost_slots()
+                self.slots.replace_lost()
             for ref, member in list(refs.items()):
                 silent = now - member.last_reply
                 # hung: no answer at all; or, answering, still in train() long after its peers
@@ -645,7 +538,7 @@ class ElasticGroup:
         now = time.time()
         if now - self.last_resize_check >= self.cfg.elastic.resize_check_s:
             self.last_resize_check = now
-            self._replace_lost_slots()
+            self.slots.replace_lost()
             self._spawn_joiners()
         self._collect_joiners()
         # spares wait outside a full group; a joiner pauses the group only if it has room
@@ -669,37 +562,7 @@ class ElasticGroup:
             except ray.exceptions.RayError:
                 continue
             member.last_reply = time.time()
-            self._log_metrics(reply.metrics)
-
-    def _log_metrics(self, records: list[tuple[int, dict[str, float]]]) -> None:
-        for step, values in sorted(records, key=lambda r: r[0]):
-            if step <= self.logged_step:
-                continue
-            self.logged_step = step
-            values = dict(values)
-            committed_at = values.pop("committed_at", None)
-            if values.get("step_skipped"):
-                self.skipped_steps += 1
-                logger.warning("step %d skipped: loss %s, grad_norm %s (not finite)", step,
-                               values["loss"], values["grad_norm"])
-            values["skipped_steps"] = self.skipped_steps
-            if self.metrics_log:
-                with open(self.metrics_log, "a") as f:
-                    f.write(json.dumps({"step": step, "time": committed_at, "values": values})
-                            + "\n")
-            self.tracker.log_metrics(values, step, timestamp=committed_at)
-            self.coordinator.heartbeat(step, first_after_start=False)
-            log_freq = self.cfg.train.log_freq
-            if step % log_freq == 0 or step - self.last_log_step > log_freq or step == 1:
-                self.last_log_step = step
-                logger.info("step %d loss %.4f lm %.4f mtp %.4f grad_norm %.3f lr %.2e tok/s %.0f "
-                            "workers %d load max/mean %.2f", step, values["loss"],
-                            values["lm_loss"], values["mtp_loss"], values["grad_norm"],
-                            values["lr"], values["tokens_per_s"], values["world_size"],
-                            values.get("moe/load_max_over_mean", 0.0))
-            if "val_loss" in values:
-                logger.info("step %d val_loss %.4f val_mtp_loss %.4f", step, values["val_loss"],
-                            values["val_mtp_loss"])
+            self.run_log.write(reply.metrics)
 
     # ------------------------------------------------------------------ membership changes
     def _stop_on_error(self, decision: Decision, reports: list[StepReport]) -> StepError:
@@ -745,7 +608,7 @@ class ElasticGroup:
                            self.logged_step + 1)
         for member in failed:
             fence(member.handle, member.info.pid, member.info.node_id)
-        self._replace_lost_slots()
+        self.slots.replace_lost()
         if count_failure:
             spent = self.failure_budget.spend(Failure(
                 detected, self.logged_step, ranks, "worker_lost" if failed else "broken_step"))
@@ -808,7 +671,7 @@ class ElasticGroup:
         logger.warning("worker(s) pid %s lost while the group formed; rebuilding without them",
                        pids)
         self.coordinator.record_event("lost_while_forming", self.logged_step, pids=pids)
-        self._replace_lost_slots()
+        self.slots.replace_lost()
 
     def _roll_back(self, outcomes: dict[Member, TrainOutcome]) -> None:
         """``train.max_skipped_steps`` non-finite steps in a row (the vote makes every rank see
@@ -1042,8 +905,4 @@ class ElasticGroup:
                 pass
         for handle, _ in self.pending_joiners.values():
             ray.kill(handle, no_restart=True)
-        for pg in self.slots:
-            try:
-                remove_placement_group(pg)
-            except Exception:
-                pass
+        self.slots.remove_all()

@@ -28,14 +28,14 @@ def test_placed_slots_always_read_as_free(tmp_path):
         record = CoordinatorState("slots")
         group = ElasticGroup(cfg, SimpleNamespace(run_name="slots"), record, None,
                              use_gpu=False)
-        group._open_slots()
+        group.slots.open(4)
         started = time.time()
-        assert group._ready_slots(timeout=1.0) == [0, 1, 2]
+        assert group.slots.ready(timeout=1.0) == [0, 1, 2]
         assert time.time() - started >= 1.0  # it waited for the fourth, which cannot be placed
         reads = [group._free_slots() for _ in range(30)]
         assert reads == [[0, 1, 2]] * 30
         # the slots are named in the record: a restarted coordinator finds them again
         assert [ray.util.get_placement_group(name).id for name in record.state["slots"]] \
-            == [pg.id for pg in group.slots]
+            == [pg.id for pg in group.slots.groups]
     finally:
         ray.shutdown()
