@@ -311,13 +311,16 @@ class Coordinator(CoordinatorState):
         with self._lock:
             # where the loop runs (operators, tests); written with the next change of the record
             self.state["coordinator_pid"] = os.getpid()
+        ended = self.loaded_status in ("FINISHED", "FAILED", "STOPPED")
+        if restarted and ended:  # Ray restarted it after its run ended: keep the result
+            self.state["status"] = self.loaded_status
+            return
+        self.state["result"] = None  # a new launch (--resume) of an earlier run: a new result
         if restarted and self.loaded_status == "RUNNING" and self.state["slots"]:
             logger.warning("coordinator restarted (pid %d): taking over the run's live workers",
-                        os.getpid())
+                           os.getpid())
             self.record_event("coordinator_restarted", self.state["last_step"], pid=os.getpid())
             self.host.start(adopt=True)
-        elif self.loaded_status in ("FINISHED", "FAILED", "STOPPED"):
-            self.state["status"] = self.loaded_status  # a restart after the run ended
 
     def start_run(self) -> None:
         """Start the control loop (once; a second call, e.g. from an attaching launcher, does

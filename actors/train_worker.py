@@ -386,12 +386,18 @@ class TrainWorker:
 
     def checkpoint_now(self) -> str:
         """After the group paused to stop: save the current step on every rank (they call this
-        together) and wait until it is committed or failed. Returns "saved" or "nonfinite"."""
+        together) and wait until it is committed or failed. Returns "saved", "nonfinite", or
+        "committed" (the periodic save in flight was of this very step: nothing more to do;
+        every rank learns that from the same commit outcome, so all skip alike)."""
         def save() -> str:
             if self.trainer is None or self.epoch is None:
                 raise RuntimeError("checkpoint_now() before join(): the worker has no state")
+            checkpointer = self.trainer.checkpointer
+            checkpointer.collect()  # the save in flight first: never two saves of one step
+            if checkpointer.last_committed == self.trainer.step:
+                return "committed"
             outcome = self._checkpoint(self.epoch, self.trainer, force=True)
-            self.trainer.checkpointer.wait()
+            checkpointer.wait()
             return outcome
 
         return self.torch_thread.submit(save).result()

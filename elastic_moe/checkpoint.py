@@ -120,6 +120,8 @@ class Checkpointer:
         self._is_url = "://" in root
         # (future, step, event set once the outcome is known on this rank)
         self._pending: tuple[Future, int, threading.Event] | None = None
+        # the newest step this process saw committed (the outcome every rank got from rank 0)
+        self.last_committed: int | None = None
         self._commit_error: BaseException | None = None
         self._lock = threading.Lock()
         # DCP's async writer runs collectives from a background thread: give it its own group so
@@ -250,6 +252,8 @@ class Checkpointer:
             outcome = [error]
             dist.broadcast_object_list(outcome, group=self.group, group_src=0)
             error = outcome[0]
+        if error is None:
+            self.last_committed = step
         return error
 
     def wait(self) -> None:
