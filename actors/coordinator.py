@@ -316,10 +316,12 @@ class CoordinatorAPI(Protocol):
 
 
 class CoordinatorClient:
-    """:class:`CoordinatorAPI` over the Ray actor: the one thin adapter of named remote calls.
+    """The coordinator actor as the workers and the launcher call it: the one thin adapter of
+    named remote calls. (The control loop runs in the coordinator's own process and calls
+    :class:`CoordinatorState` directly.)
 
-    Reads block; ``commit``, ``heartbeat`` and ``record_event`` are fire-and-forget (they are
-    ordered behind each other by Ray's per-caller actor ordering).
+    Reads block; ``commit`` and ``record_event`` are fire-and-forget (they are ordered behind
+    each other by Ray's per-caller actor ordering).
     """
 
     def __init__(self, handle: ray.actor.ActorHandle) -> None:
@@ -327,9 +329,6 @@ class CoordinatorClient:
 
     def snapshot(self) -> dict[str, Any]:
         return ray.get(self.handle.snapshot.remote())
-
-    def restore_point(self) -> dict[str, Any] | None:
-        return ray.get(self.handle.restore_point.remote())
 
     def commit(self, step: int, path: str, data_position: dict[str, Any],
                tokens_seen: int, epoch: int) -> None:
@@ -351,33 +350,11 @@ class CoordinatorClient:
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             return None
 
-    def heartbeat(self, step: int, first_after_start: bool = False) -> None:
-        self.handle.heartbeat.remote(step, first_after_start)
-
-    def open_epoch(self) -> int:
-        return ray.get(self.handle.open_epoch.remote())
-
-    def close_epoch(self, epoch: int) -> None:
-        ray.get(self.handle.close_epoch.remote(epoch))
-
-    def start_epoch(self, epoch: int, world_size: int, plan: dict[str, Any], restored_step: int,
-                    timings: dict[str, float] | None = None, *,
-                    workers: list[dict[str, Any]] | None = None,
-                    detail: dict[str, Any] | None = None) -> dict[str, Any]:
-        return ray.get(self.handle.start_epoch.remote(epoch, world_size, plan, restored_step,
-                                                      timings, workers=workers, detail=detail))
-
     def record_event(self, kind: str, step: int, **detail: Any) -> None:
         self.handle.record_event.remote(kind, step, **detail)
 
     def set_mlflow_run_id(self, run_id: str) -> None:
         ray.get(self.handle.set_mlflow_run_id.remote(run_id))
-
-    def set_slots(self, names: list[str]) -> None:
-        ray.get(self.handle.set_slots.remote(names))
-
-    def finish(self, status: str, result: dict[str, Any] | None = None) -> None:
-        ray.get(self.handle.finish.remote(status, result))
 
 
 def get(run_name: str) -> CoordinatorClient:

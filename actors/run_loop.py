@@ -298,12 +298,8 @@ class Coordinator(CoordinatorState):
     commits, heartbeats) are served while the loop runs.
     """
 
-    def __init__(self, run_name: str, state_path: str | None = None,
-                 launch: Any = None) -> None:
+    def __init__(self, run_name: str, state_path: str | None, launch: Launch) -> None:
         super().__init__(run_name, state_path)
-        self.host: Any = None
-        if launch is None:
-            return
         self.host = RunHost(self, launch)
         with warnings.catch_warnings():  # Ray 2.60 reads a deprecated field inside the property
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -325,15 +321,11 @@ class Coordinator(CoordinatorState):
     def start_run(self) -> None:
         """Start the control loop (once; a second call, e.g. from an attaching launcher, does
         nothing)."""
-        if self.host is None:
-            raise RuntimeError("this coordinator was created without a launch: it only records")
         self.host.start(adopt=False)
 
     def progress(self, since: int, incarnation: str | None) -> Progress:
         """The control loop's log lines after ``since`` (numbering restarts with each
         ``incarnation``: a restarted coordinator), its step, and its result once it ended."""
-        if self.host is None:
-            raise RuntimeError("this coordinator was created without a launch: no control loop")
         with self._lock:
             status, step, result = (self.state["status"], self.state["last_step"],
                                     self.state["result"])
@@ -343,18 +335,15 @@ class Coordinator(CoordinatorState):
 
     def stop(self, reason: str) -> None:
         """Stop the run at the next step boundary, after saving that step (``--stop``)."""
-        if self.host is None:
-            raise RuntimeError("this coordinator was created without a launch: no control loop")
         logger.warning("stop requested: %s", reason)
         self.host.stop(reason)
 
     def release(self) -> None:
         """A launcher has the result of the finished run: end this actor (no restart)."""
-        if self.host is not None:
-            self.host.release()
+        self.host.release()
 
 
-def create(run_name: str, state_path: str, launch: Any) -> Any:
+def create(run_name: str, state_path: str, launch: Launch) -> Any:
     """Create the run's coordinator with its control loop and return its handle: detached (it
     outlives the launcher), restartable (it takes over the live workers after its process
     dies). A coordinator of the same name that did not answer :func:`find` is replaced.
@@ -393,6 +382,6 @@ def find(run_name: str) -> Any:
         return None
     try:
         progress = ray.get(handle.progress.remote(0, None), timeout=30)
-    except (ray.exceptions.RayError, RuntimeError):  # gone, or a recorder without a loop
+    except ray.exceptions.RayError:  # gone, or an older recorder-only coordinator
         return None
     return handle if progress.result is None else None

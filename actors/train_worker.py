@@ -304,8 +304,9 @@ class TrainWorker:
         """Committed steps until finished, paused by a vote, or broken by a failed peer."""
         with self.lock:
             epoch = self.epoch.epoch if self.epoch is not None else None
-            self.training = (epoch, self.torch_thread.submit(self._train))
-        return self.training[1].result()
+            future = self.torch_thread.submit(self._train)
+            self.training = (epoch, future)
+        return future.result()
 
     def take_over(self, epoch: int) -> TrainOutcome:
         """The outcome of this worker's ``train()`` in membership epoch ``epoch``: the call in
