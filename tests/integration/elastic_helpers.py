@@ -1,11 +1,21 @@
-"""Shared pieces of the elastic-service tests: configs, sample accounting, checkpoint reads."""
+"""Shared pieces of the elastic-service tests: configs, sample accounting, checkpoint reads,
+waiting on a launcher, a `ray start --head` of the test's own."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 from elastic_moe.config import Config, apply_overrides, debug
@@ -75,3 +85,38 @@ def final_model_tensors(checkpoint_dir: str) -> dict[str, torch.Tensor]:
         os.path.join(checkpoint_dir, step_dir_name(step))), planner=_EmptyStateDictLoadPlanner(),
         no_dist=True)
     return {k: v for k, v in state["model"].items()}
+
+
+def wait_for(predicate, timeout_s: float, what: str, log_path: str, tail_chars: int = 8000):
+    """``predicate()``'s first truthy value, polled every 0.2 s; after ``timeout_s`` the test
+    fails naming ``what`` and showing the end of the launcher's output (``log_path``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    with open(log_path) as f:
+        tail = f.read()[-tail_chars:]
+    pytest.fail(f"no {what} after {timeout_s:.0f} s; launcher output:\n{tail}")
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], *args: str) -> Iterator[None]:
+    """A `ray start --head` of its own (temp dir; ``args``: ports and resources), stopped by
+    killing only its processes."""
+    bin_dir = os.path.dirname(sys.executable)
+    temp_dir = tempfile.mkdtemp(prefix="emoe-", dir="/tmp")  # short: Ray's socket paths
+    try:
+        subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", *args,
+                        "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                       check=True, env=env, capture_output=True, timeout=180)
+        yield
+    finally:
+        out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout
+        for pid in out.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)

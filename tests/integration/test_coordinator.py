@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import psutil
 import pytest
 
+from tests.integration.elastic_helpers import ray_head, wait_for
 from tests.integration.multiproc import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -36,26 +35,15 @@ STEPS = 60
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    """A head node of its own (temp dir, ports), stopped by killing only its processes."""
+def head():
+    """A head node of its own: (launcher environment, its address)."""
     bin_dir = os.path.dirname(sys.executable)
-    temp_dir = tempfile.mkdtemp(prefix="emoe-", dir="/tmp")  # short: Ray's socket paths
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bin_dir}:{os.environ['PATH']}",
                PYTHONPATH=ROOT)
     env.pop("RAY_ADDRESS", None)
     port = free_port()
-    subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", f"--port={port}",
-                    "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                    f"--temp-dir={temp_dir}"],
-                   check=True, env=env, capture_output=True, timeout=180)
-    yield env, f"127.0.0.1:{port}"
-    out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout
-    for pid in out.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head(env, f"--port={port}", "--num-cpus=2", "--include-dashboard=false"):
+        yield env, f"127.0.0.1:{port}"
 
 
 def _command(address: str, tmp_path, run_name: str) -> list[str]:
@@ -90,17 +78,6 @@ def _mlflow_steps(tmp_path) -> list[int]:
         if runs else []
 
 
-def _wait(predicate, timeout_s: float, what: str, log: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"no {what} after {timeout_s:.0f} s; launcher output:\n"
-                         f"{open(log).read()[-6000:]}")
-
-
 def _logged_step(tmp_path, run_name: str) -> int:
     path = tmp_path / "out" / run_name / "metrics.jsonl"
     if not path.exists():
@@ -112,7 +89,7 @@ def _logged_step(tmp_path, run_name: str) -> int:
 def _kill_coordinator(tmp_path, run_name: str, log: str) -> int:
     pid = _record(tmp_path, run_name)["coordinator_pid"]
     os.kill(pid, signal.SIGKILL)
-    restarted = _wait(lambda: (_record(tmp_path, run_name).get("coordinator_pid") or pid) != pid,
+    restarted = wait_for(lambda: (_record(tmp_path, run_name).get("coordinator_pid") or pid) != pid,
                       60, "restarted coordinator", log)
     assert restarted
     return pid
@@ -132,14 +109,14 @@ def _check_one_history(tmp_path, run_name: str, record: dict) -> None:
     assert record["loop_state"] == "finished", record["loop_state"]
 
 
-def test_training_outlives_the_launcher_and_the_coordinator(ray_head, tmp_path):
-    env, address = ray_head
+def test_training_outlives_the_launcher_and_the_coordinator(head, tmp_path):
+    env, address = head
     run = "outlives"
     command = _command(address, tmp_path, run)
     first_log = str(tmp_path / "launcher-1.log")
     with open(first_log, "w") as out:
         launcher = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    _wait(lambda: _logged_step(tmp_path, run) >= 15 or launcher.poll() is not None, 300,
+    wait_for(lambda: _logged_step(tmp_path, run) >= 15 or launcher.poll() is not None, 300,
           "step 15", first_log)
     assert launcher.poll() is None, open(first_log).read()[-4000:]
     workers = {w["pid"] for w in _record(tmp_path, run)["workers"]}
@@ -147,11 +124,11 @@ def test_training_outlives_the_launcher_and_the_coordinator(ray_head, tmp_path):
     launcher.wait()
     killed_at = max(_mlflow_steps(tmp_path), default=0)
     # no launcher exists: MLflow keeps receiving steps
-    _wait(lambda: max(_mlflow_steps(tmp_path), default=0) >= killed_at + 5, 120,
+    wait_for(lambda: max(_mlflow_steps(tmp_path), default=0) >= killed_at + 5, 120,
           "steps in MLflow without a launcher", first_log)
     # and the coordinator's process dies too: Ray restarts it, and it takes over
     _kill_coordinator(tmp_path, run, first_log)
-    _wait(lambda: _logged_step(tmp_path, run) >= killed_at + 10, 120,
+    wait_for(lambda: _logged_step(tmp_path, run) >= killed_at + 10, 120,
           "steps after the coordinator restarted", first_log)
     assert _logged_step(tmp_path, run) < STEPS, "the run ended before the launcher re-attached"
     second_log = str(tmp_path / "launcher-2.log")
@@ -164,19 +141,19 @@ def test_training_outlives_the_launcher_and_the_coordinator(ray_head, tmp_path):
     assert f"run {run}: FINISHED at step {STEPS}" in output, output[-6000:]
     record = _record(tmp_path, run)
     assert {w["pid"] for w in record["workers"]} == workers
-    _wait(lambda: not any(psutil.pid_exists(p) for p in workers), 30,  # stopped at the end
+    wait_for(lambda: not any(psutil.pid_exists(p) for p in workers), 30,  # stopped at the end
           "workers stopped", second_log)
     _check_one_history(tmp_path, run, record)
 
 
-def test_the_launcher_follows_a_restarted_coordinator(ray_head, tmp_path):
-    env, address = ray_head
+def test_the_launcher_follows_a_restarted_coordinator(head, tmp_path):
+    env, address = head
     run = "follows"
     log = str(tmp_path / "launcher.log")
     with open(log, "w") as out:
         launcher = subprocess.Popen(_command(address, tmp_path, run), env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
-    _wait(lambda: _logged_step(tmp_path, run) >= 20 or launcher.poll() is not None, 300,
+    wait_for(lambda: _logged_step(tmp_path, run) >= 20 or launcher.poll() is not None, 300,
           "step 20", log)
     workers = {w["pid"] for w in _record(tmp_path, run)["workers"]}
     _kill_coordinator(tmp_path, run, log)
@@ -189,18 +166,18 @@ def test_the_launcher_follows_a_restarted_coordinator(ray_head, tmp_path):
     _check_one_history(tmp_path, run, record)
 
 
-def test_stop_saves_the_step_it_stops_at_and_resume_goes_on_from_it(ray_head, tmp_path):
+def test_stop_saves_the_step_it_stops_at_and_resume_goes_on_from_it(head, tmp_path):
     """``--stop`` ends a live run at a step boundary after saving that step (exit 8, MLflow
     KILLED); ``--resume`` continues from exactly there: no step lost, none redone."""
     from mlflow.tracking import MlflowClient
 
-    env, address = ray_head
+    env, address = head
     run = "stopped"
     log = str(tmp_path / "launcher.log")
     command = _command(address, tmp_path, run)
     with open(log, "w") as out:
         launcher = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    _wait(lambda: _logged_step(tmp_path, run) >= 8 or launcher.poll() is not None, 300,
+    wait_for(lambda: _logged_step(tmp_path, run) >= 8 or launcher.poll() is not None, 300,
           "step 8", log)
     stop = subprocess.run([*command, "--stop"], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
+from tests.integration.elastic_helpers import ray_head
 from tests.integration.multiproc import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -19,33 +17,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture
-def ray_head():
-    """A head node of its own (own temp dir, ports), stopped by killing only its processes."""
+def head():
+    """A head node of its own with its dashboard (job submission): (environment, its URL)."""
     bin_dir = os.path.dirname(sys.executable)
-    temp_dir = tempfile.mkdtemp(prefix="emoe-", dir="/tmp")  # short: Ray's socket paths
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bin_dir}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
-    subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", f"--port={free_port()}",
-                    f"--dashboard-port={dashboard}", "--num-cpus=3", "--include-dashboard=true",
-                    # the agent's default port (52365) is taken when another head runs here
-                    f"--dashboard-agent-listen-port={free_port()}",
-                    "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-                   check=True, env=env, capture_output=True, timeout=180)
-    yield env, f"http://127.0.0.1:{dashboard}"
-    out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout
-    for pid in out.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head(env, f"--port={free_port()}", f"--dashboard-port={dashboard}", "--num-cpus=3",
+                  "--include-dashboard=true",
+                  # the agent's default port (52365) is taken when another head runs here
+                  f"--dashboard-agent-listen-port={free_port()}"):
+        yield env, f"http://127.0.0.1:{dashboard}"
 
 
-def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, tmp_path):
+def test_ray_job_submit_trains_and_logs_to_mlflow(head, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    env, address = ray_head
+    env, address = head
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.run(
         ["ray", "job", "submit", "--address", address, "--working-dir", ROOT, "--",

@@ -33,7 +33,7 @@ import time
 import psutil
 import pytest
 
-from tests.integration.elastic_helpers import assert_each_sample_once
+from tests.integration.elastic_helpers import assert_each_sample_once, wait_for
 from tests.integration.netns import two_host_cluster, unavailable_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -62,18 +62,6 @@ def _metrics(path: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.endswith("\n")]
-
-
-def _wait_for(predicate, timeout_s: float, what: str, log_path: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    with open(log_path) as f:
-        tail = f.read()[-8000:]
-    pytest.fail(f"no {what} after {timeout_s:.0f} s; launcher output:\n{tail}")
 
 
 def _ray_nodes_alive(cluster) -> dict[str, bool]:
@@ -124,7 +112,7 @@ def test_a_cut_off_worker_is_fenced_by_epoch_and_its_node_rejoins(cluster, tmp_p
                 return state
             return None
 
-        state = _wait_for(training, 300, f"two workers past step {CUT_AFTER_STEP}", log_path)
+        state = wait_for(training, 300, f"two workers past step {CUT_AFTER_STEP}", log_path)
         assert "exited" not in state, open(log_path).read()[-8000:]
         first_epoch = state["world_sizes"][-1]["epoch"]
         (cut_off,) = [w for w in state["workers"] if link.holds(w["pid"])]
@@ -137,10 +125,10 @@ def test_a_cut_off_worker_is_fenced_by_epoch_and_its_node_rejoins(cluster, tmp_p
         def stopped() -> float | None:
             return time.time() if not psutil.pid_exists(cut_off["pid"]) else None
 
-        stopped_at = _wait_for(stopped, PARTITION_S - 5, "self-stop of the cut-off worker",
+        stopped_at = wait_for(stopped, PARTITION_S - 5, "self-stop of the cut-off worker",
                                log_path)
         # the survivor trains on, alone, while the link is still down
-        resumed = _wait_for(lambda: next((m for m in _metrics(metrics_log)
+        resumed = wait_for(lambda: next((m for m in _metrics(metrics_log)
                                           if (m["time"] or 0) > cut_at
                                           and m["values"]["world_size"] == 1), None),
                             max(1.0, cut_at + PARTITION_S - 3 - time.time()),
@@ -159,7 +147,7 @@ def test_a_cut_off_worker_is_fenced_by_epoch_and_its_node_rejoins(cluster, tmp_p
                 return state
             return None
 
-        state = _wait_for(rejoined, 180, "scale-up after the heal", log_path)
+        state = wait_for(rejoined, 180, "scale-up after the heal", log_path)
         assert "exited" not in state, open(log_path).read()[-8000:]
         new_pids = [w["pid"] for w in state["workers"]]
         on_namespace_node = [pid for pid in new_pids if link.holds(pid)]

@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from tests.integration.elastic_helpers import wait_for
 from tests.integration.netns import tcp_sockets, two_host_cluster, unavailable_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -35,18 +36,6 @@ def cluster():
         pytest.skip(f"two network hosts need a network namespace: {UNAVAILABLE}")
     with two_host_cluster(ROOT) as made:
         yield made
-
-
-def _wait_for(predicate, timeout_s: float, what: str, log_path: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    with open(log_path) as f:
-        tail = f.read()[-6000:]
-    pytest.fail(f"no {what} after {timeout_s:.0f} s; launcher output:\n{tail}")
 
 
 def _state(path: str) -> dict | None:
@@ -108,7 +97,7 @@ def test_two_host_run_finishes_through_a_killed_worker(cluster, tmp_path):
                         return state
             return None
 
-        state = _wait_for(training, 240, "two workers past step 2", log_path)
+        state = wait_for(training, 240, "two workers past step 2", log_path)
         assert "exited" not in state, open(log_path).read()[-6000:]
         pids = [w["pid"] for w in state["workers"]]
         remote = [pid for pid in pids if link.holds(pid)]
