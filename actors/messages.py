@@ -15,9 +15,10 @@ from typing import Any
 
 from elastic_moe.train.elastic import Holdings
 from elastic_moe.train.failure_policy import StepReport
+from elastic_moe.train.peer_copies import CopyPlan, WardCopy
 
-__all__ = ["EpochSpec", "Holdings", "JoinReport", "LeaseReply", "LoopState", "PingReply",
-           "RestoreSource", "Status", "TrainOutcome", "WorkerInfo"]
+__all__ = ["CopyPlan", "EpochSpec", "Holdings", "JoinReport", "LeaseReply", "LoopState", "PingReply",
+           "RestoreSource", "Status", "TrainOutcome", "WardCopy", "WorkerInfo"]
 
 
 class Status(str, enum.Enum):
@@ -86,8 +87,11 @@ class JoinReport:
     rank: int
     step: int  # the step its state is at
     marks: dict[str, float]  # wall-clock marks of the join (join_start, group_ready, ...)
-    snapshot_bytes: int  # one snapshot of its own shards
-    copies_bytes: int  # everything it keeps for itself and its wards
+    copy_bytes_per_step: int  # what it forwards to its buddy every step (gradients)
+    redundancy_bytes: int  # host memory it holds for its wards (copies, gradient buffers)
+    copied_bytes_by_kind: dict[str, int] = field(default_factory=dict)  # dense / experts
+    # rank 0: every rank's copy plan of the layout (what has replicas, what its buddy copies)
+    copy_plans: list[CopyPlan] | None = None
 
 
 @dataclass(frozen=True, slots=True)

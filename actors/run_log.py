@@ -17,6 +17,8 @@ from elastic_moe.config import Config
 
 logger = logging.getLogger(__name__)
 
+PER_RANK_METRICS_UP_TO = 64  # above, MLflow gets no rank<r>_* series (a few per rank per step)
+
 
 class RunLog:
     """Where the control loop writes every committed step down, once and in order."""
@@ -29,15 +31,21 @@ class RunLog:
         self.last_log_step = 0  # the last step given a console line
         self.skipped_steps = 0  # non-finite steps skipped so far (MLflow: skipped_steps)
 
-    def write(self, records: list[tuple[int, dict[str, float]]]) -> None:
+    def write(self, records: list[tuple[int, dict[str, float]]]
+              ) -> list[tuple[int, dict[str, float]]]:
         """Write down the committed steps after ``logged_step``, in order: the metrics log
         first, then MLflow, the coordinator's heartbeat and every ``train.log_freq``-th step
-        line."""
+        line. Returns the steps written now. Per-rank times (``rank<r>_*``) go to MLflow only
+        up to ``PER_RANK_METRICS_UP_TO`` ranks."""
+        written = []
         for step, values in sorted(records, key=lambda r: r[0]):
             if step <= self.logged_step:
                 continue
             self.logged_step = step
+            written.append((step, values))
             values = dict(values)
+            if values.get("world_size", 0) > PER_RANK_METRICS_UP_TO:
+                values = {k: v for k, v in values.items() if not k.startswith("rank")}
             committed_at = values.pop("committed_at", None)
             if values.get("step_skipped"):
                 self.skipped_steps += 1
@@ -61,6 +69,7 @@ class RunLog:
             if "val_loss" in values:
                 logger.info("step %d val_loss %.4f val_mtp_loss %.4f", step, values["val_loss"],
                             values["val_mtp_loss"])
+        return written
 
 
 def replay_metrics(metrics_log: str, checkpointer: Any | None, tracker: Any) -> int:

@@ -60,7 +60,6 @@ from elastic_moe.train.failure_policy import StepFailure, StepReport, classify, 
 logger = logging.getLogger(__name__)
 
 METRICS_KEPT = 256  # committed steps' metrics a worker keeps until the group has logged them
-PEER_SETTLE_S = 2.0  # after a failure, how long the last step's peer-copy transfers may take
 BROKEN_SAVE_WAIT_S = 1.0  # after a failure, how long an async save in flight may take to end
 
 
@@ -277,9 +276,10 @@ class TrainWorker:
             self.trainer, self.epoch = trainer, epoch
             self.progress.step = trainer.step
         return JoinReport(rank=epoch.rank, step=trainer.step, marks=marks,
-                          snapshot_bytes=(trainer.peers.own[-1].nbytes() if trainer.peers.own
-                                          else 0),
-                          copies_bytes=trainer.peers.nbytes())
+                          copy_bytes_per_step=trainer.peers.bytes_per_step(),
+                          redundancy_bytes=trainer.peers.nbytes(),
+                          copied_bytes_by_kind=trainer.peers.nbytes_by_kind(),
+                          copy_plans=trainer.peers.plans if epoch.rank == 0 else None)
 
     def _leave_group(self, checkpoint_wait_s: float = 10.0) -> None:
         """Leave the current process group, letting an async save in flight finish first
@@ -348,17 +348,13 @@ class TrainWorker:
                         "step_skipped", committed.step, loss=committed.metrics["loss"],
                         grad_norm=committed.metrics["grad_norm"],
                         in_a_row=trainer.skipped_in_row)
-                trainer.maybe_snapshot()
                 if trainer.skipped_in_row >= cfg.train.max_skipped_steps:
-                    trainer.settle_peers()  # the group rolls back (no save of this state)
                     return TrainOutcome(Status.DIVERGED, trainer.step,
                                         first_skipped=trainer.first_skipped,
                                         position=trainer.position.to_dict())
                 self._checkpoint(epoch, trainer)
                 if trainer.paused:
-                    trainer.settle_peers()
                     return TrainOutcome(Status.PAUSED, trainer.step)
-            trainer.settle_peers()
             final = trainer.checkpointer.collect()  # reported as it happened (_on_save_failed)
             loads = trainer.last_metrics.expert_loads if trainer.last_metrics else None
             return TrainOutcome(Status.FINISHED, trainer.step, expert_loads=loads,
@@ -404,15 +400,13 @@ class TrainWorker:
         return self.torch_thread.submit(save).result()
 
     def _end_broken_step(self, trainer: Any) -> None:
-        """After a step broke, for a fault or an error alike: keep the peer copies that arrive,
-        close this rank's connections (gloo) and abort its communicators (NCCL), then leave the
-        group. Its peers may still wait in a collective for *this* rank -- it raised, or with
-        three or more ranks it is a survivor another survivor waits on -- and would otherwise
-        wait out the collective timeout (leaving a gloo group closes nothing)."""
+        """After a step broke, for a fault or an error alike: close this rank's connections (gloo)
+        and abort its communicators (NCCL), then leave the group. Its peers may still wait in a
+        collective for *this* rank -- it raised, or with three or more ranks it is a survivor
+        another survivor waits on -- and would otherwise wait out the collective timeout (leaving
+        a gloo group closes nothing)."""
         from elastic_moe.parallel.comm import abort_communicators
 
-        # the last step's copies left before the failure, as a rule: keep what arrived
-        trainer.settle_peers(timeout_s=PEER_SETTLE_S)
         # A save in flight may still complete (every peer alive: this rank's own error); it
         # cannot without a lost peer, and a rank whose save waits in a collective for a peer
         # whose own save already failed would hold up the rebuild: wait briefly, then close

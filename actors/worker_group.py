@@ -46,6 +46,7 @@ from typing import Any
 import ray
 from elastic_moe.actors.coordinator import NAMESPACE, CoordinatorAPI
 from elastic_moe.actors.messages import (
+    CopyPlan,
     EpochSpec,
     Holdings,
     JoinReport,
@@ -72,6 +73,7 @@ from elastic_moe.train.failure_policy import (
     FailurePolicy,
     StepReport,
 )
+from elastic_moe.train.stragglers import StragglerWatch
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +216,9 @@ class ElasticGroup:
         self.joiners: list[Member] = []  # started, warming up or ready, not yet in the group
         self.pending_joiners: dict[Any, tuple[Any, int]] = {}  # info ref -> (handle, slot)
         self.plan: MeshPlan | None = None
+        # the layout's copy plan (rank 0 reports it once the group has formed); None after a
+        # coordinator restart, when the keepers' copies tell what they leave out
+        self.copy_plans: list[CopyPlan] | None = None
         self.epoch = 0
         self.failure_budget = FailureBudget(cfg.elastic.max_failures,
                                             cfg.elastic.failure_window_s)
@@ -222,6 +227,11 @@ class ElasticGroup:
         self.last_resize_check = time.time()
         self.stop_requested: str | None = None  # why the run is to stop (jobs/train.py --stop)
         self.loop_state: LoopState | None = None
+        self.stragglers = StragglerWatch(cfg.elastic.straggler_ratio,
+                                         cfg.elastic.straggler_steps)
+        self.to_evict: Member | None = None  # a straggler the goodput model says to evict
+        self.evicted: list[Member] = []  # evicted by policy: not a fault, no budget spent
+        self.last_rebuild_s = 2.0  # the last rebuild's pause: what an eviction costs
 
     @property
     def logged_step(self) -> int:
@@ -434,8 +444,9 @@ class ElasticGroup:
                     self._record_step_error(decision, reports)
                 # an error is retried without spending the failure budget; a worker that
                 # died is a fault whatever else happened
+                faults = [m for m in failed if m not in self.evicted]
                 self._recover(outcomes, failed,
-                              count_failure=bool(failed) or decision.action is Action.REBUILD)
+                              count_failure=bool(faults) or decision.action is Action.REBUILD)
             else:
                 self._grow(outcomes)
 
@@ -482,6 +493,17 @@ class ElasticGroup:
                     broken_since = broken_since or time.time()
             self._ping_all([m for m in refs.values()], since=self.logged_step)
             now = time.time()
+            evict, self.to_evict = self.to_evict, None
+            if evict is not None and broken_since is None and evict in refs.values():
+                logger.warning("evicting straggler rank %d (pid %s); its slot gets a new worker",
+                               evict.rank, evict.info.pid)
+                self.coordinator.record_event("straggler_evicted", self.logged_step,
+                                              rank=evict.rank, pid=evict.info.pid)
+                fence(evict.handle, evict.info.pid, evict.info.node_id)
+                refs.pop(next(r for r, m in refs.items() if m is evict))
+                failed.append(evict)
+                self.evicted.append(evict)
+                broken_since = now
             if failed and now - slots_checked >= 1.0:  # a node may have gone with the worker
                 slots_checked = now
                 self.slots.replace_lost()
@@ -562,7 +584,32 @@ class ElasticGroup:
             except ray.exceptions.RayError:
                 continue
             member.last_reply = time.time()
-            self.run_log.write(reply.metrics)
+            for step, values in self.run_log.write(reply.metrics):
+                self._watch_stragglers(step, values)
+
+    def _watch_stragglers(self, step: int, values: dict[str, float]) -> None:
+        """Feed a committed step's per-rank compute times to the straggler policy; flag a
+        persistent straggler (with the numbers) and mark it for eviction when the goodput model
+        says so."""
+        world = int(values.get("world_size", 0))
+        compute = [values.get(f"rank{r}_compute_s") for r in range(world)]
+        if world != len(self.members) or any(c is None for c in compute):
+            return
+        self._collect_joiners()
+        verdict = self.stragglers.observe(
+            [float(c) for c in compute if c is not None], float(values.get("step_s", 0.0)),
+            steps_left=self.cfg.train.steps - step, spare_ready=bool(self.joiners),
+            pause_s=self.last_rebuild_s)
+        if verdict is None:
+            return
+        member = next((m for m in self.members if m.rank == verdict.rank), None)
+        logger.warning("straggler: %s (pid %s)", verdict.reason,
+                       member.info.pid if member else "?")
+        detail = {**verdict.detail(), "pid": member.info.pid if member else None}
+        self.coordinator.record_event("straggler", step, **detail)
+        self.tracker.log_event("straggler", step, **detail)
+        if verdict.evict and member is not None:
+            self.to_evict = member
 
     # ------------------------------------------------------------------ membership changes
     def _stop_on_error(self, decision: Decision, reports: list[StepReport]) -> StepError:
@@ -597,13 +644,14 @@ class ElasticGroup:
         # no commit of the broken epoch from now on (a cut-off member may still try one), so
         # that the restore point read below is final
         self.coordinator.close_epoch(self.epoch)
-        ranks = [m.rank for m in failed]
-        if failed:
+        ranks = [m.rank for m in failed if m not in self.evicted]
+        lost = [m for m in failed if m not in self.evicted]
+        if lost:
             logger.warning("lost worker(s) rank %s (pids %s) at step %d; rebuilding", ranks,
-                           [m.info.pid for m in failed], self.logged_step)
+                           [m.info.pid for m in lost], self.logged_step)
             self.coordinator.record_event("worker_lost", self.logged_step, ranks=ranks,
-                                          pids=[m.info.pid for m in failed])
-        else:  # every member is alive: a broken step (an error to retry, or a broken link)
+                                          pids=[m.info.pid for m in lost])
+        elif not failed:  # every member is alive: a broken step (an error, or a broken link)
             logger.warning("step %d broke with every worker alive; rebuilding the group",
                            self.logged_step + 1)
         for member in failed:
@@ -611,7 +659,7 @@ class ElasticGroup:
         self.slots.replace_lost()
         if count_failure:
             spent = self.failure_budget.spend(Failure(
-                detected, self.logged_step, ranks, "worker_lost" if failed else "broken_step"))
+                detected, self.logged_step, ranks, "worker_lost" if lost else "broken_step"))
             if spent:
                 raise FailureBudgetSpent(spent)
         survivors = [m for m in self.members if m not in failed]
@@ -640,7 +688,7 @@ class ElasticGroup:
                 fence(member.handle, member.info.pid, member.info.node_id)
             survivors = [m for m in survivors if m.rank in holdings]
             assert self.plan is not None  # a live restore follows a formed layout
-            decision = decide_restore(self.plan.world_size, holdings)
+            decision = decide_restore(self.plan.world_size, holdings, self.copy_plans)
             self._collect_joiners()
             self.members = survivors
             if regrow:  # a replacement warms up in a freed slot while the group trains
@@ -795,12 +843,15 @@ class ElasticGroup:
             member.rank = rank
         self.members = members
         self.plan = plan
+        self.copy_plans = next((j.copy_plans for j in joined if j.copy_plans), None)
         marks["rebuilt"] = time.time()
         for key in ("join_start", "group_ready", "built", "restored", "linked"):
             marks[key] = max(j.marks[key] for j in joined)
         logger.debug("rebuild marks: %s", {k: round(v - marks["detected"], 3)
                                            for k, v in marks.items()})
         pause_s = marks["rebuilt"] - marks["detected"]
+        self.last_rebuild_s = pause_s
+        self.stragglers.reset()  # ranks are renumbered
         step = joined[0].step
         if checkpoint_step is not None and skip_to is None \
                 and step < checkpoint_step:  # the workers said why
@@ -813,7 +864,11 @@ class ElasticGroup:
         detail = {**cause_detail, "rebuild_s": round(pause_s, 3),
                   "old_plan": old_plan.describe() if old_plan else None,
                   "new_plan": plan.describe(),
-                  "snapshot_bytes": max(j.snapshot_bytes for j in joined)}
+                  "copy_bytes_per_step": max(j.copy_bytes_per_step for j in joined),
+                  "redundancy_bytes": max(j.redundancy_bytes for j in joined),
+                  "copied_bytes_by_kind": {
+                      kind: sum(j.copied_bytes_by_kind.get(kind, 0) for j in joined)
+                      for kind in ("dense", "experts")}}
         epoch = self.coordinator.start_epoch(self.epoch, world, plan.to_dict(), step, marks,
                                              workers=workers, detail=detail)
         self.tracker.log_event(epoch["cause"], step, world_size=world,

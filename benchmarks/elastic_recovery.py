@@ -79,10 +79,10 @@ def run_ours(workdir: str, name: str, scenario: str, recovery: str, cluster) -> 
     from mlflow.tracking import MlflowClient
 
     workers = (2, 3) if scenario == "join" else (1, 2)
-    snapshot_every = "0" if scenario == "steady-nocopy" else "1"
+    copies = "false" if scenario == "steady-nocopy" else "true"
     # a new node registers and its worker starts in a few seconds: leave the join room
     cfg = _config(workdir, workers, [f"elastic.recovery={recovery}",
-                                     f"elastic.snapshot_every={snapshot_every}"],
+                                     f"elastic.peer_copies={copies}"],
                   steps=5 * STEPS if scenario == "join"
                   else 3 * STEPS if scenario.startswith("steady") else STEPS)
     out: dict = {}
@@ -124,7 +124,7 @@ def run_ours(workdir: str, name: str, scenario: str, recovery: str, cluster) -> 
         result.mlflow_run_id, "loss"))
     record: dict[str, float] = {"peak_rss_mib": max(peaks.values(), default=0) / 2**20}
     epochs = result.coordinator_state["world_sizes"]
-    record["copy_mib_per_step"] = max(e.get("snapshot_bytes", 0) for e in epochs) / 2**20
+    record["copy_mib_per_step"] = max(e.get("copy_bytes_per_step", 0) for e in epochs) / 2**20
     if fault_time is None:  # steady state: median step time after warm-up
         gaps = [b[1] - a[1] for a, b in zip(stamps[3:], stamps[4:], strict=False)]
         record["step_s"] = statistics.median(gaps)

@@ -1,15 +1,17 @@
-"""Step time with per-step peer copies: none, synchronous, and overlapped with the next step.
+"""Step time with per-step peer copies: none, and the buddy following every step.
 
     python benchmarks/peer_copy_overhead.py [--world 2] [--blocks 6] [--steps 5]
 
 ``--world`` gloo processes on this machine train the ``debug`` model (FSDP + EP at that size,
 one thread each). In interleaved blocks of ``--steps`` steps each, every step is followed by:
 
-- **none**: nothing (``elastic.snapshot_every=0``);
-- **sync**: a snapshot, sent to the buddy and the wards' copies received before the next step
-  starts (how peer copies were refreshed before they were overlapped);
-- **overlapped**: a snapshot and the start of the transfers, finished by the next step's refresh
-  (what training does now, ``PeerCopies.refresh``).
+- **none**: nothing (``elastic.peer_copies=false``);
+- **forwarded**: what training does (``elastic_moe.train.peer_copies``): before the commit vote
+  each rank sends its copied parameters' gradients to its buddy and receives its wards'; after
+  it, the buddy applies the same AdamW update to each ward's copy.
+
+(Before update forwarding, each rank took a snapshot of its whole state every step and sent it;
+the numbers of that scheme are in the git history of the results file.)
 
 Prints the median step time of each and the overhead against none, and writes
 benchmarks/results/peer_copy_overhead-cpu.md. The full-system steady state (MLflow step
@@ -29,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MODES = ("none", "sync", "overlapped")
+MODES = ("none", "forwarded")
 
 
 def _worker(rank: int, world: int, blocks: int, steps: int, out: str) -> None:
@@ -38,7 +40,8 @@ def _worker(rank: int, world: int, blocks: int, steps: int, out: str) -> None:
 
     from elastic_moe.config import apply_overrides, debug
     from elastic_moe.parallel import plan_mesh, setup_model
-    from elastic_moe.train.shard_state import PeerCopies, ShardLayout
+    from elastic_moe.train.peer_copies import PeerCopies
+    from elastic_moe.train.shard_state import ShardLayout
     from elastic_moe.train.step import build_optimizer, train_step
 
     cfg = apply_overrides(debug(), [f"parallel.max_workers={world}", "parallel.min_workers=1"])
@@ -49,17 +52,23 @@ def _worker(rank: int, world: int, blocks: int, steps: int, out: str) -> None:
     gen = torch.Generator().manual_seed(rank)
     rows = cfg.train.global_batch_size // world
 
-    def one_step(step: int) -> None:
+    def vote(nonfinite: bool) -> bool:
+        peers.forward_grads()
+        return not nonfinite
+
+    def one_step(step: int, forward: bool) -> None:
         ids = torch.randint(0, cfg.model.vocab_size, (rows, cfg.train.seq_len), generator=gen)
         batches = [{"input_ids": part, "labels": part}
                    for part in ids.split(cfg.train.micro_batch_size)]
         train_step(model, optimizer, batches, step, cfg.train, cfg.model,
-                   batch_fraction=1 / world)
+                   batch_fraction=1 / world, commit_vote=vote if forward else None)
+        if forward:
+            peers.apply(optimizer, step + 1, {})
 
-    one_step(0)  # optimizer state exists from here on
     layout = ShardLayout(model, optimizer)
     peers = PeerCopies(rank, world)
-    peers.link(layout.take(rank=rank, step=1), ["node"] * world)
+    peers.link(model, optimizer, layout, node_of_rank=["node"] * world, step=0, meta={})
+    one_step(0, True)
     times: dict[str, list[float]] = {m: [] for m in MODES}
     step = 1
     for _ in range(blocks):
@@ -67,23 +76,21 @@ def _worker(rank: int, world: int, blocks: int, steps: int, out: str) -> None:
             for _ in range(steps):
                 dist.barrier()
                 start = time.perf_counter()
-                one_step(step)
+                one_step(step, mode == "forwarded")
                 step += 1
-                if mode != "none":
-                    peers.refresh(layout.take(rank=rank, step=step))
-                    if mode == "sync":
-                        peers.settle()
                 times[mode].append(time.perf_counter() - start)
-            peers.settle()
     if rank == 0:
         base = statistics.median(times["none"])
-        mib = sum(n * torch.empty(0, dtype=d).element_size()
-                  for d, n in layout.sizes.items()) / 2**20
+        mib = peers.bytes_per_step() / 2**20
+        held = peers.nbytes() / 2**20
+        state = sum(n * torch.empty(0, dtype=d).element_size()
+                    for d, n in layout.sizes.items()) / 2**20
         lines = [f"# peer_copy_overhead on CPU ({platform.machine()}, {os.cpu_count()} cores, "
                  "shared box, no GPU)", "",
                  f"debug model, W={world} gloo processes (one thread each), {blocks} interleaved "
-                 f"blocks of {steps} steps per mode; median step time. Each rank copies "
-                 f"{mib:.1f} MiB to its buddy per step.", "",
+                 f"blocks of {steps} steps per mode; median step time. Each rank sends "
+                 f"{mib:.2f} MiB of gradients to its buddy per step and holds {held:.2f} MiB for "
+                 f"its ward (its own weights and Adam moments: {state:.2f} MiB).", "",
                  "| peer copies | step s | overhead |", "|---|---|---|"]
         for mode in MODES:
             med = statistics.median(times[mode])

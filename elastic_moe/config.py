@@ -279,9 +279,15 @@ class ElasticConfig:
     # memory; DCP only when every copy of a shard is gone); restart: every change restarts
     # every worker from the last committed checkpoint (the slower path, for comparison).
     recovery: Literal["live", "restart"] = "live"
-    # Refresh each rank's in-memory copy on its buddy every N committed steps (0 = no copies:
-    # a lost worker then means the last committed checkpoint). 1 redoes at most one step.
-    snapshot_every: int = 1
+    # Each rank's buddy (on another node) keeps a copy of the blocks that have no replica on
+    # another node and applies the rank's updates to it every step (train/peer_copies.py).
+    # False: no copies; a lost worker whose blocks have no live replica means the checkpoint.
+    peer_copies: bool = True
+    # Stragglers (train/stragglers.py): a rank whose own compute is >= straggler_ratio x the
+    # median rank's for straggler_steps steps in a row is flagged; it is evicted when the
+    # goodput model says the group is faster without it (0 = no straggler handling).
+    straggler_ratio: float = 1.5
+    straggler_steps: int = 10
     # The network interface the process groups (gloo, NCCL) bind to on every node, e.g. "ens5"
     # for the fast NIC of a multi-homed node; "" = the interface that holds the node's Ray
     # address (ray start --node-ip-address). Never what the hostname resolves to (127.0.0.1 or
@@ -303,10 +309,12 @@ class ElasticConfig:
         _require(self.resize_check_s >= 0, "resize_check_s", self.resize_check_s, "must be >= 0")
         _require(self.capacity_wait_s >= 0, "capacity_wait_s", self.capacity_wait_s,
                  "must be >= 0 (seconds)")
+        _require(self.straggler_ratio == 0 or self.straggler_ratio > 1, "straggler_ratio",
+                 self.straggler_ratio, "must be > 1 (x the median rank's compute), or 0 = off")
+        _require(self.straggler_steps >= 1, "straggler_steps", self.straggler_steps,
+                 "must be >= 1")
         _require(self.recovery in ("live", "restart"), "recovery", self.recovery,
                  "must be 'live' or 'restart'")
-        _require(self.snapshot_every >= 0, "snapshot_every", self.snapshot_every,
-                 "must be >= 0 (0 = no peer copies)")
         _require(len(self.network_interface) < 16 and not any(
             c.isspace() or c in ",/" for c in self.network_interface), "network_interface",
             self.network_interface, "must be one interface name (at most 15 characters, no "

@@ -142,7 +142,10 @@ def running_run(cfg: Config, output_dir: str) -> str | None:
     return max(runs)[1] if runs else None
 
 
-def describe(cfg: Config) -> str:
+def describe(cfg: Config, world_size: int | None = None) -> str:
+    """The resolved config and parameter counts; with ``world_size`` (``--workers``), also each
+    worker's training state, the memory held for redundancy, the bytes copied per step and the
+    losses survived without storage."""
     from elastic_moe.model import count_parameters
 
     counts = count_parameters(cfg.model)
@@ -150,6 +153,10 @@ def describe(cfg: Config) -> str:
              f"total parameters: {counts.total}",
              f"activated parameters per token: {counts.activated}",
              f"MTP parameters (not in the totals above): {counts.mtp}"]
+    if world_size is not None:
+        from elastic_moe.train.redundancy import redundancy_report
+
+        lines.append(redundancy_report(cfg, world_size).describe())
     return "\n".join(lines)
 
 
@@ -183,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="where runs keep checkpoints and coordinator state (shared storage "
                              "on a cluster)")
     parser.add_argument("--describe", action="store_true",
-                        help="print the resolved config and parameter counts, then exit")
+                        help="print the resolved config and parameter counts, then exit; with "
+                             "--workers, also the memory and copies of redundancy per worker at "
+                             "the largest size")
     parser.add_argument("--ray-address", metavar="HOST:PORT",
                         help="attach to this Ray cluster (default: $RAY_ADDRESS, as `ray job "
                              "submit` sets it; without either, an embedded local Ray)")
@@ -198,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     if args.describe:
-        print(describe(cfg))
+        try:
+            print(describe(cfg, cfg.parallel.max_workers if args.workers else None))
+        except ValueError as exc:
+            parser.error(str(exc))
         return 0
     if args.init_dry_run is not None:
         try:

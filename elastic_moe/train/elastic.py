@@ -10,10 +10,12 @@ instead and scales the LR linearly with the resulting batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from elastic_moe.config import TrainConfig
 from elastic_moe.data.sampler import rank_share
+from elastic_moe.train.peer_copies import CopyPlan, WardCopy
 
 __all__ = ["Holdings", "RestoreDecision", "decide_restore", "effective_batch", "rank_share"]
 
@@ -34,23 +36,24 @@ def effective_batch(cfg: TrainConfig, world_size: int, max_workers: int) -> tupl
 
 @dataclass(frozen=True, slots=True)
 class Holdings:
-    """Which committed steps one live rank can hand out: its live state (``live``), its own
-    snapshots (``own``) and the copies it keeps of each ward (``wards``: rank -> steps)."""
+    """What one live rank can hand out: its live state at committed step ``live`` and, for each
+    ward, the keeper's copy of it (:class:`~elastic_moe.train.peer_copies.WardCopy`)."""
 
     rank: int | None  # None: the worker holds no layout yet
     live: int | None
-    own: list[int] = field(default_factory=list)
-    wards: dict[int, list[int]] = field(default_factory=dict)
+    wards: dict[int, WardCopy] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class RestoreDecision:
     """Where the next layout's state comes from after a membership change.
 
-    ``step``: the newest committed step of which some live process holds every rank's shards
-    (``None``: no such step; the last committed DCP checkpoint is the fallback). ``holders``:
-    for each rank of the old layout, the old rank of the survivor that hands its shards out
-    (itself, or the buddy keeping its copy).
+    ``step``: the newest committed step at which the live processes hold every block of every
+    rank (``None``: no such step; the last committed DCP checkpoint is the fallback).
+    ``holders``: for each rank of the old layout, the old rank that hands its blocks out: itself,
+    or the keeper of its copy (whose copy holds the blocks without a replica; the replicas come
+    from the survivors that hold them, who are their own holders). A lost rank whose blocks all
+    have live replicas has no holder.
     """
 
     step: int | None
@@ -58,36 +61,54 @@ class RestoreDecision:
     reason: str
 
 
-def decide_restore(world_size: int, holdings: dict[int, Holdings]) -> RestoreDecision:
+def decide_restore(world_size: int, holdings: dict[int, Holdings],
+                   plans: Sequence[CopyPlan] | None = None) -> RestoreDecision:
     """Pick the restore point from the survivors' holdings.
 
     ``holdings``: for each surviving old rank, what ``Trainer.holdings`` reports. Ranks missing
-    from it are lost. Newest step first; a survivor's own state beats a peer's copy.
+    from it are lost. A lost rank is restorable at step s when, for every set of ranks that holds
+    replicas of some of its blocks (``replicated_on``), some rank of the set is alive at s, and a
+    survivor keeps a copy of the rest at s. ``plans``: the layout's copy plan (every rank's
+    ``CopyPlan``); with it, a rank whose blocks all have replicas needs no keeper. Without it the
+    keepers' copies say what they leave out. Newest step first.
     """
     lost = sorted(set(range(world_size)) - set(holdings))
-    steps = set()
+    steps = {int(h.live) for h in holdings.values() if h.live is not None}
     for held in holdings.values():
-        if held.live is not None:
-            steps.add(int(held.live))
-        steps.update(int(s) for s in held.own)
-        for ward_steps in held.wards.values():
-            steps.update(int(s) for s in ward_steps)
+        steps.update(int(c.step) for c in held.wards.values())
+    keepers: dict[int, list[tuple[int, WardCopy]]] = {}
+    for keeper, held in sorted(holdings.items()):
+        for ward, copy in held.wards.items():
+            keepers.setdefault(ward, []).append((keeper, copy))
     for step in sorted(steps, reverse=True):
+        live = {r for r, h in holdings.items() if h.live == step}
         holders: dict[int, int] = {}
+        replicas = 0
         for rank in range(world_size):
-            mine = holdings.get(rank)
-            if mine is not None and (mine.live == step or step in mine.own):
+            if rank in live:
                 holders[rank] = rank
                 continue
-            keeper = next((r for r, h in sorted(holdings.items())
-                           if step in h.wards.get(rank, [])), None)
-            if keeper is None:
+            plan = plans[rank] if plans is not None else None
+            if plan is not None and not plan.copied:  # every block has replicas
+                if not all(not live.isdisjoint(ranks) for ranks in plan.replicated_on):
+                    break
+                replicas += 1  # no holder: the survivors' own blocks cover it
+                continue
+            found = next((k for k, copy in keepers.get(rank, []) if k in live
+                          and copy.step == step
+                          and all(not live.isdisjoint(ranks) for ranks in copy.replicated_on)),
+                         None)
+            if found is None:
                 break
-            holders[rank] = keeper
+            holders[rank] = found
+            replicas += bool(holdings[found].wards[rank].replicated_on)
         else:
             copies = {r: k for r, k in holders.items() if r != k}
-            return RestoreDecision(step, holders,
-                                   f"step {step}: lost ranks {lost} restored from peer copies "
-                                   f"{copies}" if lost else f"step {step}: every rank alive")
-    return RestoreDecision(None, {}, f"no committed step has a copy of every shard of the lost "
-                                     f"ranks {lost} (their peers are gone too)")
+            if not lost:
+                return RestoreDecision(step, holders, f"step {step}: every rank alive")
+            return RestoreDecision(step, holders, f"step {step}: lost ranks {lost}; buddy copies "
+                                                  f"(rank: keeper) {copies}; {replicas} of them "
+                                                  "with blocks from live replicas")
+    return RestoreDecision(None, {}, f"no committed step at which every block of the lost ranks "
+                                     f"{lost} is still held (their keepers or replicas are gone "
+                                     f"too, or the survivors are at different steps)")

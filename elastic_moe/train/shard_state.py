@@ -10,11 +10,8 @@ reads storage when it can help it. What it needs from the library is here:
   another layout (another world size, EP degree, HSDP split): each target block is assembled from
   the overlapping source blocks, and every element must be covered, or it raises naming the
   tensors that are not. Replicas (HSDP, expert replicas) simply overlap.
-* :func:`buddy_of`, :func:`start_exchange` and :class:`PeerCopies` keep a copy of every rank's
-  shards in a peer's memory (on another node where there is one): every
-  ``elastic.snapshot_every`` committed steps each rank sends its flattened shards to its buddy
-  over the process group and receives its wards' (Gemini, SOSP'23, keeps such in-memory
-  checkpoints in peer CPU memory).
+* :class:`ShardLayout` finds a rank's state tensors and their blocks once per layout; the peer
+  copies (:mod:`elastic_moe.train.peer_copies`) are planned over its specs.
 
 Per-step accumulators (``tokens_per_expert``) are not state: they are zero between steps.
 """
@@ -27,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -97,7 +93,7 @@ class ShardSet:
             warnings.simplefilter("ignore", UserWarning)
             flat = {getattr(torch, name): torch.from_numpy(buf).view(getattr(torch, name))
                     for name, buf in state["buffers"].items()}
-        self.tensors = _unflatten(flat, self.specs)
+        self.tensors = unflatten(flat, self.specs)
         self.flat = flat
 
 
@@ -176,12 +172,12 @@ class ShardLayout:
                                         shape=tuple(local.shape),
                                         global_shape=tuple(tensor.shape), offset=offset))
             self.locals.append(local.detach())
-        self.sizes = _flat_sizes(self.specs)
+        self.sizes = flat_sizes(self.specs)
 
     def take(self, *, rank: int, step: int, meta: dict[str, Any] | None = None) -> ShardSet:
         """A CPU copy of the state as it is now (no collectives)."""
         flat = {dtype: torch.empty(n, dtype=dtype) for dtype, n in self.sizes.items()}
-        tensors = _unflatten(flat, self.specs)
+        tensors = unflatten(flat, self.specs)
         with torch.no_grad():
             for dst, src in zip(tensors, self.locals, strict=True):
                 dst.copy_(src)
@@ -287,20 +283,6 @@ def fill_from_shards(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                 buf.zero_()
 
 
-# ---------------------------------------------------------------------------- peer copies
-def buddy_of(rank: int, node_of_rank: Sequence[str]) -> int | None:
-    """The rank that keeps ``rank``'s in-memory copy: the next rank (in ring order) on another
-    node, or the next rank when all share a node; ``None`` for a group of one."""
-    world = len(node_of_rank)
-    if world < 2:
-        return None
-    for step in range(1, world):
-        other = (rank + step) % world
-        if node_of_rank[other] != node_of_rank[rank]:
-            return other
-    return (rank + 1) % world
-
-
 def _flatten(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, torch.Tensor]:
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
@@ -309,7 +291,7 @@ def _flatten(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, torch.Tensor]
             for dtype, parts in groups.items()}
 
 
-def _unflatten(flat: dict[torch.dtype, torch.Tensor], specs: Sequence[ShardSpec]
+def unflatten(flat: dict[torch.dtype, torch.Tensor], specs: Sequence[ShardSpec]
                ) -> list[torch.Tensor]:
     cursors = dict.fromkeys(flat, 0)
     out = []
@@ -321,147 +303,9 @@ def _unflatten(flat: dict[torch.dtype, torch.Tensor], specs: Sequence[ShardSpec]
     return out
 
 
-def _flat_sizes(specs: Sequence[ShardSpec]) -> dict[torch.dtype, int]:
+def flat_sizes(specs: Sequence[ShardSpec]) -> dict[torch.dtype, int]:
     sizes: dict[torch.dtype, int] = {}
     for spec in specs:
         dtype = getattr(torch, spec.dtype)
         sizes[dtype] = sizes.get(dtype, 0) + spec.numel
     return sizes
-
-
-@dataclass
-class Exchange:
-    """One snapshot exchange in flight: ``own`` is on its way to the buddy, the wards' copies
-    of the same step are arriving in ``received``."""
-
-    own: ShardSet
-    wards: list[ShardManifest]
-    received: dict[int, dict[torch.dtype, torch.Tensor]]
-    works: list[Any]
-
-    def finish(self, timeout_s: float | None = None) -> dict[int, ShardSet]:
-        """Wait for the transfers; the wards' copies. Raises when a peer is gone or the
-        transfers take longer than ``timeout_s``."""
-        import datetime
-        import time
-
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for work in self.works:
-            if deadline is None:
-                work.wait()
-            else:
-                left = max(deadline - time.monotonic(), 0.001)
-                work.wait(datetime.timedelta(seconds=left))
-        return {ward.rank: ShardSet(rank=ward.rank, step=self.own.step, specs=list(ward.specs),
-                                    tensors=_unflatten(self.received[ward.rank], ward.specs),
-                                    meta=dict(self.own.meta), flat=self.received[ward.rank])
-                for ward in self.wards}
-
-
-def start_exchange(own: ShardSet, buddy: int | None, wards: Sequence[ShardManifest],
-                   group: dist.ProcessGroup | None = None) -> Exchange:
-    """Start sending ``own`` to ``buddy`` and receiving each ward's shards at the same step.
-
-    ``wards``: the manifests of the ranks whose buddy this rank is (their layout; the step is
-    ``own.step``). Point-to-point over ``group``; :meth:`Exchange.finish` raises when a peer is
-    gone, like any collective. ``own``'s buffers must not change until then (a snapshot is a
-    fresh copy, so they do not).
-    """
-    ops = []
-    flat_own = own.flat_buffers()
-    if buddy is not None:
-        for dtype in sorted(flat_own, key=str):
-            ops.append(dist.P2POp(dist.isend, flat_own[dtype], buddy, group=group))
-    received: dict[int, dict[torch.dtype, torch.Tensor]] = {}
-    for ward in wards:
-        bufs = {dtype: torch.empty(n, dtype=dtype) for dtype, n in _flat_sizes(ward.specs).items()}
-        received[ward.rank] = bufs
-        for dtype in sorted(bufs, key=str):
-            ops.append(dist.P2POp(dist.irecv, bufs[dtype], ward.rank, group=group))
-    works = list(dist.batch_isend_irecv(ops)) if ops else []
-    return Exchange(own=own, wards=list(wards), received=received, works=works)
-
-
-class PeerCopies:
-    """One rank's in-memory copies: its own last snapshots and those of its wards (the ranks
-    whose buddy it is), ``versions`` of each. Collective: :meth:`link`, :meth:`refresh`.
-
-    A refresh only starts the transfers: they run while the next step computes, and are
-    finished (their copies kept) by the next refresh or by :meth:`settle`, which the owner calls
-    before it leaves the group or reports what it holds. A ward's copy counts only once it has
-    fully arrived.
-    """
-
-    def __init__(self, rank: int, world_size: int, versions: int = 2) -> None:
-        from collections import deque
-
-        self.rank, self.world_size, self.versions = rank, world_size, versions
-        self.buddy: int | None = None
-        self.wards: list[ShardManifest] = []
-        self.own: deque[ShardSet] = deque(maxlen=versions)
-        self.ward_copies: dict[int, deque[ShardSet]] = {}
-        self.in_flight: Exchange | None = None
-        # transfers given up on (a peer went away): kept alive until their group is gone, since
-        # the transport may still write into their buffers
-        self.abandoned: list[Exchange] = []
-
-    def link(self, own: ShardSet, node_of_rank: Sequence[str],
-             group: dist.ProcessGroup | None = None, *, enabled: bool = True) -> None:
-        """Choose buddies for this layout, learn the wards' layouts and take the first copies.
-        ``enabled=False``: no buddy copies, only this rank's own last snapshots. The previous
-        group is gone by now: transfers abandoned in it are dropped."""
-        from collections import deque
-
-        self.abandoned.clear()
-        self.in_flight = None
-        self.buddy = buddy_of(self.rank, node_of_rank) if enabled else None
-        manifests: list[Any] = [own.manifest()]
-        if dist.is_initialized() and self.world_size > 1:
-            manifests = [None] * self.world_size
-            dist.all_gather_object(manifests, own.manifest(), group=group)
-        self.wards = [m for m in manifests if enabled and m.rank != self.rank
-                      and buddy_of(m.rank, node_of_rank) == self.rank]
-        self.own.clear()
-        self.ward_copies = {m.rank: deque(maxlen=self.versions) for m in self.wards}
-        self.refresh(own, group)
-        self.settle()
-
-    def refresh(self, own: ShardSet, group: dist.ProcessGroup | None = None) -> None:
-        """Finish the previous exchange, then start sending ``own`` to the buddy and receiving
-        the wards' copies of the same step. ``own`` is kept at once (it is local)."""
-        self.settle()
-        self.own.append(own)
-        self.in_flight = start_exchange(own, self.buddy, self.wards, group)
-
-    def settle(self, timeout_s: float | None = None) -> bool:
-        """Finish the exchange in flight, if any, and keep the wards' copies it brought.
-        With ``timeout_s`` (the group is broken): give up on it after that long, keeping no
-        copy from it. True when nothing was given up."""
-        exchange, self.in_flight = self.in_flight, None
-        if exchange is None:
-            return True
-        try:
-            received = exchange.finish(timeout_s)
-        except Exception as exc:
-            if timeout_s is None:
-                raise
-            logger.warning("rank %d: peer copies of step %d not complete (%s); keeping the "
-                           "older ones", self.rank, exchange.own.step, str(exc)[:200])
-            self.abandoned.append(exchange)
-            return False
-        for ward_rank, shards in received.items():
-            self.ward_copies[ward_rank].append(shards)
-        return True
-
-    def holdings(self) -> tuple[list[int], dict[int, list[int]]]:
-        """The steps of this rank's own snapshots, and of the copies kept for each ward."""
-        return ([s.step for s in self.own],
-                {w: [s.step for s in copies] for w, copies in self.ward_copies.items()})
-
-    def find(self, rank: int, step: int) -> ShardSet | None:
-        copies = list(self.own) if rank == self.rank else list(self.ward_copies.get(rank, ()))
-        return next((s for s in copies if s.step == step), None)
-
-    def nbytes(self) -> int:
-        return (sum(s.nbytes() for s in self.own)
-                + sum(s.nbytes() for c in self.ward_copies.values() for s in c))

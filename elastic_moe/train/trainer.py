@@ -2,9 +2,10 @@
 
 A :class:`Trainer` is built for a mesh plan (setup), filled with state (restore: from peer
 shards in memory, from the last committed DCP checkpoint, or fresh), and then runs committed
-steps (step), checkpoints when its checkpointer says so (checkpoint), and keeps its state copied
-to a peer (snapshots). It knows nothing of Ray: batches come from a :class:`BatchSource`, and the
-worker actor around it (``actors/train_worker.py``) reports to the coordinator.
+steps (step), checkpoints when its checkpointer says so (checkpoint), and keeps a peer's copy of
+its state current (:mod:`elastic_moe.train.peer_copies`). It knows nothing of Ray: batches come
+from a :class:`BatchSource`, and the worker actor around it (``actors/train_worker.py``)
+reports to the coordinator.
 
 A step counts only when every rank has voted it done: the vote is the step's last collective,
 after the gradient reduction and before ``optimizer.step`` (like torchft's ``should_commit``).
@@ -32,13 +33,12 @@ from elastic_moe.parallel import MeshPlan, setup_model
 from elastic_moe.train.elastic import Holdings, effective_batch
 from elastic_moe.train.failure_policy import PeerStepError
 from elastic_moe.train.lr_schedule import LRSchedule
-from elastic_moe.train.shard_state import PeerCopies, ShardLayout, ShardSet, fill_from_shards
+from elastic_moe.train.peer_copies import PeerCopies
+from elastic_moe.train.shard_state import ShardLayout, ShardSet, fill_from_shards
 from elastic_moe.train.step import StepMetrics, build_optimizer, train_step
+from elastic_moe.train.stragglers import ComputeProbe
 
 logger = logging.getLogger(__name__)
-
-SNAPSHOT_VERSIONS = 2  # own and ward copies kept: the newest and the one before it
-
 
 class BatchSource(Protocol):
     """This rank's share of each global batch, asked by data position, one request ahead."""
@@ -98,9 +98,15 @@ class Trainer:
         # them can still log them when the run is resumed
         self.unlogged_metrics: list[tuple[int, dict[str, float]]] = []
         self.logged_step = 0  # set by the launcher's acknowledgements (another thread)
-        # ---- peer copies: this rank's buddy keeps its shards; this rank keeps its wards'
-        self.peers = PeerCopies(rank, self.world_size, versions=SNAPSHOT_VERSIONS)
+        # ---- peer copies: this rank's buddy follows its unreplicated blocks; it follows its wards'
+        self.peers = PeerCopies(rank, self.world_size)
         self._layout: ShardLayout | None = None
+        # ---- this rank's own compute per step (sections without collectives), for stragglers
+        from elastic_moe.model.attention import MLA
+
+        self.probe = ComputeProbe([m for m in self.model.modules() if isinstance(m, MLA)],
+                                  device)
+        self.rank_times: list[tuple[float, float]] = []  # every rank's (compute_s, data wait)
 
     # ------------------------------------------------------------------ restore
     def _meta(self) -> dict[str, Any]:
@@ -167,27 +173,16 @@ class Trainer:
         return self._layout.take(rank=self.rank, step=self.step, meta=self._meta())
 
     def link_peers(self, node_of_rank: list[str]) -> None:
-        """Choose buddies for this layout and take the first peer copies (collective)."""
-        self.peers.link(self._own_shards(), node_of_rank,
-                        enabled=self.cfg.elastic.snapshot_every > 0)
-
-    def maybe_snapshot(self) -> None:
-        """Refresh the peer copies after every ``elastic.snapshot_every``-th committed step
-        (collective, point to point). This takes the snapshot and starts the transfers; they
-        run while the next step computes and are finished by the next refresh."""
-        every = self.cfg.elastic.snapshot_every
-        if every > 0 and self.step % every == 0:
-            self.peers.refresh(self._own_shards())
-
-    def settle_peers(self, timeout_s: float | None = None) -> None:
-        """Finish the peer-copy transfers still in flight (before leaving the group or
-        reporting holdings); ``timeout_s`` when the group is broken: give up after that long."""
-        self.peers.settle(timeout_s)
+        """Agree on the peer copies of this layout and send the buddy its first copy
+        (collective)."""
+        if self._layout is None:
+            self._layout = ShardLayout(self.model, self.optimizer)
+        self.peers.link(self.model, self.optimizer, self._layout, node_of_rank=node_of_rank,
+                        step=self.step, meta=self._meta(), enabled=self.cfg.elastic.peer_copies)
 
     def holdings(self) -> Holdings:
-        """Which committed steps this rank can hand out, for itself and for its wards."""
-        own, wards = self.peers.holdings()
-        return Holdings(rank=self.rank, live=self.step, own=own, wards=wards)
+        """Which committed step this rank can hand out, for itself and for its wards."""
+        return Holdings(rank=self.rank, live=self.step, wards=self.peers.holdings())
 
     def export(self, rank: int, step: int) -> ShardSet:
         """The shards of ``rank`` (this one or a ward) at committed ``step``."""
@@ -207,9 +202,21 @@ class Trainer:
         return [bool(v > 0) for v in value.tolist()]
 
     def _vote(self, nonfinite: bool) -> bool:
-        """The commit vote: carries the pause request and this rank's non-finite flag; returns
-        whether the step is applied (finite on every rank)."""
-        self.paused, skip = self._any_rank(self.pause_requested, nonfinite)
+        """The commit vote: carries the pause request, this rank's non-finite flag and its
+        compute and data-wait times (every rank learns everyone's); returns whether the step
+        is applied (finite on every rank)."""
+        self.peers.forward_grads()  # every copy can follow this step before anyone applies it
+        world = self.world_size
+        # one MAX all-reduce: the flags, and each rank's times in its own slots (0 elsewhere)
+        value = torch.zeros(2 + 2 * world, dtype=torch.float64)
+        value[0], value[1] = float(self.pause_requested), float(nonfinite)
+        value[2 + self.rank] = self.probe.take()
+        value[2 + world + self.rank] = self.batches.last_wait_s
+        if dist.is_initialized() and world > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        times = value[2:].tolist()
+        self.rank_times = list(zip(times[:world], times[world:], strict=True))
+        self.paused, skip = bool(value[0] > 0), bool(value[1] > 0)
         return not skip
 
     def _take_batch(self) -> dict[str, Any]:
@@ -269,12 +276,18 @@ class Trainer:
         else:
             self.skipped_in_row, self.first_skipped = 0, None
             self.tokens_seen += metrics.tokens
+        # the copies follow: the step's update where it was applied, the counters always
+        self.peers.apply(self.optimizer, self.step, self._meta(), update=not metrics.skipped)
         self.last_metrics = metrics
         values = metrics.as_dict()
         tflops = self.flops_per_token * metrics.tokens / max(metrics.seconds, 1e-9) / 1e12
         values["tflops_per_gpu"] = tflops / self.world_size
+        values["step_s"] = metrics.seconds
         if self.peak_tflops:
             values["mfu"] = values["tflops_per_gpu"] / self.peak_tflops
+        for rank, (compute_s, wait_s) in enumerate(self.rank_times):
+            values[f"rank{rank}_compute_s"] = compute_s
+            values[f"rank{rank}_data_wait_s"] = wait_s
         values.update(bad_samples=bad_total,
                       world_size=self.world_size, ep_degree=self.plan.expert_parallel_degree,
                       tokens_seen=self.tokens_seen, data_wait_s=self.batches.last_wait_s,

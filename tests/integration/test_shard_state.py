@@ -19,7 +19,8 @@ import torch.distributed as dist
 from elastic_moe.config import apply_overrides, debug
 from elastic_moe.parallel import full_state_dict, plan_mesh, setup_model
 from elastic_moe.parallel.mesh import forget_layout_caches
-from elastic_moe.train.shard_state import PeerCopies, ShardSet, fill_from_shards, take_shards
+from elastic_moe.train.peer_copies import PeerCopies
+from elastic_moe.train.shard_state import ShardLayout, ShardSet, fill_from_shards, take_shards
 from elastic_moe.train.step import build_optimizer, train_step
 from tests.integration.multiproc import free_port, launch
 
@@ -72,11 +73,18 @@ def _worker(rank: int, world_size: int, tmp: str, ports: list[int]) -> None:
     reference = full_state_dict(model)
     mine = take_shards(model, optimizer, rank=rank, step=1)
     peers = PeerCopies(rank, 3)
-    peers.link(mine, ["node-a"] * 3)  # one node: rank r's copy lives on rank r + 1
+    # one node: rank r's copy lives on rank r + 1; it holds the FSDP shards, not the blocks
+    # every rank holds (those have replicas on the other ranks)
+    peers.link(model, optimizer, ShardLayout(model, optimizer), node_of_rank=["node-a"] * 3,
+               step=1, meta={})
     torch.save(mine, os.path.join(tmp, f"own{rank}.pt"))
     if rank == 2:  # rank 1 will be lost: its copy is the one rank 2 keeps
-        assert peers.holdings() == ([1], {1: [1]})
-        torch.save(peers.find(1, 1), os.path.join(tmp, "copy1.pt"))
+        assert list(peers.holdings()) == [1] and peers.holdings()[1].step == 1
+        copy = peers.find(1, 1)
+        assert copy is not None and copy.specs
+            # replicated on every rank (router biases, Adam step counts): never copied
+        assert not any(s.key.endswith(("e_score_correction_bias", "/step")) for s in copy.specs)
+        torch.save(copy, os.path.join(tmp, "copy1.pt"))
     if rank == 0:
         torch.save(reference, os.path.join(tmp, "reference.pt"))
     dist.barrier()
@@ -122,44 +130,60 @@ def test_state_moves_between_layouts_in_the_same_processes(tmp_path):
     launch(_worker, 3, str(tmp_path), [free_port(), free_port(), free_port()])
 
 
-def _overlapped_copies(rank: int, world: int, tmp: str) -> None:
-    """A refresh starts the transfer and the next step runs while it is in flight; the copy
-    counts only once it is complete, and then equals the sender's snapshot bit for bit."""
-    plan = plan_mesh(world, CFG.parallel.gpus_per_node, CFG.model, CFG.parallel,
-                     global_batch_size=CFG.train.global_batch_size)
-    model = setup_model(CFG.model, plan, "cpu", seed=0)
-    optimizer = build_optimizer(model, CFG.train)
+def _copies_follow_the_steps(rank: int, world: int, tmp: str, nodes: list[str],
+                             replicate: int) -> None:
+    """Each buddy applies its ward's forwarded updates; after several steps its copy equals the
+    ward's own state bit for bit (and holds only what has no replica in another domain)."""
+    cfg = apply_overrides(debug(), [f"parallel.max_workers={world}", "parallel.gpus_per_node=2",
+                                    f"parallel.dp_replicate_degree={replicate}",
+                                    "train.global_batch_size=8", "train.micro_batch_size=2"])
+    plan = plan_mesh(world, cfg.parallel.gpus_per_node, cfg.model, cfg.parallel,
+                     global_batch_size=cfg.train.global_batch_size)
+    model = setup_model(cfg.model, plan, "cpu", seed=0)
+    optimizer = build_optimizer(model, cfg.train)
+    layout = ShardLayout(model, optimizer)
+    peers = PeerCopies(rank, world)
+    peers.link(model, optimizer, layout, node_of_rank=nodes, step=0, meta={"at": 0})
     gen = torch.Generator().manual_seed(rank)
 
-    def one_step(step: int) -> None:
-        ids = torch.randint(0, CFG.model.vocab_size, (2, CFG.train.seq_len), generator=gen)
-        train_step(model, optimizer, [{"input_ids": ids, "labels": ids}], step, CFG.train,
-                   CFG.model, batch_fraction=1 / world)
+    def vote(nonfinite: bool) -> bool:
+        peers.forward_grads()
+        return not nonfinite
 
-    one_step(0)
-    peers = PeerCopies(rank, world)
-    peers.link(take_shards(model, optimizer, rank=rank, step=1), ["node-a"] * world)
-    one_step(1)
-    mine = take_shards(model, optimizer, rank=rank, step=2)
-    torch.save(mine, os.path.join(tmp, f"step2-{rank}.pt"))
-    peers.refresh(mine)
-    ward = (rank - 1) % world
-    assert peers.holdings() == ([1, 2], {ward: [1]})  # step 2 not in yet
-    one_step(2)  # runs while the copies travel; changes the live state, not the snapshot
-    assert peers.settle()
-    assert peers.holdings() == ([1, 2], {ward: [1, 2]})
+    for step in range(3):
+        ids = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.seq_len), generator=gen)
+        metrics = train_step(model, optimizer, [{"input_ids": ids, "labels": ids}], step,
+                             cfg.train, cfg.model, batch_fraction=1 / world, commit_vote=vote)
+        assert not metrics.skipped
+        peers.apply(optimizer, step + 1, {"at": step + 1})
+    torch.save(layout.take(rank=rank, step=3), os.path.join(tmp, f"live{rank}.pt"))
     dist.barrier()
-    sent = torch.load(os.path.join(tmp, f"step2-{ward}.pt"), weights_only=False)
-    got = peers.find(ward, 2)
-    assert [s.key for s in got.specs] == [s.key for s in sent.specs]
-    for spec, a, b in zip(sent.specs, sent.tensors, got.tensors, strict=True):
-        assert torch.equal(a, b), spec.key
-    live = take_shards(model, optimizer, rank=rank, step=3)
-    assert any(not torch.equal(a, b) for a, b in zip(live.tensors, mine.tensors, strict=True))
+    held = peers.holdings()
+    if replicate > 1:  # every block has a replica on the other node: nothing is copied
+        assert peers.nbytes() == 0 and peers.bytes_per_step() == 0
+        assert all(c.replicated_on for c in held.values())
+        return
+    (ward, copy_info), = held.items()
+    assert copy_info.step == 3
+    live = torch.load(os.path.join(tmp, f"live{ward}.pt"), weights_only=False)
+    copy = peers.find(ward, 3)
+    assert copy is not None and copy.meta == {"at": 3}
+    by_key = {s.key: t for s, t in zip(live.specs, live.tensors, strict=True)}
+    assert any(s.key.startswith("optim/") for s in copy.specs)
+    for spec, tensor in zip(copy.specs, copy.tensors, strict=True):
+        assert torch.equal(tensor, by_key[spec.key]), spec.key
+    copied = sum(t.numel() * t.element_size() for t in copy.tensors)
+    params = sum(t.numel() * t.element_size()
+                 for s, t in zip(copy.specs, copy.tensors, strict=True) if s.key.startswith("model/"))
+    assert peers.nbytes() == copied + params  # the copy and one gradient buffer
 
 
-def test_peer_copies_travel_while_the_next_step_runs(tmp_path):
-    launch(_overlapped_copies, 2, str(tmp_path))
+def test_a_buddy_copy_follows_every_step_bit_for_bit(tmp_path):
+    launch(_copies_follow_the_steps, 2, str(tmp_path), ["node-a", "node-b"], 1)
+
+
+def test_replicas_on_another_node_need_no_copy(tmp_path):
+    launch(_copies_follow_the_steps, 4, str(tmp_path), ["node-a"] * 2 + ["node-b"] * 2, 2)
 
 
 def test_missing_shards_are_named(tmp_path):

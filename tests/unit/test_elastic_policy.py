@@ -1,43 +1,91 @@
-"""The restore-point policy and buddy choice of live recovery (pure functions)."""
+"""The restore-point policy, the buddy choice and the copy plan of live recovery (pure)."""
 
 from __future__ import annotations
 
 from elastic_moe.train.elastic import Holdings, decide_restore
-from elastic_moe.train.shard_state import buddy_of
+from elastic_moe.train.peer_copies import WardCopy, buddy_of, plan_copies
+from elastic_moe.train.shard_state import ShardSpec
 
 
-def _held(live, own, wards=None):
-    return Holdings(rank=None, live=live, own=own, wards=wards or {})
+def _held(live, wards=None):
+    return Holdings(rank=None, live=live, wards=wards or {})
 
 
-def test_buddies_are_on_another_node_when_there_is_one():
+def test_buddies_are_on_the_next_node_one_ward_each():
     nodes = ["a", "a", "b", "b"]
-    assert [buddy_of(r, nodes) for r in range(4)] == [2, 2, 0, 0]
+    assert [buddy_of(r, nodes) for r in range(4)] == [2, 3, 0, 1]
+    # nodes of 8 ranks: no rank keeps more than one ward (the old ring gave rank 8 all of them)
+    nodes = ["a"] * 8 + ["b"] * 8 + ["c"] * 8
+    keepers = [buddy_of(r, nodes) for r in range(24)]
+    assert sorted(keepers) == list(range(24))
+    assert all(nodes[k] != nodes[r] for r, k in enumerate(keepers))
     assert [buddy_of(r, ["a"] * 3) for r in range(3)] == [1, 2, 0]
     assert buddy_of(0, ["a"]) is None
 
 
-def test_a_lost_rank_comes_from_its_buddy_at_the_newest_common_step():
-    # rank 1 lost; rank 2 keeps its copies of steps 6 and 7; survivors are live at 7
-    holdings = {0: _held(7, [6, 7], {2: [6, 7]}), 2: _held(7, [6, 7], {1: [6, 7]})}
+def _spec(key, offset):
+    return ShardSpec(key, "float32", (2,), (4,), (offset,))
+
+
+def test_the_copy_plan_leaves_out_blocks_replicated_on_another_node():
+    # HSDP over two nodes: ranks 0 and 2 hold one dense half, 1 and 3 the other; the expert
+    # block of rank 1 exists nowhere else
+    specs = [[_spec("model/w", 0)], [_spec("model/w", 2), _spec("model/e", 0)],
+             [_spec("model/w", 0)], [_spec("model/w", 2)]]
+    plans = plan_copies(specs, ["a", "a", "b", "b"])
+    assert [p.copied for p in plans] == [(), (1,), (), ()]
+    assert plans[0].replicated_on == ((2,),) and plans[1].replicated_on == ((3,),)
+    # the same blocks with both replicas on one node: a node loss takes both, so both are copied
+    plans = plan_copies(specs, ["a", "b", "a", "b"])
+    assert [p.copied for p in plans] == [(0,), (0, 1), (0,), (0,)]
+
+
+def test_a_lost_rank_comes_from_its_keeper_at_the_live_step():
+    holdings = {0: _held(7, {2: WardCopy(7)}), 2: _held(7, {1: WardCopy(7)})}
     decision = decide_restore(3, holdings)
     assert decision.step == 7
     assert decision.holders == {0: 0, 1: 2, 2: 2}
 
 
-def test_survivors_roll_back_one_step_when_the_lost_copy_is_older():
-    # the exchange after step 8 did not reach rank 2: rank 1's newest copy is step 7
-    holdings = {0: _held(8, [7, 8], {2: [7, 8]}), 2: _held(8, [7, 8], {1: [6, 7]})}
-    decision = decide_restore(3, holdings)
-    assert decision.step == 7 and decision.holders[1] == 2
+def test_a_copy_counts_only_with_a_live_replica_of_what_it_leaves_out():
+    # rank 1's copy (on rank 2) leaves out blocks that rank 3 holds; rank 0 keeps rank 3's copy
+    ones = WardCopy(7, replicated_on=((3,),))
+    alive = {0: _held(7, {3: WardCopy(7)}), 2: _held(7, {1: ones}), 3: _held(7)}
+    decision = decide_restore(4, alive)
+    assert decision.step == 7 and decision.holders == {0: 0, 1: 2, 2: 2, 3: 3}
+    assert "replicas" in decision.reason
+    # ranks 1 and 3 lost: rank 3's own blocks come from its copy, but the blocks rank 1's copy
+    # left out had their only other holder in rank 3's live state
+    lost_both = {0: _held(7, {3: WardCopy(7)}), 2: _held(7, {1: ones})}
+    assert decide_restore(4, lost_both).step is None
 
 
 def test_no_copy_left_means_the_checkpoint():
-    holdings = {0: _held(7, [6, 7], {2: [6, 7]})}  # ranks 1 and 2 lost; 2 held 1's copy
+    holdings = {0: _held(7, {2: WardCopy(7)})}  # ranks 1 and 2 lost; 2 held 1's copy
     decision = decide_restore(3, holdings)
     assert decision.step is None and "[1, 2]" in decision.reason
 
 
+def test_survivors_at_different_steps_mean_the_checkpoint():
+    # a rank lost inside the commit vote: rank 0 applied step 8, rank 2 did not
+    holdings = {0: _held(8, {2: WardCopy(8)}), 2: _held(7, {1: WardCopy(7)})}
+    assert decide_restore(3, holdings).step is None
+
+
 def test_everyone_alive_restores_the_live_step():
-    holdings = {r: _held(5, [4, 5]) for r in range(2)}
+    holdings = {r: _held(5) for r in range(2)}
     assert decide_restore(2, holdings).step == 5
+
+
+def test_with_the_copy_plan_a_fully_replicated_rank_needs_no_keeper():
+    # HSDP over three nodes (ranks 0,1 | 2,3 | 4,5): ranks 0, 2, 4 hold one half, 1, 3, 5 the
+    # other; nothing is copied. Rank 0 and its keeper (rank 2) lost: rank 4 still holds it
+    specs = [[ShardSpec("model/w", "float32", (2,), (4,), (2 * (r % 2),))] for r in range(6)]
+    plans = plan_copies(specs, ["a", "a", "b", "b", "c", "c"])
+    assert all(not p.copied for p in plans) and plans[0].replicated_on == ((2, 4),)
+    alive = {r: _held(9) for r in (1, 3, 4, 5)}
+    assert decide_restore(6, alive).step is None  # the keepers' word is gone with them
+    decision = decide_restore(6, alive, plans)
+    assert decision.step == 9 and decision.holders == {1: 1, 3: 3, 4: 4, 5: 5}
+    # every holder of one half lost: nothing holds it
+    assert decide_restore(6, {r: _held(9) for r in (1, 3, 5)}, plans).step is None

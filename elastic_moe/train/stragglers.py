@@ -1,0 +1,152 @@
+"""Slow ranks: measure each rank's own compute, flag a persistent straggler, and decide by a
+goodput model whether the group is faster without it.
+
+Synchronous training runs at the pace of its slowest rank, and the slowness spreads: every
+collective makes the fast ranks wait for the slow one, so step times and collective arrival
+times look alike on every rank. What does not spread is the time a rank spends in work that
+never waits on a peer. :class:`ComputeProbe` times such sections -- the attention blocks'
+forward passes (no collective inside: the layer's parameters are already gathered) -- and the
+commit vote carries every rank's sum, so every rank reports all of them with the step
+(``rank<r>_compute_s``), as NVRx scores ranks by their own section timings.
+
+:class:`StragglerWatch` is the policy (pure): a rank whose compute is at least
+``elastic.straggler_ratio`` times the other ranks' median for ``elastic.straggler_steps`` steps in a row is
+flagged. The group then runs at about ``slowdown`` times the speed it would have without the
+straggler. With a warm spare, evicting it costs one rebuild and brings the step time back.
+Without one, the group shrinks from W to W - 1 ranks, and each step takes about W / (W - 1)
+times the straggler-free time: eviction pays only when ``slowdown > W / (W - 1)`` -- on two
+workers a rank must be more than twice as slow. Either way the rebuild pause must be won back
+within the steps left.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ComputeProbe:
+    """Wall time this rank spends in the forward passes of ``modules`` (sections with no
+    collective inside), summed per step. On CUDA, timed with events read once per step."""
+
+    def __init__(self, modules: list[nn.Module], device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.total = 0.0
+        self._start = 0.0
+        self._events: list[tuple[Any, Any]] = []
+        self.handles = []
+        for module in modules:
+            self.handles.append(module.register_forward_pre_hook(self._enter))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._events.append((event, None))
+        else:
+            self._start = time.perf_counter()
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events[-1] = (self._events[-1][0], end)
+        else:
+            self.total += time.perf_counter() - self._start
+
+    def take(self) -> float:
+        """Seconds spent in the sections since the last call."""
+        if self.cuda:
+            for start, end in self._events:
+                if end is not None:
+                    end.synchronize()
+                    self.total += start.elapsed_time(end) / 1000.0
+            self._events = []
+        value, self.total = self.total, 0.0
+        return value
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@dataclass(frozen=True, slots=True)
+class StragglerVerdict:
+    """A persistent straggler and what the goodput model says to do about it."""
+
+    rank: int
+    evict: bool
+    slowdown: float  # its compute over the other ranks' median, median over the window
+    step_s: float  # the group's median step time over the window
+    expected_step_s: float  # the step time the model expects after an eviction
+    pause_s: float  # the rebuild an eviction costs
+    steps_left: int
+    with_spare: bool
+    reason: str
+
+    def detail(self) -> dict[str, Any]:
+        return {"rank": self.rank, "evict": self.evict, "slowdown": round(self.slowdown, 3),
+                "step_s": round(self.step_s, 4), "expected_step_s": round(self.expected_step_s, 4),
+                "pause_s": round(self.pause_s, 3), "steps_left": self.steps_left,
+                "with_spare": self.with_spare, "reason": self.reason}
+
+
+@dataclass
+class StragglerWatch:
+    """Per-step compute times in, a verdict out when a rank has been slow for ``steps`` steps
+    (then again every ``steps`` steps while it stays slow and is kept)."""
+
+    ratio: float  # elastic.straggler_ratio (0: off)
+    steps: int  # elastic.straggler_steps
+    history: list[tuple[list[float], float]] = field(default_factory=list)
+    slow_for: dict[int, int] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """A new layout: ranks are renumbered, the old numbers mean nothing."""
+        self.history.clear()
+        self.slow_for.clear()
+
+    def observe(self, compute_by_rank: list[float], step_s: float, *, steps_left: int,
+                spare_ready: bool, pause_s: float) -> StragglerVerdict | None:
+        if self.ratio <= 0 or len(compute_by_rank) < 2:
+            return None
+        self.history = [*self.history[-(self.steps - 1):], (list(compute_by_rank), step_s)]
+        for rank, value in enumerate(compute_by_rank):
+            others = _others(compute_by_rank, rank)
+            slow = others > 0 and value >= self.ratio * others
+            self.slow_for[rank] = self.slow_for.get(rank, 0) + 1 if slow else 0
+        rank = max(range(len(compute_by_rank)), key=lambda r: self.slow_for.get(r, 0))
+        if self.slow_for.get(rank, 0) < self.steps:
+            return None
+        self.slow_for[rank] = 0  # decided: look again after another window
+        window = self.history[-self.steps:]
+        slowdown = statistics.median(c[rank] / max(_others(c, rank), 1e-12) for c, _ in window)
+        now = statistics.median(s for _, s in window)
+        world = len(compute_by_rank)
+        free = now / max(slowdown, 1.0)  # the step time at the other ranks' pace
+        after = free if spare_ready else free * world / (world - 1)
+        gain = (now - after) * steps_left
+        evict = after < now and gain > pause_s
+        if spare_ready:
+            why = "a warm spare takes its place"
+        else:
+            why = (f"no spare: {world - 1} ranks would take {world / (world - 1):.2f}x the "
+                   f"straggler-free step time")
+        reason = (f"rank {rank} computes {slowdown:.2f}x slower than the other ranks for "
+                  f"{self.steps} steps; step {now:.3f} s now, {after:.3f} s expected after an "
+                  f"eviction ({why}); over the {steps_left} steps left that "
+                  f"{'saves' if gain > 0 else 'costs'} {abs(gain):.1f} s against a "
+                  f"{pause_s:.1f} s rebuild: {'evict' if evict else 'keep'} it")
+        return StragglerVerdict(rank, evict, slowdown, now, after, pause_s, steps_left,
+                                spare_ready, reason)
+
+
+def _others(values: list[float], rank: int) -> float:
+    """The median of the other ranks' values (on two ranks: the other one)."""
+    return statistics.median(v for r, v in enumerate(values) if r != rank)

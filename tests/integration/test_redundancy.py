@@ -1,0 +1,112 @@
+"""Replicas first: a node of a real ``ray.cluster_utils.Cluster`` is removed, and the group
+recovers from the blocks that have replicas on the other node without any buddy copy of them.
+
+Two nodes of two workers each (``parallel.gpus_per_node=2``, so the planner sees the nodes):
+
+* ``ep=2, dp_replicate=1``: every expert shard is held by one rank on each node (expert
+  replicas), the dense FSDP shards by one rank only. The buddies copy the dense shards and no
+  expert bytes at all.
+* ``dp_replicate=2`` (HSDP): every block has a replica on the other node; nothing is copied.
+
+Each run loses a node mid-run, recovers from the survivors in memory (no checkpoint read), and
+ends with the same weights as a fault-free run (within the tolerance of a resize: the float sums
+run in another order at W=2).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.integration.elastic_helpers import final_model_tensors, tiny_config
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
+RESIZE_RTOL = 1e-3  # as in test_elastic: W=4 -> 2 reorders float sums
+STEPS = 16
+
+
+def _config(tmp_path, layout: list[str]):
+    return tiny_config(tmp_path, steps=STEPS, every=100, workers=(2, 4),
+                       extra=["parallel.gpus_per_node=2", "elastic.resize_check_s=0",
+                              *layout])
+
+
+def _train(tmp_path, name: str, layout: list[str], lose_node_at: int | None):
+    """Train on two 2-CPU nodes (the head holds no worker); remove the second node once step
+    ``lose_node_at`` is committed. Returns the run's result."""
+    from elastic_moe.actors import coordinator as coordinator_mod
+    from elastic_moe.actors.training import run_training
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=2)]
+    ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, namespace="elastic-moe")
+    try:
+        import threading
+
+        box: dict = {}
+        thread = threading.Thread(target=lambda: box.setdefault("result", run_training(
+            _config(tmp_path, layout), name, output_dir=str(tmp_path))), daemon=True)
+        thread.start()
+        if lose_node_at is not None:
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                try:
+                    state = coordinator_mod.get(name).snapshot()
+                except ValueError:
+                    state = None
+                if state and state["last_step"] >= lose_node_at and len(state["workers"]) == 4:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the run never reached its fault point with 4 workers")
+            cluster.remove_node(nodes[1])
+        thread.join(600)
+        assert "result" in box, "training did not finish"
+        return box["result"]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _final(result, tmp_path, name):
+    assert result.ok, result.error
+    return final_model_tensors(os.path.join(str(tmp_path), name, "checkpoints"))
+
+
+def _assert_close(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, tensor in want.items():
+        scale = max(float(tensor.abs().max()), 1e-6)
+        diff = float((got[key].float() - tensor.float()).abs().max())
+        assert diff <= RESIZE_RTOL * scale, f"{key}: max |diff| {diff:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("layout, copied_experts, copied_dense", [
+    (["parallel.dp_replicate_degree=1", "parallel.expert_parallel_degree=2"], 0, True),
+    (["parallel.dp_replicate_degree=2", "parallel.expert_parallel_degree=2"], 0, False),
+], ids=["expert-replicas", "hsdp-replicas"])
+def test_a_node_loss_recovers_from_replicas_without_copying_them(tmp_path, layout,
+                                                                  copied_experts, copied_dense):
+    reference = _final(_train(tmp_path / "ref", "ref", layout, None), tmp_path / "ref", "ref")
+    result = _train(tmp_path / "lost", "lost", layout, lose_node_at=5)
+    got = _final(result, tmp_path / "lost", "lost")
+    epochs = result.coordinator_state["world_sizes"]
+    first, last = epochs[0], epochs[-1]
+    assert first["world_size"] == 4 and last["world_size"] == 2, [e["world_size"] for e in epochs]
+    kinds = first["copied_bytes_by_kind"]
+    assert kinds["experts"] == copied_experts, kinds
+    assert (kinds["dense"] > 0) == copied_dense, kinds
+    if not copied_dense:
+        assert first["redundancy_bytes"] == 0 and first["copy_bytes_per_step"] == 0, first
+    # the survivors' memory and the copies were enough: no checkpoint read, no step redone
+    assert last["restored_from"] == "peers" and last["steps_redone"] == 0, last
+    assert not [e for e in result.coordinator_state["events"]
+                if e["kind"] == "checkpoint_fallback"]
+    _assert_close(got, reference)

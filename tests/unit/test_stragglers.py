@@ -1,0 +1,81 @@
+"""The straggler policy (pure) and the compute probe."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from elastic_moe.train.stragglers import ComputeProbe, StragglerWatch
+
+
+def _feed(watch, compute, step_s, n, **kwargs):
+    verdicts = [watch.observe(compute, step_s, **kwargs) for _ in range(n)]
+    return [v for v in verdicts if v is not None]
+
+
+def test_a_persistent_straggler_is_flagged_after_the_window_and_evicted_for_a_spare():
+    watch = StragglerWatch(ratio=1.5, steps=5)
+    assert _feed(watch, [1.0, 1.0, 1.0], 1.0, 4, steps_left=100, spare_ready=True,
+                 pause_s=2.0) == []
+    # rank 2 at a quarter of the speed: nothing until five slow steps in a row
+    assert _feed(watch, [1.0, 1.0, 4.0], 4.0, 4, steps_left=100, spare_ready=True,
+                 pause_s=2.0) == []
+    verdict, = _feed(watch, [1.0, 1.0, 4.0], 4.0, 1, steps_left=100, spare_ready=True,
+                     pause_s=2.0)
+    assert verdict.rank == 2 and verdict.evict and verdict.with_spare
+    assert verdict.slowdown == 4.0 and verdict.expected_step_s == 1.0
+    assert "evict" in verdict.reason and "4.00x" in verdict.reason
+
+
+def test_one_fast_step_resets_the_count():
+    watch = StragglerWatch(ratio=1.5, steps=3)
+    kwargs = {"steps_left": 100, "spare_ready": True, "pause_s": 1.0}
+    assert _feed(watch, [1.0, 2.0], 2.0, 2, **kwargs) == []
+    assert _feed(watch, [1.0, 1.0], 1.0, 1, **kwargs) == []
+    assert _feed(watch, [1.0, 2.0], 2.0, 2, **kwargs) == []
+
+
+def test_without_a_spare_two_workers_keep_a_rank_less_than_twice_as_slow():
+    kwargs = {"steps_left": 1000, "spare_ready": False, "pause_s": 2.0}
+    # W=2, 1.6x: one worker alone would take 2x the straggler-free time: keep
+    verdict, = _feed(StragglerWatch(1.5, 3), [1.0, 1.6], 1.6, 3, **kwargs)
+    assert not verdict.evict and "keep" in verdict.reason and "no spare" in verdict.reason
+    # W=2, 4x: alone is 2x, better than 4x: evict
+    verdict, = _feed(StragglerWatch(1.5, 3), [1.0, 4.0], 4.0, 3, **kwargs)
+    assert verdict.evict
+    # W=3, 1.6x: two take 1.5x, better than 1.6x: evict
+    verdict, = _feed(StragglerWatch(1.5, 3), [1.0, 1.0, 1.6], 1.6, 3, **kwargs)
+    assert verdict.evict and abs(verdict.expected_step_s - 1.5) < 1e-9
+
+
+def test_no_eviction_when_the_rebuild_is_not_won_back():
+    verdict, = _feed(StragglerWatch(1.5, 3), [1.0, 1.0, 4.0], 4.0, 3, steps_left=1,
+                     spare_ready=True, pause_s=10.0)
+    assert not verdict.evict and verdict.steps_left == 1
+
+
+def test_off_when_the_ratio_is_zero():
+    watch = StragglerWatch(ratio=0, steps=1)
+    assert watch.observe([1.0, 9.0], 9.0, steps_left=10, spare_ready=True, pause_s=0) is None
+
+
+def test_the_probe_times_only_the_probed_modules():
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(0.02)
+            return x
+
+    probed, other = Slow(), Slow()
+    probe = ComputeProbe([probed], torch.device("cpu"))
+    x = torch.zeros(1)
+    probed(x)
+    other(x)
+    probed(x)
+    took = probe.take()
+    assert 0.04 <= took < 0.06, took
+    assert probe.take() == 0.0
+    probe.remove()
+    probed(x)
+    assert probe.take() == 0.0
