@@ -444,9 +444,12 @@ class ElasticGroup:
                     self._record_step_error(decision, reports)
                 # an error is retried without spending the failure budget; a worker that
                 # died is a fault whatever else happened
+                # an evicted straggler is no fault, and neither are its peers' steps that
+                # broke because it was fenced
                 faults = [m for m in failed if m not in self.evicted]
-                self._recover(outcomes, failed,
-                              count_failure=bool(faults) or decision.action is Action.REBUILD)
+                evicted = len(faults) < len(failed)
+                self._recover(outcomes, failed, count_failure=bool(faults) or (
+                    decision.action is Action.REBUILD and not evicted))
             else:
                 self._grow(outcomes)
 

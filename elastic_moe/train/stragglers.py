@@ -82,7 +82,7 @@ class StragglerVerdict:
 
     rank: int
     evict: bool
-    slowdown: float  # its compute over the other ranks' median, median over the window
+    slowdown: float  # its compute over the other ranks' median, totals over the window
     step_s: float  # the group's median step time over the window
     expected_step_s: float  # the step time the model expects after an eviction
     pause_s: float  # the rebuild an eviction costs
@@ -99,37 +99,39 @@ class StragglerVerdict:
 
 @dataclass
 class StragglerWatch:
-    """Per-step compute times in, a verdict out when a rank has been slow for ``steps`` steps
-    (then again every ``steps`` steps while it stays slow and is kept)."""
+    """Per-step compute times in; a verdict out once a window of ``steps`` steps shows a rank
+    whose total compute is at least ``ratio`` times the other ranks' median. Totals, not
+    per-step ratios: a rank slowed in bursts (a noisy neighbour, a stop/continue duty cycle)
+    has fast and slow steps, and what it costs the group is its average. After a verdict the
+    window starts again."""
 
     ratio: float  # elastic.straggler_ratio (0: off)
     steps: int  # elastic.straggler_steps
     history: list[tuple[list[float], float]] = field(default_factory=list)
-    slow_for: dict[int, int] = field(default_factory=dict)
 
     def reset(self) -> None:
         """A new layout: ranks are renumbered, the old numbers mean nothing."""
         self.history.clear()
-        self.slow_for.clear()
 
     def observe(self, compute_by_rank: list[float], step_s: float, *, steps_left: int,
                 spare_ready: bool, pause_s: float) -> StragglerVerdict | None:
         if self.ratio <= 0 or len(compute_by_rank) < 2:
             return None
+        if self.history and len(self.history[-1][0]) != len(compute_by_rank):
+            self.history.clear()
         self.history = [*self.history[-(self.steps - 1):], (list(compute_by_rank), step_s)]
-        for rank, value in enumerate(compute_by_rank):
-            others = _others(compute_by_rank, rank)
-            slow = others > 0 and value >= self.ratio * others
-            self.slow_for[rank] = self.slow_for.get(rank, 0) + 1 if slow else 0
-        rank = max(range(len(compute_by_rank)), key=lambda r: self.slow_for.get(r, 0))
-        if self.slow_for.get(rank, 0) < self.steps:
+        if len(self.history) < self.steps:
             return None
-        self.slow_for[rank] = 0  # decided: look again after another window
-        window = self.history[-self.steps:]
-        slowdown = statistics.median(c[rank] / max(_others(c, rank), 1e-12) for c, _ in window)
-        now = statistics.median(s for _, s in window)
         world = len(compute_by_rank)
-        free = now / max(slowdown, 1.0)  # the step time at the other ranks' pace
+        totals = [sum(c[r] for c, _ in self.history) for r in range(world)]
+        slowdowns = [totals[r] / max(_others(totals, r), 1e-12) for r in range(world)]
+        rank = max(range(world), key=lambda r: slowdowns[r])
+        slowdown = slowdowns[rank]
+        if slowdown < self.ratio:
+            return None
+        now = statistics.median(s for _, s in self.history)
+        self.history.clear()  # decided: look again after another window
+        free = now / slowdown  # the step time at the other ranks' pace
         after = free if spare_ready else free * world / (world - 1)
         gain = (now - after) * steps_left
         evict = after < now and gain > pause_s
@@ -138,7 +140,7 @@ class StragglerWatch:
         else:
             why = (f"no spare: {world - 1} ranks would take {world / (world - 1):.2f}x the "
                    f"straggler-free step time")
-        reason = (f"rank {rank} computes {slowdown:.2f}x slower than the other ranks for "
+        reason = (f"rank {rank} computed {slowdown:.2f}x as long as the other ranks over "
                   f"{self.steps} steps; step {now:.3f} s now, {after:.3f} s expected after an "
                   f"eviction ({why}); over the {steps_left} steps left that "
                   f"{'saves' if gain > 0 else 'costs'} {abs(gain):.1f} s against a "

@@ -90,7 +90,7 @@ def _assert_close(got: dict, want: dict) -> None:
 
 @pytest.mark.parametrize("layout, copied_experts, copied_dense", [
     (["parallel.dp_replicate_degree=1", "parallel.expert_parallel_degree=2"], 0, True),
-    (["parallel.dp_replicate_degree=2", "parallel.expert_parallel_degree=2"], 0, False),
+    (["parallel.dp_replicate_degree=2"], 0, False),
 ], ids=["expert-replicas", "hsdp-replicas"])
 def test_a_node_loss_recovers_from_replicas_without_copying_them(tmp_path, layout,
                                                                   copied_experts, copied_dense):
