@@ -117,6 +117,18 @@ def test_a_slowed_worker_is_evicted_and_the_spare_restores_the_step_time(tmp_pat
         print(f"\nstep time: {base:.3f} s before, {slow:.3f} s slowed, {back:.3f} s after the "
               f"spare took over (evicted at step {rebuilt})")
         assert slow > 1.5 * base  # the slowdown was real
+        # every rank's own compute went to MLflow with every step; the victim's rank is the
+        # slow one while it was slowed
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(result.tracking_uri)
+        series = {r: {m.step: m.value for m in client.get_metric_history(
+            result.mlflow_run_id, f"rank{r}_compute_s")} for r in range(2)}
+        assert sorted(series[0]) == sorted(series[1]) == list(range(1, STEPS + 1))
+        window = range(slowed_at + 2, rebuilt)
+        slow_rank = flagged[0]["rank"]
+        assert sum(series[slow_rank][s] for s in window) \
+            > 2 * sum(series[1 - slow_rank][s] for s in window)
         assert back <= 1.10 * base, (base, back)
     finally:
         stop.set()
