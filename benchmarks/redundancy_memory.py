@@ -3,8 +3,8 @@
     python benchmarks/redundancy_memory.py [--steps 6]
 
 Two workers on two 1-CPU nodes of ``ray.cluster_utils.Cluster`` (``parallel.gpus_per_node=1``,
-so each worker is its own node and failure domain) train a widened debug model (about 20M
-parameters, so the state stands out from the ~400 MB of a torch process) for ``--steps`` steps,
+so each worker is its own node and failure domain) train a widened debug model (about 26M
+parameters with MTP, so the state stands out from the ~400 MB of a torch process) for ``--steps`` steps,
 in four runs:
 
 - dense FSDP over both ranks (``dp_replicate=1``): no block has a replica, so each buddy keeps a
@@ -81,7 +81,7 @@ def run(workdir: str, name: str, cfg) -> tuple[list[int], dict]:
                 state = coordinator_mod.get(name).snapshot()
                 if state["last_step"] >= cfg.train.steps - 2 and len(state["workers"]) == 2:
                     last = [_rss(w["pid"]) for w in state["workers"]]
-            except (ValueError, OSError, KeyError):
+            except (ValueError, OSError, KeyError, RuntimeError):  # not yet, or exiting
                 pass
             time.sleep(0.1)
         result = out["result"]
