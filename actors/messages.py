@@ -13,9 +13,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from elastic_moe.train.elastic import Holdings
+from elastic_moe.train.elastic import CopyPlan, Holdings, WardCopy
 from elastic_moe.train.failure_policy import StepReport
-from elastic_moe.train.peer_copies import CopyPlan, WardCopy
 
 __all__ = ["CopyPlan", "EpochSpec", "Holdings", "JoinReport", "LeaseReply", "LoopState", "PingReply",
            "RestoreSource", "Status", "TrainOutcome", "WardCopy", "WorkerInfo"]

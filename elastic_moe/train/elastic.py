@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from elastic_moe.config import TrainConfig
 from elastic_moe.data.sampler import rank_share
-from elastic_moe.train.peer_copies import CopyPlan, WardCopy
 
-__all__ = ["Holdings", "RestoreDecision", "decide_restore", "effective_batch", "rank_share"]
+__all__ = ["CopyPlan", "Holdings", "RestoreDecision", "WardCopy", "decide_restore",
+           "effective_batch", "rank_share"]
 
 
 def effective_batch(cfg: TrainConfig, world_size: int, max_workers: int) -> tuple[int, float]:
@@ -32,6 +32,26 @@ def effective_batch(cfg: TrainConfig, world_size: int, max_workers: int) -> tupl
     per_rank = max(cfg.global_batch_size // max_workers, 1)
     batch = per_rank * world_size
     return batch, batch / (per_rank * max_workers)
+
+
+@dataclass(frozen=True, slots=True)
+class WardCopy:
+    """What a keeper holds of one ward: the copied blocks at ``step``; every other block of the
+    ward is held identically by at least one rank of each tuple in ``replicated_on``."""
+
+    step: int
+    replicated_on: tuple[tuple[int, ...], ...] = ()
+    nbytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CopyPlan:
+    """What one rank's buddy keeps of it: ``copied`` indexes the rank's specs that have no
+    replica in another failure domain; the rest are on the ranks of ``replicated_on`` (one tuple
+    per distinct set of holders)."""
+
+    copied: tuple[int, ...]
+    replicated_on: tuple[tuple[int, ...], ...]
 
 
 @dataclass(frozen=True, slots=True)

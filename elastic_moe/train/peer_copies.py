@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from elastic_moe.train.elastic import CopyPlan, WardCopy
 from elastic_moe.train.shard_state import (
     ShardLayout,
     ShardSet,
@@ -57,26 +57,6 @@ logger = logging.getLogger(__name__)
 # the Adam moments a copy carries beside each parameter (the step count is the same on every
 # rank, so it is replicated and never copied)
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-@dataclass(frozen=True, slots=True)
-class WardCopy:
-    """What a keeper holds of one ward: the copied blocks at ``step``; every other block of the
-    ward is held identically by at least one rank of each tuple in ``replicated_on``."""
-
-    step: int
-    replicated_on: tuple[tuple[int, ...], ...] = ()
-    nbytes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CopyPlan:
-    """What one rank's buddy keeps of it: ``copied`` indexes the rank's specs that have no
-    replica in another failure domain; the rest are on the ranks of ``replicated_on`` (one tuple
-    per distinct set of holders)."""
-
-    copied: tuple[int, ...]
-    replicated_on: tuple[tuple[int, ...], ...]
 
 
 def failure_domains(node_of_rank: Sequence[str]) -> list[str]:

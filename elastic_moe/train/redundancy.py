@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from elastic_moe.config import Config
 from elastic_moe.parallel.mesh import TRAIN_BYTES_PER_PARAM, MeshPlan, param_counts, plan_mesh
-from elastic_moe.train.elastic import Holdings, decide_restore
-from elastic_moe.train.peer_copies import CopyPlan, WardCopy, buddy_of, plan_copies
+from elastic_moe.train.elastic import CopyPlan, Holdings, WardCopy, decide_restore
+from elastic_moe.train.peer_copies import buddy_of, plan_copies
 from elastic_moe.train.shard_state import ShardSpec
 
 COPY_BYTES_PER_PARAM = 16  # fp32 weight + two Adam moments + the forwarded gradient's buffer

@@ -1,10 +1,11 @@
-"""Slow ranks: measure each rank's own compute, flag a persistent straggler, and decide by a
-goodput model whether the group is faster without it.
+"""Slow ranks: flag a persistent straggler from each rank's own compute, and decide by a goodput
+model whether the group is faster without it. Pure (no torch): the coordinator imports it.
 
 Synchronous training runs at the pace of its slowest rank, and the slowness spreads: every
 collective makes the fast ranks wait for the slow one, so step times and collective arrival
 times look alike on every rank. What does not spread is the time a rank spends in work that
-never waits on a peer. :class:`ComputeProbe` times such sections -- the attention blocks'
+never waits on a peer. :class:`~elastic_moe.train.compute_probe.ComputeProbe` times such
+sections -- the attention blocks'
 forward passes (no collective inside: the layer's parameters are already gathered) -- and the
 commit vote carries every rank's sum, so every rank reports all of them with the step
 (``rank<r>_compute_s``), as NVRx scores ranks by their own section timings.
@@ -22,58 +23,8 @@ within the steps left.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-from torch import nn
-
-
-class ComputeProbe:
-    """Wall time this rank spends in the forward passes of ``modules`` (sections with no
-    collective inside), summed per step. On CUDA, timed with events read once per step."""
-
-    def __init__(self, modules: list[nn.Module], device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.total = 0.0
-        self._start = 0.0
-        self._events: list[tuple[Any, Any]] = []
-        self.handles = []
-        for module in modules:
-            self.handles.append(module.register_forward_pre_hook(self._enter))
-            self.handles.append(module.register_forward_hook(self._leave))
-
-    def _enter(self, module: nn.Module, args: Any) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._events.append((event, None))
-        else:
-            self._start = time.perf_counter()
-
-    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._events[-1] = (self._events[-1][0], end)
-        else:
-            self.total += time.perf_counter() - self._start
-
-    def take(self) -> float:
-        """Seconds spent in the sections since the last call."""
-        if self.cuda:
-            for start, end in self._events:
-                if end is not None:
-                    end.synchronize()
-                    self.total += start.elapsed_time(end) / 1000.0
-            self._events = []
-        value, self.total = self.total, 0.0
-        return value
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,13 +30,13 @@ from elastic_moe.config import Config
 from elastic_moe.data.sampler import DataPosition, advance, split_batch
 from elastic_moe.model.flops import peak_tflops, training_flops_per_token
 from elastic_moe.parallel import MeshPlan, setup_model
+from elastic_moe.train.compute_probe import ComputeProbe
 from elastic_moe.train.elastic import Holdings, effective_batch
 from elastic_moe.train.failure_policy import PeerStepError
 from elastic_moe.train.lr_schedule import LRSchedule
 from elastic_moe.train.peer_copies import PeerCopies
 from elastic_moe.train.shard_state import ShardLayout, ShardSet, fill_from_shards
 from elastic_moe.train.step import StepMetrics, build_optimizer, train_step
-from elastic_moe.train.stragglers import ComputeProbe
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from elastic_moe.train.elastic import Holdings, decide_restore
-from elastic_moe.train.peer_copies import WardCopy, buddy_of, plan_copies
+from elastic_moe.train.elastic import Holdings, WardCopy, decide_restore
+from elastic_moe.train.peer_copies import buddy_of, plan_copies
 from elastic_moe.train.shard_state import ShardSpec
 
 

@@ -7,7 +7,8 @@ import time
 import torch
 from torch import nn
 
-from elastic_moe.train.stragglers import ComputeProbe, StragglerWatch
+from elastic_moe.train.compute_probe import ComputeProbe
+from elastic_moe.train.stragglers import StragglerWatch
 
 
 def _feed(watch, compute, step_s, n, **kwargs):

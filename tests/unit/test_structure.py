@@ -231,3 +231,17 @@ def test_imports_never_go_up_a_layer():
 def test_namespace_plumbing_imports_no_project_module():
     for module in PLUMBING:
         assert set(GRAPH[module]) <= PLUMBING, (module, GRAPH[module])
+
+
+def test_the_coordinator_starts_without_torch():
+    """A restarted coordinator must be serving the workers' leases within
+    elastic.hang_timeout_s, or they stop themselves and the run falls back to its checkpoint;
+    importing torch alone takes 2-3 s on a loaded CPU box (seen in CI when it crept in)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, elastic_moe.actors.run_loop; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))[:5])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout
