@@ -16,8 +16,9 @@ flagged. The group then runs at about ``slowdown`` times the speed it would have
 straggler. With a warm spare, evicting it costs one rebuild and brings the step time back.
 Without one, the group shrinks from W to W - 1 ranks, and each step takes about W / (W - 1)
 times the straggler-free time: eviction pays only when ``slowdown > W / (W - 1)`` -- on two
-workers a rank must be more than twice as slow. Either way the rebuild pause must be won back
-within the steps left.
+workers a rank must be more than twice as slow. Either way the steps must get at least
+``MIN_GAIN`` shorter, and the time saved over the steps left must exceed twice the rebuild
+pause (the eviction's rebuild and the replacement's rejoin).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
+
+MIN_GAIN = 0.1  # an eviction must promise at least 10% shorter steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +88,9 @@ class StragglerWatch:
         free = now / slowdown  # the step time at the other ranks' pace
         after = free if spare_ready else free * world / (world - 1)
         gain = (now - after) * steps_left
-        evict = after < now and gain > pause_s
+        # estimates from a noisy window: evict only for a clear gain, and one that pays back
+        # the eviction's rebuild and the replacement's rejoin
+        evict = after <= (1 - MIN_GAIN) * now and gain > 2 * pause_s
         if spare_ready:
             why = "a warm spare takes its place"
         else:
@@ -94,8 +99,8 @@ class StragglerWatch:
         reason = (f"rank {rank} computed {slowdown:.2f}x as long as the other ranks over "
                   f"{self.steps} steps; step {now:.3f} s now, {after:.3f} s expected after an "
                   f"eviction ({why}); over the {steps_left} steps left that "
-                  f"{'saves' if gain > 0 else 'costs'} {abs(gain):.1f} s against a "
-                  f"{pause_s:.1f} s rebuild: {'evict' if evict else 'keep'} it")
+                  f"{'saves' if gain > 0 else 'costs'} {abs(gain):.1f} s against 2 x {pause_s:.1f} s "
+                  f"of rebuilds: {'evict' if evict else 'keep'} it")
         return StragglerVerdict(rank, evict, slowdown, now, after, pause_s, steps_left,
                                 spare_ready, reason)
 

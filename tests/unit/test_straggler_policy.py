@@ -49,9 +49,20 @@ def test_without_a_spare_two_workers_keep_a_rank_less_than_twice_as_slow():
     # W=2, 4x: alone is 2x, better than 4x: evict
     verdict, = _feed(StragglerWatch(1.5, 3), [1.0, 4.0], 4.0, 3, **kwargs)
     assert verdict.evict
-    # W=3, 1.6x: two take 1.5x, better than 1.6x: evict
-    verdict, = _feed(StragglerWatch(1.5, 3), [1.0, 1.0, 1.6], 1.6, 3, **kwargs)
+    # W=3, 2x: two take 1.5x, better than 2x: evict
+    verdict, = _feed(StragglerWatch(1.5, 3), [1.0, 1.0, 2.0], 2.0, 3, **kwargs)
     assert verdict.evict and abs(verdict.expected_step_s - 1.5) < 1e-9
+    # W=3, 1.6x: 1.5x against 1.6x is a 6% gain, inside the noise of the estimate: keep
+    verdict, = _feed(StragglerWatch(1.5, 3), [1.0, 1.0, 1.6], 1.6, 3, **kwargs)
+    assert not verdict.evict
+
+
+def test_a_slow_probe_that_barely_moves_the_step_is_kept():
+    # seen in CI: rank 0's probe at 2.1x on an oversubscribed box, but the step time would
+    # only drop 5% without it (the probed sections are a small part of the step)
+    verdict, = _feed(StragglerWatch(1.5, 10), [2.11, 1.0], 0.242, 10, steps_left=200,
+                     spare_ready=False, pause_s=1.0)
+    assert not verdict.evict and "keep" in verdict.reason
 
 
 def test_no_eviction_when_the_rebuild_is_not_won_back():
