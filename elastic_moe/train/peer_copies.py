@@ -157,6 +157,7 @@ class _Ward:
         self.grad_flat = grad_flat
         self.mask = torch.zeros(len(param_specs), dtype=torch.uint8)
         self.params: list[torch.Tensor] = []
+        fqns: list[str] = []  # aligned with self.params
         by_group: dict[int, list[torch.Tensor]] = {}
         steps: dict[int, torch.Tensor] = {}
         for spec in param_specs:
@@ -168,6 +169,7 @@ class _Ward:
                                  "must share the parameter's layout)")
             param = parts[""]
             self.params.append(param)
+            fqns.append(fqn)
             own = own_params[fqn]
             by_group.setdefault(group_of[id(own)], []).append(param)
             # the step count is the same on every rank: the keeper's own is the ward's
@@ -181,8 +183,7 @@ class _Ward:
                 raise ValueError(f"peer copies follow AdamW updates; the optimizer is "
                                  f"{type(optimizer).__name__}")
             self.optimizer = torch.optim.AdamW(groups)
-            for param in self.params:
-                fqn = next(f for f, parts in blocks.items() if parts.get("") is param)
+            for param, fqn in zip(self.params, fqns, strict=True):
                 self.optimizer.state[param] = {"step": steps[id(param)],
                                                **{m: blocks[fqn][m] for m in MOMENTS}}
 
