@@ -599,6 +599,9 @@ class ElasticGroup:
         if world != len(self.members) or any(c is None for c in compute):
             return
         self._collect_joiners()
+        if self.pending_joiners:  # a worker starting here competes with the ranks for the CPUs
+            self.stragglers.pause()
+            return
         verdict = self.stragglers.observe(
             [float(c) for c in compute if c is not None], float(values.get("step_s", 0.0)),
             steps_left=self.cfg.train.steps - step, spare_ready=bool(self.joiners),

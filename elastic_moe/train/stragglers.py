@@ -11,8 +11,8 @@ commit vote carries every rank's sum, so every rank reports all of them with the
 (``rank<r>_compute_s``), as NVRx scores ranks by their own section timings.
 
 :class:`StragglerWatch` is the policy (pure): a rank whose compute is at least
-``elastic.straggler_ratio`` times the other ranks' median for ``elastic.straggler_steps`` steps in a row is
-flagged. The group then runs at about ``slowdown`` times the speed it would have without the
+``elastic.straggler_ratio`` times the other ranks' median, in total over a window of
+``elastic.straggler_steps`` steps, is flagged. The group then runs at about ``slowdown`` times the speed it would have without the
 straggler. With a warm spare, evicting it costs one rebuild and brings the step time back.
 Without one, the group shrinks from W to W - 1 ranks, and each step takes about W / (W - 1)
 times the straggler-free time: eviction pays only when ``slowdown > W / (W - 1)`` -- on two
@@ -54,22 +54,37 @@ class StragglerVerdict:
 @dataclass
 class StragglerWatch:
     """Per-step compute times in; a verdict out once a window of ``steps`` steps shows a rank
-    whose total compute is at least ``ratio`` times the other ranks' median. Totals, not
-    per-step ratios: a rank slowed in bursts (a noisy neighbour, a stop/continue duty cycle)
-    has fast and slow steps, and what it costs the group is its average. After a verdict the
-    window starts again."""
+    whose total compute (less its longest step) is at least ``ratio`` times the other ranks'
+    median. Totals, not per-step ratios: a rank slowed in bursts (a noisy neighbour, a
+    stop/continue duty cycle) has fast and slow steps, and what it costs the group is its
+    average. After a verdict the window starts again.
+
+    After :meth:`reset` (a new layout) the first ``steps`` steps are not counted: a rebuild
+    leaves ranks uneven for a while (a new member's first steps, the next spare starting on the
+    same machines), and a second eviction right after the first would judge that, not the ranks.
+    """
 
     ratio: float  # elastic.straggler_ratio (0: off)
     steps: int  # elastic.straggler_steps
     history: list[tuple[list[float], float]] = field(default_factory=list)
+    settling: int = 0  # steps still to pass before the window counts again
 
     def reset(self) -> None:
-        """A new layout: ranks are renumbered, the old numbers mean nothing."""
+        """A new layout: ranks are renumbered, the old numbers mean nothing; let it settle."""
+        self.history.clear()
+        self.settling = self.steps
+
+    def pause(self) -> None:
+        """Drop the window: its steps ran while something else took the machines' time (a new
+        worker starting), so they say nothing about a rank's own pace."""
         self.history.clear()
 
     def observe(self, compute_by_rank: list[float], step_s: float, *, steps_left: int,
                 spare_ready: bool, pause_s: float) -> StragglerVerdict | None:
         if self.ratio <= 0 or len(compute_by_rank) < 2:
+            return None
+        if self.settling > 0:
+            self.settling -= 1
             return None
         if self.history and len(self.history[-1][0]) != len(compute_by_rank):
             self.history.clear()
@@ -77,7 +92,10 @@ class StragglerWatch:
         if len(self.history) < self.steps:
             return None
         world = len(compute_by_rank)
-        totals = [sum(c[r] for c, _ in self.history) for r in range(world)]
+        # each rank's total without its single longest step: the probe times a small part of
+        # the step, so one hiccup (a page fault storm, a collector pass, a neighbour's burst)
+        # can outweigh a window of normal steps; a persistent straggler is slow in many
+        totals = [_trimmed_total([c[r] for c, _ in self.history]) for r in range(world)]
         slowdowns = [totals[r] / max(_others(totals, r), 1e-12) for r in range(world)]
         rank = max(range(world), key=lambda r: slowdowns[r])
         slowdown = slowdowns[rank]
@@ -103,6 +121,10 @@ class StragglerWatch:
                   f"of rebuilds: {'evict' if evict else 'keep'} it")
         return StragglerVerdict(rank, evict, slowdown, now, after, pause_s, steps_left,
                                 spare_ready, reason)
+
+
+def _trimmed_total(values: list[float]) -> float:
+    return sum(values) - max(values) if len(values) > 2 else sum(values)
 
 
 def _others(values: list[float], rank: int) -> float:

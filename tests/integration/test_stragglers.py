@@ -101,7 +101,7 @@ def test_a_slowed_worker_is_evicted_and_the_spare_restores_the_step_time(tmp_pat
         flagged = [e for e in events if e["kind"] == "straggler"]
         evicted = [e for e in events if e["kind"] == "straggler_evicted"]
         assert flagged and flagged[0]["evict"] and flagged[0]["pid"] == victim, flagged
-        assert flagged[0]["slowdown"] >= 2.0 and flagged[0]["with_spare"], flagged
+        assert flagged[0]["with_spare"], flagged
         assert [e["pid"] for e in evicted] == [victim], evicted
         assert not [e for e in events if e["kind"] == "worker_lost"], events
         epochs = result.coordinator_state["world_sizes"]

@@ -38,7 +38,15 @@ def test_a_blip_is_not_a_straggler_but_a_bursty_slowdown_is():
     pattern = [1.0, 7.0] * 5
     verdicts = [watch.observe([1.0, c], c, **kwargs) for c in pattern]
     assert [v.rank for v in verdicts if v is not None] == [1]
-    assert verdicts[-1].slowdown == 4.0
+    assert verdicts[-1].slowdown == 33.0 / 9.0  # each rank's longest step left out
+
+
+def test_one_long_step_on_a_healthy_rank_is_not_a_straggler():
+    kwargs = {"steps_left": 100, "spare_ready": True, "pause_s": 1.0}
+    watch = StragglerWatch(ratio=1.5, steps=10)
+    # nine even steps, then one 8x hiccup on rank 0: 1.7x in plain totals, 1.0x without it
+    assert _feed(watch, [1.0, 1.0], 1.0, 9, **kwargs) == []
+    assert _feed(watch, [8.0, 1.0], 8.0, 1, **kwargs) == []
 
 
 def test_without_a_spare_two_workers_keep_a_rank_less_than_twice_as_slow():
@@ -94,3 +102,19 @@ def test_the_probe_times_only_the_probed_modules():
     probe.remove()
     probed(x)
     assert probe.take() == 0.0
+
+
+def test_after_a_new_layout_the_first_window_settles_before_it_counts():
+    kwargs = {"steps_left": 100, "spare_ready": True, "pause_s": 1.0}
+    watch = StragglerWatch(ratio=1.5, steps=4)
+    watch.reset()  # a rebuild: the next four steps are not judged, however uneven
+    assert _feed(watch, [3.0, 1.0], 3.0, 4, **kwargs) == []
+    assert watch.history == []
+    # then a full window is needed again, and a persistent straggler is still caught
+    assert _feed(watch, [3.0, 1.0], 3.0, 3, **kwargs) == []
+    verdict, = _feed(watch, [3.0, 1.0], 3.0, 1, **kwargs)
+    assert verdict.rank == 0 and verdict.evict
+    # a pause drops the window gathered so far
+    _feed(watch, [3.0, 1.0], 3.0, 3, **kwargs)
+    watch.pause()
+    assert _feed(watch, [3.0, 1.0], 3.0, 3, **kwargs) == []
