@@ -66,21 +66,32 @@ def failure_domains(node_of_rank: Sequence[str]) -> list[str]:
     return [f"rank{r}" for r in range(len(node_of_rank))]
 
 
-def buddy_of(rank: int, node_of_rank: Sequence[str]) -> int | None:
-    """The rank that keeps ``rank``'s copy: the rank at the same position on the next node (in
-    order of first appearance), so that every rank keeps one ward when nodes are equal in size;
-    the next rank when all share one node; ``None`` for a group of one."""
+def buddies(node_of_rank: Sequence[str]) -> list[int | None]:
+    """Every rank's buddy, the rank that keeps its copy: the rank at the same position on the
+    next node (in order of first appearance), so that every rank keeps one ward when nodes are
+    equal in size; the next rank when all share one node; ``None`` for a group of one. Linear
+    in the world size (a 2048-rank layout is planned on every rank)."""
     world = len(node_of_rank)
     if world < 2:
-        return None
-    nodes = list(dict.fromkeys(node_of_rank))
-    if len(nodes) == 1:
-        return (rank + 1) % world
-    members = {n: [r for r in range(world) if node_of_rank[r] == n] for n in nodes}
-    node = node_of_rank[rank]
-    position = members[node].index(rank)
-    following = members[nodes[(nodes.index(node) + 1) % len(nodes)]]
-    return following[position % len(following)]
+        return [None] * world
+    members: dict[str, list[int]] = {}
+    for r, node in enumerate(node_of_rank):
+        members.setdefault(node, []).append(r)
+    if len(members) == 1:
+        return [(r + 1) % world for r in range(world)]
+    nodes = list(members)
+    following = {n: members[nodes[(i + 1) % len(nodes)]] for i, n in enumerate(nodes)}
+    out: list[int | None] = []
+    position: dict[str, int] = {}
+    for node in node_of_rank:
+        at = position[node] = position.get(node, -1) + 1
+        out.append(following[node][at % len(following[node])])
+    return out
+
+
+def buddy_of(rank: int, node_of_rank: Sequence[str]) -> int | None:
+    """``rank``'s buddy (see :func:`buddies`)."""
+    return buddies(node_of_rank)[rank]
 
 
 def _block_id(spec: ShardSpec) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
@@ -231,7 +242,8 @@ class PeerCopies:
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, layout.specs, group=group)
         plans = self.plans = plan_copies(gathered, node_of_rank)
-        self.buddy = buddy_of(self.rank, node_of_rank)
+        keeper = buddies(node_of_rank)
+        self.buddy = keeper[self.rank]
         names = {n for n, _ in model.named_parameters()}
         params = dict(model.named_parameters())
         mine = plans[self.rank]
@@ -240,7 +252,7 @@ class PeerCopies:
             if not moment:
                 self.sent.append(params[fqn])
         for ward in range(self.world_size):
-            if ward != self.rank and buddy_of(ward, node_of_rank) == self.rank:
+            if ward != self.rank and keeper[ward] == self.rank:
                 specs = [gathered[ward][i] for i in plans[ward].copied]
                 self.wards[ward] = _Ward(ward, specs, plans[ward], step, meta, model, optimizer)
         ops = []

@@ -3,7 +3,7 @@
 ``jobs/train.py --describe --workers W`` prints it. The accounting uses the same planners the
 workers run: the mesh plan (:func:`elastic_moe.parallel.mesh.plan_mesh`) says which blocks each
 rank holds and where their replicas are, and :func:`~elastic_moe.train.peer_copies.plan_copies`
-and :func:`~elastic_moe.train.peer_copies.buddy_of` say what each buddy copies. The losses are
+and :func:`~elastic_moe.train.peer_copies.buddies` say what each buddy copies. The losses are
 checked with the restore policy itself (:func:`~elastic_moe.train.elastic.decide_restore`).
 
 Per rank the dense weights are one FSDP block (``dense / dp_shard``, replicated over
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from elastic_moe.config import Config
 from elastic_moe.parallel.mesh import TRAIN_BYTES_PER_PARAM, MeshPlan, param_counts, plan_mesh
 from elastic_moe.train.elastic import CopyPlan, Holdings, WardCopy, decide_restore
-from elastic_moe.train.peer_copies import buddy_of, plan_copies
+from elastic_moe.train.peer_copies import buddies, plan_copies
 from elastic_moe.train.shard_state import ShardSpec
 
 COPY_BYTES_PER_PARAM = 16  # fp32 weight + two Adam moments + the forwarded gradient's buffer
@@ -104,8 +104,7 @@ def redundancy_report(cfg: Config, world_size: int) -> RedundancyReport:
     specs = _blocks(plan, dense, routed)
     nodes = [f"node{r // plan.gpus_per_node}" for r in range(world_size)]
     plans = plan_copies(specs, nodes)
-    keeper = [buddy_of(r, nodes) if cfg.elastic.peer_copies else None
-              for r in range(world_size)]
+    keeper = buddies(nodes) if cfg.elastic.peer_copies else [None] * world_size
     ranks = []
     for rank in range(world_size):
         own = sum(s.numel for s in specs[rank])

@@ -12,8 +12,9 @@ commit vote carries every rank's sum, so every rank reports all of them with the
 
 :class:`StragglerWatch` is the policy (pure): a rank whose compute is at least
 ``elastic.straggler_ratio`` times the other ranks' median, in total over a window of
-``elastic.straggler_steps`` steps, is flagged. The group then runs at about ``slowdown`` times the speed it would have without the
-straggler. With a warm spare, evicting it costs one rebuild and brings the step time back.
+``elastic.straggler_steps`` steps, is flagged. The group then runs at about ``slowdown``
+times the speed it would have without the straggler. With a warm spare, evicting it costs one
+rebuild and brings the step time back.
 Without one, the group shrinks from W to W - 1 ranks, and each step takes about W / (W - 1)
 times the straggler-free time: eviction pays only when ``slowdown > W / (W - 1)`` -- on two
 workers a rank must be more than twice as slow. Either way the steps must get at least
