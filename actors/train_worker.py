@@ -43,6 +43,7 @@ import ray
 from elastic_moe.actors.coordinator import CoordinatorClient
 from elastic_moe.actors.lease import Lease, admit_commit
 from elastic_moe.actors.messages import (
+    CopyPlan,
     EpochSpec,
     Holdings,
     JoinReport,
@@ -517,6 +518,15 @@ class TrainWorker:
         if self.trainer is None:
             return Holdings(rank=None, live=None)
         return self.trainer.holdings()
+
+    def copy_plans(self, epoch: int) -> list[CopyPlan] | None:
+        """The copy plan of membership epoch ``epoch`` (every rank holds the same one), for a
+        restarted coordinator; ``None`` if this worker holds another layout or none."""
+        with self.lock:
+            trainer, current = self.trainer, self.epoch
+        if trainer is None or current is None or current.epoch != epoch:
+            return None
+        return trainer.peers.plans or None
 
     @ray.method(num_returns=2)
     def export(self, rank: int, step: int) -> tuple[Any, Any]:

@@ -358,6 +358,7 @@ class ElasticGroup:
         try:
             if snap["epoch_open"] and snap["formed_epoch"] == snap["membership_epoch"]:
                 self.epoch = snap["formed_epoch"]
+                self.copy_plans = self._ask_copy_plans(members)
                 return self._loop(self._train_epoch(take_over=True, lost=lost))
             # it died while a group formed: the members keep the state they had
             aborts = [m.handle.abort_join.remote(snap["membership_epoch"]) for m in members]
@@ -367,6 +368,26 @@ class ElasticGroup:
             return self._loop()
         finally:
             self._shutdown()
+
+    def _ask_copy_plans(self, members: list[Member]) -> list[CopyPlan] | None:
+        """The formed layout's copy plan, from the first member that answers: the dead
+        coordinator had it from the join reports. Without it a lost rank whose blocks all
+        have replicas still needs a keeper's copy, and losing it with its keeper means the
+        checkpoint."""
+        assert self.plan is not None
+        if not self.cfg.elastic.peer_copies or self.plan.world_size < 2:
+            return None
+        for member in members:
+            try:
+                plans = ray.get(member.handle.copy_plans.remote(self.epoch), timeout=5.0)
+            except ray.exceptions.RayError as exc:  # lost or busy: the next one may answer
+                logger.debug("copy plan from pid %s: %s", member.info.pid, exc)
+                continue
+            if plans is not None and len(plans) == self.plan.world_size:
+                return plans
+        logger.warning("no member reported the copy plan of epoch %d: a restore trusts only "
+                       "the keepers' copies", self.epoch)
+        return None
 
     def _stop(self, step: int) -> RunStopped:
         """Every member paused after ``step``: save it (unless it is committed already) and
@@ -559,6 +580,20 @@ class ElasticGroup:
                                       epoch=self.epoch, ranks=ranks,
                                       groups=[groups[r] for r in ranks])
 
+    def _usable_world(self, available: int) -> int | None:
+        """The largest world size, at most ``available`` and ``parallel.max_workers``, that the
+        mesh planner accepts (a fixed ``dp_replicate_degree`` or ``expert_parallel_degree``
+        must divide it); ``None`` if none from ``parallel.min_workers`` up does."""
+        par = self.cfg.parallel
+        for world in range(min(available, par.max_workers), par.min_workers - 1, -1):
+            try:
+                plan_mesh(world, par.gpus_per_node, self.cfg.model, par,
+                          global_batch_size=self.cfg.train.global_batch_size)
+            except ValueError:
+                continue
+            return world
+        return None
+
     def _growth_ready(self) -> bool:
         now = time.time()
         if now - self.last_resize_check >= self.cfg.elastic.resize_check_s:
@@ -566,8 +601,12 @@ class ElasticGroup:
             self.slots.replace_lost()
             self._spawn_joiners()
         self._collect_joiners()
-        # spares wait outside a full group; a joiner pauses the group only if it has room
-        return bool(self.joiners) and len(self.members) < self.cfg.parallel.max_workers
+        # spares wait outside a full group; a joiner pauses the group only if it has room, and
+        # only for a size the layout allows (two joiners, not one, when dp_replicate=2)
+        if not self.joiners or len(self.members) >= self.cfg.parallel.max_workers:
+            return False
+        usable = self._usable_world(len(self.members) + len(self.joiners))
+        return usable is not None and usable > len(self.members)
 
     # ------------------------------------------------------------------ metrics
     def _ping_all(self, members: list[Member], since: int, wait: float = 0.0) -> None:
@@ -828,13 +867,20 @@ class ElasticGroup:
         if len(survivors) + len(self.joiners) < self.cfg.parallel.min_workers:
             self.members = survivors
             self._wait_for_minimum()
-        high = self.cfg.parallel.max_workers
-        members = list(survivors) + self.joiners[:max(high - len(survivors), 0)]
-        self.joiners = self.joiners[len(members) - len(survivors):]
+        available = list(survivors) + self.joiners
+        # the largest size the layout allows (fixed parallel degrees rule some out); without
+        # any, plan_mesh below names the rule
+        world = self._usable_world(len(available)) or min(len(available),
+                                                          self.cfg.parallel.max_workers)
+        members = available[:world]
+        # survivors left out (a size the layout rules out) wait as joiners: their state is
+        # in the exported sources, and they hold no rank until a layout takes them in
+        for left_out in available[world:len(survivors)]:
+            left_out.rank = -1
+        self.joiners = available[world:]
         # node by node: ranks of one node are contiguous (EP groups stay inside a node)
         members.sort(key=lambda m: (m.info.node_id, m.rank if m.rank >= 0 else 1 << 30))
         old_plan = self.plan
-        world = len(members)
         plan = plan_mesh(world, self.cfg.parallel.gpus_per_node, self.cfg.model,
                          self.cfg.parallel, global_batch_size=self.cfg.train.global_batch_size)
         self.epoch = self.coordinator.open_epoch()  # numbered by the coordinator, never reused

@@ -8,6 +8,9 @@ and processes are killed by pid from outside:
   live workers); the same command again attaches and exits 0 when the run ends.
 - ``kill -9`` of the coordinator's process while the launcher follows: the launcher follows the
   restarted coordinator to the end.
+- after a coordinator restart, two workers that keep each other's copies are killed together
+  in an HSDP layout: the restarted coordinator knows the layout's copy plan (from the workers),
+  so the replicas restore them from memory instead of the checkpoint.
 
 Both runs must end with every step in MLflow exactly once, the workers that started the run
 (same pids) finishing it in its one and only membership epoch, and no checkpoint read.
@@ -42,13 +45,14 @@ def head():
                PYTHONPATH=ROOT)
     env.pop("RAY_ADDRESS", None)
     port = free_port()
-    with ray_head(env, f"--port={port}", "--num-cpus=2", "--include-dashboard=false"):
+    with ray_head(env, f"--port={port}", "--num-cpus=4", "--include-dashboard=false"):
         yield env, f"127.0.0.1:{port}"
 
 
-def _command(address: str, tmp_path, run_name: str) -> list[str]:
+def _command(address: str, tmp_path, run_name: str, workers: str = "2",
+             extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "jobs", "train.py"), "--ray-address", address,
-            "--run-name", run_name, "--steps", str(STEPS), "--workers", "2",
+            "--run-name", run_name, "--steps", str(STEPS), "--workers", workers, *extra,
             "--output-dir", str(tmp_path / "out"),
             "--set", "checkpoint.every_steps=20", "--set", "train.eval_every=0",
             "--set", f"data.cache_dir={tmp_path / 'data'}",
@@ -201,4 +205,52 @@ def test_stop_saves_the_step_it_stops_at_and_resume_goes_on_from_it(head, tmp_pa
     record = _record(tmp_path, run)
     assert [(e["restored_from"], e["restored_step"], e["steps_redone"])
             for e in record["world_sizes"]][-1] == ("checkpoint", stopped["step"], 0)
+    assert _mlflow_steps(tmp_path) == list(range(1, STEPS + 1))
+
+
+def test_a_restarted_coordinator_still_restores_from_replicas(head, tmp_path):
+    """Four workers on one node, HSDP (``dp_replicate_degree=2``): every block has a replica
+    on another worker, so nothing is copied. The coordinator's process is killed; once the
+    restarted one trains on, ranks 0 and 1 are killed together. Each is the other's buddy, so
+    no keeper's copy survives: only the copy plan says their blocks live on in ranks 2 and 3.
+    The plan came with the join reports to the dead coordinator; the new one must ask the
+    workers for it, or it falls back to the checkpoint and redoes steps."""
+    run = "replicas-after-restart"
+    env, address = head
+    log = str(tmp_path / "launcher.log")
+    command = _command(address, tmp_path, run, workers="2:4",
+                       extra=("--set", "parallel.dp_replicate_degree=2",
+                              "--set", "elastic.resize_check_s=600"))
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: launcher.poll() is not None or (_logged_step(tmp_path, run) >= 8
+                 and _record(tmp_path, run)["world_sizes"][-1]["world_size"] == 4), 300,
+                 "step 8 on 4 workers", log)
+        assert launcher.poll() is None, open(log).read()[-4000:]
+        first = _record(tmp_path, run)["world_sizes"][-1]
+        assert first["copy_bytes_per_step"] == 0, first  # HSDP: every block has a replica
+        _kill_coordinator(tmp_path, run, log)
+        resumed_at = _logged_step(tmp_path, run)
+        wait_for(lambda: _logged_step(tmp_path, run) >= resumed_at + 3, 120,
+                 "steps after the coordinator restarted", log)
+        record = _record(tmp_path, run)
+        workers = {w["rank"]: w["pid"] for w in record["workers"]}
+        epochs_before = len(record["world_sizes"])
+        assert record["world_sizes"][-1]["world_size"] == 4, record["world_sizes"]
+        killed_at = _logged_step(tmp_path, run)
+        for rank in (0, 1):
+            os.kill(workers[rank], signal.SIGKILL)
+        assert launcher.wait(timeout=300) == 0, open(log).read()[-6000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    record = _record(tmp_path, run)
+    kinds = [e["kind"] for e in record["events"]]
+    assert "coordinator_restarted" in kinds, kinds
+    assert "checkpoint_fallback" not in kinds, kinds
+    after = record["world_sizes"][epochs_before]  # the layout formed after the two losses
+    assert after["world_size"] == 2, record["world_sizes"]
+    assert after["restored_from"] == "peers" and after["steps_redone"] == 0, after
+    assert after["restored_step"] >= killed_at, (after, killed_at)
     assert _mlflow_steps(tmp_path) == list(range(1, STEPS + 1))
