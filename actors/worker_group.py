@@ -580,18 +580,18 @@ class ElasticGroup:
                                       epoch=self.epoch, ranks=ranks,
                                       groups=[groups[r] for r in ranks])
 
-    def _usable_world(self, available: int) -> int | None:
-        """The largest world size, at most ``available`` and ``parallel.max_workers``, that the
-        mesh planner accepts (a fixed ``dp_replicate_degree`` or ``expert_parallel_degree``
-        must divide it); ``None`` if none from ``parallel.min_workers`` up does."""
+    def _usable_plan(self, available: int) -> MeshPlan | None:
+        """The plan for the largest world size, at most ``available`` and
+        ``parallel.max_workers``, that the mesh planner accepts (a fixed ``dp_replicate_degree``
+        or ``expert_parallel_degree`` must divide it); ``None`` if none from
+        ``parallel.min_workers`` up does."""
         par = self.cfg.parallel
         for world in range(min(available, par.max_workers), par.min_workers - 1, -1):
             try:
-                plan_mesh(world, par.gpus_per_node, self.cfg.model, par,
-                          global_batch_size=self.cfg.train.global_batch_size)
+                return plan_mesh(world, par.gpus_per_node, self.cfg.model, par,
+                                 global_batch_size=self.cfg.train.global_batch_size)
             except ValueError:
                 continue
-            return world
         return None
 
     def _growth_ready(self) -> bool:
@@ -605,8 +605,8 @@ class ElasticGroup:
         # only for a size the layout allows (two joiners, not one, when dp_replicate=2)
         if not self.joiners or len(self.members) >= self.cfg.parallel.max_workers:
             return False
-        usable = self._usable_world(len(self.members) + len(self.joiners))
-        return usable is not None and usable > len(self.members)
+        usable = self._usable_plan(len(self.members) + len(self.joiners))
+        return usable is not None and usable.world_size > len(self.members)
 
     # ------------------------------------------------------------------ metrics
     def _ping_all(self, members: list[Member], since: int, wait: float = 0.0) -> None:
@@ -869,9 +869,11 @@ class ElasticGroup:
             self._wait_for_minimum()
         available = list(survivors) + self.joiners
         # the largest size the layout allows (fixed parallel degrees rule some out); without
-        # any, plan_mesh below names the rule
-        world = self._usable_world(len(available)) or min(len(available),
-                                                          self.cfg.parallel.max_workers)
+        # any, plan_mesh names the rule
+        plan = self._usable_plan(len(available)) or plan_mesh(
+            min(len(available), self.cfg.parallel.max_workers), self.cfg.parallel.gpus_per_node,
+            self.cfg.model, self.cfg.parallel, global_batch_size=self.cfg.train.global_batch_size)
+        world = plan.world_size
         members = available[:world]
         # survivors left out (a size the layout rules out) wait as joiners: their state is
         # in the exported sources, and they hold no rank until a layout takes them in
@@ -881,8 +883,6 @@ class ElasticGroup:
         # node by node: ranks of one node are contiguous (EP groups stay inside a node)
         members.sort(key=lambda m: (m.info.node_id, m.rank if m.rank >= 0 else 1 << 30))
         old_plan = self.plan
-        plan = plan_mesh(world, self.cfg.parallel.gpus_per_node, self.cfg.model,
-                         self.cfg.parallel, global_batch_size=self.cfg.train.global_batch_size)
         self.epoch = self.coordinator.open_epoch()  # numbered by the coordinator, never reused
         joiners = [m for m in members if m not in survivors]
         try:

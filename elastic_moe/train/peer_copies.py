@@ -89,11 +89,6 @@ def buddies(node_of_rank: Sequence[str]) -> list[int | None]:
     return out
 
 
-def buddy_of(rank: int, node_of_rank: Sequence[str]) -> int | None:
-    """``rank``'s buddy (see :func:`buddies`)."""
-    return buddies(node_of_rank)[rank]
-
-
 def _block_id(spec: ShardSpec) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
     return spec.key, spec.offset, spec.shape
 

@@ -69,6 +69,10 @@ def _step_gaps(result, first: int, last: int) -> list[float]:
     return [stamps[s] - stamps[s - 1] for s in range(first + 1, last + 1)]
 
 
+def _events(result, kind: str) -> list[dict]:
+    return [e for e in result.coordinator_state["events"] if e["kind"] == kind]
+
+
 def _run_slowed(tmp_path, name: str, steps: int, num_cpus: int, extra: list[str],
                 stopped_s: float, running_s: float):
     """Train two members on a local Ray; once step SLOW_AT is committed, duty-cycle the second
@@ -115,13 +119,11 @@ def test_a_slowed_worker_is_evicted_and_the_spare_restores_the_step_time(tmp_pat
         stopped_s=0.15, running_s=0.05)
     # max_failures=0: an eviction spends no failure budget, or the run would have failed
     assert result.ok, result.error
-    events = result.coordinator_state["events"]
-    flagged = [e for e in events if e["kind"] == "straggler"]
-    evicted = [e for e in events if e["kind"] == "straggler_evicted"]
+    flagged, evicted = _events(result, "straggler"), _events(result, "straggler_evicted")
     assert flagged and flagged[0]["evict"] and flagged[0]["pid"] == victim, flagged
     assert flagged[0]["with_spare"], flagged
     assert [e["pid"] for e in evicted] == [victim], evicted
-    assert not [e for e in events if e["kind"] == "worker_lost"], events
+    assert not _events(result, "worker_lost"), result.coordinator_state["events"]
     epochs = result.coordinator_state["world_sizes"]
     after = epochs[-1]
     assert after["world_size"] == 2 and after["restored_from"] == "peers", after
@@ -161,11 +163,10 @@ def test_without_a_spare_two_workers_keep_a_moderate_straggler_and_log_why(tmp_p
         tmp_path, "keep", steps, 2, ["elastic.straggler_ratio=1.2", "elastic.straggler_steps=6"],
         stopped_s=0.05, running_s=0.10)
     assert result.ok, result.error
-    events = result.coordinator_state["events"]
-    flagged = [e for e in events if e["kind"] == "straggler"]
+    flagged = _events(result, "straggler")
     assert flagged, "the slowed worker was never flagged"
     print(f"\nverdicts: {[(v['rank'], v['slowdown'], v['evict']) for v in flagged]}")
-    assert not [e for e in events if e["kind"] == "straggler_evicted"], events
+    assert not _events(result, "straggler_evicted"), result.coordinator_state["events"]
     for verdict in flagged:
         assert not verdict["evict"] and not verdict["with_spare"], verdict
         assert "no spare" in verdict["reason"] and "keep it" in verdict["reason"], verdict

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from elastic_moe.train.elastic import Holdings, WardCopy, decide_restore
-from elastic_moe.train.peer_copies import buddy_of, plan_copies
+from elastic_moe.train.peer_copies import buddies, plan_copies
 from elastic_moe.train.shard_state import ShardSpec
 
 
@@ -13,14 +13,14 @@ def _held(live, wards=None):
 
 def test_buddies_are_on_the_next_node_one_ward_each():
     nodes = ["a", "a", "b", "b"]
-    assert [buddy_of(r, nodes) for r in range(4)] == [2, 3, 0, 1]
+    assert buddies(nodes) == [2, 3, 0, 1]
     # nodes of 8 ranks: no rank keeps more than one ward (the old ring gave rank 8 all of them)
     nodes = ["a"] * 8 + ["b"] * 8 + ["c"] * 8
-    keepers = [buddy_of(r, nodes) for r in range(24)]
+    keepers = buddies(nodes)
     assert sorted(keepers) == list(range(24))
     assert all(nodes[k] != nodes[r] for r, k in enumerate(keepers))
-    assert [buddy_of(r, ["a"] * 3) for r in range(3)] == [1, 2, 0]
-    assert buddy_of(0, ["a"]) is None
+    assert buddies(["a"] * 3) == [1, 2, 0]
+    assert buddies(["a"]) == [None]
 
 
 def _spec(key, offset):
