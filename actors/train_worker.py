@@ -93,10 +93,12 @@ class _Progress:
 class _Feed:
     """This rank's stream of batches from a data reader, one request kept in flight."""
 
-    def __init__(self, reader: Any, global_batch: int, rank: int, world_size: int) -> None:
+    def __init__(self, reader: Any, global_batch: int, rank: int, world_size: int,
+                 num_sequences: int | None = None) -> None:
         self.reader, self.global_batch = reader, global_batch
         self.rank, self.world_size = rank, world_size
-        self.num_sequences = int(ray.get(reader.info.remote())["num_sequences"])
+        self.num_sequences = num_sequences if num_sequences is not None \
+            else int(ray.get(reader.info.remote())["num_sequences"])
         self.pending: Any = None
         self.last_wait_s = 0.0
 
@@ -158,6 +160,14 @@ class TrainWorker:
         self.lease.start()
         # pay the first-build costs now, while the group trains without this worker
         self.torch_thread.submit(_warm_up, self.device).result()
+        # and the first call to each data reader (its connection; the corpus size it reports)
+        self.reader_sequences: dict[int, int] = {}
+        try:
+            infos = ray.get([r.info.remote() for r in spec.data_readers], timeout=30.0)
+            self.reader_sequences = {i: int(info["num_sequences"])
+                                     for i, info in enumerate(infos)}
+        except Exception as exc:  # an optimisation only: the join asks again
+            logger.warning("data readers not reached while warming up: %s", exc)
 
     def _renew_lease(self, timeout_s: float) -> LeaseReply | None:
         epoch = self.epoch.epoch if self.epoch is not None else None
@@ -245,12 +255,16 @@ class TrainWorker:
                             storage_options=storage_options(
                                 self.spec.checkpoint_dir, cfg.checkpoint.storage_timeout_s,
                                 cfg.checkpoint.storage_attempts))
+        marks["checkpointer"] = time.time()
         readers = self.spec.data_readers
-        feed = _Feed(readers[epoch.rank % len(readers)], cfg.train.global_batch_size,
-                     epoch.rank, epoch.world_size)
+        reader = epoch.rank % len(readers)
+        feed = _Feed(readers[reader], cfg.train.global_batch_size, epoch.rank, epoch.world_size,
+                     self.reader_sequences.get(reader))
+        marks["feed"] = time.time()
         trainer = Trainer(cfg, rank=epoch.rank, plan=plan, device=self.device, checkpointer=ckpt,
                           batches=feed)
         feed.global_batch = trainer.global_batch
+        marks["trainer"] = time.time()
         if self.spec.wrap_model is not None:
             self.spec.wrap_model(trainer.model, epoch.rank, lambda: trainer.step + 1)
         marks["built"] = time.time()
@@ -276,6 +290,9 @@ class TrainWorker:
         with self.lock:
             self.trainer, self.epoch = trainer, epoch
             self.progress.step = trainer.step
+        logger.info("rank %d joined epoch %d in %.2f s (%s)", epoch.rank, epoch.epoch,
+                    marks["linked"] - marks["join_start"],
+                    ", ".join(f"{k} +{v - marks['join_start']:.2f}" for k, v in marks.items()))
         return JoinReport(rank=epoch.rank, step=trainer.step, marks=marks,
                           copy_bytes_per_step=trainer.peers.bytes_per_step(),
                           redundancy_bytes=trainer.peers.nbytes(),
@@ -336,8 +353,13 @@ class TrainWorker:
                 self._checkpoint(epoch, trainer)  # rolled back at the last step: save that
             else:
                 trainer.start_stream()
+            first = time.perf_counter()
             while trainer.step < cfg.train.steps:
                 committed = trainer.train_one_step()
+                if first is not None:  # what the first step of a layout costs
+                    logger.info("rank %d: first step of epoch %d took %.2f s", epoch.rank,
+                                epoch.epoch, time.perf_counter() - first)
+                    first = None
                 with self.lock:
                     self.progress.step = committed.step
                     self.progress.metrics.append((committed.step, committed.metrics))

@@ -3,25 +3,27 @@
     python benchmarks/goodput.py [--fault-every 15] [--steps 80] [--cases live/kill ...]
 
 Every side trains the same widened debug model (dim 192, global batch 32 x 128 tokens: compute
-dominates the step; measured with two gloo processes pinned one per core, one worker alone
-takes 1.6x as long per step as two: 1.31 s against 0.82 s) on a local
-multi-node Ray (``ray.cluster_utils.Cluster``: a head with no CPUs and three 1-CPU nodes), two
-workers and, for elastic-moe, one warm spare (``elastic.spares=1``). A fault arrives every
-``--fault-every`` seconds from the first committed step on:
+dominates the step) on a local multi-node Ray (``ray.cluster_utils.Cluster``: a head with no
+CPUs and three 1-CPU nodes), two workers and, for elastic-moe, one warm spare
+(``elastic.spares=1``). A fault arrives every ``--fault-every`` seconds from the first
+committed step on:
 
 - **kill**: ``kill -9`` of a member's pid;
 - **mixed**: kill, hang (``SIGSTOP`` of a member's pid) and node leave + join (the member's
   ``Cluster`` node removed, a new node added), in turn.
 
-This box has two cores, so each side's two members are pinned from outside, one core each
-(``sched_setaffinity`` on their pids, as a harness would give each worker its own machine), and
-a worker that is not a member (a spare warming up, a replacement importing torch) runs at nice
-19, standing in for its own idle node.
+This box has two cores, and three nodes' workers would otherwise share them: a spare warming
+up, or a replacement importing torch, would take CPU from the members, and one worker alone
+would train as fast as two. So each ``Cluster`` node is made a machine of its own from outside:
+its raylet and every process it starts share one CPU cgroup with a quota of ``--node-cpus``
+cores (0.6 by default; 1.8 of the box's 2 cores for the three nodes, the rest for the head,
+the coordinator and this script). Lost capacity then costs what it would on real machines.
 
-ETTR = (fault-free time for the steps reached) / (elapsed time), with each side's fault-free
-step time measured in the same run. A side gets at most ``--budget`` times its fault-free time;
-a side that cannot keep up with the faults is measured by the steps it reached by then. Also:
-steps redone (committed steps trained again after a restore) and the workers' peak RSS.
+ETTR = (fault-free time for the steps reached) / (elapsed time): the fault-free time of a step
+is the side's own fault-free run's elapsed time over its steps (checkpoints included), measured
+in the same run. A side gets at most ``--budget`` times its fault-free time; a side that cannot
+keep up with the faults is measured by the steps it reached by then. Also: steps redone
+(committed steps trained again after a restore) and the workers' peak RSS.
 Writes benchmarks/results/goodput-cpu.md.
 """
 
@@ -61,27 +63,18 @@ def _config(workdir: str, steps: int, extra: list[str]):
 
 
 class Harness:
-    """Pins members to cores and puts every other worker of the run at nice 19; records peak
-    RSS. ``members()`` gives the current members' pids in rank order."""
+    """Records the members' peak RSS. ``members()`` gives the current members' pids."""
 
-    def __init__(self, members, others) -> None:
-        self.members, self.others = members, others
+    def __init__(self, members) -> None:
+        self.members = members
         self.peaks: dict[int, int] = {}
         self.stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
-        cores = sorted(os.sched_getaffinity(0))
         while not self.stop.is_set():
             try:
-                members = self.members()
-                for rank, pid in enumerate(members):
-                    _quiet(os.sched_setaffinity, pid, {cores[rank % len(cores)]})
-                    _quiet(os.setpriority, os.PRIO_PROCESS, pid, 0)
-                for pid in self.others():
-                    if pid not in members:
-                        _quiet(os.setpriority, os.PRIO_PROCESS, pid, 19)
-                for pid in members:
+                for pid in self.members():
                     with open(f"/proc/{pid}/status") as f:
                         for line in f:
                             if line.startswith("VmHWM:"):
@@ -91,6 +84,78 @@ class Harness:
             self.stop.wait(0.2)
 
 
+class NodeQuotas:
+    """Every ``Cluster`` node as a machine of its own: the node's raylet and every process it
+    starts (workers, spares, replacements importing torch) share one CPU cgroup with a quota
+    of ``cpus`` cores. A spare warming up on its node then takes nothing from the members on
+    theirs, and a lost worker's capacity is lost: one worker alone gets one node's quota.
+    cgroup v1 (``cpu.cfs_quota_us``) or v2 (``cpu.max``); needs root."""
+
+    def __init__(self, cpus: float) -> None:
+        v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+        base = "/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/cpu"
+        if not os.access(base, os.W_OK):
+            raise SystemExit(f"goodput: {base} is not writable; the per-node CPU quotas need "
+                             "root and a cgroup cpu controller")
+        self.v2, self.cpus = v2, cpus
+        self.root = os.path.join(base, f"elastic-moe-goodput-{os.getpid()}")
+        os.makedirs(self.root, exist_ok=True)
+        if v2:
+            with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
+                f.write("+cpu")
+        self.groups: list[str] = []
+
+    def confine(self, node) -> None:
+        from ray._private import ray_constants
+
+        path = os.path.join(self.root, f"node-{len(self.groups)}")
+        os.makedirs(path, exist_ok=True)
+        period = 100_000
+        if self.v2:
+            _write(os.path.join(path, "cpu.max"), f"{int(self.cpus * period)} {period}")
+        else:
+            _write(os.path.join(path, "cpu.cfs_period_us"), str(period))
+            _write(os.path.join(path, "cpu.cfs_quota_us"), str(int(self.cpus * period)))
+        self.groups.append(path)
+        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        for pid in [raylet, *_descendants(raylet)]:  # what it started already; later ones inherit
+            _quiet(_write, os.path.join(path, "cgroup.procs"), str(pid))
+
+    def close(self) -> None:
+        parent = os.path.dirname(self.root)
+        for path in self.groups:
+            try:
+                for pid in open(os.path.join(path, "cgroup.procs")).read().split():
+                    _quiet(_write, os.path.join(parent, "cgroup.procs"), pid)
+            except OSError:
+                pass
+            _quiet(os.rmdir, path)
+        _quiet(os.rmdir, self.root)
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _quiet(fn, *args) -> None:
     try:
         fn(*args)
@@ -98,15 +163,8 @@ def _quiet(fn, *args) -> None:
         pass
 
 
-def _run_workers(run_name: str) -> list[int]:
-    from ray.util.state import list_actors
-
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if (a.name or "").startswith(f"{run_name}-worker-") and a.pid]
-
-
 def run_ours(workdir: str, name: str, side: str, fault: str, steps: int, every_s: float,
-             budget_s: float, cluster, nodes: list) -> dict[str, float]:
+             budget_s: float, cluster, nodes: list, quotas: NodeQuotas) -> dict[str, float]:
     from elastic_moe.actors import coordinator as coordinator_mod
     from elastic_moe.actors.training import run_training
     from mlflow.tracking import MlflowClient
@@ -127,7 +185,7 @@ def run_ours(workdir: str, name: str, side: str, fault: str, steps: int, every_s
     thread = threading.Thread(target=lambda: out.update(result=run_training(
         cfg, name, output_dir=workdir)), daemon=True)
     thread.start()
-    harness = Harness(members, lambda: _run_workers(name))
+    harness = Harness(members)
     faults: list[tuple[float, str]] = []
     started = None
     kinds = ["kill"] if fault == "kill" else ["kill", "hang", "leave-join"]
@@ -151,6 +209,7 @@ def run_ours(workdir: str, name: str, side: str, fault: str, steps: int, every_s
                     cluster.remove_node(node)
                     nodes.remove(node)
                 nodes.append(cluster.add_node(num_cpus=1))
+                quotas.confine(nodes[-1])
         time.sleep(0.05)
     harness.stop.set()
     result = out["result"]
@@ -159,6 +218,16 @@ def run_ours(workdir: str, name: str, side: str, fault: str, steps: int, every_s
     stamps = sorted((m.step, m.timestamp / 1000) for m in MlflowClient(
         result.tracking_uri).get_metric_history(result.mlflow_run_id, "loss"))
     epochs = result.coordinator_state["world_sizes"]
+    for e in epochs:  # where each change's pause went, from the fault before it
+        marks = e.get("timings", {})
+        if "detected" not in marks:
+            continue
+        fault = max((t for t, _ in faults if t <= marks["detected"]), default=None)
+        after = next((t for s, t in stamps if t > marks["rebuilt"]), None)
+        origin = fault or marks["detected"]
+        print(f"  {e.get('cause')}: " + ", ".join(
+            f"{k} {v - origin:.2f}" for k, v in marks.items()) +
+            (f", next step logged {after - origin:.2f}" if after else ""), flush=True)
     return _record(stamps, started or stamps[0][1], budget_s, len(faults),
                    sum(e.get("steps_redone", 0) for e in epochs), harness.peaks)
 
@@ -262,7 +331,7 @@ def run_ray_train(workdir: str, name: str, fault: str, steps: int, every_s: floa
                 pass
         return pids
 
-    harness = Harness(members, lambda: [])
+    harness = Harness(members)
     done = threading.Event()
     faults: list[float] = []
 
@@ -300,6 +369,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fault-every", type=float, default=15.0)
     parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--node-cpus", type=float, default=0.6,
+                        help="CPU quota of each Cluster node (its raylet and every worker on it)")
     parser.add_argument("--budget", type=float, default=3.0,
                         help="a side gets at most this many times its fault-free time")
     parser.add_argument("--cases", nargs="*", default=[
@@ -326,7 +397,10 @@ def main() -> None:
         budget = args.budget * free_s.get(baseline, 1e9) * args.steps if fault != "none" \
             else 1e9
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        quotas = NodeQuotas(args.node_cpus)
         nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+        for node in nodes:
+            quotas.confine(node)
         ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, namespace="elastic-moe")
         try:
             name = f"{side}-{fault}"
@@ -335,12 +409,13 @@ def main() -> None:
                                        budget)
             else:
                 record = run_ours(workdir, name, side, fault, args.steps, args.fault_every,
-                                  budget, cluster, nodes)
+                                  budget, cluster, nodes, quotas)
         finally:
             ray.shutdown()
             cluster.shutdown()
-        if fault == "none":
-            free_s[side] = record["median_step_s"]
+            quotas.close()
+        if fault == "none":  # checkpoints included: the time the same steps take fault-free
+            free_s[baseline] = record["elapsed_s"] / record["steps"]
         results[case] = record
         print(case, json.dumps(record), flush=True)
     write_table(results, free_s, args)
@@ -349,11 +424,12 @@ def main() -> None:
 def write_table(results: dict[str, dict[str, float]], free_s: dict[str, float], args) -> None:
     lines = [f"# goodput on CPU ({platform.machine()}, {os.cpu_count()} cores, shared box, no "
              "GPU)", "",
-             f"Widened debug model, 2 workers pinned one per core (+1 warm spare for "
-             f"elastic-moe), {args.steps} steps, checkpoint every {EVERY} steps, a fault every "
+             f"Widened debug model, 2 workers (+1 warm spare for elastic-moe) on 1-CPU "
+             f"`Cluster` nodes, each node's processes held to {args.node_cpus:g} cores by a CPU "
+             f"cgroup, {args.steps} steps, checkpoint every {EVERY} steps, a fault every "
              f"{args.fault_every:g} s. ETTR = fault-free time for the steps reached / elapsed "
-             f"time (each side's fault-free step time from its own fault-free run; at most "
-             f"{args.budget:g}x that time per side).", "",
+             f"time (a step's fault-free time: the side's own fault-free run's elapsed time per "
+             f"step, checkpoints included; at most {args.budget:g}x that time per side).", "",
              "| side / faults | steps | elapsed s | faults | steps redone | fault-free step s | "
              "ETTR | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
     for case, r in results.items():

@@ -108,9 +108,12 @@ def ray_head(env: dict[str, str], *args: str) -> Iterator[None]:
     bin_dir = os.path.dirname(sys.executable)
     temp_dir = tempfile.mkdtemp(prefix="emoe-", dir="/tmp")  # short: Ray's socket paths
     try:
-        subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", *args,
-                        "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-                       check=True, env=env, capture_output=True, timeout=180)
+        started = subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", *args,
+                                  "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                                 env=env, capture_output=True, text=True, timeout=180)
+        if started.returncode != 0:
+            raise RuntimeError(f"ray start --head {' '.join(args)} exited {started.returncode}:"
+                               f"\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}")
         yield
     finally:
         out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout
