@@ -1,6 +1,7 @@
 """Goodput under repeated faults: ETTR of the live path, the restart path and plain Ray Train.
 
-    python benchmarks/goodput.py [--fault-every 15] [--steps 80] [--cases live/kill ...]
+    python benchmarks/goodput.py [--fault-every 15] [--steps 80] [--repeats N]
+        [--cases live/none live/kill ...] [--node-cpus 0.6] [--out goodput-cpu.md]
 
 Every side trains the same widened debug model (dim 192, global batch 32 x 128 tokens: compute
 dominates the step) on a local multi-node Ray (``ray.cluster_utils.Cluster``: a head with no
@@ -49,6 +50,8 @@ MODEL = ["model.dim=192", "model.inter_dim=512", "model.moe_inter_dim=192",
          "model.q_lora_rank=96", "model.kv_lora_rank=96", "model.num_heads=6",
          "train.global_batch_size=32", "train.micro_batch_size=16"]
 EVERY = 10  # checkpoint interval (steps)
+DEFAULT_CASES = ["live/none", "live/kill", "live/mixed", "restart/kill", "ray-train/none",
+                 "ray-train/kill"]
 
 
 def _config(workdir: str, steps: int, extra: list[str]):
@@ -373,12 +376,23 @@ def main() -> None:
                         help="CPU quota of each Cluster node (its raylet and every worker on it)")
     parser.add_argument("--budget", type=float, default=3.0,
                         help="a side gets at most this many times its fault-free time")
-    parser.add_argument("--cases", nargs="*", default=[
-        "live/none", "live/kill", "live/mixed", "restart/kill", "ray-train/none",
-        "ray-train/kill"])
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", default="goodput-cpu.md",
+                        help="the results file, under benchmarks/results/")
     args = parser.parse_args()
-    if args.fault_every <= 0 or args.steps < 20 or args.budget < 1:
-        parser.error("--fault-every > 0, --steps >= 20, --budget >= 1")
+    if args.fault_every <= 0 or args.steps < 20 or args.budget < 1 or args.repeats < 1:
+        parser.error("--fault-every > 0, --steps >= 20, --budget >= 1, --repeats >= 1")
+    for case in args.cases:
+        side, _, fault = case.partition("/")
+        if side not in ("live", "restart", "ray-train") or fault not in ("none", "kill", "mixed") \
+                or (side == "ray-train" and fault == "mixed"):
+            parser.error(f"--cases {case}: SIDE/FAULT with SIDE live, restart or ray-train and "
+                         "FAULT none, kill or mixed (ray-train: none or kill)")
+        baseline = "ray-train" if side == "ray-train" else "live"
+        if fault != "none" and f"{baseline}/none" not in args.cases[:args.cases.index(case)]:
+            parser.error(f"--cases {case}: needs {baseline}/none before it (its fault-free "
+                         "time)")
     os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "20")
     import ray
     from ray.cluster_utils import Cluster
@@ -388,40 +402,45 @@ def main() -> None:
     cfg = _config("/tmp", args.steps, [])
     ensure_prepared(DATA, cfg.data.tokenizer_vocab_size, cfg.train.seq_len)
     workdir = tempfile.mkdtemp(prefix="goodput-")
-    results: dict[str, dict[str, float]] = {}
-    free_s: dict[str, float] = {}
-    for case in args.cases:
-        side, fault = case.split("/")
-        baseline = "ray-train" if side == "ray-train" else "live"
-        # a side's budget: its fault-free time (measured first) times --budget
-        budget = args.budget * free_s.get(baseline, 1e9) * args.steps if fault != "none" \
-            else 1e9
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-        quotas = NodeQuotas(args.node_cpus)
-        nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
-        for node in nodes:
-            quotas.confine(node)
-        ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, namespace="elastic-moe")
-        try:
-            name = f"{side}-{fault}"
-            if side == "ray-train":
-                record = run_ray_train(workdir, name, fault, args.steps, args.fault_every,
-                                       budget)
-            else:
-                record = run_ours(workdir, name, side, fault, args.steps, args.fault_every,
-                                  budget, cluster, nodes, quotas)
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-            quotas.close()
-        if fault == "none":  # checkpoints included: the time the same steps take fault-free
-            free_s[baseline] = record["elapsed_s"] / record["steps"]
-        results[case] = record
-        print(case, json.dumps(record), flush=True)
-    write_table(results, free_s, args)
+    results: dict[str, list[dict[str, float]]] = {case: [] for case in args.cases}
+    for repeat in range(args.repeats):  # the cases in turn, again: noise shows in the spread
+        free_s: dict[str, float] = {}
+        for case in args.cases:
+            side, fault = case.split("/")
+            baseline = "ray-train" if side == "ray-train" else "live"
+            # a side's budget: its fault-free time (measured first) times --budget
+            budget = args.budget * free_s.get(baseline, 1e9) * args.steps if fault != "none" \
+                else 1e9
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+            quotas = NodeQuotas(args.node_cpus)
+            nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+            for node in nodes:
+                quotas.confine(node)
+            ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, namespace="elastic-moe")
+            try:
+                name = f"{side}-{fault}-{repeat}"
+                if side == "ray-train":
+                    record = run_ray_train(workdir, name, fault, args.steps, args.fault_every,
+                                           budget)
+                else:
+                    record = run_ours(workdir, name, side, fault, args.steps, args.fault_every,
+                                      budget, cluster, nodes, quotas)
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
+                quotas.close()
+            if fault == "none":  # checkpoints included: the time the same steps take fault-free
+                free_s[baseline] = record["elapsed_s"] / record["steps"]
+            # against this repeat's own fault-free run, measured minutes apart on the same box
+            free = free_s.get(baseline)
+            record["free_step_s"] = free or float("nan")
+            record["ettr"] = record["steps"] * free / record["elapsed_s"] if free else float("nan")
+            results[case].append(record)
+            print(case, json.dumps(record), flush=True)
+    write_table(results, args)
 
 
-def write_table(results: dict[str, dict[str, float]], free_s: dict[str, float], args) -> None:
+def write_table(results: dict[str, list[dict[str, float]]], args) -> None:
     lines = [f"# goodput on CPU ({platform.machine()}, {os.cpu_count()} cores, shared box, no "
              "GPU)", "",
              f"Widened debug model, 2 workers (+1 warm spare for elastic-moe) on 1-CPU "
@@ -429,21 +448,27 @@ def write_table(results: dict[str, dict[str, float]], free_s: dict[str, float], 
              f"cgroup, {args.steps} steps, checkpoint every {EVERY} steps, a fault every "
              f"{args.fault_every:g} s. ETTR = fault-free time for the steps reached / elapsed "
              f"time (a step's fault-free time: the side's own fault-free run's elapsed time per "
-             f"step, checkpoints included; at most {args.budget:g}x that time per side).", "",
+             f"step in the same repeat, checkpoints included; at most {args.budget:g}x that time "
+             f"per side). {args.repeats} repeat(s) of the cases in turn: medians, and every "
+             f"repeat's ETTR.", "",
              "| side / faults | steps | elapsed s | faults | steps redone | fault-free step s | "
-             "ETTR | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
-    for case, r in results.items():
-        side = case.split("/")[0]
-        free = free_s.get("ray-train" if side == "ray-train" else "live")
-        ettr = r["steps"] * free / r["elapsed_s"] if free else float("nan")
-        lines.append(f"| {case} | {r['steps']} | {r['elapsed_s']:.1f} | {r['faults']} | "
-                     f"{r['steps_redone']} | {free:.3f} | {ettr:.3f} | "
-                     f"{r['peak_rss_mib']:.0f} |")
+             "ETTR (median) | ETTR (each) | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for case, records in results.items():
+        def median(key: str, records=records) -> float:
+            return statistics.median(r[key] for r in records)
+
+        each = ", ".join(f"{r['ettr']:.3f}" for r in records)
+        lines.append(f"| {case} | {median('steps'):g} | {median('elapsed_s'):.1f} | "
+                     f"{median('faults'):g} | {median('steps_redone'):g} | "
+                     f"{median('free_step_s'):.3f} | **{median('ettr'):.3f}** | {each} | "
+                     f"{max(r['peak_rss_mib'] for r in records):.0f} |")
     lines += ["", f"Run: `python benchmarks/goodput.py --fault-every {args.fault_every:g} "
-              f"--steps {args.steps}`."]
+              f"--steps {args.steps} --node-cpus {args.node_cpus:g} --repeats {args.repeats}"
+              + (f" --cases {' '.join(results)}`." if args.cases != DEFAULT_CASES else "`.")]
     text = "\n".join(lines) + "\n"
     print(text)
-    with open(os.path.join(ROOT, "benchmarks", "results", "goodput-cpu.md"), "w") as f:
+    with open(os.path.join(ROOT, "benchmarks", "results", args.out), "w") as f:
         f.write(text)
 
 

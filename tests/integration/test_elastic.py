@@ -471,10 +471,14 @@ def _coordinator_pids() -> list[int]:
     return _session_actor_pids("ray::Coordinator")
 
 
+@pytest.mark.soak
 def test_killed_coordinator_restarts_and_training_goes_on(tmp_path):
     """kill -9 of the run's coordinator actor mid-run: Ray restarts it, it reloads its record
     from disk, the calls in flight are retried, and training never stops: every step logged
-    once, the record keeps the epochs and checkpoints from before the kill."""
+    once, the record keeps the epochs and checkpoints from before the kill.
+
+    ``make soak`` only: ``make test`` runs this scenario through the CLI, against a
+    ``ray start`` head (test_coordinator.py: the launcher follows a restarted coordinator)."""
     steps = 40
     _ray(num_cpus=2)
     try:
