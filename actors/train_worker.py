@@ -264,7 +264,6 @@ class TrainWorker:
         trainer = Trainer(cfg, rank=epoch.rank, plan=plan, device=self.device, checkpointer=ckpt,
                           batches=feed)
         feed.global_batch = trainer.global_batch
-        marks["trainer"] = time.time()
         if self.spec.wrap_model is not None:
             self.spec.wrap_model(trainer.model, epoch.rank, lambda: trainer.step + 1)
         marks["built"] = time.time()

@@ -54,6 +54,12 @@ DEFAULT_CASES = ["live/none", "live/kill", "live/mixed", "restart/kill", "ray-tr
                  "ray-train/kill"]
 
 
+def _baseline(side: str) -> str:
+    """The side whose fault-free run gives ``side`` its fault-free time (the restart path is
+    elastic-moe too: the live path's)."""
+    return "ray-train" if side == "ray-train" else "live"
+
+
 def _config(workdir: str, steps: int, extra: list[str]):
     from elastic_moe.config import apply_overrides, debug
 
@@ -109,6 +115,7 @@ class NodeQuotas:
         self.groups: list[str] = []
 
     def confine(self, node) -> None:
+        import psutil
         from ray._private import ray_constants
 
         path = os.path.join(self.root, f"node-{len(self.groups)}")
@@ -120,18 +127,22 @@ class NodeQuotas:
             _write(os.path.join(path, "cpu.cfs_period_us"), str(period))
             _write(os.path.join(path, "cpu.cfs_quota_us"), str(int(self.cpus * period)))
         self.groups.append(path)
-        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-        for pid in [raylet, *_descendants(raylet)]:  # what it started already; later ones inherit
-            _quiet(_write, os.path.join(path, "cgroup.procs"), str(pid))
+        raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0]
+                                .process.pid)
+        # what it started already; later ones inherit the cgroup
+        for process in [raylet, *raylet.children(recursive=True)]:
+            _quiet(_write, os.path.join(path, "cgroup.procs"), str(process.pid))
 
     def close(self) -> None:
         parent = os.path.dirname(self.root)
         for path in self.groups:
             try:
-                for pid in open(os.path.join(path, "cgroup.procs")).read().split():
-                    _quiet(_write, os.path.join(parent, "cgroup.procs"), pid)
+                with open(os.path.join(path, "cgroup.procs")) as f:
+                    pids = f.read().split()
             except OSError:
-                pass
+                pids = []
+            for pid in pids:
+                _quiet(_write, os.path.join(parent, "cgroup.procs"), pid)
             _quiet(os.rmdir, path)
         _quiet(os.rmdir, self.root)
 
@@ -139,24 +150,6 @@ class NodeQuotas:
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _quiet(fn, *args) -> None:
@@ -389,7 +382,7 @@ def main() -> None:
                 or (side == "ray-train" and fault == "mixed"):
             parser.error(f"--cases {case}: SIDE/FAULT with SIDE live, restart or ray-train and "
                          "FAULT none, kill or mixed (ray-train: none or kill)")
-        baseline = "ray-train" if side == "ray-train" else "live"
+        baseline = _baseline(side)
         if fault != "none" and f"{baseline}/none" not in args.cases[:args.cases.index(case)]:
             parser.error(f"--cases {case}: needs {baseline}/none before it (its fault-free "
                          "time)")
@@ -407,7 +400,7 @@ def main() -> None:
         free_s: dict[str, float] = {}
         for case in args.cases:
             side, fault = case.split("/")
-            baseline = "ray-train" if side == "ray-train" else "live"
+            baseline = _baseline(side)
             # a side's budget: its fault-free time (measured first) times --budget
             budget = args.budget * free_s.get(baseline, 1e9) * args.steps if fault != "none" \
                 else 1e9
