@@ -266,6 +266,8 @@ class TrainWorker:
         feed.global_batch = trainer.global_batch
         if self.spec.wrap_model is not None:
             self.spec.wrap_model(trainer.model, epoch.rank, lambda: trainer.step + 1)
+        if self.spec.sample_log_dir:
+            trainer.on_batch = functools.partial(self._log_batch, epoch)
         marks["built"] = time.time()
         if epoch.restore is RestoreSource.SHARDS:
             assert sources is not None
@@ -363,8 +365,9 @@ class TrainWorker:
                     self.progress.step = committed.step
                     self.progress.metrics.append((committed.step, committed.metrics))
                 if self.spec.sample_log_dir:
-                    self._log_samples(epoch, committed.step - 1, committed.sample_ids,
-                                      committed.skipped, committed.bad_sample_ids)
+                    self._log_audit({"kind": "committed", "step": committed.step - 1,
+                                     "epoch": epoch.epoch, "rank": epoch.rank,
+                                     "skipped": committed.skipped})
                 if committed.skipped and epoch.rank == 0:
                     self.spec.coordinator.record_event(
                         "step_skipped", committed.step, loss=committed.metrics["loss"],
@@ -474,16 +477,21 @@ class TrainWorker:
                                            checkpoint_dir=self.spec.checkpoint_dir,
                                            retry_step=retry)
 
-    def _log_samples(self, epoch: EpochSpec, step: int, ids: list[Any], skipped: bool,
-                     bad: list[Any]) -> None:
-        """Audit record of the samples a committed step consumed, in stream order: ``ids``
-        (trained, or all skipped with the step) and ``bad`` (left out by data.bad_samples)."""
+    def _log_batch(self, epoch: EpochSpec, step: int, ids: list[Any], bad: list[Any]) -> None:
+        """Audit record of the samples this rank's share of step ``step`` (0-based) consumes, in
+        stream order: ``ids`` (trained, or skipped with the step) and ``bad`` (left out by
+        data.bad_samples). Written before the step's commit vote, so a step every rank voted
+        for has every rank's record even when a rank dies right after voting; the
+        ``committed`` record that follows the commit says which epoch's execution counted."""
+        self._log_audit({"kind": "taken", "step": step, "epoch": epoch.epoch,
+                         "rank": epoch.rank, "world_size": epoch.world_size,
+                         "ids": [list(i) for i in ids], "bad": [list(i) for i in bad]})
+
+    def _log_audit(self, record: dict[str, Any]) -> None:
         directory = self.spec.sample_log_dir
         assert directory is not None
         os.makedirs(directory, exist_ok=True)
-        record = {"step": step, "epoch": epoch.epoch, "rank": epoch.rank, "time": time.time(),
-                  "ids": [list(i) for i in ids], "skipped": skipped,
-                  "bad": [list(i) for i in bad]}
+        record["time"] = time.time()
         with open(os.path.join(directory, f"worker-{os.getpid()}.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -87,6 +87,9 @@ class Trainer:
         self.pause_requested = False
         self.paused = False
         self.current_sample_ids: list[Any] = []  # (epoch, index) of the step being run
+        # called with (step index, sample ids, bad sample ids) once this rank's batch is in,
+        # before the step's commit vote: a record that outlives a rank killed after voting
+        self.on_batch: Callable[[int, list[Any], list[Any]], None] | None = None
         # non-finite steps skipped in a row (every rank counts the same: the vote decides) and
         # the first of them; the worker asks for a rollback at train.max_skipped_steps
         self.skipped_in_row = 0
@@ -252,6 +255,9 @@ class Trainer:
         self.current_sample_ids = []  # not known until the batch arrives
         batch = self._take_batch()
         self.current_sample_ids = list(batch["sample_ids"])
+        if self.on_batch is not None:
+            self.on_batch(self.step, self.current_sample_ids,
+                          [tuple(s) for s, _ in batch.get("bad_samples", [])])
         position = advance(self.position, self.global_batch, self.batches.num_sequences)
         if self.step + 1 < self.cfg.train.steps:
             self.batches.request(position)

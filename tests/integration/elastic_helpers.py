@@ -36,25 +36,40 @@ def tiny_config(tmp_path, steps: int = 12, every: int = 4, workers: tuple[int, i
     ])
 
 
-def consumed_samples(directory: str) -> dict[int, list[tuple[int, int]]]:
-    """Samples consumed per step, from the workers' audit logs (``worker-<pid>.jsonl``).
-
-    A step may have run more than once (re-done after a failure): the execution of the latest
-    membership epoch counts, its ranks' shares in rank order.
-    """
-    per_step: dict[int, dict[int, dict[int, list[tuple[int, int]]]]] = {}
-    for path in glob.glob(os.path.join(directory, "worker-*.jsonl")):
+def audit_records(directory: str) -> list[dict]:
+    """The workers' sample audit records (``worker-<pid>.jsonl``), each with its file's name."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(directory, "worker-*.jsonl"))):
         with open(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                by_epoch = per_step.setdefault(rec["step"], {})
-                # sequences left out by data.bad_samples=skip were consumed too
-                by_epoch.setdefault(rec["epoch"], {})[rec["rank"]] = [
-                    tuple(i) for i in rec["ids"] + rec.get("bad", [])]
+            out += [dict(json.loads(line), file=os.path.basename(path)) for line in f]
+    return out
+
+
+def consumed_samples(directory: str) -> dict[int, list[tuple[int, int]]]:
+    """Samples consumed per committed step, from the workers' audit logs.
+
+    A rank writes a ``taken`` record of its share once its batch is in (before the step's
+    commit vote) and a ``committed`` record once the step committed. A step may have run more
+    than once (re-done after a failure): the latest membership epoch in which it committed
+    counts, all of that epoch's ranks' shares in rank order.
+    """
+    taken: dict[tuple[int, int], dict[int, dict]] = {}
+    committed: dict[int, set[int]] = {}
+    for rec in audit_records(directory):
+        if rec["kind"] == "taken":
+            taken.setdefault((rec["step"], rec["epoch"]), {})[rec["rank"]] = rec
+        else:
+            committed.setdefault(rec["step"], set()).add(rec["epoch"])
     out = {}
-    for step, by_epoch in per_step.items():
-        shares = by_epoch[max(by_epoch)]
-        out[step] = [i for rank in sorted(shares) for i in shares[rank]]
+    for step, epochs in committed.items():
+        shares = taken.get((step, max(epochs)), {})
+        world = {r["world_size"] for r in shares.values()}
+        assert len(world) == 1 and sorted(shares) == list(range(world.pop())), (
+            f"step {step} committed in epoch {max(epochs)} without every rank's taken record: "
+            f"{sorted(shares.values(), key=lambda r: r['rank'])}")
+        # sequences left out by data.bad_samples=skip were consumed too
+        out[step] = [tuple(i) for rank in sorted(shares)
+                     for i in shares[rank]["ids"] + shares[rank]["bad"]]
     return out
 
 
@@ -67,7 +82,16 @@ def assert_each_sample_once(directory: str, steps: int, global_batch: int, num_s
     seen = [i for step in range(steps) for i in per_step[step]]
     assert len(seen) == len(set(seen)), "a sample was consumed twice in committed steps"
     expected = stream_samples(DataPosition(seed=seed), 0, steps * global_batch, num_sequences)
-    assert seen == expected, "consumed samples differ from the stream (lost or reordered)"
+    if seen != expected:
+        wrong = [step for step in range(steps) if per_step[step]
+                 != expected[step * global_batch:(step + 1) * global_batch]]
+        first = wrong[0]
+        raise AssertionError(
+            f"consumed samples differ from the stream (lost or reordered) at steps {wrong}; "
+            f"step {first} consumed {per_step[first]}, the stream has "
+            f"{expected[first * global_batch:(first + 1) * global_batch]}; "
+            f"records of that step: "
+            f"{[r for r in audit_records(directory) if r['step'] == first]}")
 
 
 def final_model_tensors(checkpoint_dir: str) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ import torch
 
 from tests.integration.elastic_helpers import (
     assert_each_sample_once,
+    audit_records,
     consumed_samples,
     final_model_tensors,
     tiny_config,
@@ -130,9 +130,8 @@ def test_nan_gradient_on_one_rank_skips_that_step_everywhere(tmp_path):
     data = TokenDataset(manifest)
     assert_each_sample_once(samples, STEPS, cfg.train.global_batch_size, data.num_sequences)
     flags = {}
-    for path in glob.glob(os.path.join(samples, "worker-*.jsonl")):
-        for line in open(path):
-            rec = json.loads(line)
+    for rec in audit_records(samples):
+        if rec["kind"] == "committed":
             flags[rec["step"]] = flags.get(rec["step"], False) or rec["skipped"]
     assert sorted(s + 1 for s, f in flags.items() if f) == [NAN_STEP], flags
     assert len(consumed_samples(samples)[NAN_STEP - 1]) == cfg.train.global_batch_size
