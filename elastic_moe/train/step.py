@@ -34,8 +34,40 @@ from elastic_moe.parallel.fsdp import mixed_precision_dtype
 from elastic_moe.train.lr_schedule import LRSchedule
 
 
+class ShardLocalAdamW(torch.optim.AdamW):
+    """torch's AdamW, with the update of each DTensor parameter run on its local shard.
+
+    AdamW is element-wise, so a shard's update needs nothing but that shard: the result is the
+    same, bit for bit, as the update through DTensor (the same kernels on the same local
+    tensors). What it saves is DTensor's dispatch: every one of the ~10 ops per parameter asks
+    the sharding propagator for its output layout, and a new layout starts with empty caches,
+    which made the first step after every rebuild 0.35 s slower on the CPU box. The state stays
+    DTensor (state dicts, checkpoints and the peer copies are unchanged). A parameter whose
+    gradient or moments have another layout than its own keeps the DTensor path.
+    """
+
+    def _init_group(self, group: dict[str, Any], *lists: Any) -> Any:
+        has_complex = super()._init_group(group, *lists)
+        # the aligned lists (parameters, gradients, moments): every list as long as the first
+        params = lists[0]
+        aligned = [items for items in lists
+                   if isinstance(items, list) and len(items) == len(params)]
+        for i, param in enumerate(params):
+            if not isinstance(param, DTensor):
+                continue
+            layout = (param.device_mesh, param.placements)
+            if all(isinstance(items[i], DTensor)
+                   and (items[i].device_mesh, items[i].placements) == layout
+                   for items in aligned if items[i] is not None
+                   and items[i].dim() > 0):  # scalar step counts are plain tensors
+                for items in aligned:
+                    if isinstance(items[i], DTensor):
+                        items[i] = items[i].to_local()  # a view: updated in place
+        return has_complex
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms and other 1-D parameters."""
+    """AdamW (:class:`ShardLocalAdamW`); no weight decay on norms and other 1-D parameters."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for param in model.parameters():
@@ -43,8 +75,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
             (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             foreach=False)
+    return ShardLocalAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                           foreach=False)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
