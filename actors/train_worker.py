@@ -35,7 +35,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,6 +226,10 @@ class TrainWorker:
         from elastic_moe.train.trainer import Trainer
 
         cfg = self.spec.cfg
+        # the old layout's shards of this rank number are what an unchanged plan needs: pull
+        # them from their node while the group forms and the model is built
+        prefetched = _prefetch([ref for manifest, ref in sources or []
+                                if manifest.rank == epoch.rank])
         self._leave_group()
         # exports of the old layout since the group broke have cached its (equal-looking) mesh
         forget_layout_caches()
@@ -273,7 +277,11 @@ class TrainWorker:
             assert sources is not None
             manifests = [m for m, _ in sources]
             wanted = needed_sources(trainer.model, trainer.optimizer, manifests)
-            shard_sets = ray.get([sources[i][1] for i in wanted])
+            fetched = prefetched.result() if prefetched is not None else {}
+            refs = [sources[i][1] for i in wanted]
+            pulled = iter(ray.get([ref for ref in refs if ref not in fetched]))
+            shard_sets = [fetched[ref] if ref in fetched else next(pulled) for ref in refs]
+            del fetched
             trainer.restore_from_shards(shard_sets)
             del shard_sets
         elif epoch.restore is RestoreSource.CHECKPOINT and epoch.checkpoint_step is not None:
@@ -599,6 +607,16 @@ def fit_advice(cfg: Config, world_size: int, budget: Any, device_type: str) -> s
     return (f"the memory estimate ({estimate.describe()}) fits {budget.describe(world_size)}, "
             "so something it does not count ran out: lower train.micro_batch_size or "
             "train.seq_len, or add workers")
+
+
+def _prefetch(refs: list[Any]) -> Future | None:
+    """``{ref: value}`` of ``refs``, pulled on a thread of its own (None: nothing to pull)."""
+    if not refs:
+        return None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+    future = pool.submit(lambda: dict(zip(refs, ray.get(refs), strict=True)))
+    pool.shutdown(wait=False)  # its thread ends with the pull; the join reads the future
+    return future
 
 
 def _warm_up(device: Any) -> None:
