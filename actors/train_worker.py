@@ -277,10 +277,11 @@ class TrainWorker:
             assert sources is not None
             manifests = [m for m, _ in sources]
             wanted = needed_sources(trainer.model, trainer.optimizer, manifests)
-            fetched = prefetched.result() if prefetched is not None else {}
             refs = [sources[i][1] for i in wanted]
-            pulled = iter(ray.get([ref for ref in refs if ref not in fetched]))
-            shard_sets = [fetched[ref] if ref in fetched else next(pulled) for ref in refs]
+            fetched = prefetched.result() if prefetched is not None else {}
+            rest = [ref for ref in refs if ref not in fetched]
+            fetched.update(zip(rest, ray.get(rest), strict=True))
+            shard_sets = [fetched[ref] for ref in refs]
             del fetched
             trainer.restore_from_shards(shard_sets)
             del shard_sets

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -57,9 +57,7 @@ class CommittedStep:
 
     step: int  # steps completed, 1-based like MLflow's step axis
     metrics: dict[str, float]
-    sample_ids: list[tuple[int, int]] = field(default_factory=list)
     skipped: bool = False  # non-finite somewhere: consumed its batch, changed nothing
-    bad_sample_ids: list[tuple[int, int]] = field(default_factory=list)  # left out, this rank
 
 
 class Trainer:
@@ -302,9 +300,7 @@ class Trainer:
         if self.val_batches is not None and eval_every and self.step % eval_every == 0:
             values.update(self._evaluate())  # one record per step: val losses ride with it
         self.unlogged_metrics.append((self.step, values))
-        return CommittedStep(step=self.step, metrics=values, sample_ids=list(ids),
-                             skipped=metrics.skipped,
-                             bad_sample_ids=[tuple(s) for s, _ in batch.get("bad_samples", [])])
+        return CommittedStep(step=self.step, metrics=values, skipped=metrics.skipped)
 
     def start_stream(self) -> None:
         self.batches.request(self.position)
