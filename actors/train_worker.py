@@ -153,13 +153,14 @@ class TrainWorker:
 
         self.gloo_links = GlooLinks()  # what to close when this rank's own step raises
         self.joining: EpochSpec | None = None  # the epoch whose join is in progress
+        self.store_socket: socket.socket | None = None  # free_port()'s, until a join takes it
         self.training: tuple[int | None, Any] | None = None  # (epoch, future) of train()
         elastic = spec.cfg.elastic
         self.lease = Lease(self._renew_lease, hang_timeout_s=elastic.hang_timeout_s,
                            interval_s=elastic.lease_interval_s, on_end=self._end_lease)
         self.lease.start()
         # pay the first-build costs now, while the group trains without this worker
-        self.torch_thread.submit(_warm_up, self.device).result()
+        self.torch_thread.submit(_warm_up, self.device, spec.cfg).result()
         # and the first call to each data reader (its connection; the corpus size it reports)
         self.reader_sequences: dict[int, int] = {}
         try:
@@ -190,10 +191,25 @@ class TrainWorker:
                           ip=ray.util.get_node_ip_address(), name=ctx.get_actor_name())
 
     def free_port(self) -> int:
-        """A free port on the node's Ray address, for the rendezvous store this rank hosts."""
-        with socket.socket() as s:
-            s.bind((ray.util.get_node_ip_address(), 0))
-            return int(s.getsockname()[1])
+        """A port on the node's Ray address for the rendezvous store this rank will host,
+        listening from now on (so the others never find it closed); the join hands the socket
+        to the store. A later call closes an unused earlier one."""
+        from elastic_moe.parallel.network import listen
+
+        with self.lock:
+            if self.store_socket is not None:
+                self.store_socket.close()
+            self.store_socket = listen(ray.util.get_node_ip_address())
+            return int(self.store_socket.getsockname()[1])
+
+    def _take_store_socket(self, port: int) -> socket.socket | None:
+        """The socket :meth:`free_port` opened, if it listens on ``port``."""
+        with self.lock:
+            sock, self.store_socket = self.store_socket, None
+        if sock is not None and sock.getsockname()[1] != port:
+            sock.close()
+            return None
+        return sock
 
     # ------------------------------------------------------------------ membership
     def join(self, epoch: EpochSpec, sources: list[Any] | None = None) -> JoinReport:
@@ -231,6 +247,7 @@ class TrainWorker:
         prefetched = _prefetch([ref for manifest, ref in sources or []
                                 if manifest.rank == epoch.rank])
         self._leave_group()
+        marks["left"] = time.time()
         # exports of the old layout since the group broke have cached its (equal-looking) mesh
         forget_layout_caches()
         timeout = datetime.timedelta(seconds=cfg.elastic.collective_timeout_s)
@@ -242,9 +259,11 @@ class TrainWorker:
                     binding.describe())
         with self.group_lock:
             self.gloo_links.opening()
+            listening = self._take_store_socket(epoch.master_port) if epoch.rank == 0 \
+                else None
             store = rendezvous_store(epoch.master_addr, epoch.master_port,
                                      is_master=epoch.rank == 0, world_size=epoch.world_size,
-                                     timeout=timeout)
+                                     timeout=timeout, listening=listening)
             dist.init_process_group(process_group_backend(self.device), store=store,
                                     rank=epoch.rank, world_size=epoch.world_size,
                                     timeout=timeout)
@@ -266,7 +285,7 @@ class TrainWorker:
                      self.reader_sequences.get(reader))
         marks["feed"] = time.time()
         trainer = Trainer(cfg, rank=epoch.rank, plan=plan, device=self.device, checkpointer=ckpt,
-                          batches=feed)
+                          batches=feed, init_weights=epoch.restore is not RestoreSource.SHARDS)
         feed.global_batch = trainer.global_batch
         if self.spec.wrap_model is not None:
             self.spec.wrap_model(trainer.model, epoch.rank, lambda: trainer.step + 1)
@@ -283,6 +302,7 @@ class TrainWorker:
             fetched.update(zip(rest, ray.get(rest), strict=True))
             shard_sets = [fetched[ref] for ref in refs]
             del fetched
+            marks["fetched"] = time.time()
             trainer.restore_from_shards(shard_sets)
             del shard_sets
         elif epoch.restore is RestoreSource.CHECKPOINT and epoch.checkpoint_step is not None:
@@ -620,45 +640,69 @@ def _prefetch(refs: list[Any]) -> Future | None:
     return future
 
 
-def _warm_up(device: Any) -> None:
-    """Build, step and drop a tiny model once on the torch thread, in a private one-rank group.
+def _warm_up(device: Any, run_cfg: Config) -> None:
+    """Build, step and drop a model once on the torch thread, in a private one-rank group.
 
     A fresh process's first model build costs about a second more than the next one (measured
-    on the CPU box: 0.80 s, then 0.03 s): that second would otherwise fall inside the pause of
-    the join that takes this worker in. The tiny debug model is used whatever the run's model
-    is, so a worker of a model that only fits when sharded can still warm up. Best effort."""
+    on the CPU box: 0.80 s, then 0.03 s), and its first step at the run's shapes costs more than
+    the next one (first use of the kernels for those shapes, the allocator's first pages): both
+    would otherwise fall inside the pause of the join that takes this worker in. The run's own
+    model, unsharded, at one micro-batch of the run's shapes, when its training state fits in a
+    quarter of the free memory (:func:`_warm_up_config`); otherwise the tiny debug model, so a
+    worker of a model that only fits when sharded still warms up the rest. Best effort."""
     import dataclasses
 
     import torch
     import torch.distributed as dist
 
-    from elastic_moe.config import debug
     from elastic_moe.parallel import plan_mesh, setup_model
     from elastic_moe.parallel.comm import process_group_backend
     from elastic_moe.parallel.mesh import forget_layout_caches
     from elastic_moe.train.step import build_optimizer
 
     started = time.time()
-    cfg = debug()
+    cfg, shape = _warm_up_config(run_cfg, device)
     try:
         dist.init_process_group(process_group_backend(device), store=dist.HashStore(), rank=0,
                                 world_size=1)
         try:
             plan = plan_mesh(1, 1, cfg.model, dataclasses.replace(
-                cfg.parallel, min_workers=1, max_workers=1, gpus_per_node=1))
+                cfg.parallel, min_workers=1, max_workers=1, gpus_per_node=1,
+                dp_replicate_degree=1, expert_parallel_degree=0))
             model = setup_model(cfg.model, plan, device, seed=0,
                                 mixed_precision=cfg.train.mixed_precision)
             optimizer = build_optimizer(model, cfg.train)
-            ids = torch.zeros(1, 16, dtype=torch.long, device=device)
+            ids = torch.zeros(*shape, dtype=torch.long, device=device)
             model(ids, ids).loss.backward()
             optimizer.step()
+            del model, optimizer, ids
         finally:
             dist.destroy_process_group()
             forget_layout_caches()
     except Exception as exc:  # an optimisation only: the real join builds what it needs
         logger.warning("warm-up skipped: %s", exc)
         return
-    logger.info("warmed up in %.2f s", time.time() - started)
+    logger.info("warmed up in %.2f s (model dim %d, batch %s)", time.time() - started,
+                cfg.model.dim, shape)
+
+
+def _warm_up_config(run_cfg: Config, device: Any) -> tuple[Config, tuple[int, int]]:
+    """The model and (batch, tokens) shape the warm-up runs: the run's model at one
+    micro-batch when its unsharded training state fits in a quarter of the free memory of
+    ``device``, else the tiny debug model at (1, 16)."""
+    import psutil
+    import torch
+
+    from elastic_moe.config import debug
+    from elastic_moe.parallel.mesh import estimate_bytes_per_rank
+
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = psutil.virtual_memory().available
+    if estimate_bytes_per_rank(run_cfg.model, 1, 1) <= free // 4:
+        return run_cfg, (run_cfg.train.micro_batch_size, run_cfg.train.seq_len)
+    return debug(), (1, 16)
 
 
 def _wait_bounded(checkpointer: Any, seconds: float) -> None:

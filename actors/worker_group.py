@@ -897,7 +897,7 @@ class ElasticGroup:
         self.plan = plan
         self.copy_plans = next((j.copy_plans for j in joined if j.copy_plans), None)
         marks["rebuilt"] = time.time()
-        for key in ("join_start", "group_ready", "built", "restored", "linked"):
+        for key in ("join_start", "left", "group_ready", "built", "restored", "linked"):
             marks[key] = max(j.marks[key] for j in joined)
         logger.debug("rebuild marks: %s", {k: round(v - marks["detected"], 3)
                                            for k, v in marks.items()})

@@ -256,6 +256,12 @@ class Checkpointer:
             self.last_committed = step
         return error
 
+    def saving(self) -> bool:
+        """Whether a save is in flight: staged, not yet committed or failed everywhere."""
+        with self._lock:
+            pending = self._pending
+        return pending is not None and not pending[2].is_set()
+
     def wait(self) -> None:
         """Block until the in-flight save (if any) is written and committed on every rank;
         raise :class:`CheckpointError` if it failed."""

@@ -89,7 +89,14 @@ class Transformer(nn.Module):
             elif isinstance(module, Router):
                 _normal_(module.weight, std, seed, dot + "weight")
                 module.e_score_correction_bias.zero_()
-            elif isinstance(module, MoE):
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """What is not training state: the rotary tables and the routers' load counters. Enough
+        after ``to_empty`` when a restore overwrites every parameter, persistent buffer and
+        optimizer moment (:func:`~elastic_moe.train.shard_state.fill_from_shards` checks)."""
+        for module in self.modules():
+            if isinstance(module, MoE):
                 module.tokens_per_expert.zero_()
         angles = rope_frequencies(self.cfg, device=self.rope_cos.device)
         self.rope_cos.copy_(angles.cos())

@@ -43,7 +43,7 @@ __all__ = ["ExpertParallelExperts", "MeshPlan", "ParallelMeshes", "all_to_all_ro
 
 def setup_model(model_cfg: ModelConfig, plan: MeshPlan, device: torch.device | str,
                 seed: int, *, meshes: ParallelMeshes | None = None,
-                mixed_precision: str | None = None) -> nn.Module:
+                mixed_precision: str | None = None, init_weights: bool = True) -> nn.Module:
     """Build, parallelize and initialize the model for this rank.
 
     Meta-device build -> expert parallelism + FSDP2/HSDP (``world_size > 1``) -> ``to_empty``
@@ -57,6 +57,9 @@ def setup_model(model_cfg: ModelConfig, plan: MeshPlan, device: torch.device | s
     and reduce dtypes, see :func:`~elastic_moe.parallel.fsdp.mixed_precision_policy`); callers
     without a config get ``"bf16"`` on CUDA and ``"fp32"`` elsewhere. ``meshes`` defaults to
     ``build_mesh(plan, device.type)``; the default process group must be initialized.
+    ``init_weights=False`` leaves the parameters as ``to_empty`` made them (uninitialized
+    memory) for a restore that overwrites every one of them and checks so; buffers that are
+    not training state are still set.
     """
     device = torch.device(device)
     if mixed_precision is None:
@@ -71,7 +74,10 @@ def setup_model(model_cfg: ModelConfig, plan: MeshPlan, device: torch.device | s
         meshes = meshes or build_mesh(plan, device.type)
         parallelize(model, plan, meshes, mixed_precision=mixed_precision)
     model.to_empty(device=device)
-    model.init_weights(seed)
+    if init_weights:
+        model.init_weights(seed)
+    else:
+        model.init_buffers()
     return model
 
 

@@ -40,6 +40,10 @@ from elastic_moe.train.step import StepMetrics, build_optimizer, train_step
 
 logger = logging.getLogger(__name__)
 
+# a pause (a join, a stop) waits at most this long for a checkpoint save in flight to end
+PAUSE_DEFER_S = 30.0
+
+
 class BatchSource(Protocol):
     """This rank's share of each global batch, asked by data position, one request ahead."""
 
@@ -64,13 +68,16 @@ class Trainer:
     """Setup -> restore -> step / checkpoint / snapshot, for one rank at one membership."""
 
     def __init__(self, cfg: Config, *, rank: int, plan: MeshPlan, device: torch.device,
-                 checkpointer: Checkpointer, batches: BatchSource) -> None:
+                 checkpointer: Checkpointer, batches: BatchSource,
+                 init_weights: bool = True) -> None:
         self.cfg, self.rank, self.plan, self.device = cfg, rank, plan, device
         self.world_size = plan.world_size
         self.checkpointer, self.batches = checkpointer, batches
-        # ---- setup: the model for this layout (meta build -> parallelize -> materialize)
+        # ---- setup: the model for this layout (meta build -> parallelize -> materialize);
+        # init_weights=False: a restore from shards overwrites (and checks) every tensor
         self.model = setup_model(cfg.model, plan, device, seed=cfg.train.seed,
-                                 mixed_precision=cfg.train.mixed_precision)
+                                 mixed_precision=cfg.train.mixed_precision,
+                                 init_weights=init_weights)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.global_batch, lr_scale = effective_batch(cfg.train, self.world_size,
                                                       cfg.parallel.max_workers)
@@ -83,6 +90,7 @@ class Trainer:
         self.tokens_seen = 0
         self.position = DataPosition(seed=cfg.train.seed)
         self.pause_requested = False
+        self.pause_deferred_since: float | None = None
         self.paused = False
         self.current_sample_ids: list[Any] = []  # (epoch, index) of the step being run
         # called with (step index, sample ids, bad sample ids) once this rank's batch is in,
@@ -202,6 +210,20 @@ class Trainer:
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return [bool(v > 0) for v in value.tolist()]
 
+    def _pause_now(self) -> bool:
+        """This rank's pause vote: a pause requested, and no checkpoint save in flight (the
+        save would hold up the rebuild: a rank leaves its group only once its save has ended),
+        for at most ``PAUSE_DEFER_S`` after the request."""
+        if not self.pause_requested:
+            self.pause_deferred_since = None
+            return False
+        if not self.checkpointer.saving():
+            return True
+        now = time.monotonic()
+        if self.pause_deferred_since is None:
+            self.pause_deferred_since = now
+        return now - self.pause_deferred_since > PAUSE_DEFER_S
+
     def _vote(self, nonfinite: bool) -> bool:
         """The commit vote: carries the pause request, this rank's non-finite flag and its
         compute and data-wait times (every rank learns everyone's); returns whether the step
@@ -210,7 +232,7 @@ class Trainer:
         world = self.world_size
         # one MAX all-reduce: the flags, and each rank's times in its own slots (0 elsewhere)
         value = torch.zeros(2 + 2 * world, dtype=torch.float64)
-        value[0], value[1] = float(self.pause_requested), float(nonfinite)
+        value[0], value[1] = float(self._pause_now()), float(nonfinite)
         value[2 + self.rank] = self.probe.take()
         value[2 + world + self.rank] = self.batches.last_wait_s
         if dist.is_initialized() and world > 1:

@@ -86,3 +86,33 @@ def test_the_rendezvous_store_listens_on_its_host_only():
     listening = [c.laddr for c in psutil.Process(os.getpid()).net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+
+
+def test_a_client_that_comes_first_meets_the_store_through_the_opened_socket() -> None:
+    """The master opens its socket before anyone knows the port (``listen``); a client that
+    connects before the store exists waits in the backlog, and both meet through the store,
+    which listens on that socket alone."""
+    import datetime
+    import os
+    import threading
+
+    import psutil
+
+    from elastic_moe.parallel.network import listen, rendezvous_store
+
+    sock = listen("127.0.0.1")
+    port = sock.getsockname()[1]
+    timeout = datetime.timedelta(seconds=10)
+    clients: list = []
+    thread = threading.Thread(target=lambda: clients.append(rendezvous_store(
+        "127.0.0.1", port, is_master=False, world_size=2, timeout=timeout)))
+    thread.start()  # before the store: it connects into the backlog
+    master = rendezvous_store("127.0.0.1", port, is_master=True, world_size=2, timeout=timeout,
+                              listening=sock)
+    thread.join(timeout=20)
+    assert clients, "the client never reached the store"
+    clients[0].set("planted", "by the client")
+    assert master.get("planted") == b"by the client"
+    listening = [c.laddr for c in psutil.Process(os.getpid()).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert len(listening) == 1 and listening[0].ip == "127.0.0.1", listening
