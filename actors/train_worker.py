@@ -242,10 +242,12 @@ class TrainWorker:
         from elastic_moe.train.trainer import Trainer
 
         cfg = self.spec.cfg
-        # the old layout's shards of this rank number are what an unchanged plan needs: pull
-        # them from their node while the group forms and the model is built
+        # pull the old layout's shards this rank most likely needs while the group forms and
+        # the model is built; what the built layout needs beyond them comes after
+        likely = _likely_sources(epoch.rank, epoch.world_size,
+                                 1 + max((m.rank for m, _ in sources or []), default=-1))
         prefetched = _prefetch([ref for manifest, ref in sources or []
-                                if manifest.rank == epoch.rank])
+                                if manifest.rank in likely])
         self._leave_group()
         marks["left"] = time.time()
         # exports of the old layout since the group broke have cached its (equal-looking) mesh
@@ -628,6 +630,19 @@ def fit_advice(cfg: Config, world_size: int, budget: Any, device_type: str) -> s
     return (f"the memory estimate ({estimate.describe()}) fits {budget.describe(world_size)}, "
             "so something it does not count ran out: lower train.micro_batch_size or "
             "train.seq_len, or add workers")
+
+
+def _likely_sources(rank: int, world_size: int, old_world_size: int) -> range:
+    """The old ranks whose share of the rank order overlaps ``rank``'s share of the new one:
+    the ranks whose FSDP rows (dim-0 chunks in rank order) a rank of the new layout needs.
+    The same rank number for an unchanged size (a spare taking a lost member's place); one or
+    two neighbours when the size changes. A guess to start pulling early: the built layout
+    decides (``needed_sources``)."""
+    if old_world_size <= 0:
+        return range(0)
+    low = rank * old_world_size // world_size
+    high = ((rank + 1) * old_world_size - 1) // world_size
+    return range(low, min(high, old_world_size - 1) + 1)
 
 
 def _prefetch(refs: list[Any]) -> Future | None:

@@ -138,6 +138,10 @@ class NodeQuotas:
             if not self.agents and _is_agent(process):
                 continue
             _quiet(_write, os.path.join(path, "cgroup.procs"), str(process.pid))
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            if str(raylet.pid) not in f.read().split():
+                raise SystemExit(f"goodput: the raylet (pid {raylet.pid}) is not in {path}: "
+                                 "the node's workers would run without their CPU quota")
 
     def close(self) -> None:
         parent = os.path.dirname(self.root)
@@ -154,12 +158,15 @@ class NodeQuotas:
 
 
 def _is_agent(process) -> bool:
-    """One of the node's Ray agents (dashboard, runtime env), not a worker."""
+    """One of the node's Ray agents (dashboard, runtime env): by the title Ray gives them, or
+    by their script while they start. Not the raylet, whose arguments name both scripts."""
     try:
-        cmdline = " ".join(process.cmdline())
+        argv = process.cmdline()
     except Exception:  # gone meanwhile
         return False
-    return "dashboard/agent.py" in cmdline or "runtime_env/agent/main.py" in cmdline
+    head = " ".join(argv[:3])
+    return head.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")) \
+        or "dashboard/agent.py" in head or "runtime_env/agent/main.py" in head
 
 
 def _write(path: str, text: str) -> None:

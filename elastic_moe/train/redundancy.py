@@ -104,7 +104,8 @@ def redundancy_report(cfg: Config, world_size: int) -> RedundancyReport:
     specs = _blocks(plan, dense, routed)
     nodes = [f"node{r // plan.gpus_per_node}" for r in range(world_size)]
     plans = plan_copies(specs, nodes)
-    keeper = buddies(nodes) if cfg.elastic.peer_copies else [None] * world_size
+    keeper: list[int | None] = list(buddies(nodes)) if cfg.elastic.peer_copies \
+        else [None] * world_size
     ranks = []
     for rank in range(world_size):
         own = sum(s.numel for s in specs[rank])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from elastic_moe.train.elastic import Holdings, WardCopy, decide_restore
 from elastic_moe.train.peer_copies import buddies, plan_copies
 from elastic_moe.train.shard_state import ShardSpec
@@ -89,3 +91,18 @@ def test_with_the_copy_plan_a_fully_replicated_rank_needs_no_keeper():
     assert decision.step == 9 and decision.holders == {1: 1, 3: 3, 4: 4, 5: 5}
     # every holder of one half lost: nothing holds it
     assert decide_restore(6, {r: _held(9) for r in (1, 3, 5)}, plans).step is None
+
+
+@pytest.mark.parametrize("old,new", [(2, 2), (1, 2), (2, 3), (3, 2), (4, 3), (5, 8), (8, 5)])
+def test_the_early_pull_guesses_the_old_ranks_whose_fsdp_rows_a_new_rank_needs(old, new):
+    """Against FSDP2's own cut: ``torch.chunk`` of the rows in rank order. For every new rank,
+    the guess is exactly the old ranks whose rows overlap its rows (rows a multiple of both
+    sizes, so the chunks are even)."""
+    import torch
+    from elastic_moe.actors.train_worker import _likely_sources
+
+    rows = torch.arange(old * new * 3)
+    old_chunks = [set(c.tolist()) for c in rows.chunk(old)]
+    for rank, chunk in enumerate(rows.chunk(new)):
+        wanted = [k for k, held in enumerate(old_chunks) if held & set(chunk.tolist())]
+        assert list(_likely_sources(rank, new, old)) == wanted, (rank, wanted)

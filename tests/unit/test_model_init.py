@@ -66,3 +66,21 @@ def test_dry_run_uneven_fsdp_shards():
     report = init_bytes_per_rank(cfg, plan)
     assert len(set(report.bytes_per_rank)) > 1  # torch.chunk leaves the last rank short
     assert "W=3" in report.describe()
+
+
+def test_a_model_left_uninitialized_and_filled_from_a_state_dict_computes_the_same():
+    """``setup_model(init_weights=False)`` (a restore from shards overwrites every tensor)
+    still sets what is not state: the rotary tables and the routers' load counters. Filled with
+    an initialized model's state dict, it computes exactly that model's loss."""
+    from elastic_moe.config import apply_overrides
+    from elastic_moe.parallel import setup_model
+
+    cfg = apply_overrides(debug(), ["parallel.min_workers=1", "parallel.max_workers=1"])
+    plan = plan_mesh(1, 1, cfg.model, cfg.parallel)
+    reference = setup_model(cfg.model, plan, "cpu", seed=3, mixed_precision="fp32")
+    filled = setup_model(cfg.model, plan, "cpu", seed=3, mixed_precision="fp32",
+                         init_weights=False)
+    filled.load_state_dict(reference.state_dict())
+    assert torch.equal(filled.rope_cos, reference.rope_cos)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(filled(ids, ids).loss, reference(ids, ids).loss)

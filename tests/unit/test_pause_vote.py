@@ -1,0 +1,72 @@
+"""A pause (for a join or a stop) waits for a checkpoint save in flight, but not for long.
+
+The rebuild after a pause starts with every rank leaving its process group, and a rank leaves
+only once its async save has ended: a pause voted in the middle of a save would make the
+whole group wait for the storage. The vote holds back while a save is in flight, for at most
+``PAUSE_DEFER_S``. A real :class:`Trainer` (one rank, no process group) and a real async
+:class:`Checkpointer`, whose writer is held until the test lets it go.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+import elastic_moe.train.trainer as trainer_mod
+from elastic_moe.checkpoint import Checkpointer, TrainState
+from elastic_moe.config import apply_overrides, debug
+from elastic_moe.parallel import plan_mesh
+from tests.integration.faults import _Delegating
+
+
+class _HeldWriter(_Delegating):
+    def __init__(self, inner, started: threading.Event, release: threading.Event) -> None:
+        super().__init__(inner)
+        self.started, self.release = started, release
+
+    def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+        self.started.set()
+        assert self.release.wait(30), "the test never released the save"
+        return self.inner.write_data(plan, planner)
+
+
+def _trainer(tmp_path, started, release):
+    cfg = apply_overrides(debug(), ["parallel.min_workers=1", "parallel.max_workers=1"])
+    ckpt = Checkpointer(str(tmp_path), async_save=True,
+                        wrap_writer=lambda w, step: _HeldWriter(w, started, release))
+    plan = plan_mesh(1, 1, cfg.model, cfg.parallel)
+    return trainer_mod.Trainer(cfg, rank=0, plan=plan, device=torch.device("cpu"),
+                               checkpointer=ckpt, batches=None)  # type: ignore[arg-type]
+
+
+def test_the_pause_vote_waits_for_a_save_in_flight(tmp_path):
+    started, release = threading.Event(), threading.Event()
+    trainer = _trainer(tmp_path, started, release)
+    assert not trainer._pause_now()  # nothing asked
+    trainer.pause_requested = True
+    assert trainer._pause_now()  # asked, nothing in flight
+    trainer.checkpointer.save(1, trainer.model, trainer.optimizer, TrainState(step=1))
+    assert started.wait(30)
+    assert trainer.checkpointer.saving()
+    assert not trainer._pause_now()  # held back by the save
+    release.set()
+    trainer.checkpointer.wait()
+    assert not trainer.checkpointer.saving()
+    assert trainer.checkpointer.committed_steps() == [1]
+    assert trainer._pause_now()
+
+
+def test_the_pause_vote_waits_no_longer_than_its_bound(tmp_path, monkeypatch):
+    started, release = threading.Event(), threading.Event()
+    trainer = _trainer(tmp_path, started, release)
+    trainer.pause_requested = True
+    trainer.checkpointer.save(1, trainer.model, trainer.optimizer, TrainState(step=1))
+    assert started.wait(30)
+    try:
+        assert not trainer._pause_now()  # the wait starts here
+        monkeypatch.setattr(trainer_mod, "PAUSE_DEFER_S", 0.0)
+        assert trainer.checkpointer.saving() and trainer._pause_now()
+    finally:
+        release.set()
+        trainer.checkpointer.wait()
