@@ -128,10 +128,19 @@ def wait_for(predicate, timeout_s: float, what: str, log_path: str, tail_chars: 
 @contextlib.contextmanager
 def ray_head(env: dict[str, str], *args: str) -> Iterator[None]:
     """A `ray start --head` of its own (temp dir; ``args``: ports and resources), stopped by
-    killing only its processes."""
+    killing only its processes. With ``RAY_AUTH_MODE=token`` in ``env`` and no token named
+    there, the head gets a token file of its own and ``env`` names it, so the callers'
+    processes that use ``env`` reach the head with no ~/.ray/auth_token on this machine."""
     bin_dir = os.path.dirname(sys.executable)
     temp_dir = tempfile.mkdtemp(prefix="emoe-", dir="/tmp")  # short: Ray's socket paths
     try:
+        if (env.get("RAY_AUTH_MODE") == "token" and "RAY_AUTH_TOKEN" not in env
+                and "RAY_AUTH_TOKEN_PATH" not in env):
+            token_file = os.path.join(temp_dir, "auth_token")
+            with open(token_file, "w") as f:
+                f.write(os.urandom(32).hex())
+            os.chmod(token_file, 0o600)
+            env["RAY_AUTH_TOKEN_PATH"] = token_file
         started = subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", *args,
                                   "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                                  env=env, capture_output=True, text=True, timeout=180)
