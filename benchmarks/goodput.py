@@ -36,6 +36,7 @@ import os
 import platform
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -458,6 +459,15 @@ def main() -> None:
     write_table(results, args)
 
 
+def _code_version() -> str:
+    """The commit the run measured, and whether the tree had changes then."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    dirty = git("status", "--porcelain", "--", "elastic_moe", "actors", "kernels", "jobs").strip()
+    return f"commit {commit}" + (" with uncommitted changes" if dirty else "")
+
+
 def write_table(results: dict[str, list[dict[str, float]]], args) -> None:
     lines = [f"# goodput on CPU ({platform.machine()}, {os.cpu_count()} cores, shared box, no "
              "GPU)", "",
@@ -481,7 +491,8 @@ def write_table(results: dict[str, list[dict[str, float]]], args) -> None:
                      f"{median('faults'):g} | {median('steps_redone'):g} | "
                      f"{median('free_step_s'):.3f} | **{median('ettr'):.3f}** | {each} | "
                      f"{max(r['peak_rss_mib'] for r in records):.0f} |")
-    lines += ["", f"Run: `python benchmarks/goodput.py --fault-every {args.fault_every:g} "
+    lines += ["", f"Code: {_code_version()}.",
+              "", f"Run: `python benchmarks/goodput.py --fault-every {args.fault_every:g} "
               f"--steps {args.steps} --node-cpus {args.node_cpus:g} --repeats {args.repeats}"
               + (f" --cases {' '.join(results)}`." if args.cases != DEFAULT_CASES else "`.")]
     text = "\n".join(lines) + "\n"
