@@ -211,13 +211,16 @@ class Trainer:
         return [bool(v > 0) for v in value.tolist()]
 
     def _pause_now(self) -> bool:
-        """This rank's pause vote: a pause requested, and no checkpoint save in flight (the
-        save would hold up the rebuild: a rank leaves its group only once its save has ended),
-        for at most ``PAUSE_DEFER_S`` after the request."""
+        """This rank's pause vote: a pause requested, no checkpoint save in flight, and none
+        due at the end of the step being voted on (a save would hold up the rebuild: a rank
+        leaves its group only once its save has ended), for at most ``PAUSE_DEFER_S`` after the
+        request. The vote is the same on every rank: the step and the save interval are."""
         if not self.pause_requested:
             self.pause_deferred_since = None
             return False
-        if not self.checkpointer.saving():
+        voting_on, final = self.step + 1, self.cfg.train.steps
+        save_due = voting_on < final and self.checkpointer.due(voting_on, final)
+        if not self.checkpointer.saving() and not save_due:
             return True
         now = time.monotonic()
         if self.pause_deferred_since is None:

@@ -1,10 +1,11 @@
 """A pause (for a join or a stop) waits for a checkpoint save in flight, but not for long.
 
 The rebuild after a pause starts with every rank leaving its process group, and a rank leaves
-only once its async save has ended: a pause voted in the middle of a save would make the
-whole group wait for the storage. The vote holds back while a save is in flight, for at most
-``PAUSE_DEFER_S``. A real :class:`Trainer` (one rank, no process group) and a real async
-:class:`Checkpointer`, whose writer is held until the test lets it go.
+only once its async save has ended: a pause voted in the middle of a save, or in a step whose
+save is due, would make the whole group wait for the storage. The vote holds back while a save
+is in flight or due, for at most ``PAUSE_DEFER_S``. A real :class:`Trainer` (one rank, no
+process group) and a real async :class:`Checkpointer`, whose writer is held until the test lets
+it go.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ class _HeldWriter(_Delegating):
         return self.inner.write_data(plan, planner)
 
 
-def _trainer(tmp_path, started, release):
-    cfg = apply_overrides(debug(), ["parallel.min_workers=1", "parallel.max_workers=1"])
-    ckpt = Checkpointer(str(tmp_path), async_save=True,
+def _trainer(tmp_path, started, release, every_steps=0):
+    cfg = apply_overrides(debug(), ["parallel.min_workers=1", "parallel.max_workers=1",
+                                    "train.steps=100"])
+    ckpt = Checkpointer(str(tmp_path), async_save=True, every_steps=every_steps,
                         wrap_writer=lambda w, step: _HeldWriter(w, started, release))
     plan = plan_mesh(1, 1, cfg.model, cfg.parallel)
     return trainer_mod.Trainer(cfg, rank=0, plan=plan, device=torch.device("cpu"),
@@ -70,3 +72,16 @@ def test_the_pause_vote_waits_no_longer_than_its_bound(tmp_path, monkeypatch):
     finally:
         release.set()
         trainer.checkpointer.wait()
+
+
+def test_the_pause_vote_waits_out_a_step_whose_save_is_due(tmp_path):
+    trainer = _trainer(tmp_path, threading.Event(), threading.Event(), every_steps=10)
+    trainer.pause_requested = True
+    trainer.step = 8
+    assert trainer._pause_now()  # step 9 saves nothing
+    trainer.step = 9
+    assert not trainer._pause_now()  # step 10 is due for a save: pause a step later
+    trainer.step = 10
+    assert trainer._pause_now()  # (its save ended: nothing in flight here)
+    trainer.step = 99
+    assert trainer._pause_now()  # the last step: the run ends there, nothing to wait out
