@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from elastic_moe.config import Config, apply_overrides, debug
+from tests.integration.netns import write_auth_token
 
 
 def tiny_config(tmp_path, steps: int = 12, every: int = 4, workers: tuple[int, int] = (2, 2),
@@ -136,11 +137,8 @@ def ray_head(env: dict[str, str], *args: str) -> Iterator[None]:
     try:
         if (env.get("RAY_AUTH_MODE") == "token" and "RAY_AUTH_TOKEN" not in env
                 and "RAY_AUTH_TOKEN_PATH" not in env):
-            token_file = os.path.join(temp_dir, "auth_token")
-            with open(token_file, "w") as f:
-                f.write(os.urandom(32).hex())
-            os.chmod(token_file, 0o600)
-            env["RAY_AUTH_TOKEN_PATH"] = token_file
+            env["RAY_AUTH_TOKEN_PATH"] = os.path.join(temp_dir, "auth_token")
+            write_auth_token(env["RAY_AUTH_TOKEN_PATH"])
         started = subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", *args,
                                   "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                                  env=env, capture_output=True, text=True, timeout=180)

@@ -196,6 +196,16 @@ class TwoHostCluster:
         return self.head.address
 
 
+def write_auth_token(path: str) -> str:
+    """A fresh random Ray auth token written to ``path`` (mode 0600, as Ray wants it); returns
+    the token."""
+    token = os.urandom(32).hex()
+    with open(path, "w") as f:
+        f.write(token)
+    os.chmod(path, 0o600)
+    return token
+
+
 def _ray_env(root: str, token_file: str, home: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
@@ -228,9 +238,7 @@ def two_host_cluster(root: str, *, head_resources: dict[str, float] | None = Non
     worker = RayNode(temp_dir=os.path.join(base, "w"), ip=link.ns_ip)
     try:
         token_file = os.path.join(base, "auth_token")
-        with open(token_file, "w") as f:
-            f.write(os.urandom(32).hex())
-        os.chmod(token_file, 0o600)
+        write_auth_token(token_file)
         os.makedirs(os.path.join(base, "home"))
         env = _ray_env(root, token_file, os.path.join(base, "home"))
         port = _free_port(link.host_ip)

@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from tests.integration.multiproc import free_port
+from tests.integration.netns import write_auth_token
 from tests.ray_cluster_yaml import ROOT, flag_value, load_cluster_yaml, ray_starts
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -61,10 +62,8 @@ def _head_command(args: list[str], temp_dir: str) -> tuple[list[str], int]:
 def yaml_head(tmp_path):
     (head,) = ray_starts(load_cluster_yaml(), "head_start_ray_commands")
     assert "--head" in head.args
-    token = os.urandom(32).hex()
     token_file = tmp_path / "auth_token"  # stands in for the file `ray up` copies to the node
-    token_file.write_text(token)
-    token_file.chmod(0o600)
+    token = write_auth_token(str(token_file))
     yaml_env = dict(head.env)
     assert yaml_env.get("RAY_AUTH_TOKEN_PATH"), yaml_env
     yaml_env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
