@@ -635,6 +635,7 @@ class ElasticGroup:
         says so."""
         world = int(values.get("world_size", 0))
         compute = [values.get(f"rank{r}_compute_s") for r in range(world)]
+        stalled = [float(values.get(f"rank{r}_stalled_s", 0.0)) for r in range(world)]
         if world != len(self.members) or any(c is None for c in compute):
             return
         self._collect_joiners()
@@ -644,7 +645,7 @@ class ElasticGroup:
         verdict = self.stragglers.observe(
             [float(c) for c in compute if c is not None], float(values.get("step_s", 0.0)),
             steps_left=self.cfg.train.steps - step, spare_ready=bool(self.joiners),
-            pause_s=self.last_rebuild_s)
+            pause_s=self.last_rebuild_s, stalled_by_rank=stalled)
         if verdict is None:
             return
         member = next((m for m in self.members if m.rank == verdict.rank), None)

@@ -283,8 +283,9 @@ class ElasticConfig:
     # another node and applies the rank's updates to it every step (train/peer_copies.py).
     # False: no copies; a lost worker whose blocks have no live replica means the checkpoint.
     peer_copies: bool = True
-    # Stragglers (train/stragglers.py): a rank whose own compute is >= straggler_ratio x the
-    # median rank's for straggler_steps steps in a row is flagged; it is evicted when the
+    # Stragglers (train/stragglers.py): a rank without which the steps would be >=
+    # straggler_ratio x shorter, over a window of straggler_steps steps, is flagged (its own
+    # compute against the other ranks', and the time it stalled); it is evicted when the
     # goodput model says the group is faster without it (0 = no straggler handling).
     straggler_ratio: float = 1.5
     straggler_steps: int = 10
@@ -310,7 +311,7 @@ class ElasticConfig:
         _require(self.capacity_wait_s >= 0, "capacity_wait_s", self.capacity_wait_s,
                  "must be >= 0 (seconds)")
         _require(self.straggler_ratio == 0 or self.straggler_ratio > 1, "straggler_ratio",
-                 self.straggler_ratio, "must be > 1 (x the median rank's compute), or 0 = off")
+                 self.straggler_ratio, "must be > 1 (x the step time without the rank), or 0 = off")
         _require(self.straggler_steps >= 1, "straggler_steps", self.straggler_steps,
                  "must be >= 1")
         _require(self.recovery in ("live", "restart"), "recovery", self.recovery,

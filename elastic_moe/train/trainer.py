@@ -115,7 +115,8 @@ class Trainer:
 
         self.probe = ComputeProbe([m for m in self.model.modules() if isinstance(m, MLA)],
                                   device)
-        self.rank_times: list[tuple[float, float]] = []  # every rank's (compute_s, data wait)
+        # every rank's (compute_s, data wait, stalled_s)
+        self.rank_times: list[tuple[float, float, float]] = []
 
     # ------------------------------------------------------------------ restore
     def _meta(self) -> dict[str, Any]:
@@ -229,19 +230,22 @@ class Trainer:
 
     def _vote(self, nonfinite: bool) -> bool:
         """The commit vote: carries the pause request, this rank's non-finite flag and its
-        compute and data-wait times (every rank learns everyone's); returns whether the step
-        is applied (finite on every rank)."""
+        compute, data-wait and stall times (every rank learns everyone's); returns whether the
+        step is applied (finite on every rank)."""
         self.peers.forward_grads()  # every copy can follow this step before anyone applies it
         world = self.world_size
         # one MAX all-reduce: the flags, and each rank's times in its own slots (0 elsewhere)
-        value = torch.zeros(2 + 2 * world, dtype=torch.float64)
+        value = torch.zeros(2 + 3 * world, dtype=torch.float64)
         value[0], value[1] = float(self._pause_now()), float(nonfinite)
-        value[2 + self.rank] = self.probe.take()
+        compute, stalled = self.probe.take()
+        value[2 + self.rank] = compute
         value[2 + world + self.rank] = self.batches.last_wait_s
+        value[2 + 2 * world + self.rank] = stalled
         if dist.is_initialized() and world > 1:
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
         times = value[2:].tolist()
-        self.rank_times = list(zip(times[:world], times[world:], strict=True))
+        self.rank_times = list(zip(times[:world], times[world:2 * world], times[2 * world:],
+                                   strict=True))
         self.paused, skip = bool(value[0] > 0), bool(value[1] > 0)
         return not skip
 
@@ -314,9 +318,10 @@ class Trainer:
         values["step_s"] = metrics.seconds
         if self.peak_tflops:
             values["mfu"] = values["tflops_per_gpu"] / self.peak_tflops
-        for rank, (compute_s, wait_s) in enumerate(self.rank_times):
+        for rank, (compute_s, wait_s, stalled_s) in enumerate(self.rank_times):
             values[f"rank{rank}_compute_s"] = compute_s
             values[f"rank{rank}_data_wait_s"] = wait_s
+            values[f"rank{rank}_stalled_s"] = stalled_s
         values.update(bad_samples=bad_total,
                       world_size=self.world_size, ep_degree=self.plan.expert_parallel_degree,
                       tokens_seen=self.tokens_seen, data_wait_s=self.batches.last_wait_s,

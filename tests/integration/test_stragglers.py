@@ -2,12 +2,12 @@
 
 Three slots on a local Ray (two members and ``elastic.spares=1``). Once the run is in its
 stride, one member's pid is slowed to a quarter of its speed by a stop/continue duty cycle
-(SIGSTOP 150 ms, SIGCONT 50 ms), as a noisy neighbour or a throttled device would. The
-straggler policy sees that rank's own compute at about 4x the other's for
-``elastic.straggler_steps`` steps, the goodput model says to evict it (a spare is ready), the
-spare takes its place from the survivors' memory, and the step time comes back to within 10%
-of what it was before the slowdown. Read from outside: the coordinator's events, the epoch
-record and MLflow's step timestamps.
+(SIGSTOP 150 ms, SIGCONT 50 ms), as a noisy neighbour or a CPU quota would. The straggler
+policy sees that rank stall for most of each step, and the steps about 4x as long as they
+would be at the other rank's pace, for ``elastic.straggler_steps`` steps; the goodput model
+says to evict it (a spare is ready), the spare takes its place from the survivors' memory, and
+the step time comes back to within 10% of what it was before the slowdown. Read from outside:
+the coordinator's events, the epoch record and MLflow's step timestamps and per-rank stalls.
 
 Without a spare, on two workers, a moderately slowed member is flagged but kept: one worker
 alone would be slower than the pair with its straggler, and the verdict says so with its
@@ -137,19 +137,25 @@ def test_a_slowed_worker_is_evicted_and_the_spare_restores_the_step_time(tmp_pat
     print(f"\nstep time: {base:.3f} s before, {slow:.3f} s slowed, {back:.3f} s after the "
           f"spare took over (evicted at step {rebuilt})")
     assert slow > 1.5 * base  # the slowdown was real
-    # every rank's own compute went to MLflow with every step; the victim's rank is the
-    # slow one while it was slowed
+    # every rank's own compute and stalls went to MLflow with every step; while it was
+    # slowed, the victim's rank stalled for most of the time its steps grew by (the planted
+    # duty cycle holds it stopped three quarters of the time), the other rank hardly at all
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(result.tracking_uri)
-    series = {r: {m.step: m.value for m in client.get_metric_history(
-        result.mlflow_run_id, f"rank{r}_compute_s")} for r in range(2)}
-    assert sorted(series[0]) == sorted(series[1]) == list(range(1, STEPS + 1))
-    window = range(slowed_at + 2, rebuilt)
+    series = {(r, name): {m.step: m.value for m in client.get_metric_history(
+        result.mlflow_run_id, f"rank{r}_{name}_s")} for r in range(2)
+        for name in ("compute", "stalled")}
+    for key, values in series.items():
+        assert sorted(values) == list(range(1, STEPS + 1)), key
+    window = range(slowed_at + 1, rebuilt + 1)
+    grown = sum(gap - base for gap in _step_gaps(result, window.start, window.stop - 1))
     slow_rank = flagged[0]["rank"]
-    # (the probe times a small part of the step: a quarter of the speed reads as 2-4x)
-    assert sum(series[slow_rank][s] for s in window) \
-        > 1.5 * sum(series[1 - slow_rank][s] for s in window)
+    stalled = [sum(series[(r, "stalled")][s] for s in window) for r in range(2)]
+    print(f"steps {window.start}-{window.stop - 1}: {grown:.3f} s longer than before, "
+          f"stalled {stalled} s")
+    assert stalled[slow_rank] > 0.5 * grown, (stalled, grown)
+    assert stalled[1 - slow_rank] < 0.2 * stalled[slow_rank], stalled
     assert back <= 1.10 * base, (base, back)
 
 

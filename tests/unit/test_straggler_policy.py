@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import torch
@@ -96,12 +101,13 @@ def test_the_probe_times_only_the_probed_modules():
     probed(x)
     other(x)
     probed(x)
-    took = probe.take()
+    took, stalled = probe.take()
     assert 0.04 <= took < 0.06, took
-    assert probe.take() == 0.0
+    assert stalled < 0.02, stalled  # nothing held this process off the CPU
+    assert probe.take()[0] == 0.0
     probe.remove()
     probed(x)
-    assert probe.take() == 0.0
+    assert probe.take()[0] == 0.0
 
 
 def test_after_a_new_layout_the_first_window_settles_before_it_counts():
@@ -118,3 +124,70 @@ def test_after_a_new_layout_the_first_window_settles_before_it_counts():
     _feed(watch, [3.0, 1.0], 3.0, 3, **kwargs)
     watch.pause()
     assert _feed(watch, [3.0, 1.0], 3.0, 3, **kwargs) == []
+
+
+def test_a_stalling_rank_costs_its_extra_stall_per_step():
+    kwargs = {"steps_left": 1000, "pause_s": 1.0}
+    # the same sections on both ranks; rank 1 is held off the CPU 0.75 s of every 1.0 s step:
+    # at the other rank's pace a step takes 0.25 s, a 4x slowdown; a spare takes its place
+    verdict, = _feed(StragglerWatch(1.5, 5), [0.01, 0.01], 1.0, 5, spare_ready=True,
+                     stalled_by_rank=[0.0, 0.75], **kwargs)
+    assert verdict.rank == 1 and verdict.evict and verdict.compute_ratio == 1.0
+    assert abs(verdict.stalled_s - 0.75) < 1e-9 and abs(verdict.slowdown - 4.0) < 1e-9
+    assert abs(verdict.expected_step_s - 0.25) < 1e-9
+    # held off a third of a 0.5 s step, two workers, no spare: 1.5x, and one worker alone
+    # would take 2 x 0.333 s: flagged at ratio 1.2 and kept
+    verdict, = _feed(StragglerWatch(1.2, 5), [0.01, 0.01], 0.5, 5, spare_ready=False,
+                     stalled_by_rank=[0.0, 0.5 / 3], **kwargs)
+    assert verdict.rank == 1 and not verdict.evict and abs(verdict.slowdown - 1.5) < 1e-9
+    # the same stalls on every rank (an oversubscribed box) single out nobody
+    assert _feed(StragglerWatch(1.2, 5), [0.01, 0.01], 0.5, 5, spare_ready=False,
+                 stalled_by_rank=[0.2, 0.2], **kwargs) == []
+
+
+_STALLED_CHILD = """
+import json, sys, time
+import torch
+from torch import nn
+from elastic_moe.train.compute_probe import ComputeProbe
+
+class Busy(nn.Module):
+    def forward(self, x):  # 0.3 s of this thread's CPU time, however long that takes
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+        return x
+
+probed = Busy()
+probe = ComputeProbe([probed], torch.device("cpu"))
+probe.take()
+print("ready", flush=True)
+sys.stdin.readline()
+probed(torch.zeros(1))  # stopped 0.3 s in here
+Busy()(torch.zeros(1))  # and 0.3 s in here, outside the probed section
+print(json.dumps(probe.take()), flush=True)
+"""
+
+
+def test_the_probe_counts_stops_from_outside_as_stalls_not_compute():
+    """A child process is stopped twice from outside for 0.3 s, once inside a probed section
+    and once outside: both are stalls, and the section's time leaves its stop out."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child = subprocess.Popen([sys.executable, "-c", _STALLED_CHILD], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": root})
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        for delay in (0.1, 0.25):  # into the first busy section, then into the second
+            time.sleep(delay)
+            os.kill(child.pid, signal.SIGSTOP)
+            time.sleep(0.3)
+            os.kill(child.pid, signal.SIGCONT)
+        compute, stalled = json.loads(child.stdout.readline())
+    finally:
+        child.kill()
+        child.wait()
+    assert 0.5 <= stalled <= 0.75, stalled  # the two planted stops
+    assert 0.25 <= compute <= 0.45, compute  # the section's own 0.3 s, its stop left out
