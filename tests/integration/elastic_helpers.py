@@ -22,17 +22,47 @@ from elastic_moe.config import Config, apply_overrides, debug
 from tests.integration.netns import write_auth_token
 
 
+def data_cache() -> str:
+    """The session's data cache (``tests/conftest.py``): the bundled sample corpus is prepared
+    once per test session, and every run reads the same prepared data (runs do not write to it)."""
+    path = os.environ.get("ELASTIC_MOE_TEST_DATA_CACHE")
+    if not path:
+        path = os.path.join(tempfile.gettempdir(), f"elastic-moe-test-data-{os.getuid()}")
+        os.environ["ELASTIC_MOE_TEST_DATA_CACHE"] = path
+    return path
+
+
+def sqlite_store(path) -> str:
+    """``sqlite:///path`` for a new MLflow store, copied from a session template whose tables
+    are already made (making them takes MLflow 1.5-2 s per store). An existing file is left
+    as it is."""
+    path = str(path)
+    if not os.path.exists(path):
+        template = os.path.join(data_cache(), "mlflow-template.db")
+        if not os.path.exists(template):
+            from mlflow.tracking import MlflowClient
+
+            os.makedirs(data_cache(), exist_ok=True)
+            partial = f"{template}.{os.getpid()}.tmp"
+            MlflowClient(f"sqlite:///{partial}").search_experiments()
+            os.replace(partial, template)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
+
+
 def tiny_config(tmp_path, steps: int = 12, every: int = 4, workers: tuple[int, int] = (2, 2),
                 extra: list[str] | None = None) -> Config:
-    """The debug recipe, shortened, with everything written under ``tmp_path``."""
+    """The debug recipe, shortened, with everything written under ``tmp_path`` (the prepared
+    data: the session's, :func:`data_cache`)."""
     return apply_overrides(debug(), [
         f"train.steps={steps}", f"checkpoint.every_steps={every}", "checkpoint.keep_last=10",
         f"parallel.min_workers={workers[0]}", f"parallel.max_workers={workers[1]}",
         "train.global_batch_size=12", "train.micro_batch_size=4", "train.warmup_steps=2",
         "elastic.collective_timeout_s=20", "elastic.resize_check_s=2",
         "elastic.hang_timeout_s=4",
-        f"data.cache_dir={tmp_path.parent / 'data-cache'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"data.cache_dir={data_cache()}",
+        f"tracking.tracking_uri={sqlite_store(tmp_path / 'mlflow.db')}",
         *(extra or []),
     ])
 

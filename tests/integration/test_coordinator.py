@@ -28,7 +28,7 @@ import time
 import psutil
 import pytest
 
-from tests.integration.elastic_helpers import ray_head, wait_for
+from tests.integration.elastic_helpers import data_cache, ray_head, sqlite_store, wait_for
 from tests.integration.multiproc import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -55,8 +55,8 @@ def _command(address: str, tmp_path, run_name: str, workers: str = "2",
             "--run-name", run_name, "--steps", str(STEPS), "--workers", workers, *extra,
             "--output-dir", str(tmp_path / "out"),
             "--set", "checkpoint.every_steps=20", "--set", "train.eval_every=0",
-            "--set", f"data.cache_dir={tmp_path / 'data'}",
-            "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+            "--set", f"data.cache_dir={data_cache()}",
+            "--set", f"tracking.tracking_uri={sqlite_store(tmp_path / 'mlflow.db')}"]
 
 
 def _record(tmp_path, run_name: str) -> dict:

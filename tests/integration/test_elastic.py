@@ -19,7 +19,9 @@ import torch
 
 from tests.integration.elastic_helpers import (
     assert_each_sample_once,
+    data_cache,
     final_model_tensors,
+    sqlite_store,
     tiny_config,
 )
 
@@ -408,13 +410,13 @@ def test_killed_driver_resumes_with_resume(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out, uri = tmp_path / "out", sqlite_store(tmp_path / 'mlflow.db')
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("RAY_ADDRESS", None)
     args = [sys.executable, "jobs/train.py", "--steps", "16", "--workers", "2",
             "--run-name", "driver", "--output-dir", str(out),
             "--set", "checkpoint.every_steps=4", "--set", f"tracking.tracking_uri={uri}",
-            "--set", f"data.cache_dir={tmp_path.parent / 'data-cache'}"]
+            "--set", f"data.cache_dir={data_cache()}"]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     state_path = out / "driver" / "coordinator.json"

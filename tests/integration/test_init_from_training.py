@@ -31,6 +31,7 @@ from elastic_moe.config import Config, debug
 from elastic_moe.model import Transformer, hf
 from elastic_moe.model.hf_sharded import load_hf_into
 from elastic_moe.train.evaluate import evaluate, val_micro_batches, validation_manifest
+from tests.integration.elastic_helpers import data_cache, sqlite_store
 
 ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
@@ -66,8 +67,8 @@ def _config(init_from: str, tmp) -> Config:
         recipe="debug", steps=STEPS, data=None, val_data=None, workers="2", init_from=init_from,
         set=["train.lr=0", "train.min_lr=0", "model.bias_update_speed=0",
              f"train.eval_every={EVAL_EVERY}", "train.global_batch_size=8",
-             f"checkpoint.every_steps={STEPS}", f"data.cache_dir={tmp.parent / 'data-cache'}",
-             f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}"])
+             f"checkpoint.every_steps={STEPS}", f"data.cache_dir={data_cache()}",
+             f"tracking.tracking_uri={sqlite_store(tmp / 'mlflow.db')}"])
     return build_config(args)
 
 

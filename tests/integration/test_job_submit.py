@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.integration.elastic_helpers import ray_head
+from tests.integration.elastic_helpers import data_cache, ray_head, sqlite_store
 from tests.integration.multiproc import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -34,11 +34,11 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(head, tmp_path):
     from mlflow.tracking import MlflowClient
 
     env, address = head
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / 'mlflow.db')
     proc = subprocess.run(
         ["ray", "job", "submit", "--address", address, "--working-dir", ROOT, "--",
          "python", "jobs/train.py", "--steps", "6", "--output-dir", str(tmp_path / "out"),
-         "--set", "checkpoint.every_steps=3", "--set", f"data.cache_dir={tmp_path / 'data'}",
+         "--set", "checkpoint.every_steps=3", "--set", f"data.cache_dir={data_cache()}",
          "--set", f"tracking.tracking_uri={uri}", "--run-name", "submitted"],
         env=env, capture_output=True, text=True, timeout=800)
     print(proc.stdout[-3000:], proc.stderr[-3000:])

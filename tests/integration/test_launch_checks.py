@@ -29,6 +29,7 @@ import time
 
 import pytest
 
+from tests.integration.elastic_helpers import data_cache, sqlite_store
 from tests.integration.multiproc import free_port
 
 ray = pytest.importorskip("ray")
@@ -97,8 +98,8 @@ def test_more_workers_than_cores_oversubscribes_with_a_quiet_console(tmp_path):
     proc = subprocess.run(
         [sys.executable, "jobs/train.py", "--steps", "2", "--workers", str(workers),
          "--run-name", "crowded", "--output-dir", str(tmp_path / "out"),
-         "--set", f"data.cache_dir={tmp_path / 'data'}",
-         "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+         "--set", f"data.cache_dir={data_cache()}",
+         "--set", f"tracking.tracking_uri={sqlite_store(tmp_path / 'mlflow.db')}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console[-3000:]

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 from elastic_moe.train.tracking import Tracker, create_run
+from tests.integration.elastic_helpers import data_cache
 from tests.integration.multiproc import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
@@ -221,7 +222,7 @@ def test_server_killed_and_restarted_mid_run_gets_every_step_once(tmp_path):
             [sys.executable, "jobs/train.py", "--recipe", "debug", "--steps", str(steps),
              "--workers", "2:2", "--run-name", "outage", "--output-dir", str(out),
              "--set", f"tracking.tracking_uri={server.uri}", "--set", "train.eval_every=0",
-             "--set", f"data.cache_dir={tmp_path.parent / 'data-cache'}",
+             "--set", f"data.cache_dir={data_cache()}",
              # a restarted server answers after 10-40 s on a shared 2-core box: steps of ~1 s
              # (6x the recipe's batch) and retries at most 2 s apart (30 s by default) let the
              # backlog arrive while the run still trains

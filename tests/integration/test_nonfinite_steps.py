@@ -23,7 +23,9 @@ from tests.integration.elastic_helpers import (
     assert_each_sample_once,
     audit_records,
     consumed_samples,
+    data_cache,
     final_model_tensors,
+    sqlite_store,
     tiny_config,
 )
 
@@ -161,7 +163,7 @@ def test_huge_learning_rate_never_commits_a_non_finite_checkpoint(tmp_path):
     divergence."""
     from elastic_moe.checkpoint import Checkpointer
 
-    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out, uri = tmp_path / "out", sqlite_store(tmp_path / 'mlflow.db')
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
@@ -169,7 +171,7 @@ def test_huge_learning_rate_never_commits_a_non_finite_checkpoint(tmp_path):
          "--output-dir", str(out), "--set", f"tracking.tracking_uri={uri}",
          "--set", "train.eval_every=0", "--set", "train.lr=1e4",
          "--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep_last=20",
-         "--set", f"data.cache_dir={tmp_path.parent / 'data-cache'}"],
+         "--set", f"data.cache_dir={data_cache()}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     text = proc.stdout + proc.stderr
     state = json.loads((out / "lr" / "coordinator.json").read_text())

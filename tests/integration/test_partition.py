@@ -34,7 +34,12 @@ import time
 import psutil
 import pytest
 
-from tests.integration.elastic_helpers import assert_each_sample_once, wait_for
+from tests.integration.elastic_helpers import (
+    assert_each_sample_once,
+    data_cache,
+    sqlite_store,
+    wait_for,
+)
 from tests.integration.netns import two_host_cluster, unavailable_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -98,8 +103,8 @@ def test_a_cut_off_worker_is_fenced_by_epoch_and_its_node_rejoins(cluster, tmp_p
             f"elastic.lease_interval_s={LEASE_S}", "elastic.resize_check_s=2",
             # far longer than the recovery may take: the survivor must not wait for it
             "elastic.collective_timeout_s=90", "elastic.capacity_wait_s=120",
-            f"data.cache_dir={tmp_path.parent / 'data'}",
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+            f"data.cache_dir={data_cache()}",
+            f"tracking.tracking_uri={sqlite_store(tmp_path / 'mlflow.db')}"]
     env = dict(cluster.env, RAY_ADDRESS=cluster.address)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -23,6 +23,7 @@ from elastic_moe.config import debug
 from elastic_moe.data.sample_corpus import ensure_prepared
 from elastic_moe.data.sampler import DataPosition, advance, batch_sample_ids
 from elastic_moe.data.shards import BadSampleError, TokenDataset, write_shard
+from tests.integration.elastic_helpers import data_cache, sqlite_store
 
 pytestmark = pytest.mark.integration
 
@@ -64,10 +65,10 @@ def _plant_bad_token(src_manifest: str, dst_dir: str) -> tuple[str, str, int]:
 
 def test_out_of_vocabulary_token_stops_the_run_with_its_shard_and_row(tmp_path):
     cfg = debug()
-    clean = ensure_prepared(str(tmp_path.parent / "data-cache"), cfg.data.tokenizer_vocab_size,
+    clean = ensure_prepared(data_cache(), cfg.data.tokenizer_vocab_size,
                             cfg.train.seq_len)
     manifest, shard, row = _plant_bad_token(clean, str(tmp_path / "bad-data"))
-    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out, uri = tmp_path / "out", sqlite_store(tmp_path / 'mlflow.db')
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("RAY_ADDRESS", None)
     started = time.time()
@@ -151,10 +152,10 @@ def test_skip_mode_leaves_the_bad_sequence_out_and_counts_it(tmp_path):
     from mlflow.tracking import MlflowClient
 
     cfg = debug()
-    clean = ensure_prepared(str(tmp_path.parent / "data-cache"), cfg.data.tokenizer_vocab_size,
+    clean = ensure_prepared(data_cache(), cfg.data.tokenizer_vocab_size,
                             cfg.train.seq_len)
     manifest, shard, row = _plant_bad_token(clean, str(tmp_path / "bad-data"))
-    out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out, uri = tmp_path / "out", sqlite_store(tmp_path / 'mlflow.db')
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(

@@ -34,6 +34,7 @@ import pytest
 import torch
 
 from elastic_moe.checkpoint import COMMIT_FILE, Checkpointer, TrainState, step_dir_name
+from tests.integration.elastic_helpers import data_cache, sqlite_store
 from tests.integration.faults import announce_saves, fail_during_save
 from tests.integration.multiproc import free_port, launch
 from tests.integration.test_checkpoint_reshard import SEED, _build, _step
@@ -84,8 +85,8 @@ def _overrides(tmp_path: Path, checkpoint_dir: str) -> list[str]:
             "checkpoint.keep_last=3", "checkpoint.storage_timeout_s=1",
             "checkpoint.storage_attempts=1", "train.eval_every=0",
             "elastic.collective_timeout_s=30",
-            f"data.cache_dir={tmp_path.parent / 'data-cache'}",
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+            f"data.cache_dir={data_cache()}",
+            f"tracking.tracking_uri={sqlite_store(tmp_path / 'mlflow.db')}"]
 
 
 def _cli(tmp_path: Path, run_name: str, checkpoint_dir: str) -> subprocess.Popen:

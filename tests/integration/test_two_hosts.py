@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.integration.elastic_helpers import wait_for
+from tests.integration.elastic_helpers import data_cache, sqlite_store, wait_for
 from tests.integration.netns import tcp_sockets, two_host_cluster, unavailable_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -52,8 +52,8 @@ def _train_argv(cluster, tmp_path, run_name: str, *extra: str) -> list[str]:
             "--run-name", run_name, "--wait-for-capacity", "120",
             "--set", "checkpoint.every_steps=10", "--set", "train.eval_every=0",
             "--set", "train.log_freq=1", "--set", "elastic.collective_timeout_s=30",
-            "--set", f"data.cache_dir={tmp_path.parent / 'data'}",
-            "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra]
+            "--set", f"data.cache_dir={data_cache()}",
+            "--set", f"tracking.tracking_uri={sqlite_store(tmp_path / 'mlflow.db')}", *extra]
 
 
 def test_an_interface_one_node_lacks_is_refused_at_launch(cluster, tmp_path):
