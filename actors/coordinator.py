@@ -145,8 +145,10 @@ class CoordinatorState:
             cause = "scale_up"
         elif world_size < previous["world_size"]:
             cause = "scale_down"
+        elif (detail or {}).get("restored_from") == "peers" and (detail or {}).get("failed_pids"):
+            cause = "replace"  # lost or evicted members replaced at once (a spare, a new worker)
         else:
-            cause = "restart"  # a failure at unchanged size, or a resubmission
+            cause = "restart"  # a restart from the checkpoint at unchanged size, or a resubmission
         if epoch != self.state["membership_epoch"]:
             raise ValueError(f"epoch {epoch} cannot start: epoch "
                              f"{self.state['membership_epoch']} is the newest one opened")

@@ -197,7 +197,7 @@ def test_replaced_worker_keeps_the_split_and_is_bit_exact(tmp_path):
         faulty = run.wait()
         assert faulty.ok, faulty.error
         epochs = faulty.coordinator_state["world_sizes"]
-        assert [e["world_size"] for e in epochs] == [3, 3]
+        assert [(e["world_size"], e["cause"]) for e in epochs] == [(3, "start"), (3, "replace")]
         assert epochs[1]["restored_from"] == "peers" and epochs[1]["steps_redone"] <= 1
         pids = epoch_pids(faulty, 1)
         assert set(survivors) <= set(pids) and victim not in pids
@@ -670,7 +670,7 @@ def test_a_warm_spare_takes_a_lost_members_place(tmp_path):
     assert len(spares_before) == 1, spares_before  # the spare was up before the kill
     epochs = result.coordinator_state["world_sizes"]
     after = [e for e in epochs if e.get("failed_pids") == [victim]]
-    assert len(after) == 1, epochs
+    assert len(after) == 1 and after[0]["cause"] == "replace", epochs
     took = after[0]
     print(f"\nspare took the place of pid {victim}: rebuild {took['rebuild_s']:.2f} s, "
           f"downtime {took['downtime_s']:.2f} s, {took['steps_redone']} redone")

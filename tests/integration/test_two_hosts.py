@@ -147,7 +147,7 @@ def test_two_host_run_finishes_through_a_killed_worker(cluster, tmp_path):
     assert len(epochs) >= 2, epochs
     assert epochs[-1]["world_size"] == 2
     assert remote[0] not in [w["pid"] for w in final["workers"]]
-    assert any(e["kind"] in ("scale_down", "restart") for e in final["events"]), final["events"]
+    assert any(e["kind"] in ("scale_down", "replace", "restart") for e in final["events"]), final["events"]
     assert f"pids [{remote[0]}]" in output, "the kill was not seen as a lost worker"
     # each worker said where its process groups bind, once per epoch
     binds = [line for line in output.splitlines() if "process groups bind to" in line]
