@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,8 +47,12 @@ def _run_python(code: str, env: dict[str, str], timeout: float = 180) -> subproc
 
 def test_stale_current_cluster_file_is_ignored():
     tmp = tempfile.mkdtemp(prefix="emoe-", dir="/tmp")  # short: Ray's socket paths
+    # the dead head's port stays bound (not listening: a connection is refused) so that the
+    # embedded Ray cannot pick the same port for itself (seen once in CI)
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        port = free_port()
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
         dead = f"127.0.0.1:{port}"
         os.makedirs(os.path.join(tmp, "ray"))
         with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as f:
@@ -70,6 +75,7 @@ def test_stale_current_cluster_file_is_ignored():
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "OK" in proc.stdout
     finally:
+        held.close()
         subprocess.run(["pkill", "-f", tmp], capture_output=True)  # only this test's Ray
         shutil.rmtree(tmp, ignore_errors=True)
 
