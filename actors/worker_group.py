@@ -37,7 +37,6 @@ every worker from the last committed checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from typing import Any
 
 import ray
 from elastic_moe.actors.coordinator import NAMESPACE, CoordinatorAPI
+from elastic_moe.actors.fencing import fence, process_gone
 from elastic_moe.actors.messages import (
     CopyPlan,
     EpochSpec,
@@ -79,42 +79,6 @@ logger = logging.getLogger(__name__)
 
 PING_INTERVAL_S = 0.25
 STARTUP_GRACE_S = 30.0  # at start, how long workers already starting are waited for
-
-
-def _sigkill(pid: int) -> None:
-    """SIGKILL a process on this node (a stopped one too: Ray's own kill needs its cooperation)."""
-    import signal
-
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-_kill_pid = ray.remote(num_cpus=0)(_sigkill)
-
-
-def fence(handle: Any | None, pid: int, node_id: str) -> None:
-    """Make sure a worker is gone for good: it can never rejoin with stale state, and its open
-    connections close, so peers blocked on it in a collective fail at once. No ``handle``:
-    its named actor is gone already (its pid may belong to another process by now)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    if handle is None:
-        return
-
-    if node_id == ray.get_runtime_context().get_node_id():  # our node: no task needed
-        _sigkill(pid)
-    else:
-        try:
-            _kill_pid.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                node_id, soft=False)).remote(pid)
-        except Exception as exc:  # the node is gone: so is the process
-            logger.debug("fencing pid %d on %s: %s", pid, node_id, exc)
-    try:
-        ray.kill(handle, no_restart=True)
-    except Exception as exc:
-        logger.debug("ray.kill of pid %d: %s", pid, exc)
 
 
 class TrainingFailed(RuntimeError):
@@ -191,6 +155,7 @@ class Member:
     last_reply: float = field(default_factory=time.time)
     ping_ref: Any = None
     ping_sent: float = 0.0
+    gone: bool = False  # Ray reported its process dead: fencing it needs no kill
 
 
 @dataclass
@@ -500,6 +465,7 @@ class ElasticGroup:
                 except ray.exceptions.RayActorError as exc:
                     logger.warning("worker rank %d (pid %s) died: %s", member.rank,
                                    member.info.pid, str(exc).splitlines()[0][:200])
+                    member.gone = process_gone(exc)
                     failed.append(member)
                     broken_since = broken_since or time.time()
                     continue
@@ -541,7 +507,7 @@ class ElasticGroup:
                     logger.warning("worker rank %d (pid %s) %s: fencing it off", member.rank,
                                    member.info.pid, f"silent for {silent:.1f} s"
                                    if silent > hang else "did not leave a broken step")
-                    fence(member.handle, member.info.pid, member.info.node_id)
+                    fence(member.handle, member.info.pid, member.info.node_id, gone=member.gone)
                     refs.pop(ref)
                     failed.append(member)
                     broken_since = broken_since or now
@@ -701,7 +667,7 @@ class ElasticGroup:
             logger.warning("step %d broke with every worker alive; rebuilding the group",
                            self.logged_step + 1)
         for member in failed:
-            fence(member.handle, member.info.pid, member.info.node_id)
+            fence(member.handle, member.info.pid, member.info.node_id, gone=member.gone)
         self.slots.replace_lost()
         if count_failure:
             spent = self.failure_budget.spend(Failure(
@@ -727,11 +693,11 @@ class ElasticGroup:
             for ref in done:
                 try:
                     holdings[refs[ref].rank] = ray.get(ref)
-                except ray.exceptions.RayError:
-                    pass
+                except ray.exceptions.RayError as exc:
+                    refs[ref].gone = process_gone(exc)
             lost_now = [m for m in survivors if m.rank not in holdings]
             for member in lost_now:
-                fence(member.handle, member.info.pid, member.info.node_id)
+                fence(member.handle, member.info.pid, member.info.node_id, gone=member.gone)
             survivors = [m for m in survivors if m.rank in holdings]
             assert self.plan is not None  # a live restore follows a formed layout
             decision = decide_restore(self.plan.world_size, holdings, self.copy_plans)
@@ -974,6 +940,7 @@ class ElasticGroup:
                 except ray.exceptions.RayActorError as exc:  # the process is gone
                     logger.warning("worker pid %s lost while the group formed: %s",
                                    member.info.pid, str(exc).splitlines()[0][:200])
+                    member.gone = process_gone(exc)
                     lost.append(member)
                 except ray.exceptions.RayTaskError as exc:
                     cause = getattr(exc, "cause", None)
@@ -986,7 +953,7 @@ class ElasticGroup:
                 if now - member.last_reply > self.cfg.elastic.hang_timeout_s or now > deadline:
                     logger.warning("worker pid %s silent while the group formed: fencing it off",
                                    member.info.pid)
-                    fence(member.handle, member.info.pid, member.info.node_id)
+                    fence(member.handle, member.info.pid, member.info.node_id, gone=member.gone)
                     pending.pop(ref)
                     lost.append(member)
             if (lost or errors) and pending and not abort_sent:
@@ -996,7 +963,7 @@ class ElasticGroup:
                 abort_sent = True
         if lost:
             for member in lost:
-                fence(member.handle, member.info.pid, member.info.node_id)
+                fence(member.handle, member.info.pid, member.info.node_id, gone=member.gone)
             raise RebuildFault(lost)
         if errors:
             member, exc = next(iter(errors.items()))

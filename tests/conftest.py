@@ -8,13 +8,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-DATA_CACHE_ENV = "ELASTIC_MOE_TEST_DATA_CACHE"
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _shared_data_cache(tmp_path_factory):
     """One prepared sample corpus for the whole session (tests.integration.elastic_helpers.
     data_cache): preparing it takes seconds, and every run of the tests reads the same data."""
+    from tests.integration.elastic_helpers import DATA_CACHE_ENV
+
     os.environ.setdefault(DATA_CACHE_ENV, str(tmp_path_factory.getbasetemp() / "data-cache"))
     yield
 

@@ -21,14 +21,16 @@ import torch
 from elastic_moe.config import Config, apply_overrides, debug
 from tests.integration.netns import write_auth_token
 
+DATA_CACHE_ENV = "ELASTIC_MOE_TEST_DATA_CACHE"
+
 
 def data_cache() -> str:
     """The session's data cache (``tests/conftest.py``): the bundled sample corpus is prepared
     once per test session, and every run reads the same prepared data (runs do not write to it)."""
-    path = os.environ.get("ELASTIC_MOE_TEST_DATA_CACHE")
+    path = os.environ.get(DATA_CACHE_ENV)
     if not path:
         path = os.path.join(tempfile.gettempdir(), f"elastic-moe-test-data-{os.getuid()}")
-        os.environ["ELASTIC_MOE_TEST_DATA_CACHE"] = path
+        os.environ[DATA_CACHE_ENV] = path
     return path
 
 
