@@ -307,6 +307,7 @@ class TrainWorker:
             marks["fetched"] = time.time()
             trainer.restore_from_shards(shard_sets)
             del shard_sets
+            marks["filled"] = time.time()
         elif epoch.restore is RestoreSource.CHECKPOINT and epoch.checkpoint_step is not None:
             trainer.restore_from_checkpoint(epoch.checkpoint_step)
             if epoch.skip_to is not None:

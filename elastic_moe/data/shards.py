@@ -80,6 +80,21 @@ class BadSampleError(ValueError):
     """A sequence in a shard cannot be trained on (a token id outside the vocabulary)."""
 
 
+def _numpy_view(array: Any) -> np.ndarray:
+    """A zero-copy numpy view of a primitive Arrow array without nulls (integers here).
+
+    What ``Array.to_numpy(zero_copy_only=True)`` returns, without its first call importing
+    pandas (pyarrow's pandas shim): that import took 0.25 s of CPU in every fresh process that
+    read a shard, and a worker taking a lost member's place paid it inside the rebuild, when it
+    loaded its validation batches."""
+    if array.null_count:
+        raise ValueError(f"an Arrow {array.type} array with {array.null_count} nulls in a "
+                         "token shard (shards hold no nulls)")
+    dtype = np.dtype(str(array.type))
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array),
+                         offset=array.offset * dtype.itemsize)
+
+
 class _Shard:
     """One memory-mapped shard: flat token values and doc-start lists per record batch."""
 
@@ -95,12 +110,12 @@ class _Shard:
         for b in range(reader.num_record_batches):
             batch = reader.get_batch(b)  # zero-copy over the memory map
             tok = batch.column(0)
-            flat = tok.values.to_numpy(zero_copy_only=True)
+            flat = _numpy_view(tok.values)
             self.tokens.append(flat[tok.offset * width:(tok.offset + len(tok)) * width]
                                .reshape(-1, width))
             st = batch.column(1)
-            self.start_offsets.append(st.offsets.to_numpy(zero_copy_only=True))
-            self.start_values.append(st.values.to_numpy(zero_copy_only=True))
+            self.start_offsets.append(_numpy_view(st.offsets))
+            self.start_values.append(_numpy_view(st.values))
             counts.append(len(tok))
         self.batch_offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
 

@@ -44,10 +44,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_stopped_worker_on_another_node_is_killed_and_a_dead_one_is_only_dropped():
+    from elastic_moe.actors.fencing import fence, process_gone
     from ray.cluster_utils import Cluster
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from elastic_moe.actors.fencing import fence, process_gone
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     node = cluster.add_node(num_cpus=2)
@@ -85,9 +84,8 @@ def test_a_stopped_worker_on_another_node_is_killed_and_a_dead_one_is_only_dropp
 
 
 def test_an_actor_unavailable_for_a_while_is_not_taken_for_gone():
-    from ray.exceptions import ActorDiedError, ActorUnavailableError
-
     from elastic_moe.actors.fencing import process_gone
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
 
     assert process_gone(ActorDiedError())
     assert not process_gone(ActorUnavailableError("unreachable for now", b"\0" * 16))

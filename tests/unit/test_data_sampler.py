@@ -1,6 +1,7 @@
 """Packing, shards, the world-size-free position, and resume/resize over sample ids (no Ray)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -65,6 +66,25 @@ def test_token_dataset_random_access_matches_written_rows(dataset_path):
         assert np.array_equal(doc_ids, doc_ids_from_starts(starts[i]))
     with pytest.raises(IndexError):
         ds.sequence(60)
+
+
+def test_reading_shards_in_a_fresh_process_does_not_import_pandas(dataset_path):
+    """pyarrow's ``to_numpy`` imports pandas on first use (0.25 s of CPU); a worker taking a
+    lost member's place used to pay that inside the rebuild, loading its validation batches."""
+    import subprocess
+    import sys
+
+    path, seqs, _ = dataset_path
+    code = ("import sys, numpy as np; from elastic_moe.data.shards import TokenDataset; "
+            f"ds = TokenDataset({path!r}); "
+            "rows = np.stack([ds.sequence(i)[0] for i in range(ds.num_sequences)]); "
+            "print(int(rows.sum()), rows.shape[0], 'pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True, cwd=os.path.dirname(os.path.dirname(
+                             os.path.dirname(os.path.abspath(__file__)))))
+    total, count, pandas = out.stdout.split()
+    assert (int(total), int(count)) == (int(seqs[:60].sum()), 60)
+    assert pandas == "False", "reading a shard imported pandas"
 
 
 def test_manifest_count_mismatch_is_an_error(dataset_path, tmp_path):
