@@ -393,9 +393,7 @@ class TrainWorker:
                     logger.info("rank %d: first step of epoch %d took %.2f s", epoch.rank,
                                 epoch.epoch, time.perf_counter() - first)
                     first = None
-                with self.lock:
-                    self.progress.step = committed.step
-                    self.progress.metrics.append((committed.step, committed.metrics))
+                self._record(committed)
                 if self.spec.sample_log_dir:
                     self._log_audit({"kind": "committed", "step": committed.step - 1,
                                      "epoch": epoch.epoch, "rank": epoch.rank,
@@ -418,6 +416,8 @@ class TrainWorker:
                                 error=str(final) if final is not None else None)
         except Exception as exc:  # kept as a report; the group's failure policy decides
             ended = time.time()
+            # a step committed before the failure (inside its evaluation, say) is logged still
+            self._record(trainer.last_committed)
             kind = classify(exc)
             if kind is not StepFailure.FAULT:
                 return self._step_error(epoch, trainer, exc, kind, ended)
@@ -426,6 +426,15 @@ class TrainWorker:
             self._end_broken_step(trainer)
             return TrainOutcome(Status.BROKEN, trainer.step, error=error, report=StepReport(
                 epoch.rank, trainer.step + 1, kind, error, at=ended))
+
+    def _record(self, committed: Any) -> None:
+        """Keep a committed step's metrics for the group to log (once: a step already kept is
+        left alone)."""
+        with self.lock:
+            if committed is None or committed.step <= self.progress.step:
+                return
+            self.progress.step = committed.step
+            self.progress.metrics.append((committed.step, committed.metrics))
 
     def _checkpoint(self, epoch: EpochSpec, trainer: Any, force: bool = False) -> str:
         # bound to the epoch now: an async save commits later, maybe after the next join

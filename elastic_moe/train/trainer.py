@@ -101,6 +101,7 @@ class Trainer:
         self.skipped_in_row = 0
         self.first_skipped: int | None = None
         self.last_metrics: StepMetrics | None = None
+        self.last_committed: CommittedStep | None = None  # the last step's record, once committed
         self.val_batches: list[dict[str, Any]] | None = None
         # committed steps' metrics the launcher has not written down yet (it acknowledges the
         # steps it has): every checkpoint carries them, so a launcher that dies before logging
@@ -326,11 +327,17 @@ class Trainer:
                       world_size=self.world_size, ep_degree=self.plan.expert_parallel_degree,
                       tokens_seen=self.tokens_seen, data_wait_s=self.batches.last_wait_s,
                       committed_at=time.time())
+        # The step is committed: its record exists before anything below that can fail. The
+        # evaluation is a collective, and a peer lost inside it must not take the step's
+        # metrics along (the run would log every step but this one). The val losses join the
+        # same record when the evaluation completes.
+        record = CommittedStep(step=self.step, metrics=values, skipped=metrics.skipped)
+        self.last_committed = record
+        self.unlogged_metrics.append((self.step, values))
         eval_every = self.cfg.train.eval_every
         if self.val_batches is not None and eval_every and self.step % eval_every == 0:
             values.update(self._evaluate())  # one record per step: val losses ride with it
-        self.unlogged_metrics.append((self.step, values))
-        return CommittedStep(step=self.step, metrics=values, skipped=metrics.skipped)
+        return record
 
     def start_stream(self) -> None:
         self.batches.request(self.position)

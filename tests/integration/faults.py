@@ -198,3 +198,24 @@ def die_in_join(trigger: str):
         os._exit(19)
 
     return wrap
+
+
+def die_in_evaluation(step: int, rank: int):
+    """A ``wrap_model`` argument: on ``rank``, the validation pass that follows the commit of
+    step ``step`` kills its own process (SIGKILL) at its first forward -- a peer lost after a
+    step committed and before the step ended. The trainer's step is already ``step`` then, so
+    ``current_step()`` (the step being run) reads ``step + 1``; the model is in eval mode."""
+    import signal
+
+    def wrap(model, model_rank, current_step):  # type: ignore[no-untyped-def]
+        if model_rank != rank:
+            return
+
+        def hook(module, args):  # type: ignore[no-untyped-def]
+            if not module.training and current_step() == step + 1:
+                log.error("rank %d kills itself inside the evaluation after step %d", rank, step)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        model.register_forward_pre_hook(hook)
+
+    return wrap

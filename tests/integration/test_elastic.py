@@ -590,6 +590,37 @@ def test_worker_lost_during_a_rebuild_is_an_ordinary_fault(tmp_path):
     assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
 
 
+def test_a_peer_lost_inside_the_evaluation_after_a_commit_loses_no_step_record(tmp_path):
+    """The validation pass at step 10 (the debug recipe's ``train.eval_every``) runs after the
+    step's commit, and it is a collective. Rank 1 is killed inside it (its own SIGKILL, planted
+    from outside through ``wrap_model``): step 10 is committed on the survivor, whose evaluation
+    then breaks. Its record must still reach MLflow. Before, the survivor's evaluation raised
+    before the step's metrics were kept, and the run logged every step but that one (seen in
+    ``benchmarks/goodput.py`` runs, where a kill every 15 s landed in an evaluation 2 times
+    in 8)."""
+    from tests.integration.faults import die_in_evaluation
+
+    steps = 13
+    _ray(num_cpus=3)
+    try:
+        cfg = tiny_config(tmp_path, steps=steps, every=5, workers=(1, 2))
+        assert cfg.train.eval_every == 10
+        result = _Run(cfg, "die-in-eval", tmp_path,
+                      wrap_model=die_in_evaluation(10, rank=1)).wait()
+    finally:
+        ray.shutdown()
+    assert result.ok, result.error
+    epochs = result.coordinator_state["world_sizes"]
+    lost = [e for e in epochs if e.get("failed_pids")]
+    assert len(lost) == 1 and lost[0]["restored_from"] == "peers", epochs
+    losses = _metric_history(result, "loss")
+    assert [s for s, _, _ in losses] == list(range(1, steps + 1)), losses
+    # step 10's record is the one committed by both workers (the evaluation never finished)
+    sizes = dict((s, v) for s, v, _ in _metric_history(result, "world_size"))
+    assert sizes[10] == 2, sizes
+    assert 10 not in {s for s, _, _ in _metric_history(result, "val_loss")}
+
+
 def _trainworker_pids() -> set[int]:
     """Pids of every TrainWorker process of this Ray session (``ray::TrainWorker`` /
     ``ray::TrainWorker.<method>``): members, warm joiners and those still starting."""
