@@ -35,7 +35,10 @@ def process_gone(exc: BaseException) -> bool:
     """Whether a failed call says the worker's process is gone for good: Ray saw it exit, or
     declared its node dead (a node cut off from the cluster is unreachable for a kill too).
     Not so for an actor that is only unavailable for a while (``ActorUnavailableError``)."""
-    return isinstance(exc, ray.exceptions.ActorDiedError)
+    # a task's own error that wraps an ActorDiedError (a call it made failed) says nothing
+    # about the worker that raised it
+    return isinstance(exc, ray.exceptions.ActorDiedError) \
+        and not isinstance(exc, ray.exceptions.RayTaskError)
 
 
 def fence(handle: Any | None, pid: int, node_id: str, *, gone: bool = False) -> None:

@@ -393,16 +393,7 @@ class TrainWorker:
                     logger.info("rank %d: first step of epoch %d took %.2f s", epoch.rank,
                                 epoch.epoch, time.perf_counter() - first)
                     first = None
-                self._record(committed)
-                if self.spec.sample_log_dir:
-                    self._log_audit({"kind": "committed", "step": committed.step - 1,
-                                     "epoch": epoch.epoch, "rank": epoch.rank,
-                                     "skipped": committed.skipped})
-                if committed.skipped and epoch.rank == 0:
-                    self.spec.coordinator.record_event(
-                        "step_skipped", committed.step, loss=committed.metrics["loss"],
-                        grad_norm=committed.metrics["grad_norm"],
-                        in_a_row=trainer.skipped_in_row)
+                self._record(epoch, committed, trainer.skipped_in_row)
                 if trainer.skipped_in_row >= cfg.train.max_skipped_steps:
                     return TrainOutcome(Status.DIVERGED, trainer.step,
                                         first_skipped=trainer.first_skipped,
@@ -416,8 +407,8 @@ class TrainWorker:
                                 error=str(final) if final is not None else None)
         except Exception as exc:  # kept as a report; the group's failure policy decides
             ended = time.time()
-            # a step committed before the failure (inside its evaluation, say) is logged still
-            self._record(trainer.last_committed)
+            # a step committed before the failure (inside its evaluation, say) is recorded still
+            self._record(epoch, trainer.last_committed, trainer.skipped_in_row)
             kind = classify(exc)
             if kind is not StepFailure.FAULT:
                 return self._step_error(epoch, trainer, exc, kind, ended)
@@ -427,14 +418,23 @@ class TrainWorker:
             return TrainOutcome(Status.BROKEN, trainer.step, error=error, report=StepReport(
                 epoch.rank, trainer.step + 1, kind, error, at=ended))
 
-    def _record(self, committed: Any) -> None:
-        """Keep a committed step's metrics for the group to log (once: a step already kept is
-        left alone)."""
+    def _record(self, epoch: EpochSpec, committed: Any, skipped_in_row: int) -> None:
+        """Everything a committed step leaves behind, once per step (a step already recorded is
+        left alone): its metrics for the group to log, its sample audit record, and on rank 0
+        the event of a step the vote skipped."""
         with self.lock:
             if committed is None or committed.step <= self.progress.step:
                 return
             self.progress.step = committed.step
             self.progress.metrics.append((committed.step, committed.metrics))
+        if self.spec.sample_log_dir:
+            self._log_audit({"kind": "committed", "step": committed.step - 1,
+                             "epoch": epoch.epoch, "rank": epoch.rank,
+                             "skipped": committed.skipped})
+        if committed.skipped and epoch.rank == 0:
+            self.spec.coordinator.record_event(
+                "step_skipped", committed.step, loss=committed.metrics["loss"],
+                grad_norm=committed.metrics["grad_norm"], in_a_row=skipped_in_row)
 
     def _checkpoint(self, epoch: EpochSpec, trainer: Any, force: bool = False) -> str:
         # bound to the epoch now: an async save commits later, maybe after the next join

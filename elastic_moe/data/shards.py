@@ -84,9 +84,13 @@ def _numpy_view(array: Any) -> np.ndarray:
     """A zero-copy numpy view of a primitive Arrow array without nulls (integers here).
 
     What ``Array.to_numpy(zero_copy_only=True)`` returns, without its first call importing
-    pandas (pyarrow's pandas shim): that import took 0.25 s of CPU in every fresh process that
-    read a shard, and a worker taking a lost member's place paid it inside the rebuild, when it
-    loaded its validation batches."""
+    pandas (pyarrow's pandas shim): that import took about 0.2 s of CPU in every fresh process
+    that read a shard, and a worker taking a lost member's place paid it inside the rebuild,
+    when it loaded its validation batches."""
+    import pyarrow as pa
+
+    if not pa.types.is_integer(array.type):  # bit-packed booleans would read as garbage
+        raise ValueError(f"an Arrow {array.type} array in a token shard: integers expected")
     if array.null_count:
         raise ValueError(f"an Arrow {array.type} array with {array.null_count} nulls in a "
                          "token shard (shards hold no nulls)")

@@ -605,7 +605,7 @@ def test_a_peer_lost_inside_the_evaluation_after_a_commit_loses_no_step_record(t
     try:
         cfg = tiny_config(tmp_path, steps=steps, every=5, workers=(1, 2))
         assert cfg.train.eval_every == 10
-        result = _Run(cfg, "die-in-eval", tmp_path,
+        result = _Run(cfg, "die-in-eval", tmp_path, sample_log_dir=str(tmp_path / "samples"),
                       wrap_model=die_in_evaluation(10, rank=1)).wait()
     finally:
         ray.shutdown()
@@ -619,6 +619,8 @@ def test_a_peer_lost_inside_the_evaluation_after_a_commit_loses_no_step_record(t
     sizes = dict((s, v) for s, v, _ in _metric_history(result, "world_size"))
     assert sizes[10] == 2, sizes
     assert 10 not in {s for s, _, _ in _metric_history(result, "val_loss")}
+    # and the sample audit has the step as committed: every sample consumed once
+    assert_each_sample_once(str(tmp_path / "samples"), steps, 12, _num_sequences(cfg))
 
 
 def _trainworker_pids() -> set[int]:

@@ -74,6 +74,7 @@ def test_reading_shards_in_a_fresh_process_does_not_import_pandas(dataset_path):
     import subprocess
     import sys
 
+    pytest.importorskip("pandas")  # the check means something only where pandas is there
     path, seqs, _ = dataset_path
     code = ("import sys, numpy as np; from elastic_moe.data.shards import TokenDataset; "
             f"ds = TokenDataset({path!r}); "
@@ -85,6 +86,23 @@ def test_reading_shards_in_a_fresh_process_does_not_import_pandas(dataset_path):
     total, count, pandas = out.stdout.split()
     assert (int(total), int(count)) == (int(seqs[:60].sum()), 60)
     assert pandas == "False", "reading a shard imported pandas"
+
+
+def test_shard_views_equal_pyarrow_to_numpy_on_sliced_arrays():
+    import pyarrow as pa
+
+    from elastic_moe.data.shards import _numpy_view
+
+    flat = pa.array(np.arange(40, dtype=np.uint32)).slice(7, 20)
+    lists = pa.array([[0, 3], [0], [0, 1, 5], [0, 2]], type=pa.list_(pa.int32())).slice(1, 2)
+    for array in (flat, lists.offsets, lists.values, pa.array([], type=pa.int64())):
+        want = array.to_numpy(zero_copy_only=True)
+        got = _numpy_view(array)
+        assert got.dtype == want.dtype and np.array_equal(got, want), (array, got, want)
+    with pytest.raises(ValueError, match="nulls"):
+        _numpy_view(pa.array([1, None, 3], type=pa.int32()))
+    with pytest.raises(ValueError, match="integers expected"):
+        _numpy_view(pa.array([True, False]))
 
 
 def test_manifest_count_mismatch_is_an_error(dataset_path, tmp_path):
