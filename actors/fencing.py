@@ -16,6 +16,7 @@ import signal
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ def fence(handle: Any | None, pid: int, node_id: str, *, gone: bool = False) -> 
     its named actor is gone already (its pid may belong to another process by now). ``gone``:
     Ray reported the process dead (:func:`process_gone`), so there is nothing to kill and no
     task is sent to its node."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     if handle is None:
         return
     if not gone:

@@ -157,6 +157,10 @@ class Member:
     ping_sent: float = 0.0
     gone: bool = False  # Ray reported its process dead: fencing it needs no kill
 
+    def fence_off(self) -> None:
+        """Make sure this worker is gone for good (:func:`elastic_moe.actors.fencing.fence`)."""
+        fence(self.handle, self.info.pid, self.info.node_id, gone=self.gone)
+
 
 @dataclass
 class GroupResult:
@@ -489,7 +493,7 @@ class ElasticGroup:
                                evict.rank, evict.info.pid)
                 self.coordinator.record_event("straggler_evicted", self.logged_step,
                                               rank=evict.rank, pid=evict.info.pid)
-                fence(evict.handle, evict.info.pid, evict.info.node_id)
+                evict.fence_off()
                 refs.pop(next(r for r, m in refs.items() if m is evict))
                 failed.append(evict)
                 self.evicted.append(evict)
@@ -507,7 +511,7 @@ class ElasticGroup:
                     logger.warning("worker rank %d (pid %s) %s: fencing it off", member.rank,
                                    member.info.pid, f"silent for {silent:.1f} s"
                                    if silent > hang else "did not leave a broken step")
-                    fence(member.handle, member.info.pid, member.info.node_id, gone=member.gone)
+                    member.fence_off()
                     refs.pop(ref)
                     failed.append(member)
                     broken_since = broken_since or now
@@ -667,7 +671,7 @@ class ElasticGroup:
             logger.warning("step %d broke with every worker alive; rebuilding the group",
                            self.logged_step + 1)
         for member in failed:
-            fence(member.handle, member.info.pid, member.info.node_id, gone=member.gone)
+            member.fence_off()
         self.slots.replace_lost()
         if count_failure:
             spent = self.failure_budget.spend(Failure(
@@ -697,7 +701,7 @@ class ElasticGroup:
                     refs[ref].gone = process_gone(exc)
             lost_now = [m for m in survivors if m.rank not in holdings]
             for member in lost_now:
-                fence(member.handle, member.info.pid, member.info.node_id, gone=member.gone)
+                member.fence_off()
             survivors = [m for m in survivors if m.rank in holdings]
             assert self.plan is not None  # a live restore follows a formed layout
             decision = decide_restore(self.plan.world_size, holdings, self.copy_plans)
@@ -953,7 +957,7 @@ class ElasticGroup:
                 if now - member.last_reply > self.cfg.elastic.hang_timeout_s or now > deadline:
                     logger.warning("worker pid %s silent while the group formed: fencing it off",
                                    member.info.pid)
-                    fence(member.handle, member.info.pid, member.info.node_id, gone=member.gone)
+                    member.fence_off()
                     pending.pop(ref)
                     lost.append(member)
             if (lost or errors) and pending and not abort_sent:
@@ -963,7 +967,7 @@ class ElasticGroup:
                 abort_sent = True
         if lost:
             for member in lost:
-                fence(member.handle, member.info.pid, member.info.node_id, gone=member.gone)
+                member.fence_off()
             raise RebuildFault(lost)
         if errors:
             member, exc = next(iter(errors.items()))
