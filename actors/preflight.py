@@ -11,9 +11,6 @@ message names the numbers and what to change.
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
-from dataclasses import dataclass
 
 import ray
 from elastic_moe.actors.cluster import (
@@ -25,82 +22,30 @@ from elastic_moe.actors.cluster import (
     wait_for_capacity,
     worker_bundle,
 )
+from elastic_moe.actors.node_facts import (
+    gpu_memory_bytes,
+    local_node_memory,
+    node_binding,
+    nodes_binding,
+    nodes_memory,
+)
 from elastic_moe.actors.shared_storage import NodeInfo, check_shared_storage, worker_nodes
 
 from elastic_moe.config import Config
 from elastic_moe.parallel.memory import GIB, MemoryBudget, MemoryEstimate, check_memory
-from elastic_moe.parallel.network import NetworkInterfaceError, choose_binding
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class NodeMemory:
-    host_bytes: int
-    cpus: int
-    gpu_bytes: int  # smallest GPU on the node; 0 when it has none (or nvidia-smi is missing)
-
-
-def _gpu_memory_bytes() -> int:
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                             timeout=20, check=True).stdout
-        sizes = [int(line) for line in out.split() if line.strip().isdigit()]
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return 0
-    return min(sizes) * 2**20 if sizes else 0
-
-
-def local_node_memory() -> NodeMemory:
-    import os
-
-    import psutil
-
-    return NodeMemory(psutil.virtual_memory().total, os.cpu_count() or 1, _gpu_memory_bytes())
-
-
-@ray.remote(num_cpus=0, max_retries=0)
-def _node_memory() -> NodeMemory:
-    return local_node_memory()
-
-
-def _nodes_memory(nodes: list[NodeInfo], timeout_s: float = 60.0) -> list[NodeMemory]:
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    refs = [_node_memory.options(  # type: ignore[attr-defined]
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote()
-        for node in nodes]
-    return list(ray.get(refs, timeout=timeout_s))
-
-
-def node_binding(interface: str) -> tuple[bool, str]:
-    """(True, the binding) of this node's process groups, or (False, why there is none)."""
-    try:
-        return True, choose_binding(ray.util.get_node_ip_address(), interface,
-                                    node=ray.get_runtime_context().get_node_id()).describe()
-    except NetworkInterfaceError as exc:
-        return False, str(exc)
-
-
-_node_binding = ray.remote(num_cpus=0, max_retries=0)(node_binding)
 
 
 def check_network(cfg: Config, nodes: list[NodeInfo] | None, timeout_s: float = 60.0) -> None:
     """Every node that may host workers (``nodes``; None: this one, embedded) has the interface
     the process groups bind to (``elastic.network_interface``, or the one holding its Ray
     address). Raises ``LaunchError`` naming the node, the interface and the ones it has."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     interface = cfg.elastic.network_interface
     if nodes is None:
         found = [node_binding(interface)]
     else:
-        found = ray.get([_node_binding.options(  # type: ignore[attr-defined]
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)
-        ).remote(interface) for node in nodes], timeout=timeout_s)
+        found = nodes_binding(nodes, interface, timeout_s)
     for ok, text in found:
         if not ok:
             raise LaunchError(text)
@@ -124,7 +69,7 @@ def memory_budget(cfg: Config, bundle: dict[str, float], connection: RayConnecti
                  else max(facts[0].cpus, cfg.parallel.min_workers))
     elif nodes:
         try:
-            facts = _nodes_memory(nodes)
+            facts = nodes_memory(nodes)
         except Exception as exc:  # the check is advisory when the nodes cannot say
             logger.warning("memory check skipped: could not read the worker nodes' memory (%s)",
                            exc)
@@ -147,7 +92,7 @@ def memory_budget(cfg: Config, bundle: dict[str, float], connection: RayConnecti
 def check_memory_before_ray(cfg: Config) -> MemoryEstimate | None:
     """The embedded run's memory check, before Ray starts or data is prepared (the launcher
     calls it first, so a model that cannot fit is refused in seconds)."""
-    bundle = {"GPU": 1.0} if _gpu_memory_bytes() > 0 else {"CPU": 1.0}
+    bundle = {"GPU": 1.0} if gpu_memory_bytes() > 0 else {"CPU": 1.0}
     budget = memory_budget(cfg, bundle, None, None)
     if budget is None:
         return None

@@ -312,6 +312,9 @@ class Coordinator(CoordinatorState):
             self.state["status"] = self.loaded_status
             return
         self.state["result"] = None  # a new launch (--resume) of an earlier run: a new result
+        # the loop's modules load while the launcher runs its checks: 4-5 s of imports (torch,
+        # the trainer, MLflow) on a 2-core machine, otherwise paid after start_run
+        threading.Thread(target=_preload, name="elastic-moe-preload", daemon=True).start()
         if restarted and self.loaded_status == "RUNNING" and self.state["slots"]:
             logger.warning("coordinator restarted (pid %d): taking over the run's live workers",
                            os.getpid())
@@ -341,6 +344,20 @@ class Coordinator(CoordinatorState):
     def release(self) -> None:
         """A launcher has the result of the finished run: end this actor (no restart)."""
         self.host.release()
+
+
+def _preload() -> None:
+    """Import what :meth:`RunHost._drive` and the tracker import (an import running here when
+    the loop starts is waited for, not repeated)."""
+    import importlib
+
+    for name in ("elastic_moe.actors.train_worker", "elastic_moe.actors.worker_group",
+                 "elastic_moe.actors.data_worker", "elastic_moe.actors.run_log",
+                 "mlflow.tracking"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the loop's own import reports it
+            return
 
 
 def create(run_name: str, state_path: str, launch: Launch) -> Any:

@@ -47,6 +47,17 @@ class LossOutput:
     num_tokens: int
 
 
+class _Embedding(nn.Embedding):
+    """``nn.Embedding`` that draws no weights on the meta device. ``normal_`` (like ``arange``)
+    has a Python kernel there, whose first use imports torch's reference ops: 2 s of CPU in a
+    process that builds a meta model only to count or plan (the launcher, the coordinator).
+    ``init_weights`` draws the weights anyway."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Transformer(nn.Module):
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
@@ -54,16 +65,18 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_tokens = _Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(
             Block(cfg, use_moe=i >= cfg.num_dense_layers) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, use_moe=cfg.num_routed_experts > 0))
                                  for _ in range(cfg.num_mtp_modules))
-        angles = rope_frequencies(cfg)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        rope_shape = (cfg.max_seq_len, cfg.qk_rope_head_dim // 2)
+        self.register_buffer("rope_cos", torch.empty(rope_shape), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(rope_shape), persistent=False)
+        if not self.rope_cos.is_meta:  # on meta, computing them would import torch's Python ops
+            self.init_buffers()
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()

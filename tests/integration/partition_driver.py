@@ -8,7 +8,8 @@ test needs that the command line does not give.
   node, under the name the run looks for (``<run>-data-0``), and the run reuses it.
 
 Usage: ``python tests/integration/partition_driver.py RESULT_JSON RUN_NAME OUTPUT_DIR
-SAMPLE_DIR KEY=VALUE...`` with ``RAY_ADDRESS`` set; writes the outcome to RESULT_JSON.
+SAMPLE_DIR KEY=VALUE...`` with ``RAY_ADDRESS`` set; writes the outcome to RESULT_JSON. A run
+stopped with ``jobs/train.py --stop`` exits 0 here: the test stops it once it has what it needs.
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ def main(argv: list[str]) -> int:
     result = run_training(cfg, run_name, output_dir=output_dir, sample_log_dir=sample_dir)
     print(result.summary(), flush=True)
     with open(result_path, "w") as f:
-        json.dump({"ok": result.ok, "error": result.error, "final_step": result.final_step,
+        json.dump({"ok": result.ok, "status": result.status, "error": result.error,
+                   "final_step": result.final_step,
                    "checkpoint_dir": result.checkpoint_dir, "run_dir": result.run_dir,
                    "global_batch_size": cfg.train.global_batch_size,
                    "num_sequences": TokenDataset(manifest).num_sequences}, f)
-    return 0 if result.ok else 1
+    return 0 if result.ok or result.status == "STOPPED" else 1  # the test stops it (--stop)
 
 
 if __name__ == "__main__":

@@ -356,12 +356,14 @@ def test_nodes_join_and_leave(tmp_path):
     ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, namespace="elastic-moe")
     try:
         # enough steps that a slow machine still grows and shrinks well before the end (the
-        # third worker imports for ~20 s before it joins)
-        steps = 240
+        # third worker imports for ~20 s before it joins); the test stops the run after that
+        steps = 1000
         cfg = tiny_config(tmp_path, steps=steps, every=20, workers=(2, 3),
                           extra=["elastic.max_failures=6"])
         run = _Run(cfg, "join-leave", tmp_path)
-        time.sleep(10)  # 1 CPU < min_workers=2: the run waits without forming a group ...
+        # 1 CPU < min_workers=2: the run waits without forming a group ...
+        _when("join-leave", lambda s: s.get("loop_state") == "forming")
+        time.sleep(4)  # its one worker is up (1 CPU's worth) and it still waits for another
         waiting = _coordinator_state("join-leave")
         assert waiting is not None and waiting["world_sizes"] == [] and waiting["last_step"] == -1
         nodes.append(cluster.add_node(num_cpus=1))  # ... and starts once capacity arrives
@@ -372,8 +374,17 @@ def test_nodes_join_and_leave(tmp_path):
                       >= s["world_sizes"][-1]["restored_step"] + 3)
         before = {w["pid"] for w in grown["workers"]}
         cluster.remove_node(nodes.pop(0))  # a node fails: back to 2 workers
+        _when("join-leave", lambda s: s["world_sizes"][-1]["world_size"] == 2
+              and len(s["world_sizes"]) >= 3
+              and s["world_sizes"][-1].get("last_step", -1)
+              >= s["world_sizes"][-1]["restored_step"] + 3)
+        # all that was to be shown has happened: the rest of the steps would only take time
+        from elastic_moe.actors import run_loop
+
+        ray.get(run_loop.find("join-leave").stop.remote("the test has what it needs"))
         result = run.wait()
-        assert result.ok, result.error
+        assert result.status == "STOPPED", result.error
+        steps = result.final_step
         epochs = result.coordinator_state["world_sizes"]
         sizes = [e["world_size"] for e in epochs]
         print(f"\nworld sizes: {sizes}")

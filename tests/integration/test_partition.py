@@ -46,8 +46,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNAVAILABLE = unavailable_reason()
-# ~0.2 s a step alone here: the run must outlast the partition and the rejoin
-STEPS = int(os.environ.get("EMOE_PARTITION_STEPS", "450"))
+# ~0.2 s a step alone here: the run must outlast the partition and the rejoin. The test stops
+# it (jobs/train.py --stop) a few steps after the rejoin.
+STEPS = int(os.environ.get("EMOE_PARTITION_STEPS", "1000"))
+STEPS_AFTER_REJOIN = 5
 HANG_S = 4.0
 LEASE_S = 1.0
 PARTITION_S = 25.0
@@ -157,6 +159,16 @@ def test_a_cut_off_worker_is_fenced_by_epoch_and_its_node_rejoins(cluster, tmp_p
         assert "exited" not in state, open(log_path).read()[-8000:]
         new_pids = [w["pid"] for w in state["workers"]]
         on_namespace_node = [pid for pid in new_pids if link.holds(pid)]
+        up_at = state["world_sizes"][-1]["time"]
+        wait_for(lambda: proc.poll() is not None or sum(
+            (m["time"] or 0) > up_at and m["values"]["world_size"] == 2
+            for m in _metrics(metrics_log)) >= STEPS_AFTER_REJOIN, 120,
+            f"{STEPS_AFTER_REJOIN} steps by both workers after the rejoin", log_path)
+        # what was to be shown has happened: the operator's stop ends the run at a step it saves
+        stop = subprocess.run([sys.executable, "jobs/train.py", "--run-name", run,
+                               "--output-dir", str(out), "--stop"],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert f"run {run}: STOPPED at step" in stop.stdout, stop.stdout[-3000:] + stop.stderr
         rc = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
@@ -167,6 +179,9 @@ def test_a_cut_off_worker_is_fenced_by_epoch_and_its_node_rejoins(cluster, tmp_p
     result = _read_json(result_path)
     final = _read_json(state_path)
     assert rc == 0 and result is not None and final is not None, output[-8000:]
+    assert result["status"] == "STOPPED", result
+    last = result["final_step"]
+    assert final["committed"]["step"] == last, final["committed"]
 
     epochs = final["world_sizes"]
     down = next(e for e in epochs if e["time"] > cut_at)
@@ -207,12 +222,12 @@ def test_a_cut_off_worker_is_fenced_by_epoch_and_its_node_rejoins(cluster, tmp_p
     assert all(e["pid"] == cut_off["pid"] for e in retired), retired
     # one history: each step logged once, commits only forward, each one on storage verifies
     logged = [m["step"] for m in _metrics(metrics_log)]
-    assert logged == list(range(1, STEPS + 1)), logged
+    assert logged == list(range(1, last + 1)), logged
     steps = [c["step"] for c in checkpoints]
-    assert steps == sorted(set(steps)) and steps[-1] == STEPS, steps
+    assert steps == sorted(set(steps)) and steps[-1] == last, steps
     ckpt = Checkpointer(result["checkpoint_dir"], async_save=False)
     assert ckpt.committed_steps() == steps
     for step in steps:
         ckpt.verify(step)
-    assert_each_sample_once(str(samples), STEPS, result["global_batch_size"],
+    assert_each_sample_once(str(samples), last, result["global_batch_size"],
                             result["num_sequences"])
