@@ -118,7 +118,7 @@ class _Feed:
 
 @ray.remote(max_concurrency=4, max_restarts=0)
 class TrainWorker:
-    def __init__(self, spec: WorkerSpec, warm_up: bool = True) -> None:
+    def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s [worker %(process)d] %(name)s: %(message)s")
@@ -160,8 +160,7 @@ class TrainWorker:
                            interval_s=elastic.lease_interval_s, on_end=self._end_lease)
         self.lease.start()
         # pay the first-build costs now, while the group trains without this worker
-        if warm_up:
-            self.torch_thread.submit(_warm_up, self.device, spec.cfg).result()
+        self.torch_thread.submit(_warm_up, self.device, spec.cfg).result()
         # and the first call to each data reader (its connection; the corpus size it reports)
         self.reader_sequences: dict[int, int] = {}
         try:

@@ -222,12 +222,7 @@ class ElasticGroup:
             "namespace": NAMESPACE, "lifetime": "detached"}
         if self.use_gpu:
             options["num_gpus"] = 1
-        # a worker that joins a training group (or waits as a spare) warms up first, off the
-        # group's pause; one that forms the first group would only delay its first step
-        forming = (not self.members and len(self.joiners) + len(self.pending_joiners)
-                   < self.cfg.parallel.max_workers)
-        handle = TrainWorker.options(**options).remote(  # type: ignore[attr-defined]
-            self.spec, warm_up=not forming)
+        handle = TrainWorker.options(**options).remote(self.spec)  # type: ignore[attr-defined]
         return handle, handle.info.remote()
 
     def _spawn_joiners(self) -> None:
