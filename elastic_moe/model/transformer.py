@@ -49,7 +49,7 @@ class LossOutput:
 
 class _Embedding(nn.Embedding):
     """``nn.Embedding`` that draws no weights on the meta device. ``normal_`` (like ``arange``)
-    has a Python kernel there, whose first use imports torch's reference ops: 2 s of CPU in a
+    has a Python kernel there, whose first use imports TorchDynamo: 2 s of CPU in a
     process that builds a meta model only to count or plan (the launcher, the coordinator).
     ``init_weights`` draws the weights anyway."""
 
@@ -75,7 +75,7 @@ class Transformer(nn.Module):
         rope_shape = (cfg.max_seq_len, cfg.qk_rope_head_dim // 2)
         self.register_buffer("rope_cos", torch.empty(rope_shape), persistent=False)
         self.register_buffer("rope_sin", torch.empty(rope_shape), persistent=False)
-        if not self.rope_cos.is_meta:  # on meta, computing them would import torch's Python ops
+        if not self.rope_cos.is_meta:  # on meta, computing them would load TorchDynamo
             self.init_buffers()
 
     # ------------------------------------------------------------------ init
