@@ -163,6 +163,7 @@ class RunHost:
         self.released = threading.Event()
         self.group: Any = None
         self.stop_reason: str | None = None
+        self.preloading: threading.Thread | None = None  # the loop's imports, begun early
 
     def start(self, adopt: bool) -> None:
         """Run the loop on its own thread (once). ``adopt``: take over the live workers of a
@@ -202,6 +203,10 @@ class RunHost:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def _drive(self, adopt: bool) -> RunResult:
+        if self.preloading is not None:  # no two threads importing the same graph at once
+            self.preloading.join(timeout=120.0)
+            if self.preloading.is_alive():
+                logger.warning("the coordinator's imports have taken over 120 s; going on")
         from elastic_moe.actors.data_worker import start_data_workers
         from elastic_moe.actors.run_log import replay_metrics
         from elastic_moe.actors.train_worker import WorkerSpec
@@ -314,7 +319,9 @@ class Coordinator(CoordinatorState):
         self.state["result"] = None  # a new launch (--resume) of an earlier run: a new result
         # the loop's modules load while the launcher runs its checks: 4-5 s of imports (torch,
         # the trainer, MLflow) on a 2-core machine, otherwise paid after start_run
-        threading.Thread(target=_preload, name="elastic-moe-preload", daemon=True).start()
+        self.host.preloading = threading.Thread(target=_preload, name="elastic-moe-preload",
+                                                daemon=True)
+        self.host.preloading.start()
         if restarted and self.loaded_status == "RUNNING" and self.state["slots"]:
             logger.warning("coordinator restarted (pid %d): taking over the run's live workers",
                            os.getpid())
@@ -347,8 +354,9 @@ class Coordinator(CoordinatorState):
 
 
 def _preload() -> None:
-    """Import what :meth:`RunHost._drive` and the tracker import (an import running here when
-    the loop starts is waited for, not repeated)."""
+    """Import what :meth:`RunHost._drive` and the tracker import. The loop waits for this
+    thread before it imports anything: two threads importing overlapping module graphs in
+    different orders can make importlib raise a deadlock error."""
     import importlib
 
     for name in ("elastic_moe.actors.train_worker", "elastic_moe.actors.worker_group",
