@@ -64,9 +64,9 @@ def create_run(tracking_uri: str, experiment: str, run_name: str,
     """Create ``run_name`` in ``experiment`` (made if missing) with ``params`` and ``tags``;
     returns the run id.
 
-    The launcher calls this before any worker starts: the first client to open a fresh sqlite
-    store runs its schema migrations, and a worker killed half-way through them (a planted or real
-    failure early in the run) would leave a store that no later client can open.
+    The coordinator's tracker calls this once, for a new run (workers never open the store): the
+    first client to open a fresh sqlite store runs its schema migrations, and a process killed
+    half-way through them would leave a store that no later client can open.
     """
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient

@@ -210,7 +210,9 @@ def test_server_killed_and_restarted_mid_run_gets_every_step_once(tmp_path):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    steps, kill_at, restart_at = 60, 10, 25
+    # the restarted server answered 60 s after its start in one CI run (a slow, shared 2-core
+    # box): 55 steps after the restart leave it time to come back while the run still trains
+    steps, kill_at, restart_at = 75, 10, 20
     server = MlflowServer(tmp_path)
     server.start()
     out = tmp_path / "out"
@@ -291,6 +293,6 @@ def test_server_killed_and_restarted_mid_run_gets_every_step_once(tmp_path):
 
     assert caught_up_in_run, "the backlog reached MLflow only when the run ended (or never)"
     assert run.info.status == "FINISHED"
-    assert sorted(m.step for m in history) == list(range(1, steps + 1))  # 60 points, once each
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))  # every step, once each
     assert {m.step: m.value for m in history} == {r["step"]: r["values"]["loss"]
                                                   for r in committed}
