@@ -21,12 +21,11 @@ printed. ``--against`` is any checkout of the project, e.g. ``git worktree add /
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,58 +33,35 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _head(checkout: str, env: dict[str, str], temp_dir: str) -> str:
-    port = _free_port()
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head",
-                    f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                    "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-                   env=dict(env, PYTHONPATH=checkout), check=True, capture_output=True,
-                   timeout=180)
-    return f"127.0.0.1:{port}"
-
-
-def _stop(temp_dir: str) -> None:
-    out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout
-    for pid in out.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    shutil.rmtree(temp_dir, ignore_errors=True)
+sys.path.insert(0, ROOT)
 
 
 def launch(checkout: str, mode: str, workdir: str, data: str) -> dict[str, float]:
+    from tests.integration.elastic_helpers import ray_head
+    from tests.integration.multiproc import free_port
+
     out = tempfile.mkdtemp(dir=workdir)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    if mode == "cluster":
-        env["RAY_AUTH_MODE"] = "token"
-    temp_dir = tempfile.mkdtemp(prefix="emoe-lt-", dir="/tmp")
     argv = [sys.executable, "jobs/train.py", "--steps", "2", "--workers", "2", "--run-name", "lt",
             "--output-dir", out, "--set", f"data.cache_dir={data}",
             "--set", f"tracking.tracking_uri=sqlite:///{out}/mlflow.db"]
-    try:
-        if mode == "cluster":
-            argv += ["--ray-address", _head(checkout, env, temp_dir)]
+    head: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if mode == "cluster":  # the head's workers import the checkout (its PYTHONPATH)
+        env.update(RAY_AUTH_MODE="token", PYTHONPATH=checkout)
+        port = free_port()
+        head = ray_head(env, f"--port={port}", "--num-cpus=2", "--include-dashboard=false")
+        argv += ["--ray-address", f"127.0.0.1:{port}"]
+    with head:
         started = time.time()
         proc = subprocess.run(argv, cwd=checkout, env=env, capture_output=True, text=True,
                               timeout=600)
         wall = time.time() - started
-        if proc.returncode != 0:
-            raise RuntimeError(f"{checkout} ({mode}) exited {proc.returncode}:\n"
-                               f"{(proc.stdout + proc.stderr)[-3000:]}")
-        with open(os.path.join(out, "lt", "metrics.jsonl")) as f:
-            first = json.loads(f.readline())["time"]
-        return {"wall_s": wall, "first_step_s": first - started}
-    finally:
-        _stop(temp_dir)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{checkout} ({mode}) exited {proc.returncode}:\n"
+                           f"{(proc.stdout + proc.stderr)[-3000:]}")
+    with open(os.path.join(out, "lt", "metrics.jsonl")) as f:
+        first = json.loads(f.readline())["time"]
+    return {"wall_s": wall, "first_step_s": first - started}
 
 
 def main() -> None:
