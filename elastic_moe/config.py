@@ -207,6 +207,12 @@ class ParallelConfig:
     # 0 = no check. Big MoEs need it: without it the planner keeps EP inside a node even when
     # the experts then cannot fit.
     memory_per_gpu_gib: float = 0.0
+    # Load-driven expert replication: each expert-parallel rank holds this many extra routed
+    # experts per MoE layer, copies of the hottest experts owned by ranks in other failure
+    # domains (nodes). Tokens for a replicated expert are split between its copies, and a lost
+    # node leaves every replicated expert a live copy (no buddy copy needed for those experts).
+    # 0 = off; used only when expert parallelism spans several ranks (ep > 1).
+    expert_replicas: int = 0
 
     def __post_init__(self) -> None:
         _require(self.min_workers > 0, "min_workers", self.min_workers, "must be positive")
@@ -219,6 +225,8 @@ class ParallelConfig:
                  self.dp_replicate_degree, "must be >= 0 (0 = auto)")
         _require(self.memory_per_gpu_gib >= 0, "memory_per_gpu_gib", self.memory_per_gpu_gib,
                  "must be >= 0 (0 = no check)")
+        _require(self.expert_replicas >= 0, "expert_replicas", self.expert_replicas,
+                 "must be >= 0 (0 = no replicas)")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -18,14 +18,22 @@ splits swapped). Weights are DTensors ``Shard(0)`` on the expert dim over the ``
 checkpoints (DCP) reshard them to any other EP degree. The ``W / ep`` ranks holding the same
 experts sum their gradients in :func:`reduce_expert_grads`.
 
+With load-driven expert replicas (``parallel.expert_replicas``,
+:mod:`elastic_moe.parallel.expert_replicas`) each rank also holds ``C`` copies of other ranks'
+experts. Rows are then sorted by *slot* instead of expert: rank p's slots are its L own experts
+followed by its C copies, and a source sends a replicated expert's rows to one of its holders
+(itself when it holds one). Everything else above is unchanged, with L + C slots per rank.
+
 Legend: T = tokens on this rank, K = experts per token, E = routed experts, L = experts on this
 rank (E / P), P = EP degree, D = model dim, I = expert hidden dim, H = 2 * I,
-M = routed rows sent by this rank (T * K), R = rows received by this rank.
+M = routed rows sent by this rank (T * K), R = rows received by this rank, C = replica slots
+per rank, S = slots on this rank (L + C).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -37,6 +45,8 @@ import elastic_moe.kernels as kernels
 from elastic_moe.model.moe import RoutedExperts
 
 logger = logging.getLogger(__name__)
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state, carried by expert replicas
 
 
 class _AllToAll(torch.autograd.Function):
@@ -65,6 +75,29 @@ def all_to_all_rows(x_MD: torch.Tensor, output_splits: list[int], input_splits: 
                     group: dist.ProcessGroup) -> torch.Tensor:
     """Differentiable ``all_to_all_single`` along dim 0 (row ``splits`` per peer rank)."""
     return _AllToAll.apply(x_MD, output_splits, input_splits, group)
+
+
+@dataclass(eq=False)
+class ExpertReplicas:
+    """This rank's copies of other ranks' experts for one layer, and the routing they imply.
+
+    ``table[p]`` lists the experts EP rank p holds copies of (the same on every rank);
+    ``slot_of_expert_E`` maps each expert to the global slot (``p * S + local slot``) this rank
+    sends its rows to. The copies train like the experts they copy: their gradients are summed
+    with the owner's (:func:`~elastic_moe.parallel.expert_replicas.reduce_replica_grads`) and
+    ``optimizer`` runs the owner's AdamW update on them, so they stay equal bit for bit.
+    """
+
+    table: list[list[int]]
+    slot_of_expert_E: torch.Tensor
+    w13_CHD: torch.Tensor  # leaf tensors with requires_grad, not nn.Parameters: no FSDP, no DCP
+    w2_CDI: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    group_index: int  # the param group of the owner's expert weights in the main optimizer
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.table[0]) if self.table else 0
 
 
 class ExpertParallelExperts(RoutedExperts):
@@ -98,6 +131,8 @@ class ExpertParallelExperts(RoutedExperts):
         self.compute_dtype = compute_dtype
         self.w13 = nn.Parameter(self._shard(experts.w13, ep_mesh))
         self.w2 = nn.Parameter(self._shard(experts.w2, ep_mesh))
+        # copies of other ranks' hot experts, set per layout by expert_replicas.assign_replicas
+        self.replicas: ExpertReplicas | None = None
 
     def _shard(self, full_E: torch.Tensor, ep_mesh: DeviceMesh) -> DTensor:
         start = self.ep_rank * self.num_local_experts
@@ -106,33 +141,64 @@ class ExpertParallelExperts(RoutedExperts):
             local_L = local_L.clone()  # own storage: do not keep the full tensor alive
         return DTensor.from_local(local_L, ep_mesh, [Shard(0)], run_check=False)
 
+    def replica_blocks(self, prefix: str) -> list[tuple[str, torch.Tensor, tuple[int, ...],
+                                                        tuple[int, ...]]]:
+        """(key, block, global shape, offset) of each replica's expert row, keyed as the owner's
+        tensor (``model/<fqn>``, ``optim/<fqn>/<moment>``; ``prefix`` is this module's fqn),
+        for :class:`~elastic_moe.train.shard_state.ShardLayout`."""
+        if self.replicas is None:
+            return []
+        replicas = self.replicas
+        own = replicas.table[self.ep_rank]
+        out = []
+        for name, param, copy in (("w13", self.w13, replicas.w13_CHD),
+                                  ("w2", self.w2, replicas.w2_CDI)):
+            fqn = f"{prefix}.{name}" if prefix else name
+            state = replicas.optimizer.state[copy]
+            for j, expert in enumerate(own):
+                offset = (expert,) + (0,) * (copy.dim() - 1)
+                out.append((f"model/{fqn}", copy.detach()[j:j + 1], tuple(param.shape), offset))
+                out += [(f"optim/{fqn}/{m}", state[m][j:j + 1], tuple(param.shape), offset)
+                        for m in MOMENTS]
+        return out
+
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w13_LHD = self.w13.to_local() if isinstance(self.w13, DTensor) else self.w13
-        w2_LDI = self.w2.to_local() if isinstance(self.w2, DTensor) else self.w2
+        """This rank's slot weights: its own experts, then its replicas (when it has any)."""
+        w13_SHD = self.w13.to_local() if isinstance(self.w13, DTensor) else self.w13
+        w2_SDI = self.w2.to_local() if isinstance(self.w2, DTensor) else self.w2
+        if self.replicas is not None and self.replicas.num_slots:
+            w13_SHD = torch.cat([w13_SHD, self.replicas.w13_CHD])
+            w2_SDI = torch.cat([w2_SDI, self.replicas.w2_CDI])
         if self.compute_dtype is not None:
-            w13_LHD, w2_LDI = w13_LHD.to(self.compute_dtype), w2_LDI.to(self.compute_dtype)
-        return w13_LHD, w2_LDI
+            w13_SHD, w2_SDI = w13_SHD.to(self.compute_dtype), w2_SDI.to(self.compute_dtype)
+        return w13_SHD, w2_SDI
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
                 topk_weights_TK: torch.Tensor) -> torch.Tensor:
         top_k = topk_ids_TK.shape[1]
-        w13_LHD, w2_LDI = self.local_weights()
+        w13_SHD, w2_SDI = self.local_weights()
         if self.compute_dtype is not None:
             x_TD = x_TD.to(self.compute_dtype)
-        order_M, counts_E = kernels.permute_reference(topk_ids_TK, self.num_experts)
+        num_local, slot_ids_TK = self.num_local_experts, topk_ids_TK
+        if self.replicas is not None and self.replicas.num_slots and self.ep_degree > 1:
+            num_local += self.replicas.num_slots
+            slot_ids_TK = self.replicas.slot_of_expert_E.to(topk_ids_TK.device)[topk_ids_TK]
+        order_M, counts_G = kernels.permute_reference(slot_ids_TK, num_local * self.ep_degree)
         x_MD = kernels.gather_reference(x_TD, order_M, top_k)
         if self.ep_degree == 1:
             with torch.profiler.record_function("ep/experts"):
-                y_MD = kernels.expert_mlp(x_MD, counts_E, w13_LHD, w2_LDI, self.backend)
+                y_MD = kernels.expert_mlp(x_MD, counts_G, w13_SHD, w2_SDI, self.backend)
         else:
-            y_MD = self._dispatch_compute_combine(x_MD, counts_E, w13_LHD, w2_LDI)
+            y_MD = self._dispatch_compute_combine(x_MD, counts_G, w13_SHD, w2_SDI, num_local)
         return _combine(y_MD, order_M, topk_weights_TK)
 
-    def _dispatch_compute_combine(self, x_MD: torch.Tensor, counts_E: torch.Tensor,
-                                  w13_LHD: torch.Tensor, w2_LDI: torch.Tensor) -> torch.Tensor:
-        num_peers, num_local = self.ep_degree, self.num_local_experts
-        # Counts first: each rank learns how many rows each peer sends to each local expert.
-        send_counts_PL = counts_E.view(num_peers, num_local).contiguous()
+    def _dispatch_compute_combine(self, x_MD: torch.Tensor, counts_G: torch.Tensor,
+                                  w13_LHD: torch.Tensor, w2_LDI: torch.Tensor,
+                                  num_local: int) -> torch.Tensor:
+        """``counts_G``: rows per global slot (``P * num_local`` of them, rank-major)."""
+        num_peers = self.ep_degree
+        # Counts first: each rank learns how many rows each peer sends to each local slot.
+        send_counts_PL = counts_G.view(num_peers, num_local).contiguous()
         recv_counts_PL = torch.empty_like(send_counts_PL)
         with torch.profiler.record_function("ep/all_to_all"):
             dist.all_to_all_single(recv_counts_PL, send_counts_PL, group=self.ep_group)

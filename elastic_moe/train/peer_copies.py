@@ -35,6 +35,7 @@ committed checkpoint (decided by :func:`elastic_moe.train.elastic.decide_restore
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,29 +96,55 @@ def _block_id(spec: ShardSpec) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
 
 def plan_copies(specs_of_rank: Sequence[Sequence[ShardSpec]], node_of_rank: Sequence[str]
                 ) -> list[CopyPlan]:
-    """For every rank, which of its blocks its buddy must copy: those that no rank in another
-    failure domain holds identically (same tensor, offset and shape). Pure; every rank computes
-    the same plan from the gathered specs."""
+    """For every rank, which of its blocks its buddy must copy: those that blocks in other
+    failure domains do not cover. A block is covered by an identical block (same tensor, offset
+    and shape: HSDP and expert-replicate replicas) or by expert replicas that together hold all
+    its rows (each row's holders are then one ``replicated_on`` tuple). Replica blocks are never
+    copied: every layout refills them from their owners. Pure; every rank computes the same plan
+    from the gathered specs."""
     domains = failure_domains(node_of_rank)
     holders: dict[tuple, list[int]] = {}
+    rows: dict[str, dict[tuple, list[int]]] = {}  # key -> replica block id -> holders
     for rank, specs in enumerate(specs_of_rank):
         for spec in specs:
             holders.setdefault(_block_id(spec), []).append(rank)
+            if spec.replica:
+                rows.setdefault(spec.key, {}).setdefault(_block_id(spec), []).append(rank)
     plans = []
     for rank, specs in enumerate(specs_of_rank):
         copied: list[int] = []
         replicated: set[tuple[int, ...]] = set()
         for index, spec in enumerate(specs):
-            if spec.numel == 0:
+            if spec.numel == 0 or spec.replica:
                 continue
             elsewhere = tuple(h for h in holders[_block_id(spec)] if domains[h] != domains[rank])
             if elsewhere:
                 replicated.add(elsewhere)
-            else:
+                continue
+            pieces = _covering_replicas(spec, rows.get(spec.key, {}), domains, domains[rank])
+            if pieces is None:
                 copied.append(index)
+            else:
+                replicated.update(pieces)
         plans.append(CopyPlan(copied=tuple(copied), replicated_on=tuple(sorted(replicated))))
     return plans
 
+
+def _covering_replicas(spec: ShardSpec, replicas: dict[tuple, list[int]],
+                       domains: Sequence[str], own_domain: str) -> list[tuple[int, ...]] | None:
+    """The holders (outside ``own_domain``) of each replica block inside ``spec``, when those
+    blocks cover it; None when they do not."""
+    pieces: list[tuple[int, ...]] = []
+    covered = 0
+    for (_, offset, shape), ranks in replicas.items():
+        inside = all(o >= s_o and o + n <= s_o + s_n for o, n, s_o, s_n
+                     in zip(offset, shape, spec.offset, spec.shape, strict=True))
+        elsewhere = tuple(h for h in ranks if domains[h] != own_domain)
+        if inside and elsewhere:
+            pieces.append(elsewhere)
+            covered += math.prod(shape)
+    # replica blocks of one key are distinct rows (one expert each), so counting suffices
+    return pieces if pieces and covered == spec.numel else None
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -11,7 +11,9 @@ reads storage when it can help it. What it needs from the library is here:
   the overlapping source blocks, and every element must be covered, or it raises naming the
   tensors that are not. Replicas (HSDP, expert replicas) simply overlap.
 * :class:`ShardLayout` finds a rank's state tensors and their blocks once per layout; the peer
-  copies (:mod:`elastic_moe.train.peer_copies`) are planned over its specs.
+  copies (:mod:`elastic_moe.train.peer_copies`) are planned over its specs. It also lists the
+  rank's expert replicas (:mod:`elastic_moe.parallel.expert_replicas`) as one-expert blocks of
+  their owners' tensors (``replica=True``): sources for a restore, never copied themselves.
 
 Per-step accumulators (``tokens_per_expert``) are not state: they are zero between steps.
 """
@@ -43,6 +45,9 @@ class ShardSpec:
     shape: tuple[int, ...]
     global_shape: tuple[int, ...]
     offset: tuple[int, ...]
+    # a copy of part of another rank's block (an expert replica): a restore may read it, the
+    # peer copies never copy it (every layout fills its replicas from their owners)
+    replica: bool = False
 
     @property
     def numel(self) -> int:
@@ -172,6 +177,11 @@ class ShardLayout:
                                         shape=tuple(local.shape),
                                         global_shape=tuple(tensor.shape), offset=offset))
             self.locals.append(local.detach())
+        for key, block, global_shape, offset in _replica_blocks(model):
+            self.specs.append(ShardSpec(key=key, dtype=str(block.dtype).removeprefix("torch."),
+                                        shape=tuple(block.shape), global_shape=global_shape,
+                                        offset=offset, replica=True))
+            self.locals.append(block)
         self.sizes = flat_sizes(self.specs)
 
     def take(self, *, rank: int, step: int, meta: dict[str, Any] | None = None) -> ShardSet:
@@ -183,6 +193,18 @@ class ShardLayout:
                 dst.copy_(src)
         return ShardSet(rank=rank, step=step, specs=list(self.specs), tensors=tensors,
                         meta=dict(meta or {}), flat=flat)
+
+
+def _replica_blocks(model: nn.Module) -> list[tuple[str, torch.Tensor, tuple[int, ...],
+                                                   tuple[int, ...]]]:
+    """Every module's expert replicas (modules that have ``replica_blocks``: expert
+    parallelism, which this library layer does not import)."""
+    out = []
+    for name, module in model.named_modules():
+        blocks = getattr(module, "replica_blocks", None)
+        if callable(blocks):
+            out += blocks(name)
+    return out
 
 
 def take_shards(model: nn.Module, optimizer: torch.optim.Optimizer | None, *, rank: int,
@@ -219,17 +241,52 @@ def needed_sources(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                       or target.numel == 0]
         # chosen sources first, then the rest; take blocks until the target is covered
         candidates.sort(key=lambda c: (c[0] not in chosen, c[0]))
-        covered = 0
+        cover = _Cover(target)
         for index, spec in candidates:
             box = _overlap(target, spec)
-            if box is None:
+            if box is None or not cover.adds(spec, box[0]):
                 continue
             if index not in chosen:
                 chosen.append(index)
-            covered += _box_numel(box[0])
-            if covered >= target.numel:
+            if cover.complete():
                 break
     return sorted(chosen)
+
+
+class _Cover:
+    """Which elements of a target block the source blocks seen so far cover. Blocks of one
+    layout are disjoint or identical (replicas), which counting handles; a replica block of
+    one expert overlaps its owner's block, so once one is seen the elements are marked."""
+
+    def __init__(self, target: ShardSpec) -> None:
+        self.target = target
+        self.count = 0
+        self.seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+        self.mask: torch.Tensor | None = None
+
+    def adds(self, spec: ShardSpec, dst_box: tuple[slice, ...]) -> bool:
+        """Record ``spec``'s overlap (``dst_box`` in the target); False if it adds nothing."""
+        if (spec.offset, spec.shape) in self.seen:
+            return False
+        self.seen.add((spec.offset, spec.shape))
+        if spec.replica and self.mask is None:
+            self.mask = torch.zeros(self.target.shape, dtype=torch.bool)
+            for offset, shape in self.seen - {(spec.offset, spec.shape)}:
+                box = _overlap(self.target, ShardSpec("", "", shape, (), offset))
+                if box is not None:
+                    self.mask[box[0]] = True
+        if self.mask is not None:
+            before = int(self.mask.sum())
+            self.mask[dst_box] = True
+            return int(self.mask.sum()) > before
+        self.count += _box_numel(dst_box)
+        return True
+
+    def covered(self) -> int:
+        return int(self.mask.sum()) if self.mask is not None else self.count
+
+    def complete(self) -> bool:
+        return self.covered() >= self.target.numel
 
 
 def _box_numel(box: tuple[slice, ...]) -> int:
@@ -256,19 +313,16 @@ def fill_from_shards(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         if known and tuple(known[0][0].global_shape) != tuple(tensor.shape):
             raise ValueError(f"{key}: source shape {known[0][0].global_shape} != "
                              f"{tuple(tensor.shape)} (a different model config)")
-        # The blocks of one layout are disjoint but for replicas, which share offset and shape:
-        # counting the elements of distinct blocks tells whether the target is covered.
-        covered, seen = 0, set()
+        # Every overlapping block holds equal values (replicas of the same state): copy each
+        # distinct block once, and check that the target is covered.
+        cover = _Cover(target)
         for spec, src in known:
-            if (spec.offset, spec.shape) in seen:
-                continue
             box = _overlap(target, spec)
-            if box is None:
+            if box is None or not cover.adds(spec, box[0]):
                 continue
-            seen.add((spec.offset, spec.shape))
             dst_box, src_box = box
             local[dst_box].copy_(src[src_box])
-            covered += _box_numel(dst_box)
+        covered = cover.covered()
         if covered != target.numel:
             missing.append(f"{key} ({target.numel - covered} of {target.numel} elements of the "
                            f"block {target.shape} at {target.offset}; sources have "

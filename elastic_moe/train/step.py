@@ -30,6 +30,12 @@ from elastic_moe.model.moe import (
     moe_layers,
 )
 from elastic_moe.parallel.expert_parallel import reduce_expert_grads
+from elastic_moe.parallel.expert_replicas import (
+    drop_replica_grads,
+    reduce_replica_grads,
+    replica_grads,
+    step_replicas,
+)
 from elastic_moe.parallel.fsdp import mixed_precision_dtype
 from elastic_moe.train.lr_schedule import LRSchedule
 
@@ -111,14 +117,17 @@ class StepMetrics:
         return out
 
 
-def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float,
+                   also_scale: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """Total L2 gradient norm over all parameters (and clipping when ``max_norm`` > 0).
 
     Works for plain tensors and for DTensors on different meshes (dense weights on the FSDP
     mesh, routed experts on the EP mesh), where ``torch.nn.utils.clip_grad_norm_`` fails: the
     squared norm of each (mesh, placements) layout is computed from local shards and summed over
     the mesh dims the layout is sharded on (never over replicated dims), in float64. Every rank
-    returns the same norm. Collective when any gradient is a DTensor.
+    returns the same norm. Collective when any gradient is a DTensor. ``also_scale``: gradients
+    that are clipped with the same coefficient but not counted (copies of counted ones: the
+    expert replicas).
     """
     params = [p for p in parameters if p.grad is not None]
     # Insertion-ordered: parameter order is identical on every rank, so are the collectives.
@@ -146,7 +155,7 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
     if max_norm > 0:
         coef = min(max_norm / (float(norm) + 1e-6), 1.0)
         if coef < 1.0:
-            for grad in locals_:
+            for grad in [*locals_, *also_scale]:
                 grad.mul_(coef)
     return norm.to(torch.float32)
 
@@ -241,7 +250,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                               out.num_tokens], dtype=torch.float64)
     # Expert weights live outside FSDP: sum their gradients over the ranks that hold them.
     reduce_expert_grads(model)
-    grad_norm = clip_grad_norm(model.parameters(), train_cfg.grad_clip)
+    reduce_replica_grads(model)  # expert copies: owner + copies summed, every holder gets it
+    grad_norm = clip_grad_norm(model.parameters(), train_cfg.grad_clip,
+                               also_scale=replica_grads(model))
     loads_LE = global_expert_loads(model, group)
     totals = _sum_over_ranks(sums, group)
     nonfinite = not (math.isfinite(float(sums[0])) and math.isfinite(float(totals[0]))
@@ -249,12 +260,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     apply = commit_vote(nonfinite) if commit_vote is not None else not nonfinite
     if not apply:
         optimizer.zero_grad(set_to_none=True)
+        drop_replica_grads(model)
         clear_expert_loads(model)
         return StepMetrics(step=step, loss=float(totals[0]), lm_loss=float(totals[1]),
                            mtp_loss=float(totals[2]), balance_loss=float(totals[3]),
                            grad_norm=float(grad_norm), lr=lr, tokens=int(totals[4]),
                            seconds=time.perf_counter() - start, skipped=True)
     optimizer.step()
+    step_replicas(model, optimizer)  # the same update on the expert copies
     optimizer.zero_grad(set_to_none=True)
     expert_stats, loads = apply_router_bias_update(model, loads_LE, model_cfg.bias_update_speed)
     return StepMetrics(step=step, loss=float(totals[0]), lm_loss=float(totals[1]),

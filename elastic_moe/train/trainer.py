@@ -30,12 +30,18 @@ from elastic_moe.config import Config
 from elastic_moe.data.sampler import DataPosition, advance, split_batch
 from elastic_moe.model.flops import peak_tflops, training_flops_per_token
 from elastic_moe.parallel import MeshPlan, setup_model
+from elastic_moe.parallel.expert_replicas import assign_replicas
 from elastic_moe.train.compute_probe import ComputeProbe
 from elastic_moe.train.elastic import Holdings, effective_batch
 from elastic_moe.train.failure_policy import PeerStepError
 from elastic_moe.train.lr_schedule import LRSchedule
-from elastic_moe.train.peer_copies import PeerCopies
-from elastic_moe.train.shard_state import ShardLayout, ShardSet, fill_from_shards
+from elastic_moe.train.peer_copies import PeerCopies, failure_domains
+from elastic_moe.train.shard_state import (
+    ShardLayout,
+    ShardSet,
+    ensure_optimizer_state,
+    fill_from_shards,
+)
 from elastic_moe.train.step import StepMetrics, build_optimizer, train_step
 
 logger = logging.getLogger(__name__)
@@ -184,10 +190,12 @@ class Trainer:
         return self._layout.take(rank=self.rank, step=self.step, meta=self._meta())
 
     def link_peers(self, node_of_rank: list[str]) -> None:
-        """Agree on the peer copies of this layout and send the buddy its first copy
-        (collective)."""
-        if self._layout is None:
-            self._layout = ShardLayout(self.model, self.optimizer)
+        """Plan and fill this layout's expert replicas, agree on the peer copies of this layout
+        and send the buddy its first copy (collective)."""
+        ensure_optimizer_state(self.optimizer)
+        assign_replicas(self.model, self.optimizer, self.cfg.parallel.expert_replicas,
+                        failure_domains(node_of_rank))
+        self._layout = ShardLayout(self.model, self.optimizer)  # the replicas are new tensors
         self.peers.link(self.model, self.optimizer, self._layout, node_of_rank=node_of_rank,
                         step=self.step, meta=self._meta(), enabled=self.cfg.elastic.peer_copies)
 

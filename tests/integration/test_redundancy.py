@@ -7,6 +7,9 @@ Two nodes of two workers each (``parallel.gpus_per_node=2``, so the planner sees
   replicas), the dense FSDP shards by one rank only. The buddies copy the dense shards and no
   expert bytes at all.
 * ``dp_replicate=2`` (HSDP): every block has a replica on the other node; nothing is copied.
+* ``ep=4`` over both nodes with ``parallel.expert_replicas=2`` (load-driven replicas): each
+  expert lives on one rank, and the planner gives each a copy on the other node. The buddies
+  copy the dense shards and no expert bytes; the lost node's experts come from the copies.
 
 Each run loses a node mid-run, recovers from the survivors in memory (no checkpoint read), and
 ends with the same weights as a fault-free run (within the tolerance of a resize: the float sums
@@ -88,18 +91,25 @@ def _assert_close(got: dict, want: dict) -> None:
         assert diff <= RESIZE_RTOL * scale, f"{key}: max |diff| {diff:.3g} vs scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("layout, copied_experts, copied_dense", [
-    (["parallel.dp_replicate_degree=1", "parallel.expert_parallel_degree=2"], 0, True),
-    (["parallel.dp_replicate_degree=2"], 0, False),
-], ids=["expert-replicas", "hsdp-replicas"])
+@pytest.mark.parametrize("layout, copied_experts, copied_dense, ep", [
+    (["parallel.dp_replicate_degree=1", "parallel.expert_parallel_degree=2"], 0, True, 2),
+    (["parallel.dp_replicate_degree=2"], 0, False, None),
+    # the planner sees one node of 4 (so EP spans the two real nodes at W=4), the failure
+    # domains are the real nodes
+    (["parallel.gpus_per_node=4", "parallel.dp_replicate_degree=1",
+      "parallel.expert_replicas=2"], 0, True, 4),
+], ids=["expert-replicate-groups", "hsdp-replicas", "load-driven-expert-replicas"])
 def test_a_node_loss_recovers_from_replicas_without_copying_them(tmp_path, layout,
-                                                                  copied_experts, copied_dense):
+                                                                  copied_experts, copied_dense,
+                                                                  ep):
     reference = _final(_train(tmp_path / "ref", "ref", layout, None), tmp_path / "ref", "ref")
     result = _train(tmp_path / "lost", "lost", layout, lose_node_at=5)
     got = _final(result, tmp_path / "lost", "lost")
     epochs = result.coordinator_state["world_sizes"]
     first, last = epochs[0], epochs[-1]
     assert first["world_size"] == 4 and last["world_size"] == 2, [e["world_size"] for e in epochs]
+    if ep is not None:
+        assert first["plan"]["expert_parallel_degree"] == ep, first["plan"]
     kinds = first["copied_bytes_by_kind"]
     assert kinds["experts"] == copied_experts, kinds
     assert (kinds["dense"] > 0) == copied_dense, kinds

@@ -1,0 +1,297 @@
+"""Load-driven expert replicas (``parallel.expert_replicas``): hot experts held twice.
+
+With expert parallelism spread over nodes, each routed expert lives on one rank of its EP group,
+so a lost node loses experts that only a buddy copy or a checkpoint can bring back. Lazarus
+(arXiv:2407.04656) replicates experts by load: the hottest experts get extra copies, the
+copies share their tokens, and placing the copies in other failure domains makes them survive a
+node loss. Here each EP rank holds ``C = parallel.expert_replicas`` copies per MoE layer.
+
+* **Which experts.** The aux-loss-free router bias is the load signal: every step it moves each
+  expert's bias by ``-speed * sign(load - mean load)`` (DeepSeek-V3 sec. 2.1.2), so the lowest
+  bias marks the expert most often over the mean. It is model state, the same on every rank and
+  restored by every path, so every rank plans the same copies with no extra collective.
+* **Where** (:func:`plan_replicas`, pure): first one copy of each expert, hottest first, on a
+  rank in another failure domain than its owner (so a node loss leaves every expert a live
+  copy while there are slots); the slots left go to the hottest experts again, on the ranks
+  with the fewest copies. Every rank gets exactly ``C`` copies (capped at ``E - L``).
+* **Tokens.** A source rank sends a replicated expert's rows to itself when it holds a copy,
+  else to one holder picked by (source + expert) mod holders: the copies share the load.
+* **Training.** A copy's gradient is summed with its owner's (one all-reduce for all layers,
+  :func:`reduce_replica_grads`), clipped with the same coefficient, and the copy runs the
+  owner's AdamW update on the same values: on CPU it stays equal bit for bit.
+* **Recovery.** :class:`~elastic_moe.train.shard_state.ShardLayout` lists the copies as blocks of
+  their owner's tensors (``replica=True``), so the peer-copy plan sees a rank whose experts all
+  have copies elsewhere as needing no buddy copy of them, and a restore takes the lost
+  experts from the copies. Copies are never copied themselves: every layout plans and fills
+  them anew from the owners (:func:`assign_replicas`, collective).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from elastic_moe.model.moe import moe_layers
+from elastic_moe.parallel.expert_parallel import (
+    MOMENTS,
+    ExpertParallelExperts,
+    ExpertReplicas,
+    expert_parallel_modules,
+)
+
+logger = logging.getLogger(__name__)
+
+def hot_order(bias_E: torch.Tensor) -> list[int]:
+    """Experts from the hottest (lowest aux-free bias) to the coldest; ties by expert id."""
+    return [int(e) for e in torch.argsort(bias_E.detach().float().cpu(), stable=True)]
+
+
+def plan_replicas(order: Sequence[int], num_experts: int, ep: int, slots: int,
+                  domains: Sequence[str]) -> list[list[int]]:
+    """For each EP rank, the experts it holds copies of (``min(slots, E - E / ep)`` each).
+
+    ``order``: experts hottest first. ``domains``: the failure domain of each EP rank. Pass one
+    gives each expert, hottest first, a copy in another domain than its owner's (a bipartite
+    matching of experts to slots, so as many experts as the slots allow survive a domain's
+    loss); pass two fills the remaining slots with the hottest experts again, on the emptiest
+    rank.
+    """
+    if ep <= 1 or slots <= 0:
+        return [[] for _ in range(max(ep, 1))]
+    local = num_experts // ep
+    slots = min(slots, num_experts - local)
+    table: list[list[int]] = [[] for _ in range(ep)]
+
+    def holders(e: int) -> list[int]:
+        return [e // local] + [p for p in range(ep) if e in table[p]]
+
+    def free(e: int, other_domain: bool) -> list[int]:
+        held = holders(e)
+        seen = {domains[h] for h in held}
+        return [p for p in range(ep) if len(table[p]) < slots and p not in held
+                and (not other_domain or domains[p] not in seen)]
+
+    def place_safely(e: int, visited: set[int]) -> bool:
+        """Kuhn's augmenting path: a free slot in another domain, or one freed by moving the
+        copy that holds it to another rank (so an earlier, hotter expert is never displaced
+        without a new place)."""
+        owner_domain = domains[e // local]
+        ranks = [p for p in range(ep) if domains[p] != owner_domain and p not in visited]
+        for p in sorted(ranks, key=lambda p: (len(table[p]), p)):
+            visited.add(p)
+            if len(table[p]) < slots:
+                table[p].append(e)
+                return True
+            for other in list(table[p]):
+                if place_safely(other, visited):
+                    table[p].remove(other)
+                    table[p].append(e)
+                    return True
+        return False
+
+    for e in order:  # pass one: one copy per expert in another domain, hottest first
+        place_safely(e, set())
+    progress = True
+    while progress:  # pass two: load, hottest first, round by round
+        progress = False
+        for e in order:
+            candidates = free(e, other_domain=True) or free(e, other_domain=False)
+            if candidates:
+                table[min(candidates, key=lambda p: (len(table[p]), p))].append(e)
+                progress = True
+    return table
+
+
+def slot_of_expert(table: Sequence[Sequence[int]], num_experts: int, ep: int,
+                   source: int) -> list[int]:
+    """The global slot (``rank * S + local slot``) that ``source`` sends each expert's rows to.
+
+    Rank p's slots are its ``L`` own experts, then its copies in ``table[p]`` order.
+    """
+    local = num_experts // ep
+    width = local + len(table[0])
+    out = []
+    for e in range(num_experts):
+        owner = e // local
+        held = [owner] + [p for p in range(ep) if e in table[p]]
+        target = source if source in held else held[(source + e) % len(held)]
+        index = e % local if target == owner else local + list(table[target]).index(e)
+        out.append(target * width + index)
+    return out
+
+
+def _owner_contributes(module: ExpertParallelExperts) -> bool:
+    """The owner's values enter a sum once: from the first of the ranks holding the same
+    experts (the expert-replicate group's rank 0)."""
+    group = module.expert_replicate_group
+    return group is None or dist.get_rank(group) == 0
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _replicated(table: Sequence[Sequence[int]]) -> list[int]:
+    return sorted({e for row in table for e in row})
+
+
+def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
+    for index, group in enumerate(optimizer.param_groups):
+        if any(p is param for p in group["params"]):
+            return index
+    raise ValueError("the expert weights are not in the optimizer")
+
+
+@torch.no_grad()
+def assign_replicas(model: nn.Module, optimizer: torch.optim.Optimizer, slots: int,
+                    domains: Sequence[str]) -> int:
+    """Plan this layout's copies from the router biases and fill them from their owners'
+    weights and Adam state (collective: one all-reduce over the default group). ``domains``:
+    every rank's failure domain; the optimizer must have its state (zeros before the first
+    step). Returns the copies per rank and layer (0: none; EP over one rank needs none)."""
+    pairs = [(layer.gate, layer.experts) for layer in moe_layers(model)
+             if isinstance(layer.experts, ExpertParallelExperts)]
+    for _, module in pairs:
+        module.replicas = None
+    if slots <= 0 or not pairs or pairs[0][1].ep_degree == 1:
+        return 0
+    ep = pairs[0][1].ep_degree
+    domains = list(domains)[:ep]  # the first EP group's; every EP group is laid out alike
+    parts: list[torch.Tensor] = []
+    tables = []
+    for gate, module in pairs:
+        table = plan_replicas(hot_order(gate.e_score_correction_bias), module.num_experts, ep,
+                              slots, domains)
+        tables.append(table)
+        local = module.num_local_experts
+        mine = _owner_contributes(module)
+        for e in _replicated(table):
+            for param in (module.w13, module.w2):
+                state = optimizer.state[param]
+                for tensor in (param, state["exp_avg"], state["exp_avg_sq"]):
+                    row = _local(tensor)[0]
+                    parts.append(_local(tensor)[e % local].reshape(-1)
+                                 if mine and e // local == module.ep_rank
+                                 else torch.zeros(row.numel(), dtype=row.dtype))
+    flat = torch.cat(parts) if parts else torch.zeros(0)
+    if dist.is_initialized() and flat.numel():
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # one owner adds its rows, the rest zeros
+    offset = 0
+    for (_, module), table in zip(pairs, tables, strict=True):
+        own = table[module.ep_rank]
+        w13_CHD = _local(module.w13).new_empty((len(own), *_local(module.w13).shape[1:]))
+        w2_CDI = _local(module.w2).new_empty((len(own), *_local(module.w2).shape[1:]))
+        moments: dict[int, dict[str, torch.Tensor]] = {
+            id(w13_CHD): {m: torch.empty_like(w13_CHD) for m in MOMENTS},
+            id(w2_CDI): {m: torch.empty_like(w2_CDI) for m in MOMENTS}}
+        for e in _replicated(table):
+            for copy in (w13_CHD, w2_CDI):
+                targets = [copy, *moments[id(copy)].values()]
+                for target in targets:
+                    n = target[0].numel()
+                    if e in own:
+                        target[own.index(e)].copy_(flat[offset:offset + n].view_as(target[0]))
+                    offset += n
+        group_index = _group_of(optimizer, module.w13)
+        hyper = {k: v for k, v in optimizer.param_groups[group_index].items() if k != "params"}
+        w13_CHD.requires_grad_(True)
+        w2_CDI.requires_grad_(True)
+        copies = torch.optim.AdamW([{**hyper, "params": [w13_CHD, w2_CDI], "foreach": False}])
+        step = optimizer.state[module.w13]["step"]
+        for copy in (w13_CHD, w2_CDI):
+            copies.state[copy] = {"step": step.detach().clone(), **moments[id(copy)]}
+        module.replicas = ExpertReplicas(
+            table=table,
+            slot_of_expert_E=torch.tensor(slot_of_expert(table, module.num_experts, ep,
+                                                         module.ep_rank)),
+            w13_CHD=w13_CHD, w2_CDI=w2_CDI, optimizer=copies, group_index=group_index)
+    logger.debug("expert replicas: %d per rank and layer; layer 0 table %s", len(tables[0][0]),
+                 tables[0])
+    return len(tables[0][0])
+
+
+def replica_modules(model: nn.Module) -> list[ExpertParallelExperts]:
+    return [m for m in expert_parallel_modules(model)
+            if m.replicas is not None and m.replicas.num_slots]
+
+
+def replica_grads(model: nn.Module) -> list[torch.Tensor]:
+    """The copies' gradients (to scale with the clip coefficient; not counted in the norm)."""
+    out = []
+    for module in replica_modules(model):
+        assert module.replicas is not None
+        out += [t.grad for t in (module.replicas.w13_CHD, module.replicas.w2_CDI)
+                if t.grad is not None]
+    return out
+
+
+@torch.no_grad()
+def reduce_replica_grads(model: nn.Module) -> None:
+    """Sum each replicated expert's gradient over its owner and all its copies, and give every
+    holder the sum (one all-reduce over the default group for all layers). Call after
+    :func:`~elastic_moe.parallel.expert_parallel.reduce_expert_grads`, which has already summed
+    the owner's gradient over the ranks holding the same experts."""
+    modules = replica_modules(model)
+    if not modules:
+        return
+    parts: list[torch.Tensor] = []
+    for module in modules:
+        replicas = module.replicas
+        assert replicas is not None
+        local, mine = module.num_local_experts, _owner_contributes(module)
+        own = replicas.table[module.ep_rank]
+        for param, copy in ((module.w13, replicas.w13_CHD), (module.w2, replicas.w2_CDI)):
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            if copy.grad is None:
+                copy.grad = torch.zeros_like(copy)
+            grad = _local(param.grad)
+            for e in _replicated(replicas.table):
+                row = (grad[e % local].clone() if mine and e // local == module.ep_rank
+                       else torch.zeros_like(grad[0]))
+                if e in own:
+                    row += copy.grad[own.index(e)]
+                parts.append(row.reshape(-1))
+    flat = torch.cat(parts)
+    with torch.profiler.record_function("ep/replica_grad_all_reduce"):
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for module in modules:
+        replicas = module.replicas
+        assert replicas is not None
+        local = module.num_local_experts
+        own = replicas.table[module.ep_rank]
+        for param, copy in ((module.w13, replicas.w13_CHD), (module.w2, replicas.w2_CDI)):
+            assert param.grad is not None and copy.grad is not None
+            grad = _local(param.grad)
+            for e in _replicated(replicas.table):
+                n = grad[0].numel()
+                total = flat[offset:offset + n].view_as(grad[0])
+                if e // local == module.ep_rank:
+                    grad[e % local].copy_(total)
+                if e in own:
+                    copy.grad[own.index(e)].copy_(total)
+                offset += n
+
+
+def step_replicas(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The owners' AdamW update on every copy (after ``optimizer.step()``; local)."""
+    for module in replica_modules(model):
+        replicas = module.replicas
+        assert replicas is not None
+        for group in replicas.optimizer.param_groups:
+            group["lr"] = optimizer.param_groups[replicas.group_index]["lr"]
+        replicas.optimizer.step()
+        replicas.optimizer.zero_grad(set_to_none=True)
+
+
+def drop_replica_grads(model: nn.Module) -> None:
+    """A step that is not applied: the copies' gradients go with the owners'."""
+    for module in replica_modules(model):
+        assert module.replicas is not None
+        module.replicas.optimizer.zero_grad(set_to_none=True)
