@@ -127,6 +127,42 @@ def assert_each_sample_once(directory: str, steps: int, global_batch: int, num_s
             f"{[r for r in audit_records(directory) if r['step'] == first]}")
 
 
+def single_process_weights(cfg: Config, skip_step: int | None = None) -> dict[str, torch.Tensor]:
+    """The reference for a run's final weights: one process, no Ray, no process group, the
+    library's model, optimizer and ``train_step`` over the same global batches of the prepared
+    data (the sampler is world-size free). Step ``skip_step`` (1-based) consumes its batch and
+    applies nothing. Matches a W-worker run to float-summation order (about 1e-5 relative)."""
+    from elastic_moe.data.sample_corpus import ensure_prepared
+    from elastic_moe.data.sampler import (
+        DataPosition,
+        advance,
+        batch_sample_ids,
+        make_batch,
+        split_batch,
+    )
+    from elastic_moe.data.shards import TokenDataset
+    from elastic_moe.model.transformer import Transformer
+    from elastic_moe.train.step import build_optimizer, train_step
+
+    manifest = ensure_prepared(cfg.data.cache_dir, cfg.data.tokenizer_vocab_size,
+                               cfg.train.seq_len)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    model.init_weights(cfg.train.seed)
+    optimizer = build_optimizer(model, cfg.train)
+    data = TokenDataset(manifest)
+    position = DataPosition(seed=cfg.train.seed)
+    batch_size = cfg.train.global_batch_size
+    for step in range(cfg.train.steps):
+        if step + 1 != skip_step:
+            ids = batch_sample_ids(position, data.num_sequences, batch_size, 0, 1)
+            train_step(model, optimizer, split_batch(make_batch(data, ids),
+                                                      cfg.train.micro_batch_size),
+                       step, cfg.train, cfg.model)
+        position = advance(position, batch_size, data.num_sequences)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def final_model_tensors(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     """Full model tensors of the newest committed checkpoint, read in this process."""
     from torch.distributed.checkpoint import FileSystemReader

@@ -25,6 +25,7 @@ from tests.integration.elastic_helpers import (
     consumed_samples,
     data_cache,
     final_model_tensors,
+    single_process_weights,
     sqlite_store,
     tiny_config,
 )
@@ -34,32 +35,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, NAN_STEP = 8, 5
-
-
-def _reference_weights(cfg, manifest: str, skip_step: int | None) -> dict[str, torch.Tensor]:
-    """One process, no Ray, no process group: the library's model, optimizer and train_step
-    over the same global batches; step ``skip_step`` (1-based) consumes its batch and applies
-    nothing."""
-    from elastic_moe.data.sampler import DataPosition, advance, batch_sample_ids, make_batch, split_batch
-    from elastic_moe.data.shards import TokenDataset
-    from elastic_moe.model.transformer import Transformer
-    from elastic_moe.train.step import build_optimizer, train_step
-
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    model.init_weights(cfg.train.seed)
-    optimizer = build_optimizer(model, cfg.train)
-    data = TokenDataset(manifest)
-    position = DataPosition(seed=cfg.train.seed)
-    batch_size = cfg.train.global_batch_size
-    for step in range(cfg.train.steps):
-        if step + 1 != skip_step:
-            ids = batch_sample_ids(position, data.num_sequences, batch_size, 0, 1)
-            train_step(model, optimizer, split_batch(make_batch(data, ids),
-                                                      cfg.train.micro_batch_size),
-                       step, cfg.train, cfg.model)
-        position = advance(position, batch_size, data.num_sequences)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _committed_tensors(checkpoint_dir: str) -> dict[int, dict[str, torch.Tensor]]:
@@ -139,8 +114,8 @@ def test_nan_gradient_on_one_rank_skips_that_step_everywhere(tmp_path):
     assert len(consumed_samples(samples)[NAN_STEP - 1]) == cfg.train.global_batch_size
     # the weights: equal to a run that never applied that batch, unlike one that did
     final = final_model_tensors(result.checkpoint_dir)
-    skipped_ref = _reference_weights(cfg, manifest, skip_step=NAN_STEP)
-    full_ref = _reference_weights(cfg, manifest, skip_step=None)
+    skipped_ref = single_process_weights(cfg, skip_step=NAN_STEP)
+    full_ref = single_process_weights(cfg)
     scale = max(float(v.abs().max()) for v in skipped_ref.values() if v.is_floating_point())
     diff_skip = max(float((final[k] - v).abs().max()) for k, v in skipped_ref.items()
                     if v.is_floating_point())
