@@ -133,6 +133,9 @@ class ExpertParallelExperts(RoutedExperts):
         self.w2 = nn.Parameter(self._shard(experts.w2, ep_mesh))
         # copies of other ranks' hot experts, set per layout by expert_replicas.assign_replicas
         self.replicas: ExpertReplicas | None = None
+        # routed rows this rank's experts (and copies) computed in forwards since the last reset:
+        # the rank's expert load (a host count the all-to-all already needs; for benchmarks)
+        self.rows_computed = 0
 
     def _shard(self, full_E: torch.Tensor, ep_mesh: DeviceMesh) -> DTensor:
         start = self.ep_rank * self.num_local_experts
@@ -205,6 +208,7 @@ class ExpertParallelExperts(RoutedExperts):
         # One host sync per layer: all_to_all_single needs the split sizes on the host.
         input_splits = send_counts_PL.sum(dim=1).tolist()
         output_splits = recv_counts_PL.sum(dim=1).tolist()
+        self.rows_computed += sum(output_splits)
         recv_RD = all_to_all_rows(x_MD, output_splits, input_splits, self.ep_group)
         # Received rows are ordered (source rank, local expert); the expert MLP wants them
         # grouped by local expert. Stable sort keeps each source's rows in order.
