@@ -158,7 +158,11 @@ def assign_replicas(model: nn.Module, optimizer: torch.optim.Optimizer, slots: i
              if isinstance(layer.experts, ExpertParallelExperts)]
     for _, module in pairs:
         module.replicas = None
-    if slots <= 0 or not pairs or pairs[0][1].ep_degree == 1:
+    if slots <= 0 or not pairs:
+        return 0
+    if pairs[0][1].ep_degree == 1:
+        logger.info("parallel.expert_replicas=%d: no copies at ep=1 (every rank holds every "
+                    "expert)", slots)
         return 0
     ep = pairs[0][1].ep_degree
     domains = list(domains)[:ep]  # the first EP group's; every EP group is laid out alike
@@ -177,8 +181,8 @@ def assign_replicas(model: nn.Module, optimizer: torch.optim.Optimizer, slots: i
                     row = _local(tensor)[0]
                     parts.append(_local(tensor)[e % local].reshape(-1)
                                  if mine and e // local == module.ep_rank
-                                 else torch.zeros(row.numel(), dtype=row.dtype))
-    flat = torch.cat(parts) if parts else torch.zeros(0)
+                                 else row.new_zeros(row.numel()))
+    flat = torch.cat(parts)
     if dist.is_initialized() and flat.numel():
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # one owner adds its rows, the rest zeros
     offset = 0
@@ -208,7 +212,7 @@ def assign_replicas(model: nn.Module, optimizer: torch.optim.Optimizer, slots: i
         module.replicas = ExpertReplicas(
             table=table,
             slot_of_expert_E=torch.tensor(slot_of_expert(table, module.num_experts, ep,
-                                                         module.ep_rank)),
+                                                         module.ep_rank), device=w13_CHD.device),
             w13_CHD=w13_CHD, w2_CDI=w2_CDI, optimizer=copies, group_index=group_index)
     logger.debug("expert replicas: %d per rank and layer; layer 0 table %s", len(tables[0][0]),
                  tables[0])
