@@ -167,14 +167,18 @@ class ExpertParallelExperts(RoutedExperts):
 
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slot weights: its own experts, then its replicas (when it has any)."""
-        w13_SHD = self.w13.to_local() if isinstance(self.w13, DTensor) else self.w13
-        w2_SDI = self.w2.to_local() if isinstance(self.w2, DTensor) else self.w2
+        w13_LHD = self.w13.to_local() if isinstance(self.w13, DTensor) else self.w13
+        w2_LDI = self.w2.to_local() if isinstance(self.w2, DTensor) else self.w2
+        parts13, parts2 = [w13_LHD], [w2_LDI]
         if self.replicas is not None and self.replicas.num_slots:
-            w13_SHD = torch.cat([w13_SHD, self.replicas.w13_CHD])
-            w2_SDI = torch.cat([w2_SDI, self.replicas.w2_CDI])
-        if self.compute_dtype is not None:
-            w13_SHD, w2_SDI = w13_SHD.to(self.compute_dtype), w2_SDI.to(self.compute_dtype)
-        return w13_SHD, w2_SDI
+            parts13.append(self.replicas.w13_CHD)
+            parts2.append(self.replicas.w2_CDI)
+        if self.compute_dtype is not None:  # cast, then join: no fp32 copy of the joined slots
+            parts13 = [p.to(self.compute_dtype) for p in parts13]
+            parts2 = [p.to(self.compute_dtype) for p in parts2]
+        if len(parts13) == 1:
+            return parts13[0], parts2[0]
+        return torch.cat(parts13), torch.cat(parts2)
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
                 topk_weights_TK: torch.Tensor) -> torch.Tensor:

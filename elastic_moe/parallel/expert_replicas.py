@@ -16,9 +16,12 @@ node loss. Here each EP rank holds ``C = parallel.expert_replicas`` copies per M
   with the fewest copies. Every rank gets exactly ``C`` copies (capped at ``E - L``).
 * **Tokens.** A source rank sends a replicated expert's rows to itself when it holds a copy,
   else to one holder picked by (source + expert) mod holders: the copies share the load.
-* **Training.** A copy's gradient is summed with its owner's (one all-reduce for all layers,
-  :func:`reduce_replica_grads`), clipped with the same coefficient, and the copy runs the
-  owner's AdamW update on the same values: on CPU it stays equal bit for bit.
+* **Training.** A copy's gradient is added to its owner's in the owner's EP group
+  (:func:`send_replica_grads`, one all-to-all for all layers), the owners are summed over the
+  ranks holding the same experts as before, and the total goes back to the copies
+  (:func:`return_replica_grads`). Traffic per rank is its C copies' rows, whatever the world
+  size. The copies are clipped with the same coefficient and run the owner's AdamW update on
+  the same values: on CPU they stay equal bit for bit.
 * **Recovery.** :class:`~elastic_moe.train.shard_state.ShardLayout` lists the copies as blocks of
   their owner's tensors (``replica=True``), so the peer-copy plan sees a rank whose experts all
   have copies elsewhere as needing no buddy copy of them, and a restore takes the lost
@@ -125,19 +128,35 @@ def slot_of_expert(table: Sequence[Sequence[int]], num_experts: int, ep: int,
     return out
 
 
-def _owner_contributes(module: ExpertParallelExperts) -> bool:
-    """The owner's values enter a sum once: from the first of the ranks holding the same
-    experts (the expert-replicate group's rank 0)."""
-    group = module.expert_replicate_group
-    return group is None or dist.get_rank(group) == 0
-
-
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _replicated(table: Sequence[Sequence[int]]) -> list[int]:
-    return sorted({e for row in table for e in row})
+def _owned_copies(module: ExpertParallelExperts, holder: int) -> list[int]:
+    """The experts this rank owns that EP rank ``holder`` holds copies of, in its table order."""
+    assert module.replicas is not None
+    local = module.num_local_experts
+    return [e for e in module.replicas.table[holder] if e // local == module.ep_rank]
+
+
+def _held_copies(module: ExpertParallelExperts, owner: int) -> list[tuple[int, int]]:
+    """(slot, expert) of this rank's copies whose owner is EP rank ``owner``."""
+    assert module.replicas is not None
+    local = module.num_local_experts
+    return [(j, e) for j, e in enumerate(module.replicas.table[module.ep_rank])
+            if e // local == owner]
+
+
+def _exchange(send: list[list[torch.Tensor]], recv_numel: list[int],
+              group: dist.ProcessGroup, like: torch.Tensor) -> list[torch.Tensor]:
+    """One ``all_to_all_single`` over the EP group: ``send[q]`` (flattened) goes to EP rank q;
+    returns what each EP rank sent here (``recv_numel[p]`` elements from rank p)."""
+    parts = [t.reshape(-1) for rows in send for t in rows]
+    flat = torch.cat(parts) if parts else like.new_zeros(0)
+    out = like.new_empty(sum(recv_numel))
+    dist.all_to_all_single(out, flat, recv_numel,
+                           [sum(t.numel() for t in rows) for rows in send], group=group)
+    return list(out.split(recv_numel))
 
 
 def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
@@ -151,7 +170,7 @@ def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
 def assign_replicas(model: nn.Module, optimizer: torch.optim.Optimizer, slots: int,
                     domains: Sequence[str]) -> int:
     """Plan this layout's copies from the router biases and fill them from their owners'
-    weights and Adam state (collective: one all-reduce over the default group). ``domains``:
+    weights and Adam state (collective: one all-to-all in each EP group). ``domains``:
     every rank's failure domain; the optimizer must have its state (zeros before the first
     step). Returns the copies per rank and layer (0: none; EP over one rank needs none)."""
     pairs = [(layer.gate, layer.experts) for layer in moe_layers(model)
@@ -166,54 +185,62 @@ def assign_replicas(model: nn.Module, optimizer: torch.optim.Optimizer, slots: i
         return 0
     ep = pairs[0][1].ep_degree
     domains = list(domains)[:ep]  # the first EP group's; every EP group is laid out alike
-    parts: list[torch.Tensor] = []
-    tables = []
+    modules = []
     for gate, module in pairs:
         table = plan_replicas(hot_order(gate.e_score_correction_bias), module.num_experts, ep,
                               slots, domains)
-        tables.append(table)
-        local = module.num_local_experts
-        mine = _owner_contributes(module)
-        for e in _replicated(table):
-            for param in (module.w13, module.w2):
-                state = optimizer.state[param]
-                for tensor in (param, state["exp_avg"], state["exp_avg_sq"]):
-                    row = _local(tensor)[0]
-                    parts.append(_local(tensor)[e % local].reshape(-1)
-                                 if mine and e // local == module.ep_rank
-                                 else row.new_zeros(row.numel()))
-    flat = torch.cat(parts)
-    if dist.is_initialized() and flat.numel():
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # one owner adds its rows, the rest zeros
-    offset = 0
-    for (_, module), table in zip(pairs, tables, strict=True):
+        group_index = _group_of(optimizer, module.w13)
+        hyper = {k: v for k, v in optimizer.param_groups[group_index].items() if k != "params"}
+        if hyper.get("amsgrad") or hyper.get("maximize"):
+            raise ValueError("parallel.expert_replicas: the copies follow plain AdamW updates "
+                             "(no amsgrad, no maximize)")
         own = table[module.ep_rank]
         w13_CHD = _local(module.w13).new_empty((len(own), *_local(module.w13).shape[1:]))
         w2_CDI = _local(module.w2).new_empty((len(own), *_local(module.w2).shape[1:]))
-        moments: dict[int, dict[str, torch.Tensor]] = {
-            id(w13_CHD): {m: torch.empty_like(w13_CHD) for m in MOMENTS},
-            id(w2_CDI): {m: torch.empty_like(w2_CDI) for m in MOMENTS}}
-        for e in _replicated(table):
-            for copy in (w13_CHD, w2_CDI):
-                targets = [copy, *moments[id(copy)].values()]
-                for target in targets:
-                    n = target[0].numel()
-                    if e in own:
-                        target[own.index(e)].copy_(flat[offset:offset + n].view_as(target[0]))
-                    offset += n
-        group_index = _group_of(optimizer, module.w13)
-        hyper = {k: v for k, v in optimizer.param_groups[group_index].items() if k != "params"}
-        w13_CHD.requires_grad_(True)
-        w2_CDI.requires_grad_(True)
         copies = torch.optim.AdamW([{**hyper, "params": [w13_CHD, w2_CDI], "foreach": False}])
         step = optimizer.state[module.w13]["step"]
         for copy in (w13_CHD, w2_CDI):
-            copies.state[copy] = {"step": step.detach().clone(), **moments[id(copy)]}
+            copies.state[copy] = {"step": step.detach().clone(),
+                                  **{m: torch.empty_like(copy) for m in MOMENTS}}
         module.replicas = ExpertReplicas(
             table=table,
             slot_of_expert_E=torch.tensor(slot_of_expert(table, module.num_experts, ep,
                                                          module.ep_rank), device=w13_CHD.device),
             w13_CHD=w13_CHD, w2_CDI=w2_CDI, optimizer=copies, group_index=group_index)
+        modules.append(module)
+    # each owner sends its rows (weights and both moments) to the holders of its copies, in
+    # its own EP group (every EP group's owners hold the same values)
+    send: list[list[torch.Tensor]] = [[] for _ in range(ep)]
+    recv_numel = [0] * ep
+    for module in modules:
+        local = module.num_local_experts
+        for peer in range(ep):
+            for e in _owned_copies(module, peer):
+                for param in (module.w13, module.w2):
+                    state = optimizer.state[param]
+                    send[peer] += [_local(t)[e % local] for t in (param, state["exp_avg"],
+                                                                    state["exp_avg_sq"])]
+            for _ in _held_copies(module, peer):
+                recv_numel[peer] += 3 * (_local(module.w13)[0].numel()
+                                         + _local(module.w2)[0].numel())
+    received = _exchange(send, recv_numel, modules[0].ep_group, _local(modules[0].w13))
+    for peer in range(ep):
+        offset = 0
+        for module in modules:
+            replicas = module.replicas
+            assert replicas is not None
+            for j, _ in _held_copies(module, peer):
+                for copy in (replicas.w13_CHD, replicas.w2_CDI):
+                    state = replicas.optimizer.state[copy]
+                    for target in (copy, state["exp_avg"], state["exp_avg_sq"]):
+                        n = target[j].numel()
+                        target[j].copy_(received[peer][offset:offset + n].view_as(target[j]))
+                        offset += n
+    for module in modules:
+        assert module.replicas is not None
+        module.replicas.w13_CHD.requires_grad_(True)
+        module.replicas.w2_CDI.requires_grad_(True)
+    tables = [m.replicas.table for m in modules if m.replicas is not None]
     logger.debug("expert replicas: %d per rank and layer; layer 0 table %s", len(tables[0][0]),
                  tables[0])
     return len(tables[0][0])
@@ -235,52 +262,80 @@ def replica_grads(model: nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def reduce_replica_grads(model: nn.Module) -> None:
-    """Sum each replicated expert's gradient over its owner and all its copies, and give every
-    holder the sum (one all-reduce over the default group for all layers). Call after
-    :func:`~elastic_moe.parallel.expert_parallel.reduce_expert_grads`, which has already summed
-    the owner's gradient over the ranks holding the same experts."""
+def send_replica_grads(model: nn.Module) -> None:
+    """Add each copy's gradient into its owner's, in the owner's EP group (one all-to-all for
+    all layers). Call before
+    :func:`~elastic_moe.parallel.expert_parallel.reduce_expert_grads`, which then sums the
+    owners over the ranks holding the same experts: every contribution counted once."""
     modules = replica_modules(model)
     if not modules:
         return
-    parts: list[torch.Tensor] = []
+    ep = modules[0].ep_degree
+    send: list[list[torch.Tensor]] = [[] for _ in range(ep)]
+    recv_numel = [0] * ep
     for module in modules:
         replicas = module.replicas
         assert replicas is not None
-        local, mine = module.num_local_experts, _owner_contributes(module)
-        own = replicas.table[module.ep_rank]
         for param, copy in ((module.w13, replicas.w13_CHD), (module.w2, replicas.w2_CDI)):
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             if copy.grad is None:
                 copy.grad = torch.zeros_like(copy)
-            grad = _local(param.grad)
-            for e in _replicated(replicas.table):
-                row = (grad[e % local].clone() if mine and e // local == module.ep_rank
-                       else torch.zeros_like(grad[0]))
-                if e in own:
-                    row += copy.grad[own.index(e)]
-                parts.append(row.reshape(-1))
-    flat = torch.cat(parts)
-    with torch.profiler.record_function("ep/replica_grad_all_reduce"):
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
+        for peer in range(ep):
+            for j, _ in _held_copies(module, peer):
+                assert replicas.w13_CHD.grad is not None and replicas.w2_CDI.grad is not None
+                send[peer] += [replicas.w13_CHD.grad[j], replicas.w2_CDI.grad[j]]
+            recv_numel[peer] += len(_owned_copies(module, peer)) * (
+                replicas.w13_CHD[0].numel() + replicas.w2_CDI[0].numel())
+    with torch.profiler.record_function("ep/replica_grads"):
+        received = _exchange(send, recv_numel, modules[0].ep_group, _local(modules[0].w13))
+    for peer in range(ep):
+        offset = 0
+        for module in modules:
+            local = module.num_local_experts
+            for e in _owned_copies(module, peer):
+                for param in (module.w13, module.w2):
+                    assert param.grad is not None
+                    row = _local(param.grad)[e % local]
+                    row += received[peer][offset:offset + row.numel()].view_as(row)
+                    offset += row.numel()
+
+
+@torch.no_grad()
+def return_replica_grads(model: nn.Module) -> None:
+    """Give every copy its owner's total gradient (one all-to-all for all layers). Call after
+    :func:`~elastic_moe.parallel.expert_parallel.reduce_expert_grads`: owners and copies then
+    hold the same bits."""
+    modules = replica_modules(model)
+    if not modules:
+        return
+    ep = modules[0].ep_degree
+    send: list[list[torch.Tensor]] = [[] for _ in range(ep)]
+    recv_numel = [0] * ep
     for module in modules:
         replicas = module.replicas
         assert replicas is not None
         local = module.num_local_experts
-        own = replicas.table[module.ep_rank]
-        for param, copy in ((module.w13, replicas.w13_CHD), (module.w2, replicas.w2_CDI)):
-            assert param.grad is not None and copy.grad is not None
-            grad = _local(param.grad)
-            for e in _replicated(replicas.table):
-                n = grad[0].numel()
-                total = flat[offset:offset + n].view_as(grad[0])
-                if e // local == module.ep_rank:
-                    grad[e % local].copy_(total)
-                if e in own:
-                    copy.grad[own.index(e)].copy_(total)
-                offset += n
+        for peer in range(ep):
+            for e in _owned_copies(module, peer):
+                for param in (module.w13, module.w2):
+                    assert param.grad is not None
+                    send[peer].append(_local(param.grad)[e % local])
+            recv_numel[peer] += len(_held_copies(module, peer)) * (
+                replicas.w13_CHD[0].numel() + replicas.w2_CDI[0].numel())
+    with torch.profiler.record_function("ep/replica_grads"):
+        received = _exchange(send, recv_numel, modules[0].ep_group, _local(modules[0].w13))
+    for peer in range(ep):
+        offset = 0
+        for module in modules:
+            replicas = module.replicas
+            assert replicas is not None
+            for j, _ in _held_copies(module, peer):
+                for copy in (replicas.w13_CHD, replicas.w2_CDI):
+                    assert copy.grad is not None
+                    row = copy.grad[j]
+                    row.copy_(received[peer][offset:offset + row.numel()].view_as(row))
+                    offset += row.numel()
 
 
 def step_replicas(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

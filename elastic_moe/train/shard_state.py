@@ -21,6 +21,7 @@ Per-step accumulators (``tokens_per_expert``) are not state: they are zero betwe
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,8 +240,10 @@ def needed_sources(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         target = ShardSpec(key, "", tuple(local.shape), tuple(tensor.shape), offset)
         candidates = [(i, s) for i, s in by_key.get(key, []) if _overlap(target, s) is not None
                       or target.numel == 0]
-        # chosen sources first, then the rest; take blocks until the target is covered
-        candidates.sort(key=lambda c: (c[0] not in chosen, c[0]))
+        # chosen sources first, then owners' blocks before expert copies (one copy covers one
+        # expert of a block: fetching a whole shard set for it is the last resort), then the
+        # rest; take blocks until the target is covered
+        candidates.sort(key=lambda c: (c[0] not in chosen, c[1].replica, c[0]))
         cover = _Cover(target)
         for index, spec in candidates:
             box = _overlap(target, spec)
@@ -255,35 +258,55 @@ def needed_sources(model: nn.Module, optimizer: torch.optim.Optimizer | None,
 
 class _Cover:
     """Which elements of a target block the source blocks seen so far cover. Blocks of one
-    layout are disjoint or identical (replicas), which counting handles; a replica block of
-    one expert overlaps its owner's block, so once one is seen the elements are marked."""
+    layout are disjoint or identical (replicas), which counting handles. An expert copy (one
+    row of its owner's block) overlaps its owner's block: once one is seen, covered rows are
+    marked (copies and the expert blocks they overlap span every trailing dim), or elements
+    when some block does not."""
 
     def __init__(self, target: ShardSpec) -> None:
         self.target = target
         self.count = 0
-        self.seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+        self.seen: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[slice, ...]] = {}
         self.mask: torch.Tensor | None = None
+        self.rows = False  # the mask is over dim 0 only
+
+    def _whole_rows(self, box: tuple[slice, ...]) -> bool:
+        return all(b.start == 0 and b.stop == n for b, n in zip(box[1:], self.target.shape[1:],
+                                                                 strict=True))
+
+    def _mark(self, box: tuple[slice, ...]) -> None:
+        assert self.mask is not None
+        self.mask[box[0] if self.rows else box] = True
 
     def adds(self, spec: ShardSpec, dst_box: tuple[slice, ...]) -> bool:
         """Record ``spec``'s overlap (``dst_box`` in the target); False if it adds nothing."""
         if (spec.offset, spec.shape) in self.seen:
             return False
-        self.seen.add((spec.offset, spec.shape))
+        self.seen[(spec.offset, spec.shape)] = dst_box
         if spec.replica and self.mask is None:
-            self.mask = torch.zeros(self.target.shape, dtype=torch.bool)
-            for offset, shape in self.seen - {(spec.offset, spec.shape)}:
-                box = _overlap(self.target, ShardSpec("", "", shape, (), offset))
-                if box is not None:
-                    self.mask[box[0]] = True
+            boxes = list(self.seen.values())
+            self.rows = len(self.target.shape) > 0 and all(map(self._whole_rows, boxes))
+            self.mask = torch.zeros(self.target.shape[:1] if self.rows else self.target.shape,
+                                    dtype=torch.bool)
+            for box in boxes[:-1]:
+                self._mark(box)
         if self.mask is not None:
+            if self.rows and not self._whole_rows(dst_box):  # back to elements
+                rows = self.mask
+                self.rows = False
+                self.mask = torch.zeros(self.target.shape, dtype=torch.bool)
+                self.mask[rows] = True
             before = int(self.mask.sum())
-            self.mask[dst_box] = True
+            self._mark(dst_box)
             return int(self.mask.sum()) > before
         self.count += _box_numel(dst_box)
         return True
 
     def covered(self) -> int:
-        return int(self.mask.sum()) if self.mask is not None else self.count
+        if self.mask is None:
+            return self.count
+        marked = int(self.mask.sum())
+        return marked * math.prod(self.target.shape[1:]) if self.rows else marked
 
     def complete(self) -> bool:
         return self.covered() >= self.target.numel

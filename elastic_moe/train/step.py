@@ -32,8 +32,9 @@ from elastic_moe.model.moe import (
 from elastic_moe.parallel.expert_parallel import reduce_expert_grads
 from elastic_moe.parallel.expert_replicas import (
     drop_replica_grads,
-    reduce_replica_grads,
     replica_grads,
+    return_replica_grads,
+    send_replica_grads,
     step_replicas,
 )
 from elastic_moe.parallel.fsdp import mixed_precision_dtype
@@ -249,8 +250,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                               weight * out.mtp_loss.item(), weight * out.balance_loss.item(),
                               out.num_tokens], dtype=torch.float64)
     # Expert weights live outside FSDP: sum their gradients over the ranks that hold them.
+    send_replica_grads(model)  # expert copies' gradients into their owners' (EP group)
     reduce_expert_grads(model)
-    reduce_replica_grads(model)  # expert copies: owner + copies summed, every holder gets it
+    return_replica_grads(model)  # the owners' totals back to the copies
     grad_norm = clip_grad_norm(model.parameters(), train_cfg.grad_clip,
                                also_scale=replica_grads(model))
     loads_LE = global_expert_loads(model, group)

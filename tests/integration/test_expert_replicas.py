@@ -41,8 +41,8 @@ NODES = ["node-a", "node-b"]
 STEPS = 4
 
 
-def _config(replicas: int):
-    return apply_overrides(debug(), ["parallel.min_workers=1", "parallel.max_workers=2",
+def _config(replicas: int, world: int = 2):
+    return apply_overrides(debug(), ["parallel.min_workers=1", f"parallel.max_workers={world}",
                                      "parallel.gpus_per_node=2",
                                      f"parallel.expert_replicas={replicas}",
                                      "train.global_batch_size=8", "train.micro_batch_size=2",
@@ -60,26 +60,27 @@ def _copies_equal_owners(model, optimizer) -> None:
             mine = [copy.detach(), replicas.optimizer.state[copy]["exp_avg"],
                     replicas.optimizer.state[copy]["exp_avg_sq"]]
             for owned_t, mine_t in zip(owned, mine, strict=True):
-                other = [torch.empty_like(owned_t) for _ in range(2)]
-                dist.all_gather(other, owned_t.contiguous())
-                peer = 1 - module.ep_rank
+                other = [torch.empty_like(owned_t) for _ in range(module.ep_degree)]
+                dist.all_gather(other, owned_t.contiguous(), group=module.ep_group)
                 for j, expert in enumerate(replicas.table[module.ep_rank]):
-                    assert expert // module.num_local_experts == peer
-                    assert torch.equal(mine_t[j], other[peer][expert % module.num_local_experts])
+                    owner = expert // module.num_local_experts
+                    assert owner != module.ep_rank
+                    assert torch.equal(mine_t[j], other[owner][expert % module.num_local_experts])
 
 
-def _train(rank: int, replicas: int):
-    cfg = _config(replicas)
-    plan = plan_mesh(2, cfg.parallel.gpus_per_node, cfg.model, cfg.parallel,
+def _train(rank: int, replicas: int, nodes: list[str] = NODES):
+    world = len(nodes)
+    cfg = _config(replicas, world)
+    plan = plan_mesh(world, cfg.parallel.gpus_per_node, cfg.model, cfg.parallel,
                      global_batch_size=cfg.train.global_batch_size)
     assert plan.expert_parallel_degree == 2
     model = setup_model(cfg.model, plan, "cpu", seed=0)
     optimizer = build_optimizer(model, cfg.train)
     ensure_optimizer_state(optimizer)
-    assert assign_replicas(model, optimizer, replicas, NODES) == replicas
+    assert assign_replicas(model, optimizer, replicas, nodes) == replicas
     layout = ShardLayout(model, optimizer)
-    peers = PeerCopies(rank, 2)
-    peers.link(model, optimizer, layout, node_of_rank=NODES, step=0, meta={})
+    peers = PeerCopies(rank, world)
+    peers.link(model, optimizer, layout, node_of_rank=nodes, step=0, meta={})
     gen = torch.Generator().manual_seed(100 + rank)
     losses = []
 
@@ -91,7 +92,8 @@ def _train(rank: int, replicas: int):
         ids = torch.randint(0, cfg.model.vocab_size, (4, cfg.train.seq_len), generator=gen)
         metrics = train_step(model, optimizer, [{"input_ids": ids[:2], "labels": ids[:2]},
                                                 {"input_ids": ids[2:], "labels": ids[2:]}],
-                             step, cfg.train, cfg.model, batch_fraction=0.5, commit_vote=vote)
+                             step, cfg.train, cfg.model, batch_fraction=1 / world,
+                             commit_vote=vote)
         assert not metrics.skipped
         peers.apply(optimizer, step + 1, {"step": step + 1})
         losses.append(metrics.loss)
@@ -125,6 +127,23 @@ def _worker(rank: int, world_size: int, tmp: str) -> None:
                 "holdings": Holdings(rank=rank, live=STEPS, wards=peers.holdings()),
                 "plans": peers.plans, "state": state},
                os.path.join(tmp, f"rank{rank}.pt"))
+
+
+def _two_ep_groups(rank: int, world_size: int) -> None:
+    """W=4 in two EP groups of 2 (the owners' gradients are also summed over the groups)."""
+    nodes = ["node-a", "node-a", "node-b", "node-b"]
+    _, plain, _, _, _, plain_losses = _train(rank, 0, nodes)
+    plain_state = full_state_dict(plain)
+    _, model, _, _, _, losses = _train(rank, 4, nodes)  # checks the copies after every step
+    for got, want in zip(losses, plain_losses, strict=True):
+        assert abs(got - want) <= 1e-5 * abs(want), (losses, plain_losses)
+    state = full_state_dict(model)
+    for key, tensor in plain_state.items():
+        assert float((state[key] - tensor).abs().max()) <= 1e-4 * float(tensor.abs().max()), key
+
+
+def test_copies_follow_their_owners_across_two_ep_groups():
+    launch(_two_ep_groups, 4)
 
 
 def test_expert_replicas_train_like_their_owners_and_restore_a_lost_rank(tmp_path):
