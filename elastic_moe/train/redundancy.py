@@ -70,7 +70,7 @@ class RedundancyReport:
             f"{self.replicated_fraction:.0%} of the training state",
             f"  copied per step (gradients to the buddy): {sent / gib:.3f} GiB",
             f"  expert replicas (parallel.expert_replicas, training state of the copies; their "
-            f"gradients are all-reduced each step): {replicas / gib:.3f} GiB = "
+            f"gradients go to and from their owners each step): {replicas / gib:.3f} GiB = "
             f"{replicas / max(state, 1):.2f}x the training state",
             f"  before (two own snapshots + two copies per ward): "
             f"{OLD_BYTES_PER_PARAM * state / TRAIN_BYTES_PER_PARAM / gib:.3f} GiB",
