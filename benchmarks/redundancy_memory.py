@@ -10,7 +10,10 @@ in four runs:
 - dense FSDP over both ranks (``dp_replicate=1``): no block has a replica, so each buddy keeps a
   full copy of its ward; with ``elastic.peer_copies`` on and off;
 - HSDP (``dp_replicate=2``): each rank holds the whole model, a replica of the other; nothing
-  needs a copy; with peer copies on and off.
+  needs a copy; with peer copies on and off;
+- EP 2 over both nodes with ``parallel.expert_replicas=4``: each rank also holds copies of the
+  other rank's 4 experts, so the buddy copies only the dense FSDP shard; with peer copies on and
+  off, and a third run without the expert copies (their own memory, against ``--describe``'s).
 
 For each layout: the training state per worker and the redundancy bytes ``--describe --workers
 2`` computes, what the workers report holding (the epoch record's ``redundancy_bytes``), and the
@@ -107,27 +110,42 @@ def main() -> None:
     mib = 2**20
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
+        ep2 = ["parallel.dp_replicate_degree=1", "parallel.expert_parallel_degree=2"]
         for label, layout in (("FSDP over 2 nodes (dp_replicate=1)",
                                ["parallel.dp_replicate_degree=1"]),
                               ("HSDP, one replica per node (dp_replicate=2)",
-                               ["parallel.dp_replicate_degree=2"])):
+                               ["parallel.dp_replicate_degree=2"]),
+                              ("EP 2 over 2 nodes, parallel.expert_replicas=4",
+                               [*ep2, "parallel.expert_replicas=4"])):
             measured = {}
-            for copies in ("true", "false"):
-                cfg = _config(workdir, args.steps, [*layout, f"elastic.peer_copies={copies}"])
+            runs = [("true", layout), ("false", layout)]
+            if "parallel.expert_replicas=4" in layout:
+                runs.append(("no-replicas", [*ep2, "parallel.expert_replicas=0"]))
+            for key, run_layout in runs:
+                copies = "false" if key == "no-replicas" else key
+                cfg = _config(workdir, args.steps, [*run_layout, f"elastic.peer_copies={copies}"])
                 ensure_prepared(cfg.data.cache_dir, cfg.data.tokenizer_vocab_size,
                                 cfg.train.seq_len)
-                name = f"mem-{len(rows)}-{copies}"
-                measured[copies] = run(workdir, name, cfg)
-                print(f"{label}, peer copies {copies}: RSS "
-                      f"{[round(r / mib) for r in measured[copies][0]]} MiB", flush=True)
+                name = f"mem-{len(rows)}-{key}"
+                measured[key] = run(workdir, name, cfg)
+                print(f"{label}, {key}: RSS "
+                      f"{[round(r / mib) for r in measured[key][0]]} MiB", flush=True)
             cfg = _config(workdir, args.steps, [*layout, "elastic.peer_copies=true"])
             report = redundancy_report(cfg, 2)
             state = max(r.state_bytes for r in report.ranks)
             described = max(r.held_bytes for r in report.ranks)
             reported = measured["true"][1]["redundancy_bytes"]
-            delta = statistics.median(a - b for a, b in zip(
-                sorted(measured["true"][0]), sorted(measured["false"][0]), strict=True))
-            rows.append((label, state, described, reported, delta))
+
+            def rss_delta(a: str, b: str, measured: dict = measured) -> float:
+                return statistics.median(x - y for x, y in zip(
+                    sorted(measured[a][0]), sorted(measured[b][0]), strict=True))
+
+            replicas = None
+            if "no-replicas" in measured:
+                replicas = (max(r.replica_bytes for r in report.ranks),
+                            rss_delta("false", "no-replicas"))
+            rows.append((label, state, described, reported, rss_delta("true", "false"),
+                         replicas))
     lines = [f"# redundancy_memory on CPU ({platform.machine()}, {os.cpu_count()} cores, shared "
              "box, no GPU)", "",
              "Two workers on two 1-CPU `ray.cluster_utils.Cluster` nodes, a widened debug model, "
@@ -136,10 +154,17 @@ def main() -> None:
              "| layout | training state / worker (describe) | held for redundancy (describe) | "
              "held (workers' report) | measured RSS difference | measured / state |",
              "|---|---|---|---|---|---|"]
-    for label, state, described, reported, delta in rows:
+    for label, state, described, reported, delta, _ in rows:
         lines.append(f"| {label} | {state / mib:.1f} MiB | {described / mib:.1f} MiB | "
                      f"{reported / mib:.1f} MiB | {delta / mib:.1f} MiB | "
                      f"{delta / state:.2f}x |")
+    for label, _, _, _, _, replicas in rows:
+        if replicas is not None:
+            lines += ["", f"{label}: the expert copies' own memory (training state of 4 copies "
+                          f"per rank: weights, gradients, 2 Adam moments): `--describe` "
+                          f"{replicas[0] / mib:.1f} MiB; measured RSS difference against the "
+                          f"same run without copies (peer copies off in both) "
+                          f"{replicas[1] / mib:.1f} MiB."]
     lines += ["", "Before update forwarding, each worker held two snapshots of its own state and "
               "two copies of its ward's: 4x the weights and Adam moments, 3x the training state "
               "above, whatever the layout.", "",
