@@ -91,6 +91,8 @@ class JoinReport:
     copied_bytes_by_kind: dict[str, int] = field(default_factory=dict)  # dense / experts
     # rank 0: every rank's copy plan of the layout (what has replicas, what its buddy copies)
     copy_plans: list[CopyPlan] | None = None
+    # training state of its expert copies (parallel.expert_replicas): weights, grads, moments
+    expert_replica_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

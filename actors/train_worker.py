@@ -231,6 +231,7 @@ class TrainWorker:
         from elastic_moe.checkpoint import Checkpointer
         from elastic_moe.parallel import MeshPlan
         from elastic_moe.parallel.comm import process_group_backend
+        from elastic_moe.parallel.expert_replicas import replica_state_bytes
         from elastic_moe.parallel.mesh import forget_layout_caches
         from elastic_moe.parallel.network import (
             bind_process_groups,
@@ -330,7 +331,8 @@ class TrainWorker:
                           copy_bytes_per_step=trainer.peers.bytes_per_step(),
                           redundancy_bytes=trainer.peers.nbytes(),
                           copied_bytes_by_kind=trainer.peers.nbytes_by_kind(),
-                          copy_plans=trainer.peers.plans if epoch.rank == 0 else None)
+                          copy_plans=trainer.peers.plans if epoch.rank == 0 else None,
+                          expert_replica_bytes=replica_state_bytes(trainer.model))
 
     def _leave_group(self, checkpoint_wait_s: float = 10.0) -> None:
         """Leave the current process group, letting an async save in flight finish first

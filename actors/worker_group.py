@@ -889,6 +889,7 @@ class ElasticGroup:
                   "new_plan": plan.describe(),
                   "copy_bytes_per_step": max(j.copy_bytes_per_step for j in joined),
                   "redundancy_bytes": max(j.redundancy_bytes for j in joined),
+                  "expert_replica_bytes": max(j.expert_replica_bytes for j in joined),
                   "copied_bytes_by_kind": {
                       kind: sum(j.copied_bytes_by_kind.get(kind, 0) for j in joined)
                       for kind in ("dense", "experts")}}

@@ -251,6 +251,17 @@ def replica_modules(model: nn.Module) -> list[ExpertParallelExperts]:
             if m.replicas is not None and m.replicas.num_slots]
 
 
+def replica_state_bytes(model: nn.Module) -> int:
+    """The copies' training state on this rank: weights, gradients and two Adam moments (what
+    ``--describe`` counts as expert replicas)."""
+    total = 0
+    for module in replica_modules(model):
+        assert module.replicas is not None
+        for copy in (module.replicas.w13_CHD, module.replicas.w2_CDI):
+            total += 4 * copy.numel() * copy.element_size()
+    return total
+
+
 def replica_grads(model: nn.Module) -> list[torch.Tensor]:
     """The copies' gradients (to scale with the clip coefficient; not counted in the norm)."""
     out = []

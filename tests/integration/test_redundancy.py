@@ -115,6 +115,12 @@ def test_a_node_loss_recovers_from_replicas_without_copying_them(tmp_path, layou
     assert (kinds["dense"] > 0) == copied_dense, kinds
     if not copied_dense:
         assert first["redundancy_bytes"] == 0 and first["copy_bytes_per_step"] == 0, first
+    # the expert copies' memory, as the workers report it, is what --describe computes
+    from elastic_moe.train.redundancy import redundancy_report
+
+    described = redundancy_report(_config(tmp_path / "lost", layout), 4)
+    assert first["expert_replica_bytes"] == max(r.replica_bytes for r in described.ranks), first
+    assert (first["expert_replica_bytes"] > 0) == ("parallel.expert_replicas=2" in layout)
     # the survivors' memory and the copies were enough: no checkpoint read, no step redone
     assert last["restored_from"] == "peers" and last["steps_redone"] == 0, last
     assert not [e for e in result.coordinator_state["events"]
