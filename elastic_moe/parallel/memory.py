@@ -4,7 +4,8 @@ A worker holds, for the mesh plan of its world size (``mesh.py``):
 
 * **training state** -- its FSDP shard of the dense weights and its EP shard of the routed
   experts as fp32 master weights (4 B/param), fp32 gradients (4 B/param) and two fp32 AdamW
-  moments (8 B/param); the planner's ``TRAIN_BYTES_PER_PARAM`` (16) is the sum;
+  moments (8 B/param); the planner's ``TRAIN_BYTES_PER_PARAM`` (16) is the sum; with
+  ``parallel.expert_replicas`` also its copies of other ranks' experts, at the same 16 B/param;
 * **unsharded working set** -- FSDP2 all-gathers one unit (a transformer block) at a time in the
   parameter dtype and prefetches the next; backward holds one unit's unsharded gradient in the
   reduce dtype before the reduce-scatter;
@@ -85,17 +86,19 @@ class MemoryEstimate:
     activations: int
     staging: int  # async checkpoint staging copy (host budgets only)
     runtime: int
+    expert_copies: int = 0  # parallel.expert_replicas: the copies' weights, grads and moments
 
     @property
     def total(self) -> int:
         return (self.parameters + self.gradients + self.optimizer + self.unsharded
-                + self.activations + self.staging + self.runtime)
+                + self.activations + self.staging + self.runtime + self.expert_copies)
 
     def describe(self) -> str:
         parts = [("params", self.parameters), ("grads", self.gradients),
                  ("optimizer", self.optimizer), ("unsharded", self.unsharded),
                  (f"activations@micro_batch={self.micro_batch_size}", self.activations),
-                 ("ckpt staging", self.staging), ("runtime", self.runtime)]
+                 ("ckpt staging", self.staging), ("runtime", self.runtime),
+                 ("expert copies", self.expert_copies)]
         inner = ", ".join(f"{name} {value / GIB:.2f}" for name, value in parts if value)
         return f"{self.total / GIB:.1f} GiB per worker at W={self.world_size} ({inner} GiB)"
 
@@ -142,11 +145,14 @@ def activation_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, micro_batch
 
 def estimate_worker_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, plan: MeshPlan, *,
                            device_type: str, host: bool, async_save: bool = True,
-                           micro_batch_size: int | None = None) -> MemoryEstimate:
+                           micro_batch_size: int | None = None,
+                           expert_replicas: int = 0) -> MemoryEstimate:
     """Bytes one worker of ``plan`` needs (see the module docstring for what is counted).
 
     ``device_type`` ``"cpu"`` or ``"cuda"`` (decides the attention kernel's memory); ``host``:
-    the budget is host RAM, which also holds the checkpoint staging copy.
+    the budget is host RAM, which also holds the checkpoint staging copy. ``expert_replicas``:
+    ``parallel.expert_replicas``, copies of other ranks' experts (with ``ep > 1``), each with
+    the training state of the expert it copies (never checkpointed: no staging).
     """
     micro = micro_batch_size or train_cfg.micro_batch_size
     dense, routed = param_counts(model_cfg)
@@ -164,7 +170,10 @@ def estimate_worker_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, plan:
     activations = activation_bytes(model_cfg, train_cfg, micro,
                                    materialized_scores=device_type == "cpu")
     per_param = TRAIN_BYTES_PER_PARAM // 4  # 4 fp32 copies: weights, grads, 2 moments
+    ep, experts = plan.expert_parallel_degree, model_cfg.num_routed_experts
+    copies = min(expert_replicas, experts - experts // ep) if ep > 1 else 0
     return MemoryEstimate(
+        expert_copies=TRAIN_BYTES_PER_PARAM * copies * (routed // max(experts, 1)),
         world_size=plan.world_size, micro_batch_size=micro,
         parameters=local * 4, gradients=local * 4, optimizer=local * 4 * (per_param - 2),
         unsharded=unsharded, activations=activations,
@@ -189,7 +198,8 @@ def _fits(cfg: Config, world_size: int, budget: MemoryBudget, device_type: str,
         return None
     estimate = estimate_worker_memory(cfg.model, cfg.train, plan, device_type=device_type,
                                       host=budget.host, async_save=cfg.checkpoint.async_save,
-                                      micro_batch_size=micro_batch_size)
+                                      micro_batch_size=micro_batch_size,
+                                      expert_replicas=cfg.parallel.expert_replicas)
     return estimate if estimate.total <= budget.per_worker(world_size) else None
 
 
@@ -218,7 +228,8 @@ def check_memory(cfg: Config, world_size: int, budget: MemoryBudget, *,
         plan = _plan_or_unbounded(cfg, world_size)
         logger.debug("planner within %.1f GiB: %s", budget_bytes / GIB, exc)
     estimate = estimate_worker_memory(cfg.model, cfg.train, plan, device_type=device_type,
-                                      host=budget.host, async_save=cfg.checkpoint.async_save)
+                                      host=budget.host, async_save=cfg.checkpoint.async_save,
+                                      expert_replicas=cfg.parallel.expert_replicas)
     if estimate.total <= budget_bytes:
         logger.debug("memory check: ~%s fits %s", estimate.describe(), budget.describe(world_size))
         return estimate
@@ -238,7 +249,8 @@ def check_memory(cfg: Config, world_size: int, budget: MemoryBudget, *,
     if not advice:
         best = estimate_worker_memory(
             cfg.model, cfg.train, _plan_or_unbounded(cfg, limit), device_type=device_type,
-            host=budget.host, async_save=cfg.checkpoint.async_save, micro_batch_size=1)
+            host=budget.host, async_save=cfg.checkpoint.async_save, micro_batch_size=1,
+            expert_replicas=cfg.parallel.expert_replicas)
         advice.append(f"no world size up to {limit} (train.global_batch_size) and no "
                       f"micro-batch fits: even W={limit} at micro_batch_size=1 needs "
                       f"{best.describe()} > {budget.describe(limit)}; choose a smaller "

@@ -124,3 +124,26 @@ def test_micro_batch_suggestion_when_activations_are_the_problem() -> None:
     budget = MemoryBudget((need + fits_one) // 2, 1, "GPU memory", host=False)
     with pytest.raises(ValueError, match=r"--set train.micro_batch_size=\d fits at W=2"):
         check_memory(cfg, 2, budget, device_type="cpu")
+
+
+def test_expert_copies_are_counted_as_their_experts_training_state() -> None:
+    # small: 64 experts; W=16 with EP 16, 4 copies per rank: the same figure --describe prints
+    from elastic_moe.config import apply_overrides
+    from elastic_moe.train.redundancy import redundancy_report
+
+    cfg = apply_overrides(small(), ["parallel.max_workers=16", "parallel.dp_replicate_degree=1",
+                                    "parallel.expert_parallel_degree=16",
+                                    "parallel.expert_replicas=4"])
+    plan = plan_mesh(16, 8, cfg.model, cfg.parallel)
+    without = estimate_worker_memory(cfg.model, cfg.train, plan, device_type="cuda", host=False)
+    with_copies = estimate_worker_memory(cfg.model, cfg.train, plan, device_type="cuda",
+                                         host=True, expert_replicas=4)
+    assert without.expert_copies == 0
+    described = max(r.replica_bytes for r in redundancy_report(cfg, 16).ranks)
+    assert with_copies.expert_copies == described > 0
+    assert with_copies.staging == without.parameters // 4 * 12  # copies are never staged
+    assert "expert copies" in with_copies.describe()
+    # no expert parallelism: every rank holds every expert, nothing to copy
+    one = plan_mesh(1, 8, cfg.model)
+    assert estimate_worker_memory(cfg.model, cfg.train, one, device_type="cuda", host=False,
+                                  expert_replicas=4).expert_copies == 0
