@@ -83,9 +83,12 @@ def test_two_host_run_finishes_through_a_killed_worker(cluster, tmp_path):
     state_path = str(out / "two-hosts" / "coordinator.json")
     metrics_log = str(out / "two-hosts" / "metrics.jsonl")
     started = time.monotonic()
+    # Ray's driver folds log lines that differ only in numbers ("[repeated 3x across
+    # cluster]"), IP addresses included: the two workers' "bind to <ip>" lines, checked below,
+    # were folded into one in a CI run
+    env = {**cluster.env, "RAY_DEDUP_LOGS": "0"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, env=cluster.env, cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         def training() -> dict | None:
             if proc.poll() is not None:
