@@ -84,7 +84,8 @@ class ExpertReplicas:
     ``table[p]`` lists the experts EP rank p holds copies of (the same on every rank);
     ``slot_of_expert_E`` maps each expert to the global slot (``p * S + local slot``) this rank
     sends its rows to. The copies train like the experts they copy: their gradients are summed
-    with the owner's (:func:`~elastic_moe.parallel.expert_replicas.reduce_replica_grads`) and
+    with the owner's (:func:`~elastic_moe.parallel.expert_replicas.send_replica_grads`, then
+    ``return_replica_grads``) and
     ``optimizer`` runs the owner's AdamW update on them, so they stay equal bit for bit.
     """
 
@@ -187,9 +188,9 @@ class ExpertParallelExperts(RoutedExperts):
         if self.compute_dtype is not None:
             x_TD = x_TD.to(self.compute_dtype)
         num_local, slot_ids_TK = self.num_local_experts, topk_ids_TK
-        if self.replicas is not None and self.replicas.num_slots and self.ep_degree > 1:
+        if self.replicas is not None and self.replicas.num_slots:  # planned only for ep > 1
             num_local += self.replicas.num_slots
-            slot_ids_TK = self.replicas.slot_of_expert_E.to(topk_ids_TK.device)[topk_ids_TK]
+            slot_ids_TK = self.replicas.slot_of_expert_E[topk_ids_TK]  # on the weights' device
         order_M, counts_G = kernels.permute_reference(slot_ids_TK, num_local * self.ep_degree)
         x_MD = kernels.gather_reference(x_TD, order_M, top_k)
         if self.ep_degree == 1:

@@ -32,7 +32,7 @@ node loss. Here each EP rank holds ``C = parallel.expert_replicas`` copies per M
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,7 @@ from elastic_moe.parallel.expert_parallel import (
     ExpertReplicas,
     expert_parallel_modules,
 )
+from elastic_moe.parallel.mesh import replica_slots
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def hot_order(bias_E: torch.Tensor) -> list[int]:
 
 def plan_replicas(order: Sequence[int], num_experts: int, ep: int, slots: int,
                   domains: Sequence[str]) -> list[list[int]]:
-    """For each EP rank, the experts it holds copies of (``min(slots, E - E / ep)`` each).
+    """For each EP rank, the experts it holds copies of (:func:`replica_slots` each).
 
     ``order``: experts hottest first. ``domains``: the failure domain of each EP rank. Pass one
     gives each expert, hottest first, a copy in another domain than its owner's (a bipartite
@@ -64,10 +65,10 @@ def plan_replicas(order: Sequence[int], num_experts: int, ep: int, slots: int,
     loss); pass two fills the remaining slots with the hottest experts again, on the emptiest
     rank.
     """
-    if ep <= 1 or slots <= 0:
+    slots = replica_slots(num_experts, ep, slots)
+    if slots == 0:
         return [[] for _ in range(max(ep, 1))]
     local = num_experts // ep
-    slots = min(slots, num_experts - local)
     table: list[list[int]] = [[] for _ in range(ep)]
 
     def holders(e: int) -> list[int]:
@@ -147,16 +148,40 @@ def _held_copies(module: ExpertParallelExperts, owner: int) -> list[tuple[int, i
             if e // local == owner]
 
 
-def _exchange(send: list[list[torch.Tensor]], recv_numel: list[int],
-              group: dist.ProcessGroup, like: torch.Tensor) -> list[torch.Tensor]:
-    """One ``all_to_all_single`` over the EP group: ``send[q]`` (flattened) goes to EP rank q;
-    returns what each EP rank sent here (``recv_numel[p]`` elements from rank p)."""
+def _move_rows(modules: list[ExpertParallelExperts],
+               owner_rows: Callable[[ExpertParallelExperts, int], list[torch.Tensor]],
+               copy_rows: Callable[[ExpertParallelExperts, int], list[torch.Tensor]], *,
+               to_copies: bool) -> None:
+    """One ``all_to_all_single`` in the EP group between owners and the holders of their
+    copies, for all layers. ``owner_rows(module, expert)`` and ``copy_rows(module, slot)`` give
+    the matching rows (views, in the same order) on either side. ``to_copies``: the owners'
+    rows are written into the copies; otherwise the copies' rows are added into the owners'."""
+    ep = modules[0].ep_degree
+    send: list[list[torch.Tensor]] = [[] for _ in range(ep)]
+    into: list[list[torch.Tensor]] = [[] for _ in range(ep)]
+    for module in modules:
+        for peer in range(ep):
+            owned = [t for e in _owned_copies(module, peer) for t in owner_rows(module, e)]
+            held = [t for j, _ in _held_copies(module, peer) for t in copy_rows(module, j)]
+            send[peer] += owned if to_copies else held
+            into[peer] += held if to_copies else owned
+    like = _local(modules[0].w13)
     parts = [t.reshape(-1) for rows in send for t in rows]
     flat = torch.cat(parts) if parts else like.new_zeros(0)
+    recv_numel = [sum(t.numel() for t in rows) for rows in into]
     out = like.new_empty(sum(recv_numel))
     dist.all_to_all_single(out, flat, recv_numel,
-                           [sum(t.numel() for t in rows) for rows in send], group=group)
-    return list(out.split(recv_numel))
+                           [sum(t.numel() for t in rows) for rows in send],
+                           group=modules[0].ep_group)
+    for rows, received in zip(into, out.split(recv_numel), strict=True):
+        offset = 0
+        for row in rows:
+            chunk = received[offset:offset + row.numel()].view_as(row)
+            if to_copies:
+                row.copy_(chunk)
+            else:
+                row.add_(chunk)
+            offset += row.numel()
 
 
 def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
@@ -210,40 +235,28 @@ def assign_replicas(model: nn.Module, optimizer: torch.optim.Optimizer, slots: i
         modules.append(module)
     # each owner sends its rows (weights and both moments) to the holders of its copies, in
     # its own EP group (every EP group's owners hold the same values)
-    send: list[list[torch.Tensor]] = [[] for _ in range(ep)]
-    recv_numel = [0] * ep
-    for module in modules:
+    def owner_rows(module: ExpertParallelExperts, expert: int) -> list[torch.Tensor]:
         local = module.num_local_experts
-        for peer in range(ep):
-            for e in _owned_copies(module, peer):
-                for param in (module.w13, module.w2):
-                    state = optimizer.state[param]
-                    send[peer] += [_local(t)[e % local] for t in (param, state["exp_avg"],
-                                                                    state["exp_avg_sq"])]
-            for _ in _held_copies(module, peer):
-                recv_numel[peer] += 3 * (_local(module.w13)[0].numel()
-                                         + _local(module.w2)[0].numel())
-    received = _exchange(send, recv_numel, modules[0].ep_group, _local(modules[0].w13))
-    for peer in range(ep):
-        offset = 0
-        for module in modules:
-            replicas = module.replicas
-            assert replicas is not None
-            for j, _ in _held_copies(module, peer):
-                for copy in (replicas.w13_CHD, replicas.w2_CDI):
-                    state = replicas.optimizer.state[copy]
-                    for target in (copy, state["exp_avg"], state["exp_avg_sq"]):
-                        n = target[j].numel()
-                        target[j].copy_(received[peer][offset:offset + n].view_as(target[j]))
-                        offset += n
+        return [_local(t)[expert % local] for param in (module.w13, module.w2)
+                for t in (param, optimizer.state[param]["exp_avg"],
+                          optimizer.state[param]["exp_avg_sq"])]
+
+    def copy_rows(module: ExpertParallelExperts, slot: int) -> list[torch.Tensor]:
+        assert module.replicas is not None
+        state = module.replicas.optimizer.state
+        return [t[slot] for copy in (module.replicas.w13_CHD, module.replicas.w2_CDI)
+                for t in (copy, state[copy]["exp_avg"], state[copy]["exp_avg_sq"])]
+
+    _move_rows(modules, owner_rows, copy_rows, to_copies=True)
     for module in modules:
         assert module.replicas is not None
         module.replicas.w13_CHD.requires_grad_(True)
         module.replicas.w2_CDI.requires_grad_(True)
-    tables = [m.replicas.table for m in modules if m.replicas is not None]
-    logger.debug("expert replicas: %d per rank and layer; layer 0 table %s", len(tables[0][0]),
-                 tables[0])
-    return len(tables[0][0])
+    first = modules[0].replicas
+    assert first is not None
+    logger.debug("expert replicas: %d per rank and layer; layer 0 table %s", first.num_slots,
+                 first.table)
+    return first.num_slots
 
 
 def replica_modules(model: nn.Module) -> list[ExpertParallelExperts]:
@@ -272,6 +285,24 @@ def replica_grads(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def _owner_grad_rows(module: ExpertParallelExperts, expert: int) -> list[torch.Tensor]:
+    local = module.num_local_experts
+    out = []
+    for param in (module.w13, module.w2):
+        assert param.grad is not None
+        out.append(_local(param.grad)[expert % local])
+    return out
+
+
+def _copy_grad_rows(module: ExpertParallelExperts, slot: int) -> list[torch.Tensor]:
+    assert module.replicas is not None
+    out = []
+    for copy in (module.replicas.w13_CHD, module.replicas.w2_CDI):
+        assert copy.grad is not None
+        out.append(copy.grad[slot])
+    return out
+
+
 @torch.no_grad()
 def send_replica_grads(model: nn.Module) -> None:
     """Add each copy's gradient into its owner's, in the owner's EP group (one all-to-all for
@@ -281,35 +312,16 @@ def send_replica_grads(model: nn.Module) -> None:
     modules = replica_modules(model)
     if not modules:
         return
-    ep = modules[0].ep_degree
-    send: list[list[torch.Tensor]] = [[] for _ in range(ep)]
-    recv_numel = [0] * ep
     for module in modules:
-        replicas = module.replicas
-        assert replicas is not None
-        for param, copy in ((module.w13, replicas.w13_CHD), (module.w2, replicas.w2_CDI)):
+        assert module.replicas is not None
+        for param, copy in ((module.w13, module.replicas.w13_CHD),
+                            (module.w2, module.replicas.w2_CDI)):
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             if copy.grad is None:
                 copy.grad = torch.zeros_like(copy)
-        for peer in range(ep):
-            for j, _ in _held_copies(module, peer):
-                assert replicas.w13_CHD.grad is not None and replicas.w2_CDI.grad is not None
-                send[peer] += [replicas.w13_CHD.grad[j], replicas.w2_CDI.grad[j]]
-            recv_numel[peer] += len(_owned_copies(module, peer)) * (
-                replicas.w13_CHD[0].numel() + replicas.w2_CDI[0].numel())
     with torch.profiler.record_function("ep/replica_grads"):
-        received = _exchange(send, recv_numel, modules[0].ep_group, _local(modules[0].w13))
-    for peer in range(ep):
-        offset = 0
-        for module in modules:
-            local = module.num_local_experts
-            for e in _owned_copies(module, peer):
-                for param in (module.w13, module.w2):
-                    assert param.grad is not None
-                    row = _local(param.grad)[e % local]
-                    row += received[peer][offset:offset + row.numel()].view_as(row)
-                    offset += row.numel()
+        _move_rows(modules, _owner_grad_rows, _copy_grad_rows, to_copies=False)
 
 
 @torch.no_grad()
@@ -318,35 +330,9 @@ def return_replica_grads(model: nn.Module) -> None:
     :func:`~elastic_moe.parallel.expert_parallel.reduce_expert_grads`: owners and copies then
     hold the same bits."""
     modules = replica_modules(model)
-    if not modules:
-        return
-    ep = modules[0].ep_degree
-    send: list[list[torch.Tensor]] = [[] for _ in range(ep)]
-    recv_numel = [0] * ep
-    for module in modules:
-        replicas = module.replicas
-        assert replicas is not None
-        local = module.num_local_experts
-        for peer in range(ep):
-            for e in _owned_copies(module, peer):
-                for param in (module.w13, module.w2):
-                    assert param.grad is not None
-                    send[peer].append(_local(param.grad)[e % local])
-            recv_numel[peer] += len(_held_copies(module, peer)) * (
-                replicas.w13_CHD[0].numel() + replicas.w2_CDI[0].numel())
-    with torch.profiler.record_function("ep/replica_grads"):
-        received = _exchange(send, recv_numel, modules[0].ep_group, _local(modules[0].w13))
-    for peer in range(ep):
-        offset = 0
-        for module in modules:
-            replicas = module.replicas
-            assert replicas is not None
-            for j, _ in _held_copies(module, peer):
-                for copy in (replicas.w13_CHD, replicas.w2_CDI):
-                    assert copy.grad is not None
-                    row = copy.grad[j]
-                    row.copy_(received[peer][offset:offset + row.numel()].view_as(row))
-                    offset += row.numel()
+    if modules:
+        with torch.profiler.record_function("ep/replica_grads"):
+            _move_rows(modules, _owner_grad_rows, _copy_grad_rows, to_copies=True)
 
 
 def step_replicas(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

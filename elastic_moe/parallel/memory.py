@@ -37,7 +37,13 @@ import torch
 from elastic_moe.config import Config, ModelConfig, TrainConfig
 from elastic_moe.model.init import rows_per_block
 from elastic_moe.model.transformer import Transformer
-from elastic_moe.parallel.mesh import TRAIN_BYTES_PER_PARAM, MeshPlan, param_counts, plan_mesh
+from elastic_moe.parallel.mesh import (
+    TRAIN_BYTES_PER_PARAM,
+    MeshPlan,
+    param_counts,
+    plan_mesh,
+    replica_slots,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +176,8 @@ def estimate_worker_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, plan:
     activations = activation_bytes(model_cfg, train_cfg, micro,
                                    materialized_scores=device_type == "cpu")
     per_param = TRAIN_BYTES_PER_PARAM // 4  # 4 fp32 copies: weights, grads, 2 moments
-    ep, experts = plan.expert_parallel_degree, model_cfg.num_routed_experts
-    copies = min(expert_replicas, experts - experts // ep) if ep > 1 else 0
+    experts = model_cfg.num_routed_experts
+    copies = replica_slots(experts, plan.expert_parallel_degree, expert_replicas)
     return MemoryEstimate(
         expert_copies=TRAIN_BYTES_PER_PARAM * copies * (routed // max(experts, 1)),
         world_size=plan.world_size, micro_batch_size=micro,

@@ -146,6 +146,12 @@ def _param_counts_cached(key: tuple) -> tuple[int, int]:
     return counts.total + counts.mtp - routed, routed
 
 
+def replica_slots(num_experts: int, ep: int, requested: int) -> int:
+    """Expert copies each EP rank holds for ``parallel.expert_replicas = requested``: none
+    without expert parallelism, and at most the ``E - E / ep`` experts the rank does not own."""
+    return min(max(requested, 0), num_experts - num_experts // ep) if ep > 1 else 0
+
+
 def estimate_bytes_per_rank(model_cfg: ModelConfig, dp_shard: int, ep: int) -> int:
     """Training-state bytes per rank: dense weights / dp_shard + routed experts / ep."""
     dense, routed = param_counts(model_cfg)

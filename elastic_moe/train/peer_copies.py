@@ -146,6 +146,7 @@ def _covering_replicas(spec: ShardSpec, replicas: dict[tuple, list[int]],
     # replica blocks of one key are distinct rows (one expert each), so counting suffices
     return pieces if pieces and covered == spec.numel else None
 
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 

@@ -238,16 +238,15 @@ def needed_sources(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     for key, tensor in state_tensors(model, optimizer):
         local, offset = _local_and_offset(tensor)
         target = ShardSpec(key, "", tuple(local.shape), tuple(tensor.shape), offset)
-        candidates = [(i, s) for i, s in by_key.get(key, []) if _overlap(target, s) is not None
-                      or target.numel == 0]
+        boxes = [(index, spec, overlap[0]) for index, spec in by_key.get(key, [])
+                 if (overlap := _overlap(target, spec)) is not None]
         # chosen sources first, then owners' blocks before expert copies (one copy covers one
         # expert of a block: fetching a whole shard set for it is the last resort), then the
         # rest; take blocks until the target is covered
-        candidates.sort(key=lambda c: (c[0] not in chosen, c[1].replica, c[0]))
-        cover = _Cover(target)
-        for index, spec in candidates:
-            box = _overlap(target, spec)
-            if box is None or not cover.adds(spec, box[0]):
+        boxes.sort(key=lambda c: (c[0] not in chosen, c[1].replica, c[0]))
+        cover = _Cover(target, [(spec, dst_box) for _, spec, dst_box in boxes])
+        for index, spec, dst_box in boxes:
+            if not cover.adds(spec, dst_box):
                 continue
             if index not in chosen:
                 chosen.append(index)
@@ -257,49 +256,39 @@ def needed_sources(model: nn.Module, optimizer: torch.optim.Optimizer | None,
 
 
 class _Cover:
-    """Which elements of a target block the source blocks seen so far cover. Blocks of one
-    layout are disjoint or identical (replicas), which counting handles. An expert copy (one
-    row of its owner's block) overlaps its owner's block: once one is seen, covered rows are
-    marked (copies and the expert blocks they overlap span every trailing dim), or elements
-    when some block does not."""
+    """Which elements of a target block its source blocks (``boxes``: each block's overlap with
+    the target) cover, as they are taken one by one. Blocks of one layout are disjoint or
+    identical (replicas), which counting handles. An expert copy (one row of its owner's block)
+    overlaps its owner's block: with copies among the blocks, covered rows are marked (copies
+    and the expert blocks they overlap span every trailing dim), or elements when some block
+    does not."""
 
-    def __init__(self, target: ShardSpec) -> None:
+    def __init__(self, target: ShardSpec,
+                 boxes: Sequence[tuple[ShardSpec, tuple[slice, ...]]]) -> None:
         self.target = target
         self.count = 0
-        self.seen: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[slice, ...]] = {}
+        self.seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
         self.mask: torch.Tensor | None = None
         self.rows = False  # the mask is over dim 0 only
-
-    def _whole_rows(self, box: tuple[slice, ...]) -> bool:
-        return all(b.start == 0 and b.stop == n for b, n in zip(box[1:], self.target.shape[1:],
-                                                                 strict=True))
-
-    def _mark(self, box: tuple[slice, ...]) -> None:
-        assert self.mask is not None
-        self.mask[box[0] if self.rows else box] = True
+        if any(spec.replica for spec, _ in boxes):
+            self.rows = len(target.shape) > 0 and all(
+                b.start == 0 and b.stop == n
+                for _, box in boxes for b, n in zip(box[1:], target.shape[1:], strict=True))
+            self.mask = torch.zeros(target.shape[:1] if self.rows else target.shape,
+                                    dtype=torch.bool)
 
     def adds(self, spec: ShardSpec, dst_box: tuple[slice, ...]) -> bool:
-        """Record ``spec``'s overlap (``dst_box`` in the target); False if it adds nothing."""
+        """Take ``spec`` (its overlap ``dst_box``); False if it adds nothing."""
         if (spec.offset, spec.shape) in self.seen:
             return False
-        self.seen[(spec.offset, spec.shape)] = dst_box
-        if spec.replica and self.mask is None:
-            boxes = list(self.seen.values())
-            self.rows = len(self.target.shape) > 0 and all(map(self._whole_rows, boxes))
-            self.mask = torch.zeros(self.target.shape[:1] if self.rows else self.target.shape,
-                                    dtype=torch.bool)
-            for box in boxes[:-1]:
-                self._mark(box)
-        if self.mask is not None:
-            if self.rows and not self._whole_rows(dst_box):  # back to elements
-                rows = self.mask
-                self.rows = False
-                self.mask = torch.zeros(self.target.shape, dtype=torch.bool)
-                self.mask[rows] = True
-            before = int(self.mask.sum())
-            self._mark(dst_box)
-            return int(self.mask.sum()) > before
-        self.count += _box_numel(dst_box)
+        self.seen.add((spec.offset, spec.shape))
+        if self.mask is None:
+            self.count += _box_numel(dst_box)
+            return True
+        region = self.mask[dst_box[0]] if self.rows else self.mask[dst_box]  # a view
+        if bool(region.all()):
+            return False
+        region.fill_(True)
         return True
 
     def covered(self) -> int:
@@ -338,13 +327,12 @@ def fill_from_shards(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                              f"{tuple(tensor.shape)} (a different model config)")
         # Every overlapping block holds equal values (replicas of the same state): copy each
         # distinct block once, and check that the target is covered.
-        cover = _Cover(target)
-        for spec, src in known:
-            box = _overlap(target, spec)
-            if box is None or not cover.adds(spec, box[0]):
-                continue
-            dst_box, src_box = box
-            local[dst_box].copy_(src[src_box])
+        overlaps = [(spec, src, overlap) for spec, src in known
+                    if (overlap := _overlap(target, spec)) is not None]
+        cover = _Cover(target, [(spec, overlap[0]) for spec, _, overlap in overlaps])
+        for spec, src, (dst_box, src_box) in overlaps:
+            if cover.adds(spec, dst_box):
+                local[dst_box].copy_(src[src_box])
         covered = cover.covered()
         if covered != target.numel:
             missing.append(f"{key} ({target.numel - covered} of {target.numel} elements of the "
