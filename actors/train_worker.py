@@ -251,6 +251,8 @@ class TrainWorker:
                                 if manifest.rank in likely])
         self._leave_group()
         marks["left"] = time.time()
+        # the last layout's staging buffers, unless its save is still writing from them
+        staging = self.trainer.checkpointer.handover() if self.trainer is not None else None
         # exports of the old layout since the group broke have cached its (equal-looking) mesh
         forget_layout_caches()
         timeout = datetime.timedelta(seconds=cfg.elastic.collective_timeout_s)
@@ -280,7 +282,8 @@ class TrainWorker:
                             wrap_writer=self.spec.wrap_writer,
                             storage_options=storage_options(
                                 self.spec.checkpoint_dir, cfg.checkpoint.storage_timeout_s,
-                                cfg.checkpoint.storage_attempts))
+                                cfg.checkpoint.storage_attempts),
+                            staging=staging)
         marks["checkpointer"] = time.time()
         readers = self.spec.data_readers
         reader = epoch.rank % len(readers)

@@ -247,6 +247,14 @@ def run_ours(workdir: str, name: str, side: str, fault: str, steps: int, every_s
         print(f"  {e.get('cause')}: " + ", ".join(
             f"{k} {v - origin:.2f}" for k, v in marks.items()) +
             (f", next step logged {after - origin:.2f}" if after else ""), flush=True)
+    kill_times = [t for t, _ in faults]
+    for i, t0 in enumerate(kill_times):  # the steps between a rebuild and the next fault
+        t1 = kill_times[i + 1] if i + 1 < len(kill_times) else float("inf")
+        window = [(s, t) for s, t in stamps if t0 < t < t1]
+        gaps = [round(b[1] - a[1], 2) for a, b in zip(window[1:], window[2:], strict=False)]
+        if gaps:
+            print(f"  after fault {i + 1}: steps {window[0][0]}..{window[-1][0]}, gaps {gaps}",
+                  flush=True)
     return _record(stamps, started or stamps[0][1], budget_s, len(faults),
                    sum(e.get("steps_redone", 0) for e in epochs), harness.peaks)
 

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+from torch.distributed._state_dict_utils import _copy_state_dict
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -102,11 +102,14 @@ class Checkpointer:
     def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0, async_save: bool = True,
                  process_group: dist.ProcessGroup | None = None, every_steps: int = 0,
                  wrap_writer: Callable[[dcp.StorageWriter, int], dcp.StorageWriter] | None = None,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None,
+                 staging: StagingBuffers | None = None) -> None:
         """``every_steps``: the save interval :meth:`due` answers by (0 = only when asked).
         ``wrap_writer(writer, step)`` may wrap each save's storage writer (tests hand in one
         that fails part-way). ``storage_options``: fsspec options for ``root`` (timeouts:
-        :func:`elastic_moe.storage.storage_options`)."""
+        :func:`elastic_moe.storage.storage_options`). ``staging``: the async saves' staging
+        buffers of an earlier checkpointer of this process (:meth:`handover`), reused when
+        this rank's shards keep their shapes; None: new ones."""
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: must be >= 1 (the latest is always kept)")
         self.root = root
@@ -129,7 +132,7 @@ class Checkpointer:
         if process_group is None and _distributed() and async_save:
             process_group = dist.new_group(backend="gloo")
         self.group = process_group
-        self._stager = _CachedStager() if async_save else None
+        self._stager = (staging or StagingBuffers()) if async_save else None
         # nothing touches storage here: a rebuild during a storage outage must not fail on it
         # (DCP's writer creates the directories of each save)
 
@@ -255,6 +258,11 @@ class Checkpointer:
         if error is None:
             self.last_committed = step
         return error
+
+    def handover(self) -> StagingBuffers | None:
+        """This checkpointer's staging buffers for the next one of this process (a new
+        layout), or None while a save is in flight: its write may still read them."""
+        return None if self._stager is None or self.saving() else self._stager
 
     def saving(self) -> bool:
         """Whether a save is in flight: staged, not yet committed or failed everywhere."""
@@ -510,15 +518,63 @@ def _layout(obj: Any, path: str = "") -> list[tuple]:
     return [(path, type(obj))]
 
 
-class _CachedStager(AsyncStager):
+def _local_buffers(buffers: Any, path: str) -> dict[str, torch.Tensor]:
+    """``{path: local CPU tensor}`` of a staging structure (a DTensor's local shard)."""
+    if isinstance(buffers, dict):
+        return {k: v for key, value in buffers.items()
+                for k, v in _local_buffers(value, f"{path}/{key}").items()}
+    if isinstance(buffers, list | tuple):
+        return {k: v for i, value in enumerate(buffers)
+                for k, v in _local_buffers(value, f"{path}/{i}").items()}
+    if isinstance(buffers, DTensor):
+        return {path: buffers._local_tensor}
+    if isinstance(buffers, torch.Tensor):
+        return {path: buffers}
+    return {}
+
+
+def _buffers_like(obj: Any, path: str, spare: dict[str, torch.Tensor], pin: bool) -> Any:
+    """A CPU staging structure for ``obj``: each tensor (a DTensor's local shard) takes the
+    buffer ``spare`` holds at its path when dtype and shape match, else a new one; DTensors
+    are wrapped with ``obj``'s own spec (mesh, placements, global shape)."""
+    if isinstance(obj, dict):
+        return {key: _buffers_like(value, f"{path}/{key}", spare, pin)
+                for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        out = [_buffers_like(value, f"{path}/{i}", spare, pin) for i, value in enumerate(obj)]
+        return tuple(out) if isinstance(obj, tuple) else out
+    if isinstance(obj, DTensor):
+        return DTensor(_buffer_like(obj._local_tensor, spare.get(path), pin), obj._spec,
+                       requires_grad=False)
+    if isinstance(obj, torch.Tensor):
+        return _buffer_like(obj, spare.get(path), pin)
+    return obj
+
+
+def _buffer_like(tensor: torch.Tensor, old: torch.Tensor | None, pin: bool) -> torch.Tensor:
+    if old is not None and old.dtype == tensor.dtype and old.shape == tensor.shape:
+        return old
+    if tensor.dim() == 0:
+        return torch.tensor(0, dtype=tensor.dtype)
+    if tensor.numel() == 0:  # nothing to pin
+        return torch.zeros(tensor.shape, dtype=tensor.dtype)
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+
+
+class StagingBuffers(AsyncStager):
     """Stages async saves into CPU buffers allocated once and reused by every later save.
 
     DCP's default staging allocates a fresh copy per save and deep-copies each DTensor (mesh and
     placement metadata included) on the way; that Python overhead, not the memory copy, was most
     of what async save blocked the training loop for (benchmarks/results/checkpoint-cpu.md).
     Reuse is safe because a save starts only after the previous one is written (``wait``). Cost:
-    one resident copy of the state (pinned on CUDA hosts, as DCP's own cache option does). The
-    buffers are rebuilt when the layout changes (another optimizer, another mesh).
+    one resident copy of the state (pinned on CUDA hosts, as DCP's own cache option does).
+
+    A new layout (another mesh, another optimizer) needs new DTensor wrappers, but a rank whose
+    shards keep their shapes (a survivor after a replacement, any rank after a same-size
+    rebuild) keeps the memory under them: only what changed shape is allocated again. On a GPU
+    host that is a pinned copy of the whole training state, which takes seconds to allocate,
+    and it would otherwise fall on the first save after every rebuild.
     """
 
     _synchronize_after_execute = False  # ``stage`` returns only once the copy is complete
@@ -530,8 +586,8 @@ class _CachedStager(AsyncStager):
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         layout = _layout(state_dict)
         if self._buffers is None or layout != self._layout:
-            self._buffers = _create_cpu_state_dict(state_dict,
-                                                   pin_memory=torch.cuda.is_available())
+            spare = _local_buffers(self._buffers, "") if self._buffers is not None else {}
+            self._buffers = _buffers_like(state_dict, "", spare, torch.cuda.is_available())
             self._layout = layout
         return _copy_state_dict(state_dict, self._buffers)
 

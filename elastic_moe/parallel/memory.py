@@ -14,7 +14,7 @@ A worker holds, for the mesh plan of its world size (``mesh.py``):
   logits and their fp32 cross-entropy; on CPU, ``scaled_dot_product_attention`` with the packed
   document mask runs the math kernel, which keeps the ``heads x S x S`` scores and probabilities;
 * on host memory only: the async checkpoint's staging copy of the state (``checkpoint.py``'s
-  ``_CachedStager`` keeps fp32 weights + moments resident) and a fixed per-process runtime cost
+  ``StagingBuffers`` keeps fp32 weights + moments resident) and a fixed per-process runtime cost
   (Python, torch, Ray worker).
 
 :func:`init_bytes_per_rank` is exact rather than estimated: what each rank holds right after

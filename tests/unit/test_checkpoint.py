@@ -165,3 +165,110 @@ def test_async_saves_reuse_staging_buffers_without_mixing_steps(tmp_path):
         for i, moments in want_optim.items():
             for key, value in moments.items():
                 assert torch.equal(torch.as_tensor(got_optim[i][key]), value), (step, i, key)
+
+
+class _HeldWriter:
+    """Wraps a storage writer so that its writes wait for ``release`` (a save kept in flight)."""
+
+    def __init__(self, release):
+        self.release = release
+
+    def __call__(self, writer, step):
+        from tests.integration.faults import _Delegating
+
+        release = self.release
+
+        class Held(_Delegating):
+            def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+                release.wait(30)
+                return self.inner.write_data(plan, planner)
+
+        return Held(writer)
+
+
+def _layout_in_new_group(seed: int, steps: int):
+    """A model and optimizer sharded by FSDP (DTensor parameters) over a new one-rank gloo
+    group and mesh, trained ``steps`` steps: what a worker builds for each layout."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from elastic_moe.parallel.mesh import forget_layout_caches
+    from elastic_moe.train.shard_state import ensure_optimizer_state
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    forget_layout_caches()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    cfg = debug()
+    model = Transformer(cfg.model)
+    model.init_weights(seed)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    opt = build_optimizer(model, cfg.train)
+    ensure_optimizer_state(opt)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=gen)
+        train_step(model, opt, [{"input_ids": x[:, :-1], "labels": x[:, 1:]}], step, cfg.train,
+                   cfg.model)
+    return model, opt
+
+
+def _values(model, opt) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    flat = {f"model/{k}": v for k, v in model_sd.items()}
+    flat.update({f"optim/{k}/{m}": v for k, state in optim_sd["state"].items()
+                 for m, v in state.items()})
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else torch.as_tensor(v)).clone()
+            for k, v in flat.items()}
+
+
+def test_the_next_layout_keeps_the_staging_memory_and_saves_its_own_values(tmp_path):
+    """A rebuild makes a new checkpointer for a new model, optimizer and mesh. Handed the old
+    one's staging buffers, it stages into the same memory where the shard shapes match, wrapped
+    for the new mesh, and each save holds its own layout's values; while a save is in flight
+    there is nothing to hand over (its write still reads the buffers)."""
+    import threading
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    try:
+        model, opt = _layout_in_new_group(seed=0, steps=1)
+        want = {1: _values(model, opt)}
+        release = threading.Event()
+        first = Checkpointer(str(tmp_path), async_save=True, keep_last=5,
+                             wrap_writer=_HeldWriter(release))
+        first.save(1, model, opt, TrainState(step=1))
+        assert first.handover() is None  # the write is held: its buffers are still read
+        release.set()
+        first.wait()
+        staging = first.handover()
+        assert staging is not None
+        before = {k: v._local_tensor.data_ptr()
+                  for k, v in staging._buffers["model"].items() if isinstance(v, DTensor)}
+        assert before
+
+        model, opt = _layout_in_new_group(seed=3, steps=2)  # the next layout, other values
+        want[2] = _values(model, opt)
+        second = Checkpointer(str(tmp_path), async_save=True, keep_last=5, staging=staging)
+        second.save(2, model, opt, TrainState(step=2))
+        second.wait()
+        buffers = staging._buffers["model"]
+        assert {k: buffers[k]._local_tensor.data_ptr() for k in before} == before
+        mesh = next(p for p in model.parameters() if isinstance(p, DTensor)).device_mesh
+        assert all(buffers[k].device_mesh is mesh for k in before)  # wrapped for the new mesh
+
+        fresh, fresh_opt = _layout_in_new_group(seed=9, steps=1)
+        reader = Checkpointer(str(tmp_path), async_save=False)  # of the group now
+        for step in (1, 2):
+            assert reader.restore(fresh, fresh_opt, step=step).step == step
+            got = _values(fresh, fresh_opt)
+            assert got.keys() == want[step].keys()
+            for key, value in want[step].items():
+                assert torch.equal(got[key], value), (step, key)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
