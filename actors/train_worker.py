@@ -731,7 +731,8 @@ def _warm_up_config(run_cfg: Config, device: Any) -> tuple[Config, tuple[int, in
     else:
         free = psutil.virtual_memory().available
     if estimate_bytes_per_rank(run_cfg.model, 1, 1) <= free // 4:
-        return run_cfg, (run_cfg.train.micro_batch_size, run_cfg.train.seq_len)
+        rows = run_cfg.train.micro_batch_size if device.type == "cuda" else 1
+        return run_cfg, (rows, run_cfg.train.seq_len)
     return debug(), (1, 16)
 
 

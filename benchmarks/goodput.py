@@ -255,6 +255,9 @@ def run_ours(workdir: str, name: str, side: str, fault: str, steps: int, every_s
         if gaps:
             print(f"  after fault {i + 1}: steps {window[0][0]}..{window[-1][0]}, gaps {gaps}",
                   flush=True)
+    saves = [round(b[1] - a[1], 2) for a, b in zip(stamps, stamps[1:], strict=False)
+             if b[0] == a[0] + 1 and a[0] % EVERY == 0]
+    print(f"  steps that follow a checkpoint save: gaps {saves}", flush=True)
     return _record(stamps, started or stamps[0][1], budget_s, len(faults),
                    sum(e.get("steps_redone", 0) for e in epochs), harness.peaks)
 
