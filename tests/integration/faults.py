@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,21 @@ class FullDiskWriter(_Delegating):
     def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
         _write_half(self.inner, plan, planner)
         raise OSError(errno.ENOSPC, f"rank {dist.get_rank()}: No space left on device (test)")
+
+
+class HeldWriter(_Delegating):
+    """Writes only once ``release`` is set (a save kept in flight); sets ``started`` first."""
+
+    def __init__(self, inner: dcp.StorageWriter, *, release: threading.Event,
+                 started: threading.Event | None = None) -> None:
+        super().__init__(inner)
+        self.started, self.release = started, release
+
+    def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+        if self.started is not None:
+            self.started.set()
+        assert self.release.wait(30), "the test never released the save"
+        return self.inner.write_data(plan, planner)
 
 
 class AnnouncedSlowWriter(_Delegating):

@@ -11,14 +11,19 @@ from elastic_moe.checkpoint import COMMIT_FILE, Checkpointer, CheckpointError, T
 from elastic_moe.config import debug
 from elastic_moe.model import Transformer, hf
 from elastic_moe.train.step import build_optimizer, train_step
+from tests.integration.faults import HeldWriter
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
-def _trained(seed=0, steps=1):
+def _trained(seed=0, steps=1, shard=None):
+    """The debug model and its optimizer after ``steps`` steps; ``shard(model)`` parallelizes
+    the model first (FSDP: DTensor parameters)."""
     cfg = debug()
     model = Transformer(cfg.model)
     model.init_weights(seed)
+    if shard is not None:
+        shard(model)
     opt = build_optimizer(model, cfg.train)
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
@@ -167,25 +172,6 @@ def test_async_saves_reuse_staging_buffers_without_mixing_steps(tmp_path):
                 assert torch.equal(torch.as_tensor(got_optim[i][key]), value), (step, i, key)
 
 
-class _HeldWriter:
-    """Wraps a storage writer so that its writes wait for ``release`` (a save kept in flight)."""
-
-    def __init__(self, release):
-        self.release = release
-
-    def __call__(self, writer, step):
-        from tests.integration.faults import _Delegating
-
-        release = self.release
-
-        class Held(_Delegating):
-            def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
-                release.wait(30)
-                return self.inner.write_data(plan, planner)
-
-        return Held(writer)
-
-
 def _layout_in_new_group(seed: int, steps: int):
     """A model and optimizer sharded by FSDP (DTensor parameters) over a new one-rank gloo
     group and mesh, trained ``steps`` steps: what a worker builds for each layout."""
@@ -200,17 +186,9 @@ def _layout_in_new_group(seed: int, steps: int):
         dist.destroy_process_group()
     forget_layout_caches()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    cfg = debug()
-    model = Transformer(cfg.model)
-    model.init_weights(seed)
-    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-    opt = build_optimizer(model, cfg.train)
+    model, opt = _trained(seed, steps, shard=lambda m: fully_shard(
+        m, mesh=init_device_mesh("cpu", (1,))))
     ensure_optimizer_state(opt)
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        x = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=gen)
-        train_step(model, opt, [{"input_ids": x[:, :-1], "labels": x[:, 1:]}], step, cfg.train,
-                   cfg.model)
     return model, opt
 
 
@@ -240,7 +218,7 @@ def test_the_next_layout_keeps_the_staging_memory_and_saves_its_own_values(tmp_p
         want = {1: _values(model, opt)}
         release = threading.Event()
         first = Checkpointer(str(tmp_path), async_save=True, keep_last=5,
-                             wrap_writer=_HeldWriter(release))
+                             wrap_writer=lambda w, step: HeldWriter(w, release=release))
         first.save(1, model, opt, TrainState(step=1))
         assert first.handover() is None  # the write is held: its buffers are still read
         release.set()

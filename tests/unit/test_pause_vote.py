@@ -18,25 +18,14 @@ import elastic_moe.train.trainer as trainer_mod
 from elastic_moe.checkpoint import Checkpointer, TrainState
 from elastic_moe.config import apply_overrides, debug
 from elastic_moe.parallel import plan_mesh
-from tests.integration.faults import _Delegating
-
-
-class _HeldWriter(_Delegating):
-    def __init__(self, inner, started: threading.Event, release: threading.Event) -> None:
-        super().__init__(inner)
-        self.started, self.release = started, release
-
-    def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
-        self.started.set()
-        assert self.release.wait(30), "the test never released the save"
-        return self.inner.write_data(plan, planner)
+from tests.integration.faults import HeldWriter
 
 
 def _trainer(tmp_path, started, release, every_steps=0):
     cfg = apply_overrides(debug(), ["parallel.min_workers=1", "parallel.max_workers=1",
                                     "train.steps=100"])
     ckpt = Checkpointer(str(tmp_path), async_save=True, every_steps=every_steps,
-                        wrap_writer=lambda w, step: _HeldWriter(w, started, release))
+                        wrap_writer=lambda w, step: HeldWriter(w, started=started, release=release))
     plan = plan_mesh(1, 1, cfg.model, cfg.parallel)
     return trainer_mod.Trainer(cfg, rank=0, plan=plan, device=torch.device("cpu"),
                                checkpointer=ckpt, batches=None)  # type: ignore[arg-type]
