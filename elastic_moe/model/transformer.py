@@ -120,6 +120,21 @@ class Transformer(nn.Module):
                 doc_ids_BS: torch.Tensor | None = None,
                 mtp_loss_weight: float = 0.3) -> torch.Tensor | LossOutput:
         """Logits ``[B, S, V]`` without labels; with labels, the training losses."""
+        try:
+            return self._forward(input_ids_BS, labels_BS, doc_ids_BS, mtp_loss_weight)
+        finally:
+            # A MoE layer holds its balance loss, and through it the step's autograd graph, only
+            # until the loss takes it in. A forward that raises (a lost peer's collective) must
+            # not leave the graph on the modules: the graph refers back to them through autograd
+            # nodes Python's collector cannot see, so the model, its process groups and their
+            # threads and sockets would outlive the layout.
+            for module in self.modules():
+                if isinstance(module, MoE):
+                    module.balance_loss = None
+
+    def _forward(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor | None,
+                 doc_ids_BS: torch.Tensor | None, mtp_loss_weight: float
+                 ) -> torch.Tensor | LossOutput:
         seq_len = input_ids_BS.shape[1]
         if seq_len > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len "

@@ -59,3 +59,35 @@ def test_mtp_can_be_dropped_for_inference():
         del model.mtp
         model.mtp = torch.nn.ModuleList()
         assert torch.equal(model(tokens), with_mtp)
+
+
+def _raise_in_last_layer(model):
+    def boom(module, args):
+        raise RuntimeError("a peer's collective failed")
+
+    return model.layers[-1].register_forward_pre_hook(boom)
+
+
+def test_a_forward_that_raises_leaves_no_balance_loss_on_the_layers():
+    """The MoE layers before the failure computed their balance losses; none may stay on a
+    module (with the step's autograd graph) once the forward has raised, nor after a forward
+    that returned its loss."""
+    from elastic_moe.model.moe import MoE
+
+    model = _model(seq_aux_alpha=1e-2)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert len(moes) >= 2
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    out = model(tokens[:, :-1], tokens[:, 1:])
+    assert out.balance_loss.item() != 0  # taken in by the loss
+    assert all(m.balance_loss is None for m in moes)
+    handle = _raise_in_last_layer(model)
+    try:
+        model(tokens[:, :-1], tokens[:, 1:])
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the planted failure did not raise")
+    handle.remove()
+    assert all(m.balance_loss is None for m in moes)
+
