@@ -58,6 +58,10 @@ class DataWorkerCore:
         position is the minimum of their ``state()`` positions). ``batch_at`` ignores them."""
         if prefetch < 0:
             raise ValueError(f"prefetch={prefetch!r}: must be >= 0")
+        # make_batch's tensors: torch loads now, while the training workers start, instead of
+        # inside the run's first step (2 s of its data wait on a 2-core machine)
+        import torch  # noqa: F401
+
         self.dataset = TokenDataset(manifest_path)
         self.skip_bad = skip_bad  # data.bad_samples="skip": leave bad sequences out, listed
         self.global_batch_size = global_batch_size

@@ -163,7 +163,8 @@ class RunHost:
         self.released = threading.Event()
         self.group: Any = None
         self.stop_reason: str | None = None
-        self.preloading: threading.Thread | None = None  # the loop's imports, begun early
+        # set once the loop's own modules are imported (begun early, in the background)
+        self.preloaded: threading.Event | None = None
 
     def start(self, adopt: bool) -> None:
         """Run the loop on its own thread (once). ``adopt``: take over the live workers of a
@@ -203,10 +204,10 @@ class RunHost:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def _drive(self, adopt: bool) -> RunResult:
-        if self.preloading is not None:  # no two threads importing the same graph at once
-            self.preloading.join(timeout=120.0)
-            if self.preloading.is_alive():
-                logger.warning("the coordinator's imports have taken over 120 s; going on")
+        # no two threads importing the same graph at once; MLflow may still be loading (only
+        # the tracker's own thread needs it, and it imports through the same package first)
+        if self.preloaded is not None and not self.preloaded.wait(timeout=120.0):
+            logger.warning("the coordinator's imports have taken over 120 s; going on")
         from elastic_moe.actors.data_worker import start_data_workers
         from elastic_moe.actors.run_log import replay_metrics
         from elastic_moe.actors.train_worker import WorkerSpec
@@ -319,9 +320,9 @@ class Coordinator(CoordinatorState):
         self.state["result"] = None  # a new launch (--resume) of an earlier run: a new result
         # the loop's modules load while the launcher runs its checks: 4-5 s of imports (torch,
         # the trainer, MLflow) on a 2-core machine, otherwise paid after start_run
-        self.host.preloading = threading.Thread(target=_preload, name="elastic-moe-preload",
-                                                daemon=True)
-        self.host.preloading.start()
+        self.host.preloaded = threading.Event()
+        threading.Thread(target=_preload, args=(self.host.preloaded,), name="elastic-moe-preload",
+                         daemon=True).start()
         if restarted and self.loaded_status == "RUNNING" and self.state["slots"]:
             logger.warning("coordinator restarted (pid %d): taking over the run's live workers",
                            os.getpid())
@@ -353,19 +354,26 @@ class Coordinator(CoordinatorState):
         self.host.release()
 
 
-def _preload() -> None:
-    """Import what :meth:`RunHost._drive` and the tracker import. The loop waits for this
-    thread before it imports anything: two threads importing overlapping module graphs in
-    different orders can make importlib raise a deadlock error."""
+def _preload(loop_modules: threading.Event) -> None:
+    """Import what :meth:`RunHost._drive` imports, then set ``loop_modules``, then what the
+    tracker imports. The loop waits for the event before it imports anything (two threads
+    importing overlapping module graphs in different orders can make importlib raise a
+    deadlock error), but not for MLflow: the workers start while it loads (1.4-3 s on a 2-core
+    machine), and the tracker connects in its own thread, which queues the records meanwhile."""
     import importlib
 
-    for name in ("elastic_moe.actors.train_worker", "elastic_moe.actors.worker_group",
-                 "elastic_moe.actors.data_worker", "elastic_moe.actors.run_log",
-                 "mlflow.tracking"):
-        try:
+    try:
+        for name in ("elastic_moe.actors.train_worker", "elastic_moe.actors.worker_group",
+                     "elastic_moe.actors.data_worker", "elastic_moe.actors.run_log"):
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - the loop's own import reports it
-            return
+    except Exception:  # noqa: BLE001 - the loop's own import reports it
+        return
+    finally:
+        loop_modules.set()
+    try:
+        importlib.import_module("mlflow.tracking")
+    except Exception:  # noqa: BLE001 - the tracker's own import reports it
+        return
 
 
 def create(run_name: str, state_path: str, launch: Launch) -> Any:

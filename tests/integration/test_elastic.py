@@ -21,6 +21,7 @@ from tests.integration.elastic_helpers import (
     assert_each_sample_once,
     data_cache,
     final_model_tensors,
+    single_process_weights,
     sqlite_store,
     tiny_config,
 )
@@ -125,7 +126,9 @@ def _kill_data_reader(run_name: str) -> None:
 def test_killed_worker_pauses_briefly_and_matches_the_fault_free_run(tmp_path):
     """kill -9 of one of 2 workers mid-interval: the survivor goes on alone at once (its process
     and pid unchanged), the freed slot's replacement joins later; the data reader is killed too.
-    Weights end within a measured tolerance of a fault-free 2-worker run (the split changed)."""
+    Weights end within a measured tolerance of fault-free training (the split changed): one
+    process without Ray (:func:`single_process_weights`), which a fault-free 2-worker run
+    matches to float-summation order."""
     steps, batch = 14, 12
     _ray(num_cpus=2)
     try:
@@ -166,14 +169,9 @@ def test_killed_worker_pauses_briefly_and_matches_the_fault_free_run(tmp_path):
         run_info = MlflowClient(faulty.tracking_uri).get_run(faulty.mlflow_run_id)
         assert run_info.data.params["train.steps"] == str(steps)
         assert any(k.startswith("event.") and "scale_down" in k for k in run_info.data.tags)
-
-        reference = _Run(tiny_config(tmp_path / "b", steps=steps, every=5, workers=(2, 2)),
-                         "fault-free", tmp_path / "b").wait()
-        assert reference.ok, reference.error
     finally:
         ray.shutdown()
-    got, want = final_model_tensors(faulty.checkpoint_dir), final_model_tensors(
-        reference.checkpoint_dir)
+    got, want = final_model_tensors(faulty.checkpoint_dir), single_process_weights(cfg)
     assert got.keys() == want.keys()
     worst = max(float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-12))
                 for k in want)

@@ -12,8 +12,10 @@ Two nodes of two workers each (``parallel.gpus_per_node=2``, so the planner sees
   copy the dense shards and no expert bytes; the lost node's experts come from the copies.
 
 Each run loses a node mid-run, recovers from the survivors in memory (no checkpoint read), and
-ends with the same weights as a fault-free run (within the tolerance of a resize: the float sums
-run in another order at W=2).
+ends with the same weights as fault-free training (within the tolerance of a resize: the float
+sums run in another order at W=2). The fault-free reference is one process without Ray or a
+process group (:func:`single_process_weights`): none of the three layouts changes the math, only
+where its pieces live and in what order the sums run, so one reference serves all three.
 """
 
 from __future__ import annotations
@@ -23,14 +25,22 @@ import time
 
 import pytest
 
-from tests.integration.elastic_helpers import final_model_tensors, tiny_config
+from tests.integration.elastic_helpers import (
+    final_model_tensors,
+    single_process_weights,
+    tiny_config,
+)
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
-RESIZE_RTOL = 1e-3  # as in test_elastic: W=4 -> 2 reorders float sums
+# W=4 -> 2 against one process: measured 1.51e-3 of a tensor's largest value in all three
+# layouts, in the MTP block's experts, whose gradients are tiny (Adam's normalised updates
+# magnify whatever differs there; against a fault-free W=4 run it stayed under 1e-3). A step
+# left out of the reference moves the weights by 0.11-0.29.
+SINGLE_PROCESS_RTOL = 5e-3
 STEPS = 16
 
 
@@ -40,7 +50,7 @@ def _config(tmp_path, layout: list[str]):
                               *layout])
 
 
-def _train(tmp_path, name: str, layout: list[str], lose_node_at: int | None):
+def _train(tmp_path, name: str, layout: list[str], lose_node_at: int):
     """Train on two 2-CPU nodes (the head holds no worker); remove the second node once step
     ``lose_node_at`` is committed. Returns the run's result."""
     from elastic_moe.actors import coordinator as coordinator_mod
@@ -57,19 +67,18 @@ def _train(tmp_path, name: str, layout: list[str], lose_node_at: int | None):
         thread = threading.Thread(target=lambda: box.setdefault("result", run_training(
             _config(tmp_path, layout), name, output_dir=str(tmp_path))), daemon=True)
         thread.start()
-        if lose_node_at is not None:
-            deadline = time.time() + 300
-            while time.time() < deadline:
-                try:
-                    state = coordinator_mod.get(name).snapshot()
-                except ValueError:
-                    state = None
-                if state and state["last_step"] >= lose_node_at and len(state["workers"]) == 4:
-                    break
-                time.sleep(0.05)
-            else:
-                pytest.fail("the run never reached its fault point with 4 workers")
-            cluster.remove_node(nodes[1])
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                state = coordinator_mod.get(name).snapshot()
+            except ValueError:
+                state = None
+            if state and state["last_step"] >= lose_node_at and len(state["workers"]) == 4:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the run never reached its fault point with 4 workers")
+        cluster.remove_node(nodes[1])
         thread.join(600)
         assert "result" in box, "training did not finish"
         return box["result"]
@@ -83,12 +92,19 @@ def _final(result, tmp_path, name):
     return final_model_tensors(os.path.join(str(tmp_path), name, "checkpoints"))
 
 
-def _assert_close(got: dict, want: dict) -> None:
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[dict, dict]:
+    """Fault-free training in one process, and the same with step 8 left out (what a lost step
+    looks like: the comparison must tell the two apart)."""
+    cfg = _config(tmp_path_factory.mktemp("reference"), [])
+    return single_process_weights(cfg), single_process_weights(cfg, skip_step=8)
+
+
+def _worst_relative_diff(got: dict, want: dict) -> tuple[float, str]:
+    """The largest max |got - want| / max |want| over the tensors, and its tensor's name."""
     assert got.keys() == want.keys()
-    for key, tensor in want.items():
-        scale = max(float(tensor.abs().max()), 1e-6)
-        diff = float((got[key].float() - tensor.float()).abs().max())
-        assert diff <= RESIZE_RTOL * scale, f"{key}: max |diff| {diff:.3g} vs scale {scale:.3g}"
+    return max((float((got[key].float() - tensor.float()).abs().max())
+                / max(float(tensor.abs().max()), 1e-6), key) for key, tensor in want.items())
 
 
 @pytest.mark.parametrize("layout, copied_experts, copied_dense, ep", [
@@ -101,8 +117,7 @@ def _assert_close(got: dict, want: dict) -> None:
 ], ids=["expert-replicate-groups", "hsdp-replicas", "load-driven-expert-replicas"])
 def test_a_node_loss_recovers_from_replicas_without_copying_them(tmp_path, layout,
                                                                   copied_experts, copied_dense,
-                                                                  ep):
-    reference = _final(_train(tmp_path / "ref", "ref", layout, None), tmp_path / "ref", "ref")
+                                                                  ep, reference):
     result = _train(tmp_path / "lost", "lost", layout, lose_node_at=5)
     got = _final(result, tmp_path / "lost", "lost")
     epochs = result.coordinator_state["world_sizes"]
@@ -125,4 +140,8 @@ def test_a_node_loss_recovers_from_replicas_without_copying_them(tmp_path, layou
     assert last["restored_from"] == "peers" and last["steps_redone"] == 0, last
     assert not [e for e in result.coordinator_state["events"]
                 if e["kind"] == "checkpoint_fallback"]
-    _assert_close(got, reference)
+    full, one_step_short = reference
+    worst, key = _worst_relative_diff(got, full)
+    print(f"\nfinal weights vs one process: max relative difference {worst:.2e} ({key})")
+    assert worst <= SINGLE_PROCESS_RTOL, (worst, key)
+    assert _worst_relative_diff(got, one_step_short)[0] > 10 * SINGLE_PROCESS_RTOL
