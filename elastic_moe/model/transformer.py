@@ -17,7 +17,7 @@ from torch import nn
 from elastic_moe.config import ModelConfig
 from elastic_moe.model.attention import MLA, attention_mask, rope_frequencies
 from elastic_moe.model.init import seeded_normal_
-from elastic_moe.model.moe import MLP, MoE, RoutedExperts, Router
+from elastic_moe.model.moe import MLP, MoE, RoutedExperts, Router, moe_layers
 from elastic_moe.model.mtp import MTPModule
 from elastic_moe.model.norm import RMSNorm
 
@@ -128,9 +128,8 @@ class Transformer(nn.Module):
             # not leave the graph on the modules: the graph refers back to them through autograd
             # nodes Python's collector cannot see, so the model, its process groups and their
             # threads and sockets would outlive the layout.
-            for module in self.modules():
-                if isinstance(module, MoE):
-                    module.balance_loss = None
+            for moe in moe_layers(self):
+                moe.balance_loss = None
 
     def _forward(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor | None,
                  doc_ids_BS: torch.Tensor | None, mtp_loss_weight: float
@@ -166,8 +165,7 @@ class Transformer(nn.Module):
             mtp_losses.append(_cross_entropy(mtp_logits, labels_BS[:, depth:]))
         zero = lm_loss.new_zeros(())
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else zero
-        balance = [m.balance_loss for m in self.modules()
-                   if isinstance(m, MoE) and m.balance_loss is not None]
+        balance = [m.balance_loss for m in moe_layers(self) if m.balance_loss is not None]
         balance_loss = torch.stack(balance).sum() if balance else zero
         loss = lm_loss + mtp_loss_weight * mtp_loss + balance_loss
         return LossOutput(loss, lm_loss, mtp_loss, balance_loss, int(labels_BS.numel()))

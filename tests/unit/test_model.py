@@ -90,4 +90,3 @@ def test_a_forward_that_raises_leaves_no_balance_loss_on_the_layers():
         raise AssertionError("the planted failure did not raise")
     handle.remove()
     assert all(m.balance_loss is None for m in moes)
-
