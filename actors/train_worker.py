@@ -675,11 +675,12 @@ def _warm_up(device: Any, run_cfg: Config) -> None:
 
     A fresh process's first model build costs about a second more than the next one (measured
     on the CPU box: 0.80 s, then 0.03 s), and its first step at the run's shapes costs more than
-    the next one (first use of the kernels for those shapes, the allocator's first pages): both
-    would otherwise fall inside the pause of the join that takes this worker in. The run's own
-    model, unsharded, at one micro-batch of the run's shapes, when its training state fits in a
-    quarter of the free memory (:func:`_warm_up_config`); otherwise the tiny debug model, so a
-    worker of a model that only fits when sharded still warms up the rest. Best effort."""
+    the next one (first use of the kernels for those shapes, the first touch of its activation
+    memory): both would otherwise fall inside the pause of the join that takes this worker in.
+    The run's own model, unsharded, at one micro-batch of the run's shapes, when its training
+    state fits in a quarter of the free memory (:func:`_warm_up_config`); otherwise the tiny
+    debug model, so a worker of a model that only fits when sharded still warms up the rest.
+    Best effort."""
     import dataclasses
 
     import torch
@@ -719,7 +720,13 @@ def _warm_up(device: Any, run_cfg: Config) -> None:
 def _warm_up_config(run_cfg: Config, device: Any) -> tuple[Config, tuple[int, int]]:
     """The model and (batch, tokens) shape the warm-up runs: the run's model at one
     micro-batch when its unsharded training state fits in a quarter of the free memory of
-    ``device``, else the tiny debug model at (1, 16)."""
+    ``device``, else the tiny debug model at (1, 16).
+
+    A full micro-batch on a CPU too: kernels there are not chosen per shape, but a process's
+    first step at the run's shapes touches its activation memory for the first time. After a
+    warm-up of one sequence, a fresh worker's first step took about 87,000 page faults and 1.36x
+    the time of its third (the goodput model on the CPU box, ``benchmarks/warm_up.py``), and
+    the whole group waited for it."""
     import psutil
     import torch
 
@@ -731,8 +738,7 @@ def _warm_up_config(run_cfg: Config, device: Any) -> tuple[Config, tuple[int, in
     else:
         free = psutil.virtual_memory().available
     if estimate_bytes_per_rank(run_cfg.model, 1, 1) <= free // 4:
-        rows = run_cfg.train.micro_batch_size if device.type == "cuda" else 1
-        return run_cfg, (rows, run_cfg.train.seq_len)
+        return run_cfg, (run_cfg.train.micro_batch_size, run_cfg.train.seq_len)
     return debug(), (1, 16)
 
 

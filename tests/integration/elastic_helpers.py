@@ -53,6 +53,14 @@ def sqlite_store(path) -> str:
     return f"sqlite:///{path}"
 
 
+def worst_relative_diff(got: dict, want: dict) -> tuple[float, str]:
+    """The largest max |got - want| / max |want| over the tensors (``want``'s maximum floored at
+    1e-6, for tensors that are all near zero), and its tensor's name."""
+    assert got.keys() == want.keys()
+    return max((float((got[key].float() - tensor.float()).abs().max())
+                / max(float(tensor.abs().max()), 1e-6), key) for key, tensor in want.items())
+
+
 def tiny_config(tmp_path, steps: int = 12, every: int = 4, workers: tuple[int, int] = (2, 2),
                 extra: list[str] | None = None) -> Config:
     """The debug recipe, shortened, with everything written under ``tmp_path`` (the prepared

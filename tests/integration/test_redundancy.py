@@ -29,6 +29,7 @@ from tests.integration.elastic_helpers import (
     final_model_tensors,
     single_process_weights,
     tiny_config,
+    worst_relative_diff,
 )
 
 ray = pytest.importorskip("ray")
@@ -100,13 +101,6 @@ def reference(tmp_path_factory) -> tuple[dict, dict]:
     return single_process_weights(cfg), single_process_weights(cfg, skip_step=8)
 
 
-def _worst_relative_diff(got: dict, want: dict) -> tuple[float, str]:
-    """The largest max |got - want| / max |want| over the tensors, and its tensor's name."""
-    assert got.keys() == want.keys()
-    return max((float((got[key].float() - tensor.float()).abs().max())
-                / max(float(tensor.abs().max()), 1e-6), key) for key, tensor in want.items())
-
-
 @pytest.mark.parametrize("layout, copied_experts, copied_dense, ep", [
     (["parallel.dp_replicate_degree=1", "parallel.expert_parallel_degree=2"], 0, True, 2),
     (["parallel.dp_replicate_degree=2"], 0, False, None),
@@ -141,7 +135,7 @@ def test_a_node_loss_recovers_from_replicas_without_copying_them(tmp_path, layou
     assert not [e for e in result.coordinator_state["events"]
                 if e["kind"] == "checkpoint_fallback"]
     full, one_step_short = reference
-    worst, key = _worst_relative_diff(got, full)
+    worst, key = worst_relative_diff(got, full)
     print(f"\nfinal weights vs one process: max relative difference {worst:.2e} ({key})")
     assert worst <= SINGLE_PROCESS_RTOL, (worst, key)
-    assert _worst_relative_diff(got, one_step_short)[0] > 10 * SINGLE_PROCESS_RTOL
+    assert worst_relative_diff(got, one_step_short)[0] > 10 * SINGLE_PROCESS_RTOL
