@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from goodput import MODEL  # noqa: E402  (the same model the goodput figures use)
-from parallel_step import _batch, _free_port, _machine  # noqa: E402
+from parallel_step import _free_port, _machine, _rank_micro_batches  # noqa: E402
 
 VARIANTS = ("torch AdamW", "ShardLocalAdamW")
 
@@ -56,13 +56,10 @@ def _worker(rank: int, world_size: int, port: int, args, queue) -> None:
     train_cfg = cfg.train
     plan = plan_mesh(world_size, world_size, cfg.model, cfg.parallel,
                      global_batch_size=train_cfg.global_batch_size)
-    per_rank = train_cfg.global_batch_size // world_size
-    micro = train_cfg.micro_batch_size
 
     def micro_batches(step: int):
-        batch = _batch(cfg.model, train_cfg.global_batch_size, train_cfg.seq_len, seed=step)
-        mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
-        return [{k: v[i:i + micro] for k, v in mine.items()} for i in range(0, per_rank, micro)]
+        return _rank_micro_batches(cfg.model, train_cfg.global_batch_size, train_cfg.seq_len,
+                                   train_cfg.micro_batch_size, rank, world_size, step)
 
     times: dict[str, dict[str, list[float]]] = {
         v: {"first": [], "second": [], "optimizer first": [], "optimizer second": []}

@@ -76,6 +76,16 @@ def _batch(model_cfg, rows: int, seq_len: int, seed: int) -> dict[str, torch.Ten
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
 
+def _rank_micro_batches(model_cfg, global_batch: int, seq_len: int, micro: int, rank: int,
+                        world_size: int, step: int) -> list[dict[str, torch.Tensor]]:
+    """Rank ``rank``'s share of step ``step``'s global batch (:func:`_batch`, seeded by the
+    step): its contiguous rows, in micro-batches of ``micro`` rows."""
+    per_rank = global_batch // world_size
+    batch = _batch(model_cfg, global_batch, seq_len, seed=step)
+    mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
+    return [{k: v[i:i + micro] for k, v in mine.items()} for i in range(0, per_rank, micro)]
+
+
 def _profiled_ms(prof, needles: tuple[str, ...]) -> float:
     total = 0.0
     for event in prof.key_averages():
@@ -106,9 +116,8 @@ def _worker(rank: int, world_size: int, port: int, args, layout, queue) -> None:
     micro = min(args.micro_batch, per_rank)
 
     def micro_batches(step: int):
-        batch = _batch(model_cfg, args.global_batch, args.seq_len, seed=step)
-        mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
-        return [{k: v[i:i + micro] for k, v in mine.items()} for i in range(0, per_rank, micro)]
+        return _rank_micro_batches(model_cfg, args.global_batch, args.seq_len, micro, rank,
+                                   world_size, step)
 
     times = []
     for step in range(args.warmup + args.steps):

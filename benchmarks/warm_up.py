@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from goodput import MODEL  # noqa: E402  (the same model the goodput figures use)
-from parallel_step import _batch, _free_port, _machine  # noqa: E402
+from parallel_step import _free_port, _machine, _rank_micro_batches  # noqa: E402
 
 KINDS = ("1 sequence", "sharded, 1 sequence", "the worker's")
 
@@ -95,8 +95,6 @@ def _worker(rank: int, world_size: int, port: int, kind: str, queue) -> None:
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     plan = plan_mesh(world_size, world_size, cfg.model, cfg.parallel,
                      global_batch_size=train_cfg.global_batch_size)
-    per_rank = train_cfg.global_batch_size // world_size
-    micro = train_cfg.micro_batch_size
     started = time.perf_counter()
     model = setup_model(cfg.model, plan, torch.device("cpu"), seed=0, init_weights=False,
                         mixed_precision=train_cfg.mixed_precision)
@@ -107,10 +105,9 @@ def _worker(rank: int, world_size: int, port: int, kind: str, queue) -> None:
             param.to_local().normal_(0, 0.02)
     steps, faults = [], []
     for step in range(1, 4):
-        batch = _batch(cfg.model, train_cfg.global_batch_size, train_cfg.seq_len, seed=step)
-        mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
-        micro_batches = [{k: v[i:i + micro] for k, v in mine.items()}
-                         for i in range(0, per_rank, micro)]
+        micro_batches = _rank_micro_batches(cfg.model, train_cfg.global_batch_size,
+                                            train_cfg.seq_len, train_cfg.micro_batch_size,
+                                            rank, world_size, step)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         started = time.perf_counter()
         train_step(model, optimizer, micro_batches, step, train_cfg, cfg.model,
