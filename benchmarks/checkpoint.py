@@ -41,6 +41,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from parallel_step import _report  # noqa: E402  (the benchmarks' shared helpers)
+
 from elastic_moe.checkpoint import Checkpointer, TrainState, step_dir_name  # noqa: E402
 from elastic_moe.config import ModelConfig, ParallelConfig, debug  # noqa: E402
 from elastic_moe.model.transformer import Transformer  # noqa: E402
@@ -240,11 +242,7 @@ def main() -> None:
             f"{rate(m['restore_reshard'])} | {rate(m['torch_save'], tmb)} | "
             f"{rate(m['torch_load'], tmb)} | {m['sync_save'] / m['torch_save']:.2f}x | "
             f"{m['restore_reshard'] / m['torch_load']:.2f}x |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    _report(lines, args.out)
 
 
 if __name__ == "__main__":

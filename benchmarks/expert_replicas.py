@@ -33,6 +33,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from parallel_step import _report  # noqa: E402  (the benchmarks' shared helpers)
+
 from elastic_moe.config import apply_overrides, debug  # noqa: E402
 from elastic_moe.parallel import plan_mesh, setup_model  # noqa: E402
 from elastic_moe.parallel.expert_parallel import expert_parallel_modules  # noqa: E402
@@ -140,11 +142,7 @@ def main() -> None:
     lines += ["", f"Rows per rank, max / mean: {base[0]:.3f} without copies, {spread_after:.3f} "
                   f"with {args.replicas} per rank (ratio {spread_after / base[0]:.2f}). Step "
                   f"time ratio (with / without): {results[args.replicas][2] / base[2]:.2f}."]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    _report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from parallel_step import _report  # noqa: E402  (the benchmarks' shared helpers)
+
 from elastic_moe.config import ModelConfig, ParallelConfig, debug  # noqa: E402
 from elastic_moe.model import hf  # noqa: E402
 from elastic_moe.model.hf_sharded import load_hf_into  # noqa: E402
@@ -182,11 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|",
         *rows,
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    _report(lines, args.out)
     return 0
 
 

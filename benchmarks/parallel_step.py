@@ -161,6 +161,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _report(lines: list[str], out: str | None) -> None:
+    """Print a benchmark's result lines, and write them to the file ``out`` too when given."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def _machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -216,11 +225,7 @@ def main() -> None:
             f"{r['min_ms']:.1f} | {r['step_ms'] / base:.2f}x | {r['profiled_ms']:.1f} | "
             f"{r['attention_ms']:.1f} | {r['experts_ms']:.1f} | {r['a2a_ms']:.1f} | "
             f"{r['fsdp_ms']:.1f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    _report(lines, args.out)
 
 
 if __name__ == "__main__":

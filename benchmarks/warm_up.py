@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from goodput import MODEL  # noqa: E402  (the same model the goodput figures use)
-from parallel_step import _free_port, _machine, _rank_micro_batches  # noqa: E402
+from parallel_step import _free_port, _machine, _rank_micro_batches, _report  # noqa: E402
 
 KINDS = ("1 sequence", "sharded, 1 sequence", "the worker's")
 
@@ -161,11 +161,7 @@ def main() -> None:
               f"(against {median(base, 'first_s') / median(base, 'third_s'):.2f}), "
               f"warm-up {median(new, 'warm_up_s') / median(base, 'warm_up_s'):.2f}", "",
               f"Run: `python benchmarks/warm_up.py --repeats {args.repeats}`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    _report(lines, args.out)
 
 
 if __name__ == "__main__":
