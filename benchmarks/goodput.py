@@ -125,13 +125,10 @@ class NodeQuotas:
 
         path = os.path.join(self.root, f"node-{len(self.groups)}")
         os.makedirs(path, exist_ok=True)
-        period = 100_000
-        if self.v2:
-            _write(os.path.join(path, "cpu.max"), f"{int(self.cpus * period)} {period}")
-        else:
-            _write(os.path.join(path, "cpu.cfs_period_us"), str(period))
-            _write(os.path.join(path, "cpu.cfs_quota_us"), str(int(self.cpus * period)))
+        if not self.v2:
+            _write(os.path.join(path, "cpu.cfs_period_us"), "100000")
         self.groups.append(path)
+        self.set(len(self.groups) - 1, self.cpus)
         raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0]
                                 .process.pid)
         # what it started already; later ones inherit the cgroup
@@ -143,6 +140,15 @@ class NodeQuotas:
             if str(raylet.pid) not in f.read().split():
                 raise SystemExit(f"goodput: the raylet (pid {raylet.pid}) is not in {path}: "
                                  "the node's workers would run without their CPU quota")
+
+    def set(self, index: int, cpus: float) -> None:
+        """Give node ``index`` (in the order confined) a quota of ``cpus`` cores from now on."""
+        period = 100_000
+        path = self.groups[index]
+        if self.v2:
+            _write(os.path.join(path, "cpu.max"), f"{int(cpus * period)} {period}")
+        else:
+            _write(os.path.join(path, "cpu.cfs_quota_us"), str(int(cpus * period)))
 
     def close(self) -> None:
         parent = os.path.dirname(self.root)
