@@ -13,8 +13,8 @@ defaults (``elastic.straggler_ratio``, ``elastic.straggler_steps``).
 
 Each repeat runs the same training fault-free and then slowed, side by side, and reports:
 
-- the median step time before the slowdown, while slowed, and after the eviction (from the
-  third step after the rebuild on), each against the fault-free run's steps of the same range;
+- the median step time before the slowdown and after the eviction (from the fourth step after
+  the rebuild on), each against the fault-free run's steps of the same range, and while slowed;
 - when the straggler was flagged and evicted (steps after the slowdown), with the policy's
   numbers (its slowdown estimate and the step time it expected);
 - ETTR of the slowed run against the fault-free one.
