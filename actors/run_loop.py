@@ -109,7 +109,7 @@ class ConsoleBuffer(logging.Handler):
         self.incarnation = uuid.uuid4().hex
         self.records: deque[tuple[int, LogLine]] = deque(maxlen=capacity)
         self.next_index = 0
-        self.guard = threading.Lock()
+        self.guard = threading.Condition()  # notified with each new record
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -122,12 +122,17 @@ class ConsoleBuffer(logging.Handler):
         with self.guard:
             self.records.append((self.next_index, item))
             self.next_index += 1
+            self.guard.notify_all()
 
-    def since(self, index: int, incarnation: str | None) -> tuple[str, int, list[LogLine]]:
-        """(incarnation, the number to ask from next, the lines from ``index`` on)."""
+    def since(self, index: int, incarnation: str | None,
+              wait_s: float = 0.0) -> tuple[str, int, list[LogLine]]:
+        """(incarnation, the number to ask from next, the lines from ``index`` on). With none
+        yet, waits up to ``wait_s`` for the next: a launcher prints each line as it comes
+        instead of in bursts, and an idle run is asked no more often."""
         if incarnation != self.incarnation:
             index = 0
         with self.guard:
+            self.guard.wait_for(lambda: self.next_index > index, timeout=wait_s)
             lines = [item for i, item in self.records if i >= index][:LINES_PER_REPLY]
             first = next((i for i, _ in self.records if i >= index), self.next_index)
         return self.incarnation, first + len(lines), lines
@@ -334,13 +339,15 @@ class Coordinator(CoordinatorState):
         nothing)."""
         self.host.start(adopt=False)
 
-    def progress(self, since: int, incarnation: str | None) -> Progress:
+    def progress(self, since: int, incarnation: str | None, wait_s: float = 0.0) -> Progress:
         """The control loop's log lines after ``since`` (numbering restarts with each
-        ``incarnation``: a restarted coordinator), its step, and its result once it ended."""
-        with self._lock:
+        ``incarnation``: a restarted coordinator), its step, and its result once it ended.
+        ``wait_s``: with no new line and no result yet, wait up to that long for a line."""
+        with self._lock:  # first: every line logged before the result is then in the reply
             status, step, result = (self.state["status"], self.state["last_step"],
                                     self.state["result"])
-        current, following, lines = self.host.console.since(since, incarnation)
+        current, following, lines = self.host.console.since(since, incarnation,
+                                                            0.0 if result else wait_s)
         return Progress(incarnation=current, next=following, lines=lines, status=status,
                         step=step, result=RunResult(**result) if result else None)
 

@@ -30,7 +30,7 @@ from elastic_moe.config import Config
 log = logging.getLogger(__name__)
 
 FOLLOW_POLL_S = 10.0  # how long one progress request may take before the launcher says so
-FOLLOW_IDLE_S = 0.5  # between progress requests while nothing new came
+FOLLOW_WAIT_S = 0.5  # how long the coordinator holds a progress request for the next line
 
 
 @dataclass
@@ -212,7 +212,8 @@ def _follow(handle: Any, *, run_name: str, run_dir: str, checkpoint_dir: str,
     waiting_since: float | None = None
     while True:
         try:
-            reply = ray.get(handle.progress.remote(index, incarnation), timeout=FOLLOW_POLL_S)
+            reply = ray.get(handle.progress.remote(index, incarnation, FOLLOW_WAIT_S),
+                            timeout=FOLLOW_POLL_S)
         except ray.exceptions.GetTimeoutError:  # busy, or restarting after its process died
             waiting_since = waiting_since or time.time()
             log.warning("the coordinator of run %s has not answered for %.0f s; waiting",
@@ -232,8 +233,6 @@ def _follow(handle: Any, *, run_name: str, run_dir: str, checkpoint_dir: str,
         index = reply.next
         if reply.result is not None and not reply.lines:
             break
-        if not reply.lines:
-            time.sleep(FOLLOW_IDLE_S)
     result = reply.result
     snapshot = ray.get(handle.snapshot.remote())
     handle.release.remote()

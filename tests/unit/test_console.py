@@ -60,3 +60,38 @@ def test_stream_filter_keeps_other_lines_of_a_batch_and_drops_noisy_actors() -> 
                        "ConnectionError: Found multiple active Ray instances"]}, False)
     assert printed == [{"actor_name": "RayTrainWorker", "pid": 1, "is_err": True,
                         "lines": [OURS[0]]}]
+
+
+def test_a_follower_gets_each_line_when_it_is_logged_not_at_its_next_poll():
+    """The coordinator holds a launcher's progress request that finds no new line until one is
+    logged, or until ``wait_s`` has passed: lines reach the console one by one as they come."""
+    import logging
+    import threading
+    import time
+
+    from elastic_moe.actors.run_loop import ConsoleBuffer
+
+    console = ConsoleBuffer()
+    log = logging.getLogger("elastic_moe.tests.console_wait")
+    log.propagate, log.level = False, logging.INFO
+    log.addHandler(console)
+    try:
+        incarnation, following, lines = console.since(0, None)
+        assert (following, lines) == (0, [])
+        started = time.monotonic()  # nothing logged: back after wait_s, with nothing
+        assert console.since(0, incarnation, wait_s=0.3)[2] == []
+        assert time.monotonic() - started >= 0.25
+        timer = threading.Timer(0.2, log.info, args=("step 1",))
+        started = time.monotonic()
+        timer.start()
+        _, following, lines = console.since(0, incarnation, wait_s=30)
+        took = time.monotonic() - started
+        assert [line.msg for line in lines] == ["step 1"] and following == 1
+        assert 0.15 <= took < 10, took  # woken by the line, not by the 30 s
+        log.info("step 2")  # a line already there: no wait
+        started = time.monotonic()
+        _, following, lines = console.since(1, incarnation, wait_s=30)
+        assert [line.msg for line in lines] == ["step 2"] and following == 2
+        assert time.monotonic() - started < 5
+    finally:
+        log.removeHandler(console)
