@@ -512,9 +512,15 @@ def write_table(results: dict[str, list[dict[str, float]]], args) -> None:
               "", f"Run: `python benchmarks/goodput.py --fault-every {args.fault_every:g} "
               f"--steps {args.steps} --node-cpus {args.node_cpus:g} --repeats {args.repeats}"
               + (f" --cases {' '.join(results)}`." if args.cases != DEFAULT_CASES else "`.")]
+    write_results(lines, args.out)
+
+
+def write_results(lines: list[str], out: str) -> None:
+    """Print a results table and write it to ``out`` under benchmarks/results/ (an absolute
+    ``out`` is written where it says)."""
     text = "\n".join(lines) + "\n"
     print(text)
-    with open(os.path.join(ROOT, "benchmarks", "results", args.out), "w") as f:
+    with open(os.path.join(ROOT, "benchmarks", "results", out), "w") as f:
         f.write(text)
 
 

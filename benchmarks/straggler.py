@@ -46,6 +46,7 @@ from benchmarks.goodput import (  # noqa: E402
     NodeQuotas,
     _code_version,
     _config,
+    write_results,
 )
 
 
@@ -209,10 +210,7 @@ def write_table(records: list[dict], args) -> None:
               f"Run: `python benchmarks/straggler.py --steps {args.steps} --slow-at "
               f"{args.slow_at} --slow-factor {args.slow_factor:g} --node-cpus "
               f"{args.node_cpus:g} --repeats {args.repeats}`."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(os.path.join(ROOT, "benchmarks", "results", args.out), "w") as f:
-        f.write(text)
+    write_results(lines, args.out)
 
 
 if __name__ == "__main__":
