@@ -116,7 +116,7 @@ class _Feed:
         return batch
 
 
-@ray.remote(max_concurrency=4, max_restarts=0)
+@ray.remote(max_concurrency=5, max_restarts=0)
 class TrainWorker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -159,8 +159,14 @@ class TrainWorker:
         self.lease = Lease(self._renew_lease, hang_timeout_s=elastic.hang_timeout_s,
                            interval_s=elastic.lease_interval_s, on_end=self._end_lease)
         self.lease.start()
-        # pay the first-build costs now, while the group trains without this worker
-        self.torch_thread.submit(_warm_up, self.device, spec.cfg).result()
+        # pay the first-build costs in the background, while the group trains without this
+        # worker: it is ready to join once its imports are done (a spare that a lost member
+        # needs now is worth more cold than missing), and a join that comes first stops the
+        # warm-up (see :meth:`join`); the coordinator asks :meth:`warmed_up` before it pauses
+        # the group for a worker that only adds capacity
+        self.warm_up_stop = threading.Event()
+        self.warm_up = self.torch_thread.submit(_warm_up, self.device, spec.cfg,
+                                                self.warm_up_stop)
         # and the first call to each data reader (its connection; the corpus size it reports)
         self.reader_sequences: dict[int, int] = {}
         try:
@@ -212,9 +218,17 @@ class TrainWorker:
         return sock
 
     # ------------------------------------------------------------------ membership
+    def warmed_up(self) -> float | None:
+        """Returns once the warm-up is over: its seconds, or None when it was stopped by a join
+        or skipped. Blocks a concurrency slot until then."""
+        return self.warm_up.result()
+
     def join(self, epoch: EpochSpec, sources: list[Any] | None = None) -> JoinReport:
         """Enter ``epoch``: new process group, new layout, state filled in. ``sources``: the
-        (manifest, shards ref) of every rank of the previous layout, with restore="shards"."""
+        (manifest, shards ref) of every rank of the previous layout, with restore="shards".
+        A warm-up still running stops at its next layer or phase, and the join runs after it
+        on the torch thread."""
+        self.warm_up_stop.set()
         return self.torch_thread.submit(self._join, epoch, sources).result()
 
     def _join(self, epoch: EpochSpec, sources: list[Any] | None) -> JoinReport:
@@ -670,8 +684,14 @@ def _prefetch(refs: list[Any]) -> Future | None:
     return future
 
 
-def _warm_up(device: Any, run_cfg: Config) -> None:
+class _WarmUpStopped(Exception):
+    """A join came first: the warm-up gives the torch thread back."""
+
+
+def _warm_up(device: Any, run_cfg: Config, stop: threading.Event) -> float | None:
     """Build, step and drop a model once on the torch thread, in a private one-rank group.
+    Returns its seconds, or None when ``stop`` was set first (checked between phases and at
+    every layer, forward and backward) or it failed.
 
     A fresh process's first model build costs about a second more than the next one (measured
     on the CPU box: 0.80 s, then 0.03 s), and its first step at the run's shapes costs more than
@@ -691,9 +711,20 @@ def _warm_up(device: Any, run_cfg: Config) -> None:
     from elastic_moe.parallel.mesh import forget_layout_caches
     from elastic_moe.train.step import build_optimizer
 
+    def check(*_: Any) -> None:
+        if stop.is_set():
+            raise _WarmUpStopped
+
+    def layer_entered(_module: Any, args: tuple[Any, ...]) -> None:
+        check()
+        hidden = args[0] if args else None
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(check)  # the backward reaches this layer's input
+
     started = time.time()
     cfg, shape = _warm_up_config(run_cfg, device)
     try:
+        check()
         dist.init_process_group(process_group_backend(device), store=dist.HashStore(), rank=0,
                                 world_size=1)
         try:
@@ -702,19 +733,27 @@ def _warm_up(device: Any, run_cfg: Config) -> None:
                 dp_replicate_degree=1, expert_parallel_degree=0))
             model = setup_model(cfg.model, plan, device, seed=0,
                                 mixed_precision=cfg.train.mixed_precision)
+            check()
             optimizer = build_optimizer(model, cfg.train)
+            for layer in model.layers:
+                layer.register_forward_pre_hook(layer_entered)
             ids = torch.zeros(*shape, dtype=torch.long, device=device)
             model(ids, ids).loss.backward()
+            check()
             optimizer.step()
             del model, optimizer, ids
         finally:
             dist.destroy_process_group()
             forget_layout_caches()
+    except _WarmUpStopped:
+        logger.info("warm-up stopped after %.2f s: a join came first", time.time() - started)
+        return None
     except Exception as exc:  # an optimisation only: the real join builds what it needs
         logger.warning("warm-up skipped: %s", exc)
-        return
-    logger.info("warmed up in %.2f s (model dim %d, batch %s)", time.time() - started,
-                cfg.model.dim, shape)
+        return None
+    took = time.time() - started
+    logger.info("warmed up in %.2f s (model dim %d, batch %s)", took, cfg.model.dim, shape)
+    return took
 
 
 def _warm_up_config(run_cfg: Config, device: Any) -> tuple[Config, tuple[int, int]]:

@@ -156,6 +156,7 @@ class Member:
     ping_ref: Any = None
     ping_sent: float = 0.0
     gone: bool = False  # Ray reported its process dead: fencing it needs no kill
+    warm_ref: Any = None  # a joiner's warmed_up() call, until it answers
 
     def fence_off(self) -> None:
         """Make sure this worker is gone for good (:func:`elastic_moe.actors.fencing.fence`)."""
@@ -247,7 +248,17 @@ class ElasticGroup:
             except Exception as exc:  # it died while starting: its slot stays for a retry
                 logger.warning("a new worker failed to start: %s", exc)
                 continue
-            self.joiners.append(Member(handle, slot, info))
+            self.joiners.append(Member(handle, slot, info, warm_ref=handle.warmed_up.remote()))
+
+    @staticmethod
+    def _warm(member: Member) -> bool:
+        """Whether ``member`` is done warming up (or gone: its loss is found elsewhere)."""
+        if member.warm_ref is not None:
+            done, _ = ray.wait([member.warm_ref], timeout=0)
+            if not done:
+                return False
+            member.warm_ref = None
+        return True
 
     def _wait_for_minimum(self) -> None:
         low = self.cfg.parallel.min_workers
@@ -571,11 +582,13 @@ class ElasticGroup:
             self.slots.replace_lost()
             self._spawn_joiners()
         self._collect_joiners()
-        # spares wait outside a full group; a joiner pauses the group only if it has room, and
-        # only for a size the layout allows (two joiners, not one, when dp_replicate=2)
-        if not self.joiners or len(self.members) >= self.cfg.parallel.max_workers:
+        # spares wait outside a full group; a joiner pauses the group only if it has room, once
+        # it is warm (the pause then holds no first build), and only for a size the layout
+        # allows (two joiners, not one, when dp_replicate=2)
+        warm = [j for j in self.joiners if self._warm(j)]
+        if not warm or len(self.members) >= self.cfg.parallel.max_workers:
             return False
-        usable = self._usable_plan(len(self.members) + len(self.joiners))
+        usable = self._usable_plan(len(self.members) + len(warm))
         return usable is not None and usable.world_size > len(self.members)
 
     # ------------------------------------------------------------------ metrics
@@ -609,7 +622,8 @@ class ElasticGroup:
         if world != len(self.members) or any(c is None for c in compute):
             return
         self._collect_joiners()
-        if self.pending_joiners:  # a worker starting here competes with the ranks for the CPUs
+        # a worker starting or warming up here competes with the ranks for the CPUs
+        if self.pending_joiners or not all(self._warm(j) for j in self.joiners):
             self.stragglers.pause()
             return
         verdict = self.stragglers.observe(
@@ -685,11 +699,13 @@ class ElasticGroup:
         self._restore_live(survivors, detected, failed, regrow=bool(failed))
 
     def _restore_live(self, survivors: list[Member], detected: float, failed: list[Member],
-                      regrow: bool = False, reason: str | None = None) -> None:
+                      regrow: bool = False, reason: str | None = None,
+                      take_warming: bool = True) -> None:
         """Rebuild from the survivors' live state and peer copies (the checkpoint only when
         some shard has no copy left). A member or joiner lost meanwhile is dropped and the
         restore decided again from who is left: a fault during recovery is an ordinary fault.
-        ``regrow``: start replacements for lost members at once."""
+        ``regrow``: start replacements for lost members at once. ``take_warming``: joiners
+        still warming up may join (after a loss; not for a join that only adds capacity)."""
         while True:
             holdings: dict[int, Holdings] = {}
             refs = {m.handle.holdings.remote(): m for m in survivors}
@@ -718,6 +734,7 @@ class ElasticGroup:
                 sources = self._export(survivors, decision.holders, decision.step)
                 self._form_epoch(survivors=survivors, sources=sources, restore=RestoreSource.SHARDS,
                                  marks={"detected": detected}, restored_step=decision.step,
+                                 take_warming=take_warming,
                                  cause_detail={"restored_from": "peers",
                                                "reason": reason or decision.reason,
                                                "failed_ranks": [m.rank for m in failed],
@@ -776,7 +793,7 @@ class ElasticGroup:
         if self.cfg.elastic.recovery == "restart":
             self._restart_all(list(self.members), detected)
             return
-        self._restore_live(list(self.members), detected, [], reason="join")
+        self._restore_live(list(self.members), detected, [], reason="join", take_warming=False)
 
     def _export(self, survivors: list[Member], holders: dict[int, int], step: int
                 ) -> list[tuple[Any, Any]]:
@@ -833,12 +850,16 @@ class ElasticGroup:
                     restore: RestoreSource,
                     marks: dict[str, float], restored_step: int,
                     cause_detail: dict[str, Any], checkpoint_step: int | None = None,
-                    skip_to: dict[str, Any] | None = None) -> None:
-        """Choose members and plan, rendezvous everyone in a new group, fill the new layout."""
+                    skip_to: dict[str, Any] | None = None, take_warming: bool = True) -> None:
+        """Choose members and plan, rendezvous everyone in a new group, fill the new layout.
+        Warm joiners first; those still warming up only with ``take_warming`` (their join
+        stops the warm-up and pays the first build itself)."""
         if len(survivors) + len(self.joiners) < self.cfg.parallel.min_workers:
             self.members = survivors
             self._wait_for_minimum()
-        available = list(survivors) + self.joiners
+        ordered = sorted(self.joiners, key=lambda j: not self._warm(j))
+        held = [] if take_warming else [j for j in ordered if not self._warm(j)]
+        available = list(survivors) + [j for j in ordered if j not in held]
         # the largest size the layout allows (fixed parallel degrees rule some out); without
         # any, plan_mesh names the rule
         plan = self._usable_plan(len(available)) or plan_mesh(
@@ -850,7 +871,7 @@ class ElasticGroup:
         # in the exported sources, and they hold no rank until a layout takes them in
         for left_out in available[world:len(survivors)]:
             left_out.rank = -1
-        self.joiners = available[world:]
+        self.joiners = available[world:] + held
         # node by node: ranks of one node are contiguous (EP groups stay inside a node)
         members.sort(key=lambda m: (m.info.node_id, m.rank if m.rank >= 0 else 1 << 30))
         old_plan = self.plan
