@@ -857,9 +857,10 @@ class ElasticGroup:
         if len(survivors) + len(self.joiners) < self.cfg.parallel.min_workers:
             self.members = survivors
             self._wait_for_minimum()
-        ordered = sorted(self.joiners, key=lambda j: not self._warm(j))
-        held = [] if take_warming else [j for j in ordered if not self._warm(j)]
-        available = list(survivors) + [j for j in ordered if j not in held]
+        warm = [j for j in self.joiners if self._warm(j)]
+        warming = [j for j in self.joiners if j not in warm]
+        held = [] if take_warming else warming
+        available = list(survivors) + warm + (warming if take_warming else [])
         # the largest size the layout allows (fixed parallel degrees rule some out); without
         # any, plan_mesh names the rule
         plan = self._usable_plan(len(available)) or plan_mesh(
