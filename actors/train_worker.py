@@ -226,7 +226,7 @@ class TrainWorker:
     def join(self, epoch: EpochSpec, sources: list[Any] | None = None) -> JoinReport:
         """Enter ``epoch``: new process group, new layout, state filled in. ``sources``: the
         (manifest, shards ref) of every rank of the previous layout, with restore="shards".
-        A warm-up still running stops at its next layer or phase, and the join runs after it
+        A warm-up still running stops at its next module or phase, and the join runs after it
         on the torch thread."""
         self.warm_up_stop.set()
         return self.torch_thread.submit(self._join, epoch, sources).result()
@@ -691,7 +691,7 @@ class _WarmUpStopped(Exception):
 def _warm_up(device: Any, run_cfg: Config, stop: threading.Event) -> float | None:
     """Build, step and drop a model once on the torch thread, in a private one-rank group.
     Returns its seconds, or None when ``stop`` was set first (checked between phases and at
-    every layer, forward and backward) or it failed.
+    every module, forward and backward) or it failed.
 
     A fresh process's first model build costs about a second more than the next one (measured
     on the CPU box: 0.80 s, then 0.03 s), and its first step at the run's shapes costs more than
@@ -715,11 +715,11 @@ def _warm_up(device: Any, run_cfg: Config, stop: threading.Event) -> float | Non
         if stop.is_set():
             raise _WarmUpStopped
 
-    def layer_entered(_module: Any, args: tuple[Any, ...]) -> None:
+    def module_entered(_module: Any, args: tuple[Any, ...]) -> None:
         check()
         hidden = args[0] if args else None
         if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-            hidden.register_hook(check)  # the backward reaches this layer's input
+            hidden.register_hook(check)  # the backward reaches this module's input
 
     started = time.time()
     cfg, shape = _warm_up_config(run_cfg, device)
@@ -735,8 +735,11 @@ def _warm_up(device: Any, run_cfg: Config, stop: threading.Event) -> float | Non
                                 mixed_precision=cfg.train.mixed_precision)
             check()
             optimizer = build_optimizer(model, cfg.train)
-            for layer in model.layers:
-                layer.register_forward_pre_hook(layer_entered)
+            # every module, not only the layers: the final norm, lm_head, loss and MTP sat
+            # between two checks before, and a join landing there waited about a second on a
+            # 0.6-core node (`benchmarks/results/goodput-live-stop-checks-cpu.md`)
+            for module in model.modules():
+                module.register_forward_pre_hook(module_entered)
             ids = torch.zeros(*shape, dtype=torch.long, device=device)
             model(ids, ids).loss.backward()
             check()

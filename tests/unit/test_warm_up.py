@@ -54,5 +54,32 @@ def test_a_stop_set_inside_the_backward_ends_it_there(monkeypatch, caplog):
     assert "a join came first" in caplog.text
     (model,) = built
     assert model.embed_tokens.weight.grad is None  # the backward stopped before the bottom
-    assert model.lm_head.weight.grad is not None  # after it had started
+    assert all(p.grad is None for p in model.layers[0].parameters())
     assert not torch.distributed.is_initialized()  # its one-rank group is gone again
+
+
+def test_a_stop_set_after_the_last_layer_ends_it_before_the_head(monkeypatch, caplog):
+    """The stop is set as the final norm starts, after every layer's forward: the warm-up
+    must end there, before the lm_head, the loss and any backward run. The head sat between
+    two checks when only the layers had them, and a join landing there waited for it."""
+    from elastic_moe.train import step as step_mod
+
+    stop = threading.Event()
+    built, heads = [], []
+    original_build = step_mod.build_optimizer
+
+    def build_optimizer(model, cfg):
+        built.append(model)
+        # registered before the warm-up's own hooks, so it runs first on the final norm
+        model.norm.register_forward_pre_hook(lambda *_: stop.set())
+        model.lm_head.register_forward_hook(lambda *_: heads.append(1))
+        return original_build(model, cfg)
+
+    monkeypatch.setattr(step_mod, "build_optimizer", build_optimizer)
+    with caplog.at_level(logging.INFO):
+        assert _warm_up(torch.device("cpu"), _cfg(), stop) is None
+    assert "a join came first" in caplog.text
+    (model,) = built
+    assert heads == []  # the lm_head never ran
+    assert all(p.grad is None for p in model.parameters())  # nor did any backward
+    assert not torch.distributed.is_initialized()
