@@ -735,9 +735,10 @@ def _warm_up(device: Any, run_cfg: Config, stop: threading.Event) -> float | Non
                                 mixed_precision=cfg.train.mixed_precision)
             check()
             optimizer = build_optimizer(model, cfg.train)
-            # every module, not only the layers: the final norm, lm_head, loss and MTP sat
-            # between two checks before, and a join landing there waited about a second on a
-            # 0.6-core node (`benchmarks/results/goodput-live-stop-checks-cpu.md`)
+            # every module, not only the layers: the final norm, lm_head and MTP ran between
+            # two checks before, and a join landing there waited up to 0.8 s (mean 0.38 s) on
+            # a 0.6-core node (`benchmarks/results/warm_up_stop-cpu.md`). The cross-entropy is
+            # a function, not a module: it and the lm_head's backward still run unchecked
             for module in model.modules():
                 module.register_forward_pre_hook(module_entered)
             ids = torch.zeros(*shape, dtype=torch.long, device=device)

@@ -9,12 +9,12 @@ model. Two kinds of checks, side by side and alternating:
 - ``layers``: a check at every transformer layer's forward and at the backward of its input
   (the checks before this change);
 - ``modules``: the same at every module (what ``_warm_up`` does now), so the final norm,
-  lm_head, loss and MTP are checked too.
+  lm_head and MTP are checked too (the cross-entropy, a function, is not).
 
 Each kind first runs one warm-up to the end; then, for each of ``--trials`` points spread
 evenly over that time, a fresh process sets the stop that far into its warm-up, as a join
 would. Reported per kind: the wait from the stop to the warm-up's end (median, mean, 90th
-percentile, largest) and how many warm-ups ended before their stop::
+percentile, largest) and how many warm-ups ended without stopping::
 
     python benchmarks/warm_up_stop.py --trials 12 --out benchmarks/results/warm_up_stop-cpu.md
 
@@ -52,8 +52,7 @@ def _child(kind: str, delay: float | None) -> None:
     from elastic_moe.train import step as step_mod
 
     torch.set_num_threads(1)
-    if kind == "layers":
-        _checks_at_layers_only()
+    skipped = _checks_at_layers_only() if kind == "layers" else []
     forward_at: list[float] = []  # when the warm-up's step began (its model built)
     build_optimizer = step_mod.build_optimizer
 
@@ -79,6 +78,9 @@ def _child(kind: str, delay: float | None) -> None:
     ended = time.perf_counter()
     if timer is not None:
         timer.cancel()
+    if kind == "layers" and forward_at and not skipped:
+        # the warm-up's hook was renamed or moved: this would measure the new checks
+        raise SystemExit("warm_up_stop: no warm-up hook was left out for 'layers'")
     # a stop before the step began waited for imports and a first build that the join pays
     # anyway; one inside the step waited for work that is thrown away
     in_step = bool(stopped_at and forward_at and stopped_at[0] >= forward_at[0])
@@ -88,10 +90,11 @@ def _child(kind: str, delay: float | None) -> None:
                       "wait_s": ended - stopped_at[0] if stopped_at else None}))
 
 
-def _checks_at_layers_only() -> None:
+def _checks_at_layers_only() -> list[object]:
     """Make ``_warm_up`` check at the transformer's own layers only (``model.layers``, not
     the MTP blocks), as it did before: its forward pre-hooks on every other module are not
-    registered."""
+    registered. Returns the modules left out (their class names), filled as the warm-up
+    runs."""
     import torch
 
     from elastic_moe.model.transformer import Transformer
@@ -103,14 +106,18 @@ def _checks_at_layers_only() -> None:
         for layer in self.layers:
             layer.warm_up_checked = True
 
+    skipped: list[object] = []
+
     def only_layers(module, hook, *args, **kwargs):
         if (getattr(hook, "__name__", "") == "module_entered"
                 and not getattr(module, "warm_up_checked", False)):
+            skipped.append(type(module).__name__)
             return None
         return register(module, hook, *args, **kwargs)
 
     Transformer.__init__ = tag_layers  # type: ignore[method-assign]
     torch.nn.Module.register_forward_pre_hook = only_layers  # type: ignore[method-assign]
+    return skipped
 
 
 class _Quota:
@@ -205,9 +212,12 @@ def write(results: dict[str, list[dict]], full: dict[str, float], args, started,
     means = {}
     for kind in KINDS:
         first = sum(r["finished"] for r in results[kind])
+        # a warm-up that failed (neither finished nor stopped) has no wait: counted apart
+        failed = sum(not r["finished"] and r["wait_s"] is None for r in results[kind])
         for phase, in_step in (("in the step", True), ("before it", False)):
             waits = sorted(r["wait_s"] for r in results[kind]
-                           if not r["finished"] and r["in_step"] == in_step)
+                           if not r["finished"] and r["wait_s"] is not None
+                           and r["in_step"] == in_step)
             if not waits:
                 rows.append(f"| {kind} | {phase} | 0 | - | - | - | - |")
                 continue
@@ -216,7 +226,9 @@ def write(results: dict[str, list[dict]], full: dict[str, float], args, started,
             p90 = waits[min(len(waits) - 1, int(0.9 * len(waits)))]
             rows.append(f"| {kind} | {phase} | {len(waits)} | {statistics.median(waits):.3f} | "
                         f"{statistics.mean(waits):.3f} | {p90:.3f} | {waits[-1]:.3f} |")
-        rows.append(f"| {kind} | ended before the stop | {first} | | | | |")
+        rows.append(f"| {kind} | ended without stopping | {first} | | | | |")
+        if failed:
+            rows.append(f"| {kind} | failed (no wait) | {failed} | | | | |")
     steps_at = {kind: statistics.median([r["step_at"] for r in results[kind]
                                          if r["step_at"] is not None] or [float("nan")])
                 for kind in KINDS}

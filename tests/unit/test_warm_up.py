@@ -31,8 +31,8 @@ def test_a_stop_already_set_skips_the_warm_up(caplog):
 
 
 def test_a_stop_set_inside_the_backward_ends_it_there(monkeypatch, caplog):
-    """The stop is set as the backward starts: the backward must end at the last layer,
-    before it reaches the embedding, and no optimizer step runs."""
+    """The stop is set as the backward starts: the backward must end at its first check,
+    before it reaches the first layer or the embedding, and no optimizer step runs."""
     from elastic_moe.train import step as step_mod
 
     stop = threading.Event()
