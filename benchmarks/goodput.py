@@ -119,16 +119,22 @@ class NodeQuotas:
                 f.write("+cpu")
         self.groups: list[str] = []
 
-    def confine(self, node) -> None:
-        import psutil
-        from ray._private import ray_constants
-
+    def add_group(self) -> str:
+        """A new cgroup with this quota of ``cpus`` cores; its path (write a pid to its
+        ``cgroup.procs`` to put a process in it)."""
         path = os.path.join(self.root, f"node-{len(self.groups)}")
         os.makedirs(path, exist_ok=True)
         if not self.v2:
             _write(os.path.join(path, "cpu.cfs_period_us"), "100000")
         self.groups.append(path)
         self.set(len(self.groups) - 1, self.cpus)
+        return path
+
+    def confine(self, node) -> None:
+        import psutil
+        from ray._private import ray_constants
+
+        path = self.add_group()
         raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0]
                                 .process.pid)
         # what it started already; later ones inherit the cgroup

@@ -120,47 +120,17 @@ def _checks_at_layers_only() -> list[object]:
     return skipped
 
 
-class _Quota:
-    """A CPU cgroup of ``cpus`` cores for the children (cgroup v2 ``cpu.max`` or v1)."""
-
-    def __init__(self, cpus: float) -> None:
-        v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
-        base = "/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/cpu"
-        if not os.access(base, os.W_OK):
-            raise SystemExit(f"warm_up_stop: {base} is not writable; the CPU quota needs root "
-                             "and a cgroup cpu controller")
-        self.path = os.path.join(base, f"elastic-moe-warm-up-stop-{os.getpid()}")
-        os.makedirs(self.path, exist_ok=True)
-        period = 100_000
-        if v2:
-            with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
-                f.write("+cpu")
-            with open(os.path.join(self.path, "cpu.max"), "w") as f:
-                f.write(f"{int(cpus * period)} {period}")
-        else:
-            with open(os.path.join(self.path, "cpu.cfs_period_us"), "w") as f:
-                f.write(str(period))
-            with open(os.path.join(self.path, "cpu.cfs_quota_us"), "w") as f:
-                f.write(str(int(cpus * period)))
-
-    def enter(self) -> None:  # in the child, before it execs
-        with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-
-    def close(self) -> None:
-        try:
-            os.rmdir(self.path)
-        except OSError:
-            pass
-
-
-def _run(quota: _Quota, kind: str, delay: float | None) -> dict:
+def _run(group: str, kind: str, delay: float | None) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--child", kind]
     if delay is not None:
         argv += ["--delay", f"{delay:.4f}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    def enter() -> None:  # in the child, before it execs
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
     out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600,
-                         preexec_fn=quota.enter, check=False)
+                         preexec_fn=enter, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"warm_up_stop: a {kind} child failed ({out.returncode}):\n"
@@ -186,9 +156,12 @@ def main() -> None:
     if not 0 < args.cpus <= os.cpu_count():
         raise SystemExit(f"--cpus {args.cpus}: must be above 0 and at most {os.cpu_count()}")
     started = datetime.datetime.now(datetime.timezone.utc)
-    quota = _Quota(args.cpus)
+    from goodput import NodeQuotas
+
+    quotas = NodeQuotas(args.cpus)
     try:
-        full = {kind: _run(quota, kind, None)["total_s"] for kind in KINDS}
+        group = quotas.add_group()
+        full = {kind: _run(group, kind, None)["total_s"] for kind in KINDS}
         print(f"whole warm-ups: {full}", flush=True)
         span = statistics.median(full.values())
         results: dict[str, list[dict]] = {kind: [] for kind in KINDS}
@@ -196,11 +169,11 @@ def main() -> None:
             delay = span * (trial + 0.5) / args.trials
             order = KINDS if trial % 2 == 0 else KINDS[::-1]
             for kind in order:
-                record = _run(quota, kind, delay)
+                record = _run(group, kind, delay)
                 results[kind].append(record)
                 print(f"trial {trial} {kind}: stop at {delay:.2f} s, {record}", flush=True)
     finally:
-        quota.close()
+        quotas.close()
     ended = datetime.datetime.now(datetime.timezone.utc)
     write(results, full, args, started, ended)
 
