@@ -35,7 +35,7 @@ from elastic_moe.data.sampler import (
     advance,
     batch_sample_ids,
     check_global_batch,
-    make_batch,
+    gather_batch,
     rank_share,
 )
 from elastic_moe.data.shards import TokenDataset
@@ -58,10 +58,6 @@ class DataWorkerCore:
         position is the minimum of their ``state()`` positions). ``batch_at`` ignores them."""
         if prefetch < 0:
             raise ValueError(f"prefetch={prefetch!r}: must be >= 0")
-        # make_batch's tensors: torch loads now, while the training workers start, instead of
-        # inside the run's first step (2 s of its data wait on a 2-core machine)
-        import torch  # noqa: F401
-
         self.dataset = TokenDataset(manifest_path)
         self.skip_bad = skip_bad  # data.bad_samples="skip": leave bad sequences out, listed
         self.global_batch_size = global_batch_size
@@ -90,7 +86,7 @@ class DataWorkerCore:
         epoch, index = divmod(offset, self.dataset.num_sequences)
         ids = batch_sample_ids(DataPosition(epoch=epoch, index=index, seed=seed),
                                self.dataset.num_sequences, global_batch, rank, dp_size)
-        return make_batch(self.dataset, ids, skip_bad=self.skip_bad)
+        return gather_batch(self.dataset, ids, skip_bad=self.skip_bad)
 
     def _future(self, key: _Key) -> Future:
         fut = self._cache.get(key)
@@ -122,7 +118,7 @@ class DataWorkerCore:
     def batch_at(self, position: dict[str, Any], global_batch_size: int, dp_rank: int,
                  dp_size: int) -> dict[str, Any]:
         """Rank ``dp_rank`` of ``dp_size``'s share of the global batch starting at ``position``
-        (a ``DataPosition`` dict), as ``sampler.make_batch`` returns it. Shares may be uneven
+        (a ``DataPosition`` dict), as ``sampler.gather_batch`` returns it (numpy arrays). Shares may be uneven
         (``sampler.rank_share``). Prefetches this rank's next global batches."""
         pos = DataPosition.from_dict(position)
         # a bad batch/rank/size raises here, not inside (and cached in) the prefetch futures
@@ -133,7 +129,7 @@ class DataWorkerCore:
         return fut.result()
 
     def next_batch(self, dp_rank: int, dp_size: int) -> dict[str, Any]:
-        """This rank's part of its next global batch (see ``sampler.make_batch`` for keys)."""
+        """This rank's part of its next global batch (see ``sampler.gather_batch``)."""
         with self._lock:
             if dp_size != self.dp_size:
                 raise ValueError(f"dp_size={dp_size!r}: this worker serves dp_size="

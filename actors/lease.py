@@ -32,8 +32,6 @@ from typing import Any
 
 from elastic_moe.actors.messages import LeaseReply
 
-from elastic_moe.checkpoint import CommitRefused
-
 logger = logging.getLogger(__name__)
 
 
@@ -96,6 +94,8 @@ def admit_commit(coordinator: Any, epoch: int, step: int, hang_timeout_s: float,
     """Rank 0, right before it writes step ``step``'s commit marker: return if the coordinator
     admits it for membership epoch ``epoch`` within ``hang_timeout_s / 2``; raise
     :class:`CommitRefused` otherwise (the save then fails on every rank, nothing committed)."""
+    from elastic_moe.checkpoint import CommitRefused  # torch: not in the coordinator's process
+
     window = hang_timeout_s / 2
     sent = clock()
     verdict = coordinator.admit_commit(epoch, step, timeout_s=window)

@@ -108,7 +108,7 @@ class TrainOutcome:
     status: Status
     step: int
     error: str | None = None  # FINISHED too: the final checkpoint could not be written
-    expert_loads: Any = None  # [num_moe_layers, E] of the last step (FINISHED only)
+    expert_loads: Any = None  # numpy [num_moe_layers, E] of the last step (FINISHED only)
     report: StepReport | None = None  # BROKEN and ERROR: why the step ended
     # DIVERGED: the first skipped step and the data position after the last one
     first_skipped: int | None = None

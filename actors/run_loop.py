@@ -61,6 +61,9 @@ class Launch:
     threads_per_worker: int = 1
     wrap_model: Callable[[Any, int, Callable[[], int]], None] | None = None
     wrap_writer: Callable[[Any, int], Any] | None = None
+    # (dense, routed) parameter counts of cfg.model, counted by the launcher (which loads torch
+    # for its memory check anyway): the coordinator plans with them and never loads torch
+    param_counts: tuple[int, int] | None = None
 
 
 @dataclass
@@ -159,8 +162,12 @@ class RunHost:
     """The control loop of one run, in the coordinator's process (one thread)."""
 
     def __init__(self, coordinator: Any, launch: Launch) -> None:
+        from elastic_moe.parallel.mesh import remember_param_counts
+
         self.coordinator = coordinator  # the CoordinatorState of this process (thread-safe)
         self.launch = launch
+        if launch.param_counts is not None:
+            remember_param_counts(launch.cfg.model, launch.param_counts)
         self.console = ConsoleBuffer()
         _install_console(self.console, launch.run_dir)
         self.thread: threading.Thread | None = None
@@ -218,8 +225,6 @@ class RunHost:
         from elastic_moe.actors.train_worker import WorkerSpec
         from elastic_moe.actors.worker_group import ElasticGroup, RunStopped
 
-        from elastic_moe.checkpoint import Checkpointer
-
         launch, cfg = self.launch, self.launch.cfg
         data_readers = start_data_workers(
             launch.run_name, launch.manifest, cfg.data.num_workers, cfg.data.prefetch,
@@ -238,6 +243,8 @@ class RunHost:
         if adopt:  # the live workers hold the steps the log lacks: no checkpoint is read
             logged_step = replay_metrics(metrics_log, None, tracker)
         elif launch.resume:  # steps an earlier loop committed but had not sent to MLflow
+            from elastic_moe.checkpoint import Checkpointer
+
             replay_metrics(metrics_log, Checkpointer(launch.checkpoint_dir, async_save=False),
                            tracker)
         group = ElasticGroup(cfg, spec, self.coordinator, tracker, use_gpu=launch.use_gpu,
@@ -250,7 +257,7 @@ class RunHost:
             outcome = group.adopt(logged_step) if adopt else group.run()
             result.final_step = outcome.final_step
             if outcome.expert_loads is not None:
-                tracker.log_expert_heatmap(outcome.expert_loads.numpy(), outcome.final_step)
+                tracker.log_expert_heatmap(outcome.expert_loads, outcome.final_step)
         except Exception as exc:  # TrainingFailed and friends: report, mark, don't lose state
             result.ok, result.error = False, f"{type(exc).__name__}: {exc}"
             result.exit_code = getattr(exc, "exit_code", 1)
@@ -362,11 +369,13 @@ class Coordinator(CoordinatorState):
 
 
 def _preload(loop_modules: threading.Event) -> None:
-    """Import what :meth:`RunHost._drive` imports, then set ``loop_modules``, then what the
-    tracker imports. The loop waits for the event before it imports anything (two threads
-    importing overlapping module graphs in different orders can make importlib raise a
-    deadlock error), but not for MLflow: the workers start while it loads (1.4-3 s on a 2-core
-    machine), and the tracker connects in its own thread, which queues the records meanwhile."""
+    """Import what :meth:`RunHost._drive` imports, then set ``loop_modules``, then torch and
+    what the tracker imports. The loop waits for the event before it imports anything (two
+    threads importing overlapping module graphs in different orders can make importlib raise a
+    deadlock error), but not for the rest: none of the loop's modules imports torch at the top,
+    so the workers are asked for before this process has loaded it (3-4 s on a 2-core machine),
+    and the loop needs it only once they are ready (to plan the first layout). MLflow loads
+    last: the tracker connects in its own thread, which queues the records meanwhile."""
     import importlib
 
     try:

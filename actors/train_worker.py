@@ -56,6 +56,7 @@ from elastic_moe.actors.messages import (
 )
 
 from elastic_moe.config import Config
+from elastic_moe.data.sampler import as_tensors
 from elastic_moe.train.failure_policy import StepFailure, StepReport, classify, root_cause
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class _Feed:
         batch = ray.get(self.pending)
         self.last_wait_s = time.perf_counter() - started
         self.pending = None
-        return batch
+        return as_tensors(batch)
 
 
 @ray.remote(max_concurrency=5, max_restarts=0)
@@ -422,6 +423,8 @@ class TrainWorker:
                     return TrainOutcome(Status.PAUSED, trainer.step)
             final = trainer.checkpointer.collect()  # reported as it happened (_on_save_failed)
             loads = trainer.last_metrics.expert_loads if trainer.last_metrics else None
+            # numpy: the coordinator that receives it never loads torch
+            loads = loads.detach().cpu().numpy() if loads is not None else None
             return TrainOutcome(Status.FINISHED, trainer.step, expert_loads=loads,
                                 error=str(final) if final is not None else None)
         except Exception as exc:  # kept as a report; the group's failure policy decides

@@ -26,6 +26,7 @@ from elastic_moe.actors.coordinator import CoordinatorClient
 from elastic_moe.actors.preflight import preflight
 
 from elastic_moe.config import Config
+from elastic_moe.parallel.mesh import param_counts
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                              use_gpu=bool(ray.cluster_resources().get("GPU", 0)), resume=resume,
                              sample_log_dir=sample_log_dir,
                              threads_per_worker=threads_per_worker, wrap_model=wrap_model,
-                             wrap_writer=wrap_writer)
+                             wrap_writer=wrap_writer, param_counts=param_counts(cfg.model))
     # the coordinator exists (and answers --stop, attaches) while the checks wait for capacity;
     # it writes nothing until the run starts, and a refused launch ends it
     handle = run_loop.create(run_name, state_path, launch)

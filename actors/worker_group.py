@@ -758,13 +758,13 @@ class ElasticGroup:
         """``train.max_skipped_steps`` non-finite steps in a row (the vote makes every rank see
         the same ones): restore the newest committed checkpoint from before them and skip the
         batches since (PaLM, sec. 5.1), or fail when the rollback budget is spent."""
-        from elastic_moe.checkpoint import Checkpointer
+        from elastic_moe.storage import committed_steps
 
         self._enter(LoopState.ROLLING_BACK)
         detected = time.time()
         diverged = next(o for o in outcomes.values() if o.status is Status.DIVERGED)
         first, step = diverged.first_skipped or diverged.step, diverged.step
-        committed = Checkpointer(self.spec.checkpoint_dir, async_save=False).committed_steps()
+        committed = committed_steps(self.spec.checkpoint_dir)
         # a checkpoint at first - 1 holds the very state the skipped steps started from
         target = max((c for c in committed if c < first - 1), default=None)
         self.rollbacks += 1

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 import zlib
@@ -45,11 +44,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from elastic_moe.storage import COMMIT_FILE, step_dirs
+
 log = logging.getLogger(__name__)
 
-COMMIT_FILE = "COMMITTED"
 STATE_FILE = "train_state.json"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(RuntimeError):
@@ -146,14 +145,7 @@ class Checkpointer:
         return self._path(step_dir_name(step))
 
     def _step_dirs(self) -> dict[int, str]:
-        if not self.fs.exists(self.base):
-            return {}
-        out = {}
-        for entry in self.fs.ls(self.base, detail=False):
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if m := _STEP_DIR.match(name):
-                out[int(m[1])] = entry
-        return out
+        return step_dirs(self.fs, self.base)
 
     def committed_steps(self) -> list[int]:
         """Steps with a complete (committed) checkpoint, ascending."""

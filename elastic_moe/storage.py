@@ -7,16 +7,42 @@ process, a full TCP window) blocks until the server goes away, which may be neve
 here give every S3 request a total deadline, so a save against a dead or hung server fails in
 bounded time: about ``5 * attempts * timeout_s`` (botocore's attempts, each retried up to 5 times
 by s3fs itself). Local paths fail at once (ENOSPC, EROFS, ...) and need nothing.
+
+It also lists a checkpoint root's step directories and which are committed, without torch (the
+coordinator, which never loads it, picks a rollback's checkpoint from that list).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import fsspec
 
-__all__ = ["storage_options"]
+__all__ = ["COMMIT_FILE", "committed_steps", "step_dirs", "storage_options"]
+
+COMMIT_FILE = "COMMITTED"  # written last into a step's directory: the save's commit point
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dirs(fs: Any, base: str) -> dict[int, str]:
+    """The step directories under ``base`` on ``fs``, committed or not, by step."""
+    if not fs.exists(base):
+        return {}
+    out = {}
+    for entry in fs.ls(base, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if m := _STEP_DIR.match(name):
+            out[int(m[1])] = entry
+    return out
+
+
+def committed_steps(root: str, options: dict[str, Any] | None = None) -> list[int]:
+    """Steps with a committed checkpoint under ``root`` (a path or URL), ascending."""
+    fs, base = fsspec.core.url_to_fs(root, **(options or {}))
+    return sorted(step for step, path in step_dirs(fs, base).items()
+                  if fs.exists(f"{path}/{COMMIT_FILE}"))
 
 
 def storage_options(url: str, timeout_s: float, attempts: int) -> dict[str, Any]:

@@ -126,22 +126,21 @@ def advance(position: DataPosition, global_batch_size: int, num_sequences: int,
     return DataPosition(epoch=epoch, index=index, seed=position.seed)
 
 
-def make_batch(dataset: Any, sample_ids: list[tuple[int, int]],
-               skip_bad: bool = False) -> dict[str, Any]:
-    """Gather a batch from a :class:`~elastic_moe.data.shards.TokenDataset`.
+def gather_batch(dataset: Any, sample_ids: list[tuple[int, int]],
+                 skip_bad: bool = False) -> dict[str, Any]:
+    """Gather a batch from a :class:`~elastic_moe.data.shards.TokenDataset` as numpy arrays:
+    what a data reader sends (it never loads torch); :func:`as_tensors` makes the tensors.
 
-    Returns torch tensors ``input_ids (B, S) int64`` (tokens 0..S-1), ``labels (B, S) int64``
-    (tokens 1..S, the next-token targets), ``doc_ids (B, S) int32`` (document index of each input
-    position within its sequence: attend only where the ids are equal; a label crosses into the
-    next document only at an EOS input, so it stays a valid target), and ``sample_ids`` (the
+    Returns ``input_ids (B, S) int64`` (tokens 0..S-1), ``labels (B, S) int64`` (tokens 1..S,
+    the next-token targets), ``doc_ids (B, S) int32`` (document index of each input position
+    within its sequence: attend only where the ids are equal; a label crosses into the next
+    document only at an EOS input, so it stays a valid target), and ``sample_ids`` (the
     ``(epoch, index)`` list, for bookkeeping and tests).
 
     ``skip_bad``: a sequence the dataset refuses (``BadSampleError``) is left out of the batch
     and listed in ``bad_samples`` as ``[(epoch, index), message]`` (without it, the error is
     raised). A batch left with no sequence at all raises the first error.
     """
-    import torch
-
     from elastic_moe.data.shards import BadSampleError
 
     width = dataset.seq_len + 1
@@ -160,12 +159,30 @@ def make_batch(dataset: Any, sample_ids: list[tuple[int, int]],
         kept.append(sample)
     rows = len(kept)
     return {
-        "input_ids": torch.from_numpy(tokens[:rows, :-1].copy()),
-        "labels": torch.from_numpy(tokens[:rows, 1:].copy()),
-        "doc_ids": torch.from_numpy(docs[:rows, :-1].copy()),
+        "input_ids": np.ascontiguousarray(tokens[:rows, :-1]),
+        "labels": np.ascontiguousarray(tokens[:rows, 1:]),
+        "doc_ids": np.ascontiguousarray(docs[:rows, :-1]),
         "sample_ids": kept,
         "bad_samples": bad,
     }
+
+
+BATCH_ARRAYS = ("input_ids", "labels", "doc_ids")
+
+
+def as_tensors(batch: dict[str, Any]) -> dict[str, Any]:
+    """A :func:`gather_batch` dict with its arrays as torch tensors (copies: an array Ray hands
+    over may be a read-only view of its object store)."""
+    import torch
+
+    return {key: torch.from_numpy(np.array(value)) if key in BATCH_ARRAYS else value
+            for key, value in batch.items()}
+
+
+def make_batch(dataset: Any, sample_ids: list[tuple[int, int]],
+               skip_bad: bool = False) -> dict[str, Any]:
+    """:func:`gather_batch` with torch tensors."""
+    return as_tensors(gather_batch(dataset, sample_ids, skip_bad=skip_bad))
 
 
 def split_batch(batch: dict[str, Any], micro_batch_size: int) -> list[dict[str, Any]]:

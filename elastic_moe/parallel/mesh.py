@@ -27,9 +27,10 @@ import functools
 import logging
 import math
 from dataclasses import asdict, astuple, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 from elastic_moe.config import ModelConfig, ParallelConfig
 
@@ -129,9 +130,19 @@ def _expert_group_nodes(num_experts: int, num_groups: int, ep: int,
     return tuple(out)
 
 
+_GIVEN_COUNTS: dict[tuple, tuple[int, int]] = {}
+
+
 def param_counts(model_cfg: ModelConfig) -> tuple[int, int]:
     """(dense, routed-expert) parameter counts, MTP included (it trains too)."""
-    return _param_counts_cached(astuple(model_cfg))
+    key = astuple(model_cfg)
+    return _GIVEN_COUNTS.get(key) or _param_counts_cached(key)
+
+
+def remember_param_counts(model_cfg: ModelConfig, counts: tuple[int, int]) -> None:
+    """Take ``model_cfg``'s :func:`param_counts` as given (counted by another process): the
+    coordinator plans layouts without building a model, so it never loads torch."""
+    _GIVEN_COUNTS[astuple(model_cfg)] = (int(counts[0]), int(counts[1]))
 
 
 @functools.lru_cache(maxsize=8)
@@ -300,6 +311,8 @@ def build_mesh(plan: MeshPlan, device_type: str) -> ParallelMeshes:
     shard group, and ``expert_replicate`` flattens ``(dp_replicate, dp_shard_mod_ep)``. Needs an
     initialized default process group of ``plan.world_size`` ranks.
     """
+    from torch.distributed.device_mesh import init_device_mesh
+
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device_type={device_type!r}: must be 'cuda' or 'cpu'")
     root = init_device_mesh(device_type, (plan.dp_replicate_degree, plan.dp_shard_degree),

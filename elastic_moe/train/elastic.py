@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from elastic_moe.config import TrainConfig
 from elastic_moe.data.sampler import rank_share
 
-__all__ = ["CopyPlan", "Holdings", "RestoreDecision", "WardCopy", "decide_restore",
-           "effective_batch", "rank_share"]
+__all__ = ["CopyPlan", "Holdings", "RestoreDecision", "ShardManifest", "ShardSpec", "WardCopy",
+           "decide_restore", "effective_batch", "rank_share"]
 
 
 def effective_batch(cfg: TrainConfig, world_size: int, max_workers: int) -> tuple[int, float]:
@@ -32,6 +33,39 @@ def effective_batch(cfg: TrainConfig, world_size: int, max_workers: int) -> tupl
     per_rank = max(cfg.global_batch_size // max_workers, 1)
     batch = per_rank * world_size
     return batch, batch / (per_rank * max_workers)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    """One tensor block: ``key`` names the tensor, the block is ``shape`` at ``offset`` of
+    ``global_shape``."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    # a copy of part of another rank's block (an expert replica): a restore may read it, the
+    # peer copies never copy it (every layout fills its replicas from their owners)
+    replica: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(slots=True)
+class ShardManifest:
+    """A :class:`~elastic_moe.train.shard_state.ShardSet` without its tensors: what a rank holds,
+    cheap to send around (defined here, without torch, for the coordinator that reads it)."""
+
+    rank: int
+    step: int
+    specs: list[ShardSpec]
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,32 +30,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+# the blocks' descriptions are torch-free: the coordinator, which never loads torch, reads them
+from elastic_moe.train.elastic import ShardManifest, ShardSpec
+
 logger = logging.getLogger(__name__)
 
 # Buffers that are zeroed at every step boundary: never carried across a rebuild.
 TRANSIENT_BUFFERS = ("tokens_per_expert",)
-
-
-@dataclass(frozen=True, slots=True)
-class ShardSpec:
-    """One tensor block: ``key`` names the tensor, the block is ``shape`` at ``offset`` of
-    ``global_shape``."""
-
-    key: str
-    dtype: str
-    shape: tuple[int, ...]
-    global_shape: tuple[int, ...]
-    offset: tuple[int, ...]
-    # a copy of part of another rank's block (an expert replica): a restore may read it, the
-    # peer copies never copy it (every layout fills its replicas from their owners)
-    replica: bool = False
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
 
 
 @dataclass(slots=True)
@@ -101,16 +82,6 @@ class ShardSet:
                     for name, buf in state["buffers"].items()}
         self.tensors = unflatten(flat, self.specs)
         self.flat = flat
-
-
-@dataclass(slots=True)
-class ShardManifest:
-    """A :class:`ShardSet` without its tensors: what a rank holds, cheap to send around."""
-
-    rank: int
-    step: int
-    specs: list[ShardSpec]
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _local_and_offset(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:

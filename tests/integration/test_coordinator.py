@@ -241,6 +241,14 @@ def test_a_restarted_coordinator_still_restores_from_replicas(head, tmp_path):
         killed_at = _logged_step(tmp_path, run)
         for rank in (0, 1):
             os.kill(workers[rank], signal.SIGKILL)
+        wait_for(lambda: launcher.poll() is not None
+                 or len(_record(tmp_path, run)["world_sizes"]) > epochs_before, 120,
+                 "the layout after the two losses", log)
+        # it read the survivors' shard manifests and formed the new layout without torch,
+        # whose import would have stalled it for seconds in the middle of the recovery
+        coordinator = _record(tmp_path, run)["coordinator_pid"]
+        with open(f"/proc/{coordinator}/maps") as maps:
+            assert "libtorch" not in maps.read(), "the coordinator loaded torch"
         assert launcher.wait(timeout=300) == 0, open(log).read()[-6000:]
     finally:
         if launcher.poll() is None:

@@ -11,6 +11,7 @@ from elastic_moe.data.pack import Packer, doc_ids_from_starts
 from elastic_moe.data.sampler import (
     DataPosition,
     advance,
+    as_tensors,
     batch_sample_ids,
     epoch_permutation,
     make_batch,
@@ -209,7 +210,7 @@ def test_batch_at_serves_any_split_by_position_exactly_once(dataset_path):
     pos, committed = DataPosition(seed=3), []
     for step, world in enumerate([4, 4, 5, 5, 2, 2]):
         got = [worker.batch_at(pos.to_dict(), g, r, world) for r in range(world)]
-        for r, batch in enumerate(got):
+        for r, batch in enumerate(map(as_tensors, got)):
             want = make_batch(reference, batch_sample_ids(pos, n, g, r, world))
             assert batch["sample_ids"] == want["sample_ids"]
             for key in ("input_ids", "labels", "doc_ids"):

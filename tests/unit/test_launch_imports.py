@@ -65,3 +65,85 @@ def test_a_meta_model_has_the_parameters_and_buffers_of_a_real_one():
     angles = rope_frequencies(cfg)
     assert torch.equal(real.rope_cos, angles.cos()) and torch.equal(real.rope_sin, angles.sin())
     assert real.embed_tokens.weight.std() > 0.5  # nn.Embedding's N(0, 1)
+
+
+def test_the_coordinator_and_data_readers_load_no_torch(tmp_path):
+    """The coordinator's control loop and the data readers never load torch (3-4 s of CPU and
+    ~200 MiB each, on the launch's critical path on a small node; and an import that lands in
+    the middle of a recovery stalls the coordinator past the workers' lease): their modules
+    import none, the loop plans layouts from the parameter counts the launcher hands it, a
+    survivor's shard manifest unpickles without it, a rollback lists the committed checkpoints
+    without it, and a reader sends numpy arrays that the training worker turns into tensors."""
+    import pickle
+
+    from elastic_moe.train.shard_state import ShardManifest, ShardSpec
+
+    manifest = pickle.dumps(ShardManifest(rank=1, step=7, specs=[
+        ShardSpec(key="layers.0.w", dtype="float32", shape=(2, 3), global_shape=(4, 3),
+                  offset=(2, 0))], meta={"tokens": 5}))
+    for step, committed in ((4, True), (8, True), (12, False)):
+        os.makedirs(tmp_path / f"step_{step:08d}")
+        if committed:
+            (tmp_path / f"step_{step:08d}" / "COMMITTED").write_text("{}")
+    code = (f"import pickle\nm = pickle.loads({manifest!r})\n"
+            "assert (m.step, m.specs[0].offset, m.specs[0].numel) == (7, (2, 0), 6), m\n"
+            "from elastic_moe.storage import committed_steps\n"
+            f"assert committed_steps({str(tmp_path)!r}) == [4, 8]\n"
+            "import elastic_moe.actors.run_loop, elastic_moe.actors.coordinator\n"
+            "import elastic_moe.actors.worker_group, elastic_moe.actors.data_worker\n"
+            "import elastic_moe.actors.train_worker, elastic_moe.actors.run_log\n"
+            "from elastic_moe.config import debug\n"
+            "from elastic_moe.parallel.mesh import plan_mesh, remember_param_counts\n"
+            "cfg = debug()\n"
+            "remember_param_counts(cfg.model, (1_000_000, 2_000_000))\n"
+            "plan = plan_mesh(4, 2, cfg.model, global_batch_size=8)\n"
+            "assert plan.world_size == 4, plan\n"
+            "from elastic_moe.data.sampler import gather_batch\n"
+            "class Data:\n"
+            "    seq_len = 3\n"
+            "    def sequence(self, i):\n"
+            "        import numpy as np\n"
+            "        return np.arange(4) + i, np.zeros(4, dtype=np.int32)\n"
+            "batch = gather_batch(Data(), [(0, 5), (0, 7)])\n"
+            "assert batch['labels'].tolist() == [[6, 7, 8], [8, 9, 10]], batch")
+    assert _imported_after(code, ("torch", "elastic_moe.model")) == []
+
+
+def test_given_parameter_counts_plan_as_the_counted_ones():
+    """The coordinator's plans (from counts the launcher measured) are the plans of a process
+    that counts the model itself, at every size (reference: the meta-model count); with a
+    memory budget, the counts decide the plan."""
+    import dataclasses
+
+    from elastic_moe.config import debug, small
+    from elastic_moe.parallel import mesh
+
+    sizes = (1, 2, 3, 8, 16, 64)
+    for cfg in (debug(), small()):
+        counted = mesh.param_counts(cfg.model)
+        # a budget that fits the state at some sizes and not at others
+        need = mesh.estimate_bytes_per_rank(cfg.model, 8, 8) / 2**30
+        prefs = dataclasses.replace(cfg.parallel, min_workers=1, max_workers=64,
+                                    memory_per_gpu_gib=need * 1.5)
+
+        def plans(prefs=prefs, cfg=cfg) -> list:
+            out = []
+            for w in sizes:
+                try:
+                    out.append(mesh.plan_mesh(w, 8, cfg.model, prefs, global_batch_size=64))
+                except ValueError as exc:
+                    out.append(str(exc))
+            return out
+
+        want = plans()
+        given = dict(mesh._GIVEN_COUNTS)
+        try:
+            mesh.remember_param_counts(cfg.model, counted)
+            mesh._param_counts_cached.cache_clear()
+            assert plans() == want
+            assert mesh._param_counts_cached.cache_info().misses == 0  # no model was built
+            mesh.remember_param_counts(cfg.model, (counted[0] * 100, counted[1] * 100))
+            assert plans() != want  # the given counts are the ones planned with
+        finally:
+            mesh._GIVEN_COUNTS.clear()
+            mesh._GIVEN_COUNTS.update(given)
