@@ -17,7 +17,7 @@ from elastic_moe.train.elastic import CopyPlan, Holdings, WardCopy
 from elastic_moe.train.failure_policy import StepReport
 
 __all__ = ["CopyPlan", "EpochSpec", "Holdings", "JoinReport", "LeaseReply", "LoopState", "PingReply",
-           "RestoreSource", "Status", "TrainOutcome", "WardCopy", "WorkerInfo"]
+           "RestoreSource", "Status", "TrainOutcome", "WardCopy", "WorkerInfo", "WorkerRaised"]
 
 
 class Status(str, enum.Enum):
@@ -121,3 +121,9 @@ class LeaseReply:
 
     membership_epoch: int  # the newest epoch opened
     retired: bool  # a newer epoch formed without this worker: it must stop
+
+
+class WorkerRaised(RuntimeError):
+    """A worker's call raised an exception of torch (or another library the coordinator does
+    not load): sent as this instead, with the type's name in the message, so that reading the
+    error never imports torch into the coordinator (seconds, in the middle of a recovery)."""

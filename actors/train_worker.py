@@ -24,6 +24,7 @@ beside it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -34,7 +35,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ from elastic_moe.actors.messages import (
     Status,
     TrainOutcome,
     WorkerInfo,
+    WorkerRaised,
 )
 
 from elastic_moe.config import Config
@@ -89,6 +91,35 @@ class WorkerSpec:
 class _Progress:
     step: int = -1
     metrics: deque = field(default_factory=lambda: deque(maxlen=METRICS_KEPT))
+
+
+# libraries the coordinator never loads: their exceptions must not reach it as they are
+_HEAVY_MODULES = ("torch", "triton", "transformers")
+
+
+@contextlib.contextmanager
+def _torch_free_errors() -> Iterator[None]:
+    """Around a call the coordinator makes: an exception whose class lives in torch (a gloo or
+    store error in a join, say) is raised as :class:`WorkerRaised` instead, which unpickles
+    without torch; the original stays in the traceback text Ray sends along."""
+    try:
+        yield
+    except Exception as exc:
+        if (type(exc).__module__ or "").split(".")[0] in _HEAVY_MODULES:
+            raise WorkerRaised(f"{type(exc).__qualname__}: {exc}") from exc
+        raise
+
+
+def _for_coordinator(method: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`_torch_free_errors` around every call of ``method`` (not under ``ray.method``,
+    whose options then do not reach Ray: use the context manager there)."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with _torch_free_errors():
+            return method(*args, **kwargs)
+
+    return call
 
 
 class _Feed:
@@ -219,11 +250,13 @@ class TrainWorker:
         return sock
 
     # ------------------------------------------------------------------ membership
+    @_for_coordinator
     def warmed_up(self) -> float | None:
         """Returns once the warm-up is over: its seconds, or None when it was stopped by a join
         or skipped. Blocks a concurrency slot until then."""
         return self.warm_up.result()
 
+    @_for_coordinator
     def join(self, epoch: EpochSpec, sources: list[Any] | None = None) -> JoinReport:
         """Enter ``epoch``: new process group, new layout, state filled in. ``sources``: the
         (manifest, shards ref) of every rank of the previous layout, with restore="shards".
@@ -371,6 +404,7 @@ class TrainWorker:
                 forget_layout_caches()
 
     # ------------------------------------------------------------------ training
+    @_for_coordinator
     def train(self) -> TrainOutcome:
         """Committed steps until finished, paused by a vote, or broken by a failed peer."""
         with self.lock:
@@ -379,6 +413,7 @@ class TrainWorker:
             self.training = (epoch, future)
         return future.result()
 
+    @_for_coordinator
     def take_over(self, epoch: int) -> TrainOutcome:
         """The outcome of this worker's ``train()`` in membership epoch ``epoch``: the call in
         progress (or already returned), or a new one if the epoch's was never made. How a
@@ -469,6 +504,7 @@ class TrainWorker:
                                                reason="a model or optimizer tensor is not finite")
         return outcome
 
+    @_for_coordinator
     def checkpoint_now(self) -> str:
         """After the group paused to stop: save the current step on every rank (they call this
         together) and wait until it is committed or failed. Returns "saved", "nonfinite", or
@@ -606,11 +642,13 @@ class TrainWorker:
             self.trainer.pause_requested = True
         return self.progress.step
 
+    @_for_coordinator
     def holdings(self) -> Holdings:
         if self.trainer is None:
             return Holdings(rank=None, live=None)
         return self.trainer.holdings()
 
+    @_for_coordinator
     def copy_plans(self, epoch: int) -> list[CopyPlan] | None:
         """The copy plan of membership epoch ``epoch`` (every rank holds the same one), for a
         restarted coordinator; ``None`` if this worker holds another layout or none."""
@@ -622,8 +660,9 @@ class TrainWorker:
 
     @ray.method(num_returns=2)
     def export(self, rank: int, step: int) -> tuple[Any, Any]:
-        shards = self.torch_thread.submit(self.trainer.export, rank, step).result()
-        return shards.manifest(), shards
+        with _torch_free_errors():
+            shards = self.torch_thread.submit(self.trainer.export, rank, step).result()
+            return shards.manifest(), shards
 
 
 def _memory_report(device: Any, cfg: Config, epoch: EpochSpec) -> str:

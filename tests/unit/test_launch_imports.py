@@ -147,3 +147,31 @@ def test_given_parameter_counts_plan_as_the_counted_ones():
         finally:
             mesh._GIVEN_COUNTS.clear()
             mesh._GIVEN_COUNTS.update(given)
+
+
+def test_a_workers_torch_error_reaches_the_coordinator_without_torch():
+    """A call the coordinator makes that raises a torch exception (a gloo or store error in a
+    join) raises :class:`WorkerRaised` instead, which the coordinator's process unpickles
+    without importing torch; other exceptions pass as they are."""
+    import pickle
+
+    import pytest
+    import torch.distributed as dist
+    from elastic_moe.actors.messages import WorkerRaised
+    from elastic_moe.actors.train_worker import _for_coordinator
+
+    from elastic_moe.parallel.network import NetworkInterfaceError
+
+    @_for_coordinator
+    def join(exc: BaseException) -> None:
+        raise exc
+
+    with pytest.raises(WorkerRaised, match="DistNetworkError: connection reset") as raised:
+        join(dist.DistNetworkError("connection reset"))
+    assert isinstance(raised.value.__cause__, dist.DistNetworkError)
+    with pytest.raises(NetworkInterfaceError):  # torch-free: the coordinator matches its type
+        join(NetworkInterfaceError("no interface eth9"))
+    error = pickle.dumps(raised.value)
+    code = (f"import pickle\ne = pickle.loads({error!r})\n"
+            "assert type(e).__name__ == 'WorkerRaised' and 'connection reset' in str(e), e")
+    assert _imported_after(code, ("torch",)) == []
