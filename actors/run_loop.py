@@ -175,8 +175,10 @@ class RunHost:
         self.released = threading.Event()
         self.group: Any = None
         self.stop_reason: str | None = None
-        # set once the loop's own modules are imported (begun early, in the background)
+        # set once the loop's own modules are imported (begun early, in the background), and
+        # once MLflow's are too
         self.preloaded: threading.Event | None = None
+        self.preload_done: threading.Event | None = None
 
     def start(self, adopt: bool) -> None:
         """Run the loop on its own thread (once). ``adopt``: take over the live workers of a
@@ -243,6 +245,10 @@ class RunHost:
         if adopt:  # the live workers hold the steps the log lacks: no checkpoint is read
             logged_step = replay_metrics(metrics_log, None, tracker)
         elif launch.resume:  # steps an earlier loop committed but had not sent to MLflow
+            # reading them loads torch (the one time this process does, before any worker
+            # exists); not while the preload thread still imports MLflow's modules
+            if self.preload_done is not None:
+                self.preload_done.wait(timeout=120.0)
             from elastic_moe.checkpoint import Checkpointer
 
             replay_metrics(metrics_log, Checkpointer(launch.checkpoint_dir, async_save=False),
@@ -330,11 +336,11 @@ class Coordinator(CoordinatorState):
             self.state["status"] = self.loaded_status
             return
         self.state["result"] = None  # a new launch (--resume) of an earlier run: a new result
-        # the loop's modules load while the launcher runs its checks: 4-5 s of imports (torch,
-        # the trainer, MLflow) on a 2-core machine, otherwise paid after start_run
-        self.host.preloaded = threading.Event()
-        threading.Thread(target=_preload, args=(self.host.preloaded,), name="elastic-moe-preload",
-                         daemon=True).start()
+        # the loop's modules load while the launcher runs its checks (then MLflow: 1.4-3 s on a
+        # 2-core machine), otherwise paid after start_run
+        self.host.preloaded, self.host.preload_done = threading.Event(), threading.Event()
+        threading.Thread(target=_preload, args=(self.host.preloaded, self.host.preload_done),
+                         name="elastic-moe-preload", daemon=True).start()
         if restarted and self.loaded_status == "RUNNING" and self.state["slots"]:
             logger.warning("coordinator restarted (pid %d): taking over the run's live workers",
                            os.getpid())
@@ -368,14 +374,13 @@ class Coordinator(CoordinatorState):
         self.host.release()
 
 
-def _preload(loop_modules: threading.Event) -> None:
-    """Import what :meth:`RunHost._drive` imports, then set ``loop_modules``, then torch and
-    what the tracker imports. The loop waits for the event before it imports anything (two
-    threads importing overlapping module graphs in different orders can make importlib raise a
-    deadlock error), but not for the rest: none of the loop's modules imports torch at the top,
-    so the workers are asked for before this process has loaded it (3-4 s on a 2-core machine),
-    and the loop needs it only once they are ready (to plan the first layout). MLflow loads
-    last: the tracker connects in its own thread, which queues the records meanwhile."""
+def _preload(loop_modules: threading.Event, done: threading.Event) -> None:
+    """Import what :meth:`RunHost._drive` imports, then set ``loop_modules``, then what the
+    tracker imports, then set ``done``. The loop waits for ``loop_modules`` before it imports
+    anything (two threads importing overlapping module graphs in different orders can make
+    importlib raise a deadlock error), but not for MLflow: the workers are asked for while it
+    loads, and the tracker connects in its own thread, which queues the records meanwhile. None
+    of these modules imports torch (see docs/architecture.md)."""
     import importlib
 
     try:
@@ -383,13 +388,16 @@ def _preload(loop_modules: threading.Event) -> None:
                      "elastic_moe.actors.data_worker", "elastic_moe.actors.run_log"):
             importlib.import_module(name)
     except Exception:  # noqa: BLE001 - the loop's own import reports it
+        done.set()
         return
     finally:
         loop_modules.set()
     try:
         importlib.import_module("mlflow.tracking")
     except Exception:  # noqa: BLE001 - the tracker's own import reports it
-        return
+        pass
+    finally:
+        done.set()
 
 
 def create(run_name: str, state_path: str, launch: Launch) -> Any:

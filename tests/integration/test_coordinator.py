@@ -246,6 +246,7 @@ def test_a_restarted_coordinator_still_restores_from_replicas(head, tmp_path):
                  "the layout after the two losses", log)
         # it read the survivors' shard manifests and formed the new layout without torch,
         # whose import would have stalled it for seconds in the middle of the recovery
+        assert launcher.poll() is None, open(log).read()[-6000:]
         coordinator = _record(tmp_path, run)["coordinator_pid"]
         with open(f"/proc/{coordinator}/maps") as maps:
             assert "libtorch" not in maps.read(), "the coordinator loaded torch"

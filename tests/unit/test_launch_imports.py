@@ -156,6 +156,7 @@ def test_a_workers_torch_error_reaches_the_coordinator_without_torch():
     import pickle
 
     import pytest
+    import torch
     import torch.distributed as dist
     from elastic_moe.actors.messages import WorkerRaised
     from elastic_moe.actors.train_worker import _for_coordinator
@@ -171,6 +172,14 @@ def test_a_workers_torch_error_reaches_the_coordinator_without_torch():
     assert isinstance(raised.value.__cause__, dist.DistNetworkError)
     with pytest.raises(NetworkInterfaceError):  # torch-free: the coordinator matches its type
         join(NetworkInterfaceError("no interface eth9"))
+    with pytest.raises(ValueError, match="bad config"):  # a built-in with plain arguments
+        join(ValueError("bad config"))
+    from elastic_moe.checkpoint import CheckpointError  # the project's, in a torch module
+
+    with pytest.raises(WorkerRaised, match="CheckpointError: no committed checkpoint"):
+        join(CheckpointError("no committed checkpoint"))
+    with pytest.raises(WorkerRaised, match="KeyError"):  # a built-in holding a tensor
+        join(KeyError(torch.zeros(1)))
     error = pickle.dumps(raised.value)
     code = (f"import pickle\ne = pickle.loads({error!r})\n"
             "assert type(e).__name__ == 'WorkerRaised' and 'connection reset' in str(e), e")
