@@ -95,14 +95,14 @@ class _Progress:
 
 # what the coordinator's process may unpickle as it is: built-in exceptions with plain
 # arguments, and exceptions of these torch-free modules (it matches some by type)
-_TORCH_FREE_ERRORS = ("builtins", "elastic_moe.parallel.network", "elastic_moe.train.failure_policy",
-                      "elastic_moe.actors.", "actors.", "ray.")
+_TORCH_FREE_MODULES = {"builtins", "elastic_moe.parallel.network",
+                       "elastic_moe.train.failure_policy", "elastic_moe.actors", "actors", "ray"}
+_TORCH_FREE_PACKAGES = ("elastic_moe.actors.", "actors.", "ray.")
 
 
 def _torch_free(exc: BaseException) -> bool:
     module = type(exc).__module__ or ""
-    return (any(module == m.rstrip(".") or (m.endswith(".") and module.startswith(m))
-                for m in _TORCH_FREE_ERRORS)
+    return ((module in _TORCH_FREE_MODULES or module.startswith(_TORCH_FREE_PACKAGES))
             and all(isinstance(a, str | int | float | bool | type(None)) for a in exc.args))
 
 

@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from elastic_moe.storage import COMMIT_FILE, step_dirs
+from elastic_moe.storage import COMMIT_FILE, committed_in, step_dirs
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,7 @@ class Checkpointer:
 
     def committed_steps(self) -> list[int]:
         """Steps with a complete (committed) checkpoint, ascending."""
-        return sorted(step for step, path in self._step_dirs().items()
-                      if self.fs.exists(f"{path}/{COMMIT_FILE}"))
+        return committed_in(self.fs, self.base)
 
     def latest_step(self) -> int | None:
         steps = self.committed_steps()

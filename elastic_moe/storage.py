@@ -20,7 +20,7 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["COMMIT_FILE", "committed_steps", "step_dirs", "storage_options"]
+__all__ = ["COMMIT_FILE", "committed_in", "committed_steps", "step_dirs", "storage_options"]
 
 COMMIT_FILE = "COMMITTED"  # written last into a step's directory: the save's commit point
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -38,11 +38,15 @@ def step_dirs(fs: Any, base: str) -> dict[int, str]:
     return out
 
 
-def committed_steps(root: str, options: dict[str, Any] | None = None) -> list[int]:
-    """Steps with a committed checkpoint under ``root`` (a path or URL), ascending."""
-    fs, base = fsspec.core.url_to_fs(root, **(options or {}))
+def committed_in(fs: Any, base: str) -> list[int]:
+    """Steps with a committed checkpoint under ``base`` on ``fs``, ascending."""
     return sorted(step for step, path in step_dirs(fs, base).items()
                   if fs.exists(f"{path}/{COMMIT_FILE}"))
+
+
+def committed_steps(root: str, options: dict[str, Any] | None = None) -> list[int]:
+    """Steps with a committed checkpoint under ``root`` (a path or URL), ascending."""
+    return committed_in(*fsspec.core.url_to_fs(root, **(options or {})))
 
 
 def storage_options(url: str, timeout_s: float, attempts: int) -> dict[str, Any]:
