@@ -1,5 +1,6 @@
 """Shared pieces of the elastic-service tests: configs, sample accounting, checkpoint reads,
-waiting on a launcher, a `ray start --head` of the test's own."""
+waiting on a launcher, a `ray start --head` of the test's own, a local Ray shared by the tests of
+a module."""
 
 from __future__ import annotations
 
@@ -230,3 +231,61 @@ def ray_head(env: dict[str, str], *args: str) -> Iterator[None]:
             except ProcessLookupError:
                 pass
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# The local Ray instance that consecutive tests of one module share (`local_ray`): its ray.init
+# arguments, while it is up.
+_LOCAL_RAY: dict[str, str] = {}
+
+
+def local_ray(num_cpus: int, **init_kwargs) -> None:
+    """Connects the test to a local Ray instance of ``num_cpus`` CPUs: the one the test before
+    left (:func:`release_local_ray`) when that test asked for the same and everything it started
+    has ended, or a new one. A new instance costs 5-6 s and 7-8 CPU-seconds on the 2-core CI
+    box, and its shutdown 1.5 s more. The run under test starts its own coordinator, data
+    readers and workers either way, and they end with the run.
+
+    A module that uses it shuts the instance down at its end with the
+    :func:`local_ray_per_module` fixture; a test of that module that starts Ray in another way
+    calls :func:`shutdown_local_ray` first."""
+    import ray
+
+    key = repr((num_cpus, sorted(init_kwargs.items())))
+    if ray.is_initialized() and _LOCAL_RAY.get("key") == key:
+        return
+    shutdown_local_ray()
+    ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
+    _LOCAL_RAY["key"] = key
+
+
+def release_local_ray(idle_timeout_s: float = 15.0) -> None:
+    """Called in a test's ``finally``: leaves the instance up for the next test when no
+    exception is on its way out and the instance is idle within ``idle_timeout_s`` (every CPU
+    free and no named actor alive: the run's coordinator, readers and workers have ended).
+    Otherwise shuts it down, so a failed test leaves nothing behind for the next one."""
+    import ray
+
+    if sys.exc_info()[0] is None and ray.is_initialized() and "key" in _LOCAL_RAY:
+        deadline = time.monotonic() + idle_timeout_s
+        while time.monotonic() < deadline:
+            if (ray.available_resources().get("CPU", 0.0) == ray.cluster_resources().get("CPU")
+                    and not ray.util.list_named_actors(all_namespaces=True)):
+                return
+            time.sleep(0.2)
+    shutdown_local_ray()
+
+
+def shutdown_local_ray() -> None:
+    import ray
+
+    _LOCAL_RAY.clear()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray_per_module() -> Iterator[None]:
+    """Shuts down the module's shared local Ray instance (:func:`local_ray`) after its last
+    test: autouse in every test module that imports it."""
+    yield
+    shutdown_local_ray()

@@ -21,6 +21,10 @@ from tests.integration.elastic_helpers import (
     assert_each_sample_once,
     data_cache,
     final_model_tensors,
+    local_ray,
+    local_ray_per_module,  # noqa: F401 (autouse: shuts the shared local Ray down at the end)
+    release_local_ray,
+    shutdown_local_ray,
     single_process_weights,
     sqlite_store,
     tiny_config,
@@ -40,8 +44,10 @@ RESIZE_RTOL = 1e-3
 
 
 def _ray(num_cpus: int) -> None:
-    ray.init(address="local", num_cpus=num_cpus, runtime_env=RUNTIME_ENV,
-             include_dashboard=False, namespace="elastic-moe")
+    """A local Ray of ``num_cpus`` CPUs, shared with the test before when it asked for the same
+    (:func:`local_ray`; the tests are ordered by CPUs for that). Pair with
+    :func:`release_local_ray` in the test's ``finally``."""
+    local_ray(num_cpus, runtime_env=RUNTIME_ENV, include_dashboard=False, namespace="elastic-moe")
 
 
 def _num_sequences(cfg) -> int:
@@ -171,105 +177,11 @@ def test_killed_worker_pauses_briefly_and_matches_the_fault_free_run(tmp_path):
         assert run_info.data.params["train.steps"] == str(steps)
         assert any(k.startswith("event.") and "scale_down" in k for k in run_info.data.tags)
     finally:
-        ray.shutdown()
+        release_local_ray()
     worst, key = worst_relative_diff(final_model_tensors(faulty.checkpoint_dir),
                                      single_process_weights(cfg))
     print(f"final weights vs fault-free: max relative difference {worst:.2e} ({key})")
     assert worst < RESIZE_RTOL, (worst, key)
-
-
-def test_replaced_worker_keeps_the_split_and_is_bit_exact(tmp_path):
-    """kill -9 of one of 3 workers with min = max = 3: the two survivors wait for a replacement
-    in the freed slot, then all three rebuild from the survivors' shards and peer copies. The
-    split is unchanged, so the final weights equal a fault-free run bit for bit."""
-    steps = 10
-    _ray(num_cpus=3)
-    try:
-        cfg = tiny_config(tmp_path / "a", steps=steps, every=5, workers=(3, 3))
-        run = _Run(cfg, "replace", tmp_path / "a")
-        state = _when("replace", lambda s: s["last_step"] >= 3 and len(s["workers"]) == 3)
-        victim = state["workers"][1]["pid"]
-        survivors = _survivor_pids(state, victim)
-        os.kill(victim, signal.SIGKILL)
-        faulty = run.wait()
-        assert faulty.ok, faulty.error
-        epochs = faulty.coordinator_state["world_sizes"]
-        assert [(e["world_size"], e["cause"]) for e in epochs] == [(3, "start"), (3, "replace")]
-        assert epochs[1]["restored_from"] == "peers" and epochs[1]["steps_redone"] <= 1
-        pids = epoch_pids(faulty, 1)
-        assert set(survivors) <= set(pids) and victim not in pids
-        reference = _Run(tiny_config(tmp_path / "b", steps=steps, every=5, workers=(3, 3)),
-                         "replace-ref", tmp_path / "b").wait()
-        assert reference.ok, reference.error
-    finally:
-        ray.shutdown()
-    got, want = final_model_tensors(faulty.checkpoint_dir), final_model_tensors(
-        reference.checkpoint_dir)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-
-
-def test_hung_rank_is_fenced_off_and_training_goes_on(tmp_path):
-    """SIGSTOP of one of 3 workers: it stops answering, is killed (never to rejoin with stale
-    state) and the other two go on from their live state."""
-    steps = 14
-    _ray(num_cpus=3)
-    try:
-        cfg = tiny_config(tmp_path, steps=steps, every=5, workers=(2, 3))
-        run = _Run(cfg, "hang", tmp_path)
-        state = _when("hang", lambda s: s["last_step"] >= 5 and len(s["workers"]) >= 2)
-        victim = state["workers"][0]["pid"]
-        survivors = _survivor_pids(state, victim)
-        stop_time = time.time()
-        os.kill(victim, signal.SIGSTOP)
-        result = run.wait()
-        assert result.ok, result.error
-        with pytest.raises(ProcessLookupError):  # fenced: the stopped process is gone
-            os.kill(victim, 0)
-        epochs = result.coordinator_state["world_sizes"]
-        hung = [e for e in epochs if e.get("failed_pids") == [victim]]
-        assert len(hung) == 1 and hung[0]["restored_from"] == "peers"
-        # the survivors kept their processes (a third worker warming up may join them); the
-        # stopped one is not among the members
-        members = epoch_pids(result, epochs.index(hung[0]))
-        assert set(survivors) <= set(members) and victim not in members
-        pause, last_before, _ = _pause_around(result, stop_time)
-        print(f"\nSIGSTOP at step {last_before}: training went on after {pause:.1f} s")
-        # a sanity bound, not a speed target (that is benchmarked: benchmarks/elastic_recovery.py);
-        # hang_timeout_s=4 here, and with a second full suite on the same 2 cores the pause
-        # reached 23.3 s
-        assert pause < 40.0
-        assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
-    finally:
-        ray.shutdown()
-
-
-def test_losing_every_copy_falls_back_to_the_checkpoint(tmp_path):
-    """Rank 1 and its buddy (rank 2, which keeps rank 1's copy on this one-node cluster) die
-    together: no copy of rank 1's shards survives, so the group says so and restores the last
-    committed checkpoint. No step past it is lost, and samples stay exactly-once."""
-    steps, batch = 14, 12
-    _ray(num_cpus=3)
-    try:
-        cfg = tiny_config(tmp_path, steps=steps, every=4, workers=(1, 3))
-        run = _Run(cfg, "all-copies", tmp_path, sample_log_dir=str(tmp_path / "samples"))
-        state = _when("all-copies", lambda s: s["last_step"] >= 6 and len(s["workers"]) == 3
-                      and s["committed"] is not None)
-        by_rank = {w["rank"]: w["pid"] for w in state["workers"]}
-        for rank in (1, 2):
-            os.kill(by_rank[rank], signal.SIGKILL)
-        result = run.wait()
-        assert result.ok, result.error
-        fallback = [e for e in result.coordinator_state["events"]
-                    if e["kind"] == "checkpoint_fallback"]
-        assert len(fallback) == 1 and "no committed step" in fallback[0]["reason"]
-        restored = [e for e in result.coordinator_state["world_sizes"]
-                    if e.get("restored_from") == "checkpoint"]
-        assert restored and restored[0]["restored_step"] % 4 == 0
-        assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
-        assert_each_sample_once(str(tmp_path / "samples"), steps, batch, _num_sequences(cfg))
-    finally:
-        ray.shutdown()
 
 
 def test_more_failures_than_allowed_fails_clearly(tmp_path):
@@ -284,7 +196,7 @@ def test_more_failures_than_allowed_fails_clearly(tmp_path):
         os.kill(state["workers"][1]["pid"], signal.SIGKILL)
         result = run.wait()
     finally:
-        ray.shutdown()
+        release_local_ray()
     assert not result.ok
     assert result.error and "elastic.max_failures=0" in result.error
     assert "FAILED" in result.summary()
@@ -307,7 +219,7 @@ def test_resubmit_resumes_in_the_same_mlflow_run(tmp_path):
         second = run_training(tiny_config(tmp_path, steps=8, every=2), "resubmit", resume=True,
                               output_dir=str(tmp_path))
     finally:
-        ray.shutdown()
+        release_local_ray()
     assert second.ok, second.error
     assert second.mlflow_run_id == first.mlflow_run_id
     assert second.coordinator_state["world_sizes"][-1]["restored_step"] == 4
@@ -331,7 +243,7 @@ def test_unusable_committed_checkpoint_falls_back_loudly(tmp_path):
         second = run_training(tiny_config(tmp_path, steps=8, every=2), "bad-ckpt", resume=True,
                               output_dir=str(tmp_path))
     finally:
-        ray.shutdown()
+        release_local_ray()
     assert second.ok, second.error
     assert second.coordinator_state["world_sizes"][-1]["restored_step"] == 2
     fallbacks = [e for e in second.coordinator_state["events"]
@@ -348,6 +260,7 @@ def test_nodes_join_and_leave(tmp_path):
     and MLflow records each resize with the old plan, the new plan and the rebuild time."""
     from ray.cluster_utils import Cluster
 
+    shutdown_local_ray()  # the tests before shared a local Ray; this one has a cluster of its own
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = []
     ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, namespace="elastic-moe")
@@ -515,7 +428,133 @@ def test_killed_coordinator_restarts_and_training_goes_on(tmp_path):
         assert [s for s, _, _ in history] == list(range(1, steps + 1))
         assert sum(t > kill_time for _, _, t in history) >= 5  # it trained on after the kill
     finally:
-        ray.shutdown()
+        release_local_ray()
+
+
+def test_worker_lost_during_a_rebuild_is_an_ordinary_fault(tmp_path):
+    """Three workers; kill -9 of one at step 4, and inside the rebuild that follows another
+    one dies in the middle of its join (planted from outside: the test drops a trigger file
+    that the next worker to join consumes). On main that failed the run (`rebuilding the group
+    at 2 workers failed`); now the rebuild is retried with the one worker left, and the run
+    finishes with every step logged once, regrowing as replacements start."""
+    from tests.integration.faults import die_in_join
+
+    steps = 16
+    trigger = str(tmp_path / "die-in-join")
+    _ray(num_cpus=4)
+    try:
+        cfg = tiny_config(tmp_path, steps=steps, every=4, workers=(1, 3),
+                          extra=["elastic.resize_check_s=60"])
+        run = _Run(cfg, "rebuild-fault", tmp_path, wrap_model=die_in_join(trigger))
+        state = _when("rebuild-fault", lambda s: s["last_step"] >= 4 and len(s["workers"]) == 3)
+        open(trigger, "w").close()
+        os.kill(state["workers"][-1]["pid"], signal.SIGKILL)
+        result = run.wait()
+    finally:
+        release_local_ray()
+    assert result.ok, result.error
+    assert not os.path.exists(trigger), "no worker joined after the kill"
+    events = result.coordinator_state["events"]
+    print("\n" + "; ".join(f"{e['kind']}@{e['step']}" for e in events
+                          if e["kind"] not in ("checkpoint",)))
+    assert [e for e in events if e["kind"] == "lost_while_forming"], events
+    sizes = [e["world_size"] for e in result.coordinator_state["world_sizes"]]
+    assert sizes[0] == 3 and sizes[1] == 1, sizes  # the rebuild went on with the last one
+    assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
+
+
+def test_replaced_worker_keeps_the_split_and_is_bit_exact(tmp_path):
+    """kill -9 of one of 3 workers with min = max = 3: the two survivors wait for a replacement
+    in the freed slot, then all three rebuild from the survivors' shards and peer copies. The
+    split is unchanged, so the final weights equal a fault-free run bit for bit."""
+    steps = 10
+    _ray(num_cpus=3)
+    try:
+        cfg = tiny_config(tmp_path / "a", steps=steps, every=5, workers=(3, 3))
+        run = _Run(cfg, "replace", tmp_path / "a")
+        state = _when("replace", lambda s: s["last_step"] >= 3 and len(s["workers"]) == 3)
+        victim = state["workers"][1]["pid"]
+        survivors = _survivor_pids(state, victim)
+        os.kill(victim, signal.SIGKILL)
+        faulty = run.wait()
+        assert faulty.ok, faulty.error
+        epochs = faulty.coordinator_state["world_sizes"]
+        assert [(e["world_size"], e["cause"]) for e in epochs] == [(3, "start"), (3, "replace")]
+        assert epochs[1]["restored_from"] == "peers" and epochs[1]["steps_redone"] <= 1
+        pids = epoch_pids(faulty, 1)
+        assert set(survivors) <= set(pids) and victim not in pids
+        reference = _Run(tiny_config(tmp_path / "b", steps=steps, every=5, workers=(3, 3)),
+                         "replace-ref", tmp_path / "b").wait()
+        assert reference.ok, reference.error
+    finally:
+        release_local_ray()
+    got, want = final_model_tensors(faulty.checkpoint_dir), final_model_tensors(
+        reference.checkpoint_dir)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_hung_rank_is_fenced_off_and_training_goes_on(tmp_path):
+    """SIGSTOP of one of 3 workers: it stops answering, is killed (never to rejoin with stale
+    state) and the other two go on from their live state."""
+    steps = 14
+    _ray(num_cpus=3)
+    try:
+        cfg = tiny_config(tmp_path, steps=steps, every=5, workers=(2, 3))
+        run = _Run(cfg, "hang", tmp_path)
+        state = _when("hang", lambda s: s["last_step"] >= 5 and len(s["workers"]) >= 2)
+        victim = state["workers"][0]["pid"]
+        survivors = _survivor_pids(state, victim)
+        stop_time = time.time()
+        os.kill(victim, signal.SIGSTOP)
+        result = run.wait()
+        assert result.ok, result.error
+        with pytest.raises(ProcessLookupError):  # fenced: the stopped process is gone
+            os.kill(victim, 0)
+        epochs = result.coordinator_state["world_sizes"]
+        hung = [e for e in epochs if e.get("failed_pids") == [victim]]
+        assert len(hung) == 1 and hung[0]["restored_from"] == "peers"
+        # the survivors kept their processes (a third worker warming up may join them); the
+        # stopped one is not among the members
+        members = epoch_pids(result, epochs.index(hung[0]))
+        assert set(survivors) <= set(members) and victim not in members
+        pause, last_before, _ = _pause_around(result, stop_time)
+        print(f"\nSIGSTOP at step {last_before}: training went on after {pause:.1f} s")
+        # a sanity bound, not a speed target (that is benchmarked: benchmarks/elastic_recovery.py);
+        # hang_timeout_s=4 here, and with a second full suite on the same 2 cores the pause
+        # reached 23.3 s
+        assert pause < 40.0
+        assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
+    finally:
+        release_local_ray()
+
+
+def test_losing_every_copy_falls_back_to_the_checkpoint(tmp_path):
+    """Rank 1 and its buddy (rank 2, which keeps rank 1's copy on this one-node cluster) die
+    together: no copy of rank 1's shards survives, so the group says so and restores the last
+    committed checkpoint. No step past it is lost, and samples stay exactly-once."""
+    steps, batch = 14, 12
+    _ray(num_cpus=3)
+    try:
+        cfg = tiny_config(tmp_path, steps=steps, every=4, workers=(1, 3))
+        run = _Run(cfg, "all-copies", tmp_path, sample_log_dir=str(tmp_path / "samples"))
+        state = _when("all-copies", lambda s: s["last_step"] >= 6 and len(s["workers"]) == 3
+                      and s["committed"] is not None)
+        by_rank = {w["rank"]: w["pid"] for w in state["workers"]}
+        for rank in (1, 2):
+            os.kill(by_rank[rank], signal.SIGKILL)
+        result = run.wait()
+        assert result.ok, result.error
+        fallback = [e for e in result.coordinator_state["events"]
+                    if e["kind"] == "checkpoint_fallback"]
+        assert len(fallback) == 1 and "no committed step" in fallback[0]["reason"]
+        restored = [e for e in result.coordinator_state["world_sizes"]
+                    if e.get("restored_from") == "checkpoint"]
+        assert restored and restored[0]["restored_step"] % 4 == 0
+        assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
+        assert_each_sample_once(str(tmp_path / "samples"), steps, batch, _num_sequences(cfg))
+    finally:
+        release_local_ray()
 
 
 def test_lost_workers_are_replaced_at_once(tmp_path):
@@ -542,7 +581,7 @@ def test_lost_workers_are_replaced_at_once(tmp_path):
             os.kill(victim, signal.SIGKILL)
         result = run.wait()
     finally:
-        ray.shutdown()
+        release_local_ray()
     assert result.ok, result.error
     epochs = result.coordinator_state["world_sizes"]
     sizes = [(e["cause"], e["world_size"], e["restored_step"]) for e in epochs]
@@ -564,38 +603,6 @@ def test_lost_workers_are_replaced_at_once(tmp_path):
     assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
 
 
-def test_worker_lost_during_a_rebuild_is_an_ordinary_fault(tmp_path):
-    """Three workers; kill -9 of one at step 4, and inside the rebuild that follows another
-    one dies in the middle of its join (planted from outside: the test drops a trigger file
-    that the next worker to join consumes). On main that failed the run (`rebuilding the group
-    at 2 workers failed`); now the rebuild is retried with the one worker left, and the run
-    finishes with every step logged once, regrowing as replacements start."""
-    from tests.integration.faults import die_in_join
-
-    steps = 16
-    trigger = str(tmp_path / "die-in-join")
-    _ray(num_cpus=4)
-    try:
-        cfg = tiny_config(tmp_path, steps=steps, every=4, workers=(1, 3),
-                          extra=["elastic.resize_check_s=60"])
-        run = _Run(cfg, "rebuild-fault", tmp_path, wrap_model=die_in_join(trigger))
-        state = _when("rebuild-fault", lambda s: s["last_step"] >= 4 and len(s["workers"]) == 3)
-        open(trigger, "w").close()
-        os.kill(state["workers"][-1]["pid"], signal.SIGKILL)
-        result = run.wait()
-    finally:
-        ray.shutdown()
-    assert result.ok, result.error
-    assert not os.path.exists(trigger), "no worker joined after the kill"
-    events = result.coordinator_state["events"]
-    print("\n" + "; ".join(f"{e['kind']}@{e['step']}" for e in events
-                          if e["kind"] not in ("checkpoint",)))
-    assert [e for e in events if e["kind"] == "lost_while_forming"], events
-    sizes = [e["world_size"] for e in result.coordinator_state["world_sizes"]]
-    assert sizes[0] == 3 and sizes[1] == 1, sizes  # the rebuild went on with the last one
-    assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
-
-
 def test_a_peer_lost_inside_the_evaluation_after_a_commit_loses_no_step_record(tmp_path):
     """The validation pass at step 10 (the debug recipe's ``train.eval_every``) runs after the
     step's commit, and it is a collective. Rank 1 is killed inside it (its own SIGKILL, planted
@@ -614,7 +621,7 @@ def test_a_peer_lost_inside_the_evaluation_after_a_commit_loses_no_step_record(t
         result = _Run(cfg, "die-in-eval", tmp_path, sample_log_dir=str(tmp_path / "samples"),
                       wrap_model=die_in_evaluation(10, rank=1)).wait()
     finally:
-        ray.shutdown()
+        release_local_ray()
     assert result.ok, result.error
     epochs = result.coordinator_state["world_sizes"]
     lost = [e for e in epochs if e.get("failed_pids")]
@@ -664,7 +671,7 @@ def _kill_every_40_steps(tmp_path, name: str, steps: int = 200) -> None:
                     time.sleep(0.05)
         result = run.wait(timeout=900)
     finally:
-        ray.shutdown()
+        release_local_ray()
     print(f"\n{name}: kills {victims}; world sizes "
           f"{[e['world_size'] for e in result.coordinator_state['world_sizes']]}")
     assert result.ok, result.error
@@ -704,7 +711,7 @@ def test_a_warm_spare_takes_a_lost_members_place(tmp_path):
             time.sleep(0.1)
         result = run.wait()
     finally:
-        ray.shutdown()
+        release_local_ray()
     assert result.ok, result.error
     assert len(spares_before) == 1, spares_before  # the spare was up before the kill
     epochs = result.coordinator_state["world_sizes"]
