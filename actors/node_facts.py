@@ -1,6 +1,6 @@
 """What a node can tell about itself at launch: its memory and the address its process groups
-would bind to. The launcher asks each worker node with a Ray task (:func:`nodes_memory`,
-:func:`nodes_binding`).
+would bind to. The launcher answers for the node it runs on itself and asks each other worker
+node with a Ray task (:func:`nodes_memory`, :func:`nodes_binding`).
 
 This module imports neither torch nor the trainer: a task's fresh worker process imports the
 module its function lives in, and on a 2-core node importing torch took 5 s of the launch.
@@ -61,20 +61,29 @@ _node_memory = ray.remote(num_cpus=0, max_retries=0)(local_node_memory)
 _node_binding = ray.remote(num_cpus=0, max_retries=0)(node_binding)
 
 
-def _on_each(task, nodes: list[NodeInfo], args: tuple, timeout_s: float) -> list:
+def _on_each(function, task, nodes: list[NodeInfo], args: tuple, timeout_s: float) -> list:
+    """``function(*args)`` on each of ``nodes``, in their order. The node this process runs on
+    answers here: a task there waits for a fresh worker process of the job, about 2 s of every
+    launch on a 2-core machine, for facts this process can read itself (a driver always runs
+    beside a raylet of its own machine). Every other node runs ``task``, pinned to it."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return list(ray.get([task.options(
+    here = ray.get_runtime_context().get_node_id()
+    refs = {node.node_id: task.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)
-    ).remote(*args) for node in nodes], timeout=timeout_s))
+    ).remote(*args) for node in nodes if node.node_id != here}
+    answers = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s), strict=True))
+    if any(node.node_id == here for node in nodes):
+        answers[here] = function(*args)
+    return [answers[node.node_id] for node in nodes]
 
 
 def nodes_memory(nodes: list[NodeInfo], timeout_s: float = 60.0) -> list[NodeMemory]:
-    """Each node's :class:`NodeMemory`, read by a task on it."""
-    return _on_each(_node_memory, nodes, (), timeout_s)
+    """Each node's :class:`NodeMemory`, read on it."""
+    return _on_each(local_node_memory, _node_memory, nodes, (), timeout_s)
 
 
 def nodes_binding(nodes: list[NodeInfo], interface: str,
                   timeout_s: float = 60.0) -> list[tuple[bool, str]]:
-    """Each node's :func:`node_binding`, found by a task on it."""
-    return _on_each(_node_binding, nodes, (interface,), timeout_s)
+    """Each node's :func:`node_binding`, found on it."""
+    return _on_each(node_binding, _node_binding, nodes, (interface,), timeout_s)

@@ -164,6 +164,56 @@ def test_capacity_wait_logs_what_is_missing_and_gives_up(cluster, caplog):
     assert capacity.workers >= 3 and len(capacity.per_node) == 2
 
 
+def _job_workers_by_node() -> dict[str, list[int]]:
+    """Node id -> pids of the worker processes its raylet has started (its agents left out)."""
+    import psutil
+
+    out: dict[str, list[int]] = {}
+    for raylet in psutil.process_iter(["name", "cmdline"]):
+        if raylet.info["name"] != "raylet":
+            continue
+        node = [a.split("=", 1)[1] for a in raylet.info["cmdline"] if a.startswith("--node_id=")]
+        kids = [kid for kid in raylet.children() if "Agent" not in " ".join(kid.cmdline())]
+        out[node[0]] = [kid.pid for kid in kids]
+    return out
+
+
+def test_the_launchers_own_node_answers_without_a_task(monkeypatch):
+    """The launch-time facts of a two-node Cluster (memory, the process groups' binding): the
+    node the launcher runs on answers in the launcher's process, the other one through a task.
+    Both nodes are this machine, so each answer must equal what this process reads, and an
+    interface no node has is refused naming each node. Only the other node's raylet started a
+    worker process: a task on the launcher's node waited about 2 s for one at every launch."""
+    from elastic_moe.actors.node_facts import (
+        local_node_memory,
+        node_binding,
+        nodes_binding,
+        nodes_memory,
+    )
+    from elastic_moe.actors.shared_storage import worker_nodes
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_prestart_worker_first_driver", "0")  # no idle workers up front
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, runtime_env=RUNTIME_ENV)
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        nodes = worker_nodes({"CPU": 1})
+        (other,) = [n.node_id for n in nodes if n.node_id != here]
+        assert _job_workers_by_node() == {here: [], other: []}
+        assert nodes_memory(nodes) == [local_node_memory()] * 2
+        assert nodes_binding(nodes, "") == [node_binding("")] * 2
+        missing = nodes_binding(nodes, "emoe-none0")
+        for node, (ok, text) in zip(nodes, missing, strict=True):
+            assert not ok and f"node {node.node_id}" in text and "'emoe-none0'" in text, text
+        workers = _job_workers_by_node()
+        assert workers[here] == [] and len(workers[other]) >= 1, workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 @pytest.fixture
 def masked_node(cluster, tmp_path):
     """A second node whose processes see a fresh tmpfs over ``tmp_path / "masked"``."""
