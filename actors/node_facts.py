@@ -1,6 +1,6 @@
 """What a node can tell about itself at launch: its memory and the address its process groups
-would bind to. The launcher answers for the node it runs on itself and asks each other worker
-node with a Ray task (:func:`nodes_memory`, :func:`nodes_binding`).
+would bind to (:func:`nodes_memory`, :func:`nodes_binding`). The launcher answers for the node
+it runs on itself and asks each other worker node with a Ray task.
 
 This module imports neither torch nor the trainer: a task's fresh worker process imports the
 module its function lives in, and on a 2-core node importing torch took 5 s of the launch.
@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -61,20 +62,23 @@ _node_memory = ray.remote(num_cpus=0, max_retries=0)(local_node_memory)
 _node_binding = ray.remote(num_cpus=0, max_retries=0)(node_binding)
 
 
-def _on_each(function, task, nodes: list[NodeInfo], args: tuple, timeout_s: float) -> list:
-    """``function(*args)`` on each of ``nodes``, in their order. The node this process runs on
-    answers here: a task there waits for a fresh worker process of the job, about 2 s of every
-    launch on a 2-core machine, for facts this process can read itself (a driver always runs
-    beside a raylet of its own machine). Every other node runs ``task``, pinned to it."""
+def _on_each(function: Callable[..., Any], task: Any, nodes: list[NodeInfo], args: tuple,
+             timeout_s: float) -> list:
+    """``function(*args)`` on each of ``nodes``, in their order: every other node runs
+    ``task`` (``function`` as a Ray task) pinned to it, and the node this process runs on
+    answers here, while those tasks run. A task there would start a worker process of the job
+    (Python, Ray and this module's imports) for facts this process can read itself: a driver
+    runs beside the raylet of its own machine. Not under Ray Client (``ray://``), whose driver runs on a
+    machine of its own; every node gets a task there."""
+    from ray.util.client import ray as client
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = ray.get_runtime_context().get_node_id()
+    here = None if client.is_connected() else ray.get_runtime_context().get_node_id()
     refs = {node.node_id: task.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)
     ).remote(*args) for node in nodes if node.node_id != here}
-    answers = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s), strict=True))
-    if any(node.node_id == here for node in nodes):
-        answers[here] = function(*args)
+    answers = {here: function(*args)} if any(node.node_id == here for node in nodes) else {}
+    answers.update(zip(refs, ray.get(list(refs.values()), timeout=timeout_s), strict=True))
     return [answers[node.node_id] for node in nodes]
 
 

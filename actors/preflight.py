@@ -58,7 +58,8 @@ def memory_budget(cfg: Config, bundle: dict[str, float], connection: RayConnecti
 
     ``connection`` None or embedded: this machine, with one CPU slot per core (at least one per
     ``min_workers``, as :func:`elastic_moe.actors.cluster.init_ray` oversubscribes). On a cluster, the
-    ``nodes`` that may host workers, each asked by a task.
+    ``nodes`` that may host workers (:func:`nodes_memory`: this process answers for its own
+    node, a task for each other one).
     """
     if bundle.get("GPU") and cfg.parallel.memory_per_gpu_gib > 0:
         return MemoryBudget(int(cfg.parallel.memory_per_gpu_gib * GIB), 1,

@@ -27,3 +27,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that failed shuts down the local Ray its module's tests share
+    (tests.integration.elastic_helpers.local_ray), whatever it left running: the next test
+    starts from a new instance. Its checks after the run (weights, MLflow) fail after its
+    ``finally`` has kept the instance."""
+    outcome = yield
+    report = outcome.get_result()
+    helpers = sys.modules.get("tests.integration.elastic_helpers")
+    if report.when == "call" and report.failed and helpers is not None:
+        helpers.shutdown_local_ray()

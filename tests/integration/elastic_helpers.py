@@ -234,44 +234,59 @@ def ray_head(env: dict[str, str], *args: str) -> Iterator[None]:
 
 
 # The local Ray instance that consecutive tests of one module share (`local_ray`): its ray.init
-# arguments, while it is up.
+# arguments and its GCS address, while it is up.
 _LOCAL_RAY: dict[str, str] = {}
 
 
 def local_ray(num_cpus: int, **init_kwargs) -> None:
     """Connects the test to a local Ray instance of ``num_cpus`` CPUs: the one the test before
     left (:func:`release_local_ray`) when that test asked for the same and everything it started
-    has ended, or a new one. A new instance costs 5-6 s and 7-8 CPU-seconds on the 2-core CI
-    box, and its shutdown 1.5 s more. The run under test starts its own coordinator, data
-    readers and workers either way, and they end with the run.
+    has ended, or a new one. On the 2-core CI box a new instance took 4-6 s to start, its
+    shutdown 1.5 s more, and the pair 7-9 CPU-seconds (2026-12-07). The run under test starts
+    its own coordinator, data readers and workers either way, and they end with the run.
 
-    A module that uses it shuts the instance down at its end with the
-    :func:`local_ray_per_module` fixture; a test of that module that starts Ray in another way
-    calls :func:`shutdown_local_ray` first."""
+    A module that uses it imports :func:`local_ray_per_module`, which shuts the instance down
+    after the module's last test; a test of that module that starts Ray in another way calls
+    :func:`shutdown_local_ray` first. A failed test shuts it down too (``tests/conftest.py``)."""
     import ray
 
     key = repr((num_cpus, sorted(init_kwargs.items())))
-    if ray.is_initialized() and _LOCAL_RAY.get("key") == key:
+    if (ray.is_initialized() and _LOCAL_RAY.get("key") == key
+            and _LOCAL_RAY.get("gcs") == ray.get_runtime_context().gcs_address):
         return
     shutdown_local_ray()
     ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
-    _LOCAL_RAY["key"] = key
+    _LOCAL_RAY.update(key=key, gcs=ray.get_runtime_context().gcs_address)
+
+
+def _idle() -> bool:
+    """Every CPU free, no named actor alive, every placement group removed: what the test's run
+    started has ended (its coordinator, readers and workers are named actors; its slots are
+    placement groups, which a later placement would take CPUs from the next test with)."""
+    import ray
+    from ray.util import placement_group_table
+
+    return (ray.available_resources().get("CPU", 0.0) == ray.cluster_resources().get("CPU")
+            and not ray.util.list_named_actors(all_namespaces=True)
+            and all(pg["state"] == "REMOVED" for pg in placement_group_table().values()))
 
 
 def release_local_ray(idle_timeout_s: float = 15.0) -> None:
     """Called in a test's ``finally``: leaves the instance up for the next test when no
-    exception is on its way out and the instance is idle within ``idle_timeout_s`` (every CPU
-    free and no named actor alive: the run's coordinator, readers and workers have ended).
-    Otherwise shuts it down, so a failed test leaves nothing behind for the next one."""
+    exception is on its way out (``sys.exc_info()`` in a ``finally``) and the instance is idle
+    within ``idle_timeout_s`` (:func:`_idle`). Otherwise shuts it down."""
     import ray
 
     if sys.exc_info()[0] is None and ray.is_initialized() and "key" in _LOCAL_RAY:
-        deadline = time.monotonic() + idle_timeout_s
-        while time.monotonic() < deadline:
-            if (ray.available_resources().get("CPU", 0.0) == ray.cluster_resources().get("CPU")
-                    and not ray.util.list_named_actors(all_namespaces=True)):
-                return
-            time.sleep(0.2)
+        try:
+            deadline = time.monotonic() + idle_timeout_s
+            while time.monotonic() < deadline:
+                if _idle():
+                    return
+                time.sleep(0.2)
+        except BaseException:
+            shutdown_local_ray()
+            raise
     shutdown_local_ray()
 
 

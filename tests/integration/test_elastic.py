@@ -329,6 +329,7 @@ def test_killed_driver_resumes_with_resume(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
+    shutdown_local_ray()  # the launcher below starts a Ray of its own
     out, uri = tmp_path / "out", sqlite_store(tmp_path / 'mlflow.db')
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("RAY_ADDRESS", None)
@@ -401,6 +402,7 @@ def test_killed_coordinator_restarts_and_training_goes_on(tmp_path):
     ``make soak`` only: ``make test`` runs this scenario through the CLI, against a
     ``ray start`` head (test_coordinator.py: the launcher follows a restarted coordinator)."""
     steps = 40
+    shutdown_local_ray()  # a new instance: the pid check below counts this Ray's coordinators
     _ray(num_cpus=2)
     try:
         run = _Run(tiny_config(tmp_path, steps=steps, every=4, workers=(2, 2)), "coord-kill",

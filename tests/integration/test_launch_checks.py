@@ -9,6 +9,8 @@
   run trains at that size, and its console shows the project's lines without Ray's noise.
 * On a ``ray.cluster_utils.Cluster``: the capacity wait logs what is missing, gives up with the
   numbers, and returns once a node joins.
+* The launch-time facts of each node (memory, binding): the launcher's own node answers in
+  the launcher's process, and only the other nodes get a task (and a worker process for it).
 * Shared storage: a node started in its own mount namespace, with a tmpfs over the run's
   directory, is a node whose disk really differs; the probe refuses the node-local checkpoint
   directory and sqlite store, naming the node, and accepts them with only shared-disk nodes.
@@ -164,17 +166,39 @@ def test_capacity_wait_logs_what_is_missing_and_gives_up(cluster, caplog):
     assert capacity.workers >= 3 and len(capacity.per_node) == 2
 
 
-def _job_workers_by_node() -> dict[str, list[int]]:
-    """Node id -> pids of the worker processes its raylet has started (its agents left out)."""
+def _job_workers(raylets: dict[str, int]) -> dict[str, list[int]]:
+    """Node id -> pids of the worker processes its raylet (pid in ``raylets``) has started:
+    ``default_worker.py`` until it names itself, then ``ray::<task or IDLE>``. Ray's agents
+    (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``; ``agent.py``/``main.py`` while they
+    import) are not workers."""
     import psutil
 
     out: dict[str, list[int]] = {}
-    for raylet in psutil.process_iter(["name", "cmdline"]):
-        if raylet.info["name"] != "raylet":
+    for node, pid in raylets.items():
+        out[node] = []
+        for kid in psutil.Process(pid).children():
+            try:
+                cmd = " ".join(kid.cmdline())
+            except psutil.Error:  # exited meanwhile
+                continue
+            if "default_worker.py" in cmd or (cmd.startswith("ray::") and "Agent" not in cmd):
+                out[node].append(kid.pid)
+    return out
+
+
+def _raylets(nodes: set[str]) -> dict[str, int]:
+    """Node id -> pid of the raylet of each of ``nodes`` (other Rays on this machine ignored)."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        args = proc.info["cmdline"] or []
+        if proc.info["name"] != "raylet":
             continue
-        node = [a.split("=", 1)[1] for a in raylet.info["cmdline"] if a.startswith("--node_id=")]
-        kids = [kid for kid in raylet.children() if "Agent" not in " ".join(kid.cmdline())]
-        out[node[0]] = [kid.pid for kid in kids]
+        for arg in args:
+            if arg.startswith("--node_id=") and arg.split("=", 1)[1] in nodes:
+                out[arg.split("=", 1)[1]] = proc.pid
+    assert set(out) == nodes, (out, nodes)
     return out
 
 
@@ -183,7 +207,8 @@ def test_the_launchers_own_node_answers_without_a_task(monkeypatch):
     node the launcher runs on answers in the launcher's process, the other one through a task.
     Both nodes are this machine, so each answer must equal what this process reads, and an
     interface no node has is refused naming each node. Only the other node's raylet started a
-    worker process: a task on the launcher's node waited about 2 s for one at every launch."""
+    worker process for them: a task on the launcher's node had one started there at every
+    launch."""
     from elastic_moe.actors.node_facts import (
         local_node_memory,
         node_binding,
@@ -194,20 +219,22 @@ def test_the_launchers_own_node_answers_without_a_task(monkeypatch):
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("RAY_prestart_worker_first_driver", "0")  # no idle workers up front
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, runtime_env=RUNTIME_ENV)
+    cluster = Cluster()
     try:
+        cluster.add_node(num_cpus=1)  # the head: the launcher's node
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, runtime_env=RUNTIME_ENV)
         here = ray.get_runtime_context().get_node_id()
         nodes = worker_nodes({"CPU": 1})
         (other,) = [n.node_id for n in nodes if n.node_id != here]
-        assert _job_workers_by_node() == {here: [], other: []}
+        raylets = _raylets({here, other})
+        assert _job_workers(raylets) == {here: [], other: []}
         assert nodes_memory(nodes) == [local_node_memory()] * 2
         assert nodes_binding(nodes, "") == [node_binding("")] * 2
         missing = nodes_binding(nodes, "emoe-none0")
         for node, (ok, text) in zip(nodes, missing, strict=True):
             assert not ok and f"node {node.node_id}" in text and "'emoe-none0'" in text, text
-        workers = _job_workers_by_node()
+        workers = _job_workers(raylets)
         assert workers[here] == [] and len(workers[other]) >= 1, workers
     finally:
         ray.shutdown()
