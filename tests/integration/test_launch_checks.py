@@ -166,39 +166,25 @@ def test_capacity_wait_logs_what_is_missing_and_gives_up(cluster, caplog):
     assert capacity.workers >= 3 and len(capacity.per_node) == 2
 
 
-def _job_workers(raylets: dict[str, int]) -> dict[str, list[int]]:
-    """Node id -> pids of the worker processes its raylet (pid in ``raylets``) has started:
-    ``default_worker.py`` until it names itself, then ``ray::<task or IDLE>``. Ray's agents
-    (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``; ``agent.py``/``main.py`` while they
-    import) are not workers."""
+def _job_workers(nodes: list) -> dict[str, list[int]]:
+    """Node id -> pids of the worker processes the raylet of each of ``nodes`` (Cluster nodes)
+    has started: ``default_worker.py`` until it names itself, then ``ray::<task or IDLE>``.
+    Ray's agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``; ``agent.py``/``main.py``
+    while they import) are not workers."""
     import psutil
+    from ray._private import ray_constants
 
     out: dict[str, list[int]] = {}
-    for node, pid in raylets.items():
-        out[node] = []
-        for kid in psutil.Process(pid).children():
+    for node in nodes:
+        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        out[node.node_id] = []
+        for kid in psutil.Process(raylet).children():
             try:
                 cmd = " ".join(kid.cmdline())
             except psutil.Error:  # exited meanwhile
                 continue
             if "default_worker.py" in cmd or (cmd.startswith("ray::") and "Agent" not in cmd):
-                out[node].append(kid.pid)
-    return out
-
-
-def _raylets(nodes: set[str]) -> dict[str, int]:
-    """Node id -> pid of the raylet of each of ``nodes`` (other Rays on this machine ignored)."""
-    import psutil
-
-    out = {}
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        args = proc.info["cmdline"] or []
-        if proc.info["name"] != "raylet":
-            continue
-        for arg in args:
-            if arg.startswith("--node_id=") and arg.split("=", 1)[1] in nodes:
-                out[arg.split("=", 1)[1]] = proc.pid
-    assert set(out) == nodes, (out, nodes)
+                out[node.node_id].append(kid.pid)
     return out
 
 
@@ -221,20 +207,20 @@ def test_the_launchers_own_node_answers_without_a_task(monkeypatch):
     monkeypatch.setenv("RAY_prestart_worker_first_driver", "0")  # no idle workers up front
     cluster = Cluster()
     try:
-        cluster.add_node(num_cpus=1)  # the head: the launcher's node
-        cluster.add_node(num_cpus=1)
+        head = cluster.add_node(num_cpus=1)  # the launcher's node
+        second = cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address, runtime_env=RUNTIME_ENV)
-        here = ray.get_runtime_context().get_node_id()
+        here, other = head.node_id, second.node_id
+        assert ray.get_runtime_context().get_node_id() == here
         nodes = worker_nodes({"CPU": 1})
-        (other,) = [n.node_id for n in nodes if n.node_id != here]
-        raylets = _raylets({here, other})
-        assert _job_workers(raylets) == {here: [], other: []}
+        assert {n.node_id for n in nodes} == {here, other}
+        assert _job_workers([head, second]) == {here: [], other: []}
         assert nodes_memory(nodes) == [local_node_memory()] * 2
         assert nodes_binding(nodes, "") == [node_binding("")] * 2
         missing = nodes_binding(nodes, "emoe-none0")
         for node, (ok, text) in zip(nodes, missing, strict=True):
             assert not ok and f"node {node.node_id}" in text and "'emoe-none0'" in text, text
-        workers = _job_workers(raylets)
+        workers = _job_workers([head, second])
         assert workers[here] == [] and len(workers[other]) >= 1, workers
     finally:
         ray.shutdown()
