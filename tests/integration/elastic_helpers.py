@@ -140,7 +140,21 @@ def single_process_weights(cfg: Config, skip_step: int | None = None) -> dict[st
     """The reference for a run's final weights: one process, no Ray, no process group, the
     library's model, optimizer and ``train_step`` over the same global batches of the prepared
     data (the sampler is world-size free). Step ``skip_step`` (1-based) consumes its batch and
-    applies nothing. Matches a W-worker run to float-summation order (about 1e-5 relative)."""
+    applies nothing. Matches a W-worker run to float-summation order (about 1e-5 relative).
+
+    It runs on one intra-op thread, as the workers do (``OMP_NUM_THREADS=1`` in the tests'
+    runtime env). On a 2-core AMD EPYC box two threads summed in another order, the routers'
+    top-k choices flipped at a near tie, the aux-free biases of 4 experts moved the other way,
+    and the weights ended 5.8e-2 apart from a 2-worker run (2026-12-07); on one thread, 9e-5."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _single_process_weights(cfg, skip_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single_process_weights(cfg: Config, skip_step: int | None) -> dict[str, torch.Tensor]:
     from elastic_moe.data.sample_corpus import ensure_prepared
     from elastic_moe.data.sampler import (
         DataPosition,

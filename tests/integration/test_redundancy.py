@@ -39,9 +39,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
 # W=4 -> 2 against one process: measured 1.51e-3 of a tensor's largest value in all three
 # layouts, in the MTP block's experts, whose gradients are tiny (Adam's normalised updates
-# magnify whatever differs there; against a fault-free W=4 run it stayed under 1e-3). A step
-# left out of the reference moves the weights by 0.11-0.29.
-SINGLE_PROCESS_RTOL = 5e-3
+# magnify whatever differs there; against a fault-free W=4 run it stayed under 1e-3). On a
+# 2-core AMD EPYC box (2026-12-07) the ep=2 layout measured 5.39e-3, in rarely seen rows of
+# embed_tokens, and a fault-free W=4 run of that layout measured the same 5.39e-3: the order
+# of the sums, not the recovery. A step left out of the reference moves the weights by
+# 0.11-0.43.
+SINGLE_PROCESS_RTOL = 1e-2
 STEPS = 16
 
 
@@ -138,4 +141,4 @@ def test_a_node_loss_recovers_from_replicas_without_copying_them(tmp_path, layou
     worst, key = worst_relative_diff(got, full)
     print(f"\nfinal weights vs one process: max relative difference {worst:.2e} ({key})")
     assert worst <= SINGLE_PROCESS_RTOL, (worst, key)
-    assert worst_relative_diff(got, one_step_short)[0] > 10 * SINGLE_PROCESS_RTOL
+    assert worst_relative_diff(got, one_step_short)[0] > 5 * SINGLE_PROCESS_RTOL
