@@ -205,8 +205,14 @@ def test_more_failures_than_allowed_fails_clearly(tmp_path):
     assert result.coordinator_state["status"] == "FAILED"
 
 
-def test_resubmit_resumes_in_the_same_mlflow_run(tmp_path):
+def test_resubmit_resumes_in_the_same_mlflow_run_past_an_unusable_checkpoint(tmp_path):
+    """A second submission of a run name is refused without --resume. Before the --resume, the
+    newest committed checkpoint's data file is cut short: the workers restore the older one,
+    the coordinator and MLflow record a checkpoint_fallback event, and the run goes on in the
+    same MLflow run with every step logged once. (A resume from an intact checkpoint:
+    test_killed_driver_resumes_with_resume, and test_coordinator's stop and resume.)"""
     from elastic_moe.actors.training import run_training
+    from mlflow.tracking import MlflowClient
 
     _ray(num_cpus=2)
     try:
@@ -216,35 +222,15 @@ def test_resubmit_resumes_in_the_same_mlflow_run(tmp_path):
         with pytest.raises(ValueError, match="--resume"):
             run_training(tiny_config(tmp_path, steps=8, every=2), "resubmit",
                          output_dir=str(tmp_path))
+        data = os.path.join(first.checkpoint_dir, "step_00000004", "__0_0.distcp")
+        with open(data, "r+b") as f:
+            f.truncate(os.path.getsize(data) // 2)
         second = run_training(tiny_config(tmp_path, steps=8, every=2), "resubmit", resume=True,
                               output_dir=str(tmp_path))
     finally:
         release_local_ray()
     assert second.ok, second.error
     assert second.mlflow_run_id == first.mlflow_run_id
-    assert second.coordinator_state["world_sizes"][-1]["restored_step"] == 4
-    assert [s for s, _, _ in _metric_history(second, "loss")] == list(range(1, 9))
-
-
-def test_unusable_committed_checkpoint_falls_back_loudly(tmp_path):
-    """--resume when the committed checkpoint's data file is cut short: the workers restore the
-    older one, and the coordinator and MLflow record a checkpoint_fallback event."""
-    from elastic_moe.actors.training import run_training
-    from mlflow.tracking import MlflowClient
-
-    _ray(num_cpus=2)
-    try:
-        first = run_training(tiny_config(tmp_path, steps=4, every=2), "bad-ckpt",
-                             output_dir=str(tmp_path))
-        assert first.ok, first.error
-        data = os.path.join(first.checkpoint_dir, "step_00000004", "__0_0.distcp")
-        with open(data, "r+b") as f:
-            f.truncate(os.path.getsize(data) // 2)
-        second = run_training(tiny_config(tmp_path, steps=8, every=2), "bad-ckpt", resume=True,
-                              output_dir=str(tmp_path))
-    finally:
-        release_local_ray()
-    assert second.ok, second.error
     assert second.coordinator_state["world_sizes"][-1]["restored_step"] == 2
     fallbacks = [e for e in second.coordinator_state["events"]
                  if e["kind"] == "checkpoint_fallback"]
@@ -252,6 +238,7 @@ def test_unusable_committed_checkpoint_falls_back_loudly(tmp_path):
     assert fallbacks[0]["step"] == 2
     tags = MlflowClient(second.tracking_uri).get_run(second.mlflow_run_id).data.tags
     assert any(k.startswith("event.") and "checkpoint_fallback" in k for k in tags)
+    assert [s for s, _, _ in _metric_history(second, "loss")] == list(range(1, 9))
 
 
 def test_nodes_join_and_leave(tmp_path):
@@ -496,41 +483,6 @@ def test_replaced_worker_keeps_the_split_and_is_bit_exact(tmp_path):
         assert torch.equal(got[name], want[name]), name
 
 
-def test_hung_rank_is_fenced_off_and_training_goes_on(tmp_path):
-    """SIGSTOP of one of 3 workers: it stops answering, is killed (never to rejoin with stale
-    state) and the other two go on from their live state."""
-    steps = 14
-    _ray(num_cpus=3)
-    try:
-        cfg = tiny_config(tmp_path, steps=steps, every=5, workers=(2, 3))
-        run = _Run(cfg, "hang", tmp_path)
-        state = _when("hang", lambda s: s["last_step"] >= 5 and len(s["workers"]) >= 2)
-        victim = state["workers"][0]["pid"]
-        survivors = _survivor_pids(state, victim)
-        stop_time = time.time()
-        os.kill(victim, signal.SIGSTOP)
-        result = run.wait()
-        assert result.ok, result.error
-        with pytest.raises(ProcessLookupError):  # fenced: the stopped process is gone
-            os.kill(victim, 0)
-        epochs = result.coordinator_state["world_sizes"]
-        hung = [e for e in epochs if e.get("failed_pids") == [victim]]
-        assert len(hung) == 1 and hung[0]["restored_from"] == "peers"
-        # the survivors kept their processes (a third worker warming up may join them); the
-        # stopped one is not among the members
-        members = epoch_pids(result, epochs.index(hung[0]))
-        assert set(survivors) <= set(members) and victim not in members
-        pause, last_before, _ = _pause_around(result, stop_time)
-        print(f"\nSIGSTOP at step {last_before}: training went on after {pause:.1f} s")
-        # a sanity bound, not a speed target (that is benchmarked: benchmarks/elastic_recovery.py);
-        # hang_timeout_s=4 here, and with a second full suite on the same 2 cores the pause
-        # reached 23.3 s
-        assert pause < 40.0
-        assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
-    finally:
-        release_local_ray()
-
-
 def test_losing_every_copy_falls_back_to_the_checkpoint(tmp_path):
     """Rank 1 and its buddy (rank 2, which keeps rank 1's copy on this one-node cluster) die
     together: no copy of rank 1's shards survives, so the group says so and restores the last
@@ -559,13 +511,28 @@ def test_losing_every_copy_falls_back_to_the_checkpoint(tmp_path):
         release_local_ray()
 
 
-def test_lost_workers_are_replaced_at_once(tmp_path):
-    """``--workers 1:2``, kill -9 of a worker at step 12 and again at step 26 (issue: the group
+def _kill_first_new_trainworker(before: set[int], timeout: float = 60) -> int:
+    """kill -9 of the first TrainWorker process not in ``before`` (a replacement still
+    starting or joining), as soon as it exists; returns its pid."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        new = sorted(_trainworker_pids() - before)
+        if new:
+            os.kill(new[0], signal.SIGKILL)
+            return new[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no replacement started within {timeout:.0f} s")
+
+
+def test_lost_workers_are_replaced_at_once_even_when_a_replacement_dies(tmp_path):
+    """``--workers 1:2``, kill -9 of a member at step 12 and again at step 26 (issue: the group
     stayed at 1 worker for 14 steps, waiting for its next resize check, and the second kill took
-    the last worker). A replacement starts in the freed slot at once and joins at a step
-    boundary: the group is back at 2 well before step 26, every change is a live rebuild with at
-    most 1 step redone, and the run finishes with every step logged once."""
-    steps = 40
+    the last worker); after the second kill, the replacement that starts for it is killed too
+    while it is still starting or joining (a fault inside the recovery). A replacement starts in
+    the freed slot at once and joins at a step boundary: the group is back at 2 well before step
+    26 and again by the end, every change is a live rebuild with at most 1 step redone, and the
+    run finishes with every step logged once. (``make soak``: a kill every 40 steps, 5 times.)"""
+    steps = 48
     _ray(num_cpus=3)
     try:
         # a bigger batch makes a step take ~1 s here, so 14 steps leave a replacement time to
@@ -579,8 +546,11 @@ def test_lost_workers_are_replaced_at_once(tmp_path):
                           and len(s["workers"]) == 2, timeout=400)
             assert state["last_step"] < at + 8, f"not back at 2 workers in time: {state}"
             victim = state["workers"][-1]["pid"]
-            kills.append((victim, state["last_step"]))
+            kills.append((victim, state["last_step"], "member"))
+            before = _trainworker_pids()
             os.kill(victim, signal.SIGKILL)
+        starting = _kill_first_new_trainworker(before)
+        kills.append((starting, _coordinator_state("regrow")["last_step"], "starting"))
         result = run.wait()
     finally:
         release_local_ray()
@@ -591,8 +561,9 @@ def test_lost_workers_are_replaced_at_once(tmp_path):
     for e in epochs[1:]:
         print(f"  {e['cause']} at step {e['restored_step']}: rebuild {e['rebuild_s']:.2f} s, "
               f"downtime {e['downtime_s']:.2f} s, {e['steps_redone']} redone")
-    # start at 2, then per kill: down to 1 (live, from peers) and back up to 2
-    assert [s[1] for s in sizes] == [2, 1, 2, 1, 2], sizes
+    # start at 2, down to 1 (live, from peers) and back up to 2 before the second kill; down
+    # to 1 again and, past the killed replacement, back at 2 by the end
+    assert [s[1] for s in sizes[:4]] == [2, 1, 2, 1] and sizes[-1][1] == 2, sizes
     second_kill_step = kills[1][1]
     assert epochs[2]["restored_step"] < second_kill_step, "no regrowth before the second kill"
     for e in epochs[1:]:
@@ -663,14 +634,8 @@ def _kill_every_40_steps(tmp_path, name: str, steps: int = 200) -> None:
             victims.append((state["last_step"], "member"))
             os.kill(member, signal.SIGKILL)
             if index % 2:  # and its replacement, as soon as it exists
-                deadline = time.time() + 60
-                while time.time() < deadline:
-                    new = sorted(_trainworker_pids() - before)
-                    if new:
-                        os.kill(new[0], signal.SIGKILL)
-                        victims.append((_coordinator_state(name)["last_step"], "starting"))
-                        break
-                    time.sleep(0.05)
+                _kill_first_new_trainworker(before)
+                victims.append((_coordinator_state(name)["last_step"], "starting"))
         result = run.wait(timeout=900)
     finally:
         release_local_ray()
@@ -681,50 +646,81 @@ def _kill_every_40_steps(tmp_path, name: str, steps: int = 200) -> None:
     assert ("starting" in [kind for _, kind in victims]), victims
 
 
-def test_kill_every_40_steps_members_and_starting_workers(tmp_path):
-    _kill_every_40_steps(tmp_path, "kill-every-40", steps=120)  # 200 steps x 5: make soak
-
-
 @pytest.mark.soak
 @pytest.mark.parametrize("repeat", range(5))
 def test_kill_every_40_steps_repeated(tmp_path, repeat):
     _kill_every_40_steps(tmp_path, f"kill-every-40-{repeat}")
 
 
-def test_a_warm_spare_takes_a_lost_members_place(tmp_path):
-    """``elastic.spares=1`` with ``--workers 2:2`` on 3 slots: a kill -9 of a member is answered
-    by a rebuild that takes the warmed spare in at once (the group stays at 2 workers, at most
-    1 step redone), and a new spare starts in the freed slot."""
-    steps = 24
+def _new_spare(run_name: str, exclude: set[int], timeout: float = 60) -> set[int]:
+    """The TrainWorker pids outside the group and ``exclude``, once there is one (a spare
+    started in a freed slot), and the run has trained on for 4 steps after it appeared."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = _coordinator_state(run_name)
+        members = {w["pid"] for w in state["workers"]}
+        spare = _trainworker_pids() - members - exclude
+        if spare:
+            _when(run_name, lambda s, at=state["last_step"]: s["last_step"] >= at + 4)
+            return spare
+        time.sleep(0.1)
+    raise AssertionError(f"no new spare started within {timeout:.0f} s")
+
+
+def test_a_hung_member_then_a_killed_one_are_replaced_by_warm_spares(tmp_path):
+    """``elastic.spares=1`` with ``--workers 2:2`` on 3 slots. SIGSTOP of a member: it stops
+    answering, is fenced off (killed, never to rejoin with stale state), and the warmed spare
+    takes its place while a new spare starts in the freed slot. Then kill -9 of another member:
+    the new spare takes its place in turn. Each change is a rebuild from the live state that
+    keeps the group at 2 workers with at most 1 step redone; every step is logged once."""
+    from elastic_moe.actors import run_loop
+
     _ray(num_cpus=3)
     try:
-        cfg = tiny_config(tmp_path, steps=steps, every=8, workers=(2, 2),
-                          extra=["elastic.spares=1", "train.global_batch_size=24"])
+        # the test stops the run once both faults are answered
+        cfg = tiny_config(tmp_path, steps=1000, every=8, workers=(2, 2),
+                          extra=["elastic.spares=1", "train.global_batch_size=24",
+                                 "elastic.max_failures=4"])
         run = _Run(cfg, "spare", tmp_path)
         state = _when("spare", lambda s: s["last_step"] >= 6)
-        spares_before = _trainworker_pids() - {w["pid"] for w in state["workers"]}
-        victim = state["workers"][-1]["pid"]
-        os.kill(victim, signal.SIGKILL)
-        # the spare becomes a member, and a new spare starts in the freed slot
-        state = _when("spare", lambda s: victim not in {w["pid"] for w in s["workers"]})
-        deadline, new_spare = time.time() + 60, set()
-        while time.time() < deadline and not new_spare:
-            new_spare = _trainworker_pids() - {w["pid"] for w in state["workers"]} - {victim}
-            time.sleep(0.1)
+        first_spare = _trainworker_pids() - {w["pid"] for w in state["workers"]}
+        hung = state["workers"][0]["pid"]
+        stop_time = time.time()
+        os.kill(hung, signal.SIGSTOP)
+        state = _when("spare", lambda s: hung not in {w["pid"] for w in s["workers"]})
+        second_spare = _new_spare("spare", exclude={hung} | first_spare)
+        killed = _coordinator_state("spare")["workers"][-1]["pid"]
+        os.kill(killed, signal.SIGKILL)
+        _when("spare", lambda s: killed not in {w["pid"] for w in s["workers"]}
+              and s["world_sizes"][-1].get("last_step", -1)
+              >= s["world_sizes"][-1]["restored_step"] + 2)
+        ray.get(run_loop.find("spare").stop.remote("the test has what it needs"))
         result = run.wait()
     finally:
         release_local_ray()
-    assert result.ok, result.error
-    assert len(spares_before) == 1, spares_before  # the spare was up before the kill
+    assert result.status == "STOPPED", result.error
+    with pytest.raises(ProcessLookupError):  # fenced: the stopped process is gone
+        os.kill(hung, 0)
+    assert len(first_spare) == 1, first_spare  # the spare was up before the first fault
+    assert not second_spare & first_spare
     epochs = result.coordinator_state["world_sizes"]
-    after = [e for e in epochs if e.get("failed_pids") == [victim]]
-    assert len(after) == 1 and after[0]["cause"] == "replace", epochs
-    took = after[0]
-    print(f"\nspare took the place of pid {victim}: rebuild {took['rebuild_s']:.2f} s, "
-          f"downtime {took['downtime_s']:.2f} s, {took['steps_redone']} redone")
-    assert took["world_size"] == 2 and took["restored_from"] == "peers"
-    assert {w["pid"] for w in took["workers"]} >= spares_before  # the spare is a member now
-    # a sanity bound, not the target: 1.9 s measured with another suite on the 2 cores
-    assert took["steps_redone"] <= 1 and took["rebuild_s"] < 4.0, took
-    assert new_spare and not new_spare & spares_before, "no new spare was started"
-    assert [s for s, _, _ in _metric_history(result, "loss")] == list(range(1, steps + 1))
+    for victim, spare in ((hung, first_spare), (killed, second_spare)):
+        after = [e for e in epochs if e.get("failed_pids") == [victim]]
+        assert len(after) == 1 and after[0]["cause"] == "replace", epochs
+        took = after[0]
+        print(f"\nspare {sorted(spare)} took the place of pid {victim}: rebuild "
+              f"{took['rebuild_s']:.2f} s, downtime {took['downtime_s']:.2f} s, "
+              f"{took['steps_redone']} redone")
+        assert took["world_size"] == 2 and took["restored_from"] == "peers"
+        assert took["steps_redone"] <= 1, took
+        assert {w["pid"] for w in took["workers"]} >= spare  # the spare is a member now
+    # sanity bounds, not targets (benchmarks/elastic_recovery.py measures them): a kill's
+    # rebuild took 1.9 s with another suite on the 2 cores; with hang_timeout_s=4, a hang's
+    # pause reached 23.3 s
+    killed_epoch = next(e for e in epochs if e.get("failed_pids") == [killed])
+    assert killed_epoch["rebuild_s"] < 4.0, killed_epoch
+    pause, last_before, _ = _pause_around(result, stop_time)
+    print(f"SIGSTOP at step {last_before}: training went on after {pause:.1f} s")
+    assert pause < 40.0
+    assert [s for s, _, _ in _metric_history(result, "loss")] == list(
+        range(1, result.final_step + 1))
