@@ -6,14 +6,15 @@ and processes are killed by pid from outside:
 - ``kill -9`` of the launcher at step 15 of 60: MLflow keeps receiving steps while no launcher
   exists; the coordinator's process is then killed too (Ray restarts it, and it takes over the
   live workers); the same command again attaches and exits 0 when the run ends.
-- ``kill -9`` of the coordinator's process while the launcher follows: the launcher follows the
-  restarted coordinator to the end.
-- after a coordinator restart, two workers that keep each other's copies are killed together
-  in an HSDP layout: the restarted coordinator knows the layout's copy plan (from the workers),
-  so the replicas restore them from memory instead of the checkpoint.
+- ``kill -9`` of the coordinator's process while the launcher follows, in an HSDP layout: the
+  launcher follows the restarted coordinator to the end; two workers that keep each other's
+  copies are then killed together, and the restarted coordinator knows the layout's copy plan
+  (from the workers), so the replicas restore them from memory instead of the checkpoint.
+- ``--stop`` of a live run, then ``--resume``.
 
-Both runs must end with every step in MLflow exactly once, the workers that started the run
-(same pids) finishing it in its one and only membership epoch, and no checkpoint read.
+Every run must end with every step in MLflow exactly once and no checkpoint read after a
+fault; the first one with the workers that started the run (same pids) finishing it in its
+one and only membership epoch.
 """
 
 from __future__ import annotations
@@ -150,26 +151,6 @@ def test_training_outlives_the_launcher_and_the_coordinator(head, tmp_path):
     _check_one_history(tmp_path, run, record)
 
 
-def test_the_launcher_follows_a_restarted_coordinator(head, tmp_path):
-    env, address = head
-    run = "follows"
-    log = str(tmp_path / "launcher.log")
-    with open(log, "w") as out:
-        launcher = subprocess.Popen(_command(address, tmp_path, run), env=env, stdout=out,
-                                    stderr=subprocess.STDOUT)
-    wait_for(lambda: _logged_step(tmp_path, run) >= 20 or launcher.poll() is not None, 300,
-          "step 20", log)
-    workers = {w["pid"] for w in _record(tmp_path, run)["workers"]}
-    _kill_coordinator(tmp_path, run, log)
-    assert launcher.wait(timeout=300) == 0, open(log).read()[-6000:]
-    output = open(log).read()
-    assert "restarted; its log follows from the start" in output, output[-6000:]
-    assert f"run {run}: FINISHED at step {STEPS}" in output, output[-6000:]
-    record = _record(tmp_path, run)
-    assert {w["pid"] for w in record["workers"]} == workers
-    _check_one_history(tmp_path, run, record)
-
-
 def test_stop_saves_the_step_it_stops_at_and_resume_goes_on_from_it(head, tmp_path):
     """``--stop`` ends a live run at a step boundary after saving that step (exit 8, MLflow
     KILLED); ``--resume`` continues from exactly there: no step lost, none redone."""
@@ -208,12 +189,14 @@ def test_stop_saves_the_step_it_stops_at_and_resume_goes_on_from_it(head, tmp_pa
     assert _mlflow_steps(tmp_path) == list(range(1, STEPS + 1))
 
 
-def test_a_restarted_coordinator_still_restores_from_replicas(head, tmp_path):
+def test_the_launcher_follows_a_restarted_coordinator_that_restores_from_replicas(head,
+                                                                                  tmp_path):
     """Four workers on one node, HSDP (``dp_replicate_degree=2``): every block has a replica
-    on another worker, so nothing is copied. The coordinator's process is killed; once the
-    restarted one trains on, ranks 0 and 1 are killed together. Each is the other's buddy, so
-    no keeper's copy survives: only the copy plan says their blocks live on in ranks 2 and 3.
-    The plan came with the join reports to the dead coordinator; the new one must ask the
+    on another worker, so nothing is copied. The coordinator's process is killed while the
+    launcher follows the run; the launcher follows the restarted coordinator to the end. Once
+    the restarted one trains on, ranks 0 and 1 are killed together. Each is the other's buddy,
+    so no keeper's copy survives: only the copy plan says their blocks live on in ranks 2 and
+    3. The plan came with the join reports to the dead coordinator; the new one must ask the
     workers for it, or it falls back to the checkpoint and redoes steps."""
     run = "replicas-after-restart"
     env, address = head
@@ -254,6 +237,9 @@ def test_a_restarted_coordinator_still_restores_from_replicas(head, tmp_path):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+    output = open(log).read()
+    assert "restarted; its log follows from the start" in output, output[-6000:]
+    assert f"run {run}: FINISHED at step {STEPS}" in output, output[-6000:]
     record = _record(tmp_path, run)
     kinds = [e["kind"] for e in record["events"]]
     assert "coordinator_restarted" in kinds, kinds
