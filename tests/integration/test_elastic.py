@@ -10,6 +10,7 @@ and removed. Results are read from MLflow, the coordinator's record and the file
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -306,10 +307,12 @@ def test_nodes_join_and_leave(tmp_path):
         cluster.shutdown()
 
 
-def test_killed_driver_resumes_with_resume(tmp_path):
-    """kill -9 of the launcher (`jobs/train.py`): the run's state is on disk, and the same
-    command with --resume continues it from the last committed checkpoint, in the same MLflow
-    run, with every step logged once."""
+def test_killed_driver_resumes_with_resume_oversubscribed_with_a_quiet_console(tmp_path):
+    """kill -9 of the launcher (`jobs/train.py`) of a 2-worker run: the run's state is on disk,
+    and the same command with --resume continues it from the last committed checkpoint, in the
+    same MLflow run, with every step logged once. The resume asks for one worker per core plus
+    one: it restores the checkpoint at that size, says the embedded Ray is oversubscribed, and
+    prints the project's lines without Ray's noise."""
     import json
     import subprocess
     import sys
@@ -320,12 +323,12 @@ def test_killed_driver_resumes_with_resume(tmp_path):
     out, uri = tmp_path / "out", sqlite_store(tmp_path / 'mlflow.db')
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("RAY_ADDRESS", None)
-    args = [sys.executable, "jobs/train.py", "--steps", "16", "--workers", "2",
+    args = [sys.executable, "jobs/train.py", "--steps", "16",
             "--run-name", "driver", "--output-dir", str(out),
             "--set", "checkpoint.every_steps=4", "--set", f"tracking.tracking_uri={uri}",
             "--set", f"data.cache_dir={data_cache()}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*args, "--workers", "2"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state_path = out / "driver" / "coordinator.json"
     deadline = time.time() + 300
     committed = None
@@ -340,13 +343,30 @@ def test_killed_driver_resumes_with_resume(tmp_path):
     assert committed and committed["step"] >= 4, "the first run never committed a checkpoint"
     proc.kill()
     proc.wait(60)
-    resumed = subprocess.run([*args, "--resume"], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    cores = os.cpu_count() or 1
+    workers = cores + 1
+    resumed = subprocess.run([*args, "--workers", str(workers), "--resume"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    console = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, console[-3000:]
     assert "run driver: FINISHED at step 16" in resumed.stdout
     state = json.loads(state_path.read_text())
     assert state["world_sizes"][-1]["restored_step"] >= committed["step"]
     assert state["world_sizes"][-1]["restored_from"] == "checkpoint"
+    assert state["world_sizes"][-1]["world_size"] == workers
+    assert (f"{workers} workers on {cores} CPU cores: the embedded Ray gets {workers} CPU "
+            "slots (oversubscribed") in console
+    assert "step 16 loss" in console  # log_freq=1
+    restored = state["world_sizes"][-1]["restored_step"]  # the plan line of that size
+    assert re.search(rf"epoch \d+ \([a-z_]+\): {workers} workers at step {restored} ",
+                     console), console[-3000:]
+    # nothing from Ray, Ray Train or MLflow at WARNING or above, nor their INFO chatter
+    for noise in ("PlacementGroupCleaner", "core_worker", "Traceback", "Token authentication",
+                  "Attempting to start training worker group", "mlflow.store",
+                  "Reporting training result", " WARNING ray", " ERROR "):
+        assert noise not in console, f"{noise!r} in the console:\n{console[-3000:]}"
+    warnings = [line for line in console.splitlines() if " WARNING " in line]
+    assert warnings == [line for line in warnings if "elastic_moe.actors.cluster" in line], warnings
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("elastic-moe").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
