@@ -79,6 +79,7 @@ logger = logging.getLogger(__name__)
 
 PING_INTERVAL_S = 0.25
 STARTUP_GRACE_S = 30.0  # at start, how long workers already starting are waited for
+QUICK_RESTARTS = 3  # failed starts in a row restarted at once (then: the resize check)
 
 
 class TrainingFailed(RuntimeError):
@@ -185,6 +186,7 @@ class ElasticGroup:
         self.members: list[Member] = []
         self.joiners: list[Member] = []  # started, warming up or ready, not yet in the group
         self.pending_joiners: dict[Any, tuple[Any, int]] = {}  # info ref -> (handle, slot)
+        self.failed_starts = 0  # workers in a row that died before they answered
         self.plan: MeshPlan | None = None
         # the layout's copy plan (rank 0 reports it once the group has formed); None after a
         # coordinator restart, when the keepers' copies tell what they leave out
@@ -237,18 +239,33 @@ class ElasticGroup:
             logger.info("capacity for another worker (slot %d): starting it", slot)
 
     def _collect_joiners(self, timeout: float = 0.0) -> None:
+        """Take in the started workers that answered. One that died while starting (killed,
+        or its node lost) is started again in its slot at once, up to
+        ``QUICK_RESTARTS`` failed starts in a row; after that its slot waits for the next
+        resize check (``elastic.resize_check_s``), so a worker that cannot start (a bug in its
+        start-up) is not started again and again."""
         if not self.pending_joiners:
             return
         ready, _ = ray.wait(list(self.pending_joiners), num_returns=len(self.pending_joiners),
                             timeout=timeout)
+        restart = False
         for ref in ready:
             handle, slot = self.pending_joiners.pop(ref)
             try:
                 info = ray.get(ref)
-            except Exception as exc:  # it died while starting: its slot stays for a retry
-                logger.warning("a new worker failed to start: %s", exc)
+            except Exception as exc:  # it died while starting: its slot is free again
+                self.failed_starts += 1
+                restart = self.failed_starts <= QUICK_RESTARTS
+                logger.warning("a new worker failed to start (%d in a row): %s; %s",
+                               self.failed_starts, exc,
+                               "starting another in its slot" if restart else
+                               "its slot waits for the next resize check")
                 continue
+            self.failed_starts = 0
             self.joiners.append(Member(handle, slot, info, warm_ref=handle.warmed_up.remote()))
+        if restart and self.loop_state not in (LoopState.STOPPING, LoopState.FINISHED,
+                                               LoopState.FAILED):
+            self._spawn_joiners()
 
     @staticmethod
     def _warm(member: Member) -> bool:

@@ -211,13 +211,17 @@ def test_the_launcher_follows_a_restarted_coordinator_that_restores_from_replica
                  and _record(tmp_path, run)["world_sizes"][-1]["world_size"] == 4), 300,
                  "step 8 on 4 workers", log)
         assert launcher.poll() is None, open(log).read()[-4000:]
-        first = _record(tmp_path, run)["world_sizes"][-1]
+        before = _record(tmp_path, run)
+        first = before["world_sizes"][-1]
         assert first["copy_bytes_per_step"] == 0, first  # HSDP: every block has a replica
         _kill_coordinator(tmp_path, run, log)
         resumed_at = _logged_step(tmp_path, run)
         wait_for(lambda: _logged_step(tmp_path, run) >= resumed_at + 3, 120,
                  "steps after the coordinator restarted", log)
         record = _record(tmp_path, run)
+        # the restarted coordinator took the group over as it was: no rebuild, same workers
+        assert len(record["world_sizes"]) == len(before["world_sizes"]), record["world_sizes"]
+        assert {w["pid"] for w in record["workers"]} == {w["pid"] for w in before["workers"]}
         workers = {w["rank"]: w["pid"] for w in record["workers"]}
         epochs_before = len(record["world_sizes"])
         assert record["world_sizes"][-1]["world_size"] == 4, record["world_sizes"]
