@@ -136,7 +136,8 @@ def test_a_slowed_worker_is_evicted_and_the_spare_restores_the_step_time(tmp_pat
     # quarter can be evicted 2 steps into it (the policy's 6-step mean crosses 1.5x; CI on a
     # 2-core AMD EPYC box, 2026-12-07), so no step is left out of the window
     assert rebuilt > slowed_at, (rebuilt, slowed_at)  # evicted after the planted slowdown
-    slow = statistics.median(_step_gaps(result, slowed_at, rebuilt))
+    slowed = _step_gaps(result, slowed_at, rebuilt)
+    slow = statistics.median(slowed)
     back = statistics.median(_step_gaps(result, rebuilt + 3, STEPS))
     print(f"\nstep time: {base:.3f} s before, {slow:.3f} s slowed, {back:.3f} s after the "
           f"spare took over (evicted at step {rebuilt})")
@@ -153,7 +154,7 @@ def test_a_slowed_worker_is_evicted_and_the_spare_restores_the_step_time(tmp_pat
     for key, values in series.items():
         assert sorted(values) == list(range(1, STEPS + 1)), key
     window = range(slowed_at + 1, rebuilt + 1)
-    grown = sum(gap - base for gap in _step_gaps(result, slowed_at, rebuilt))
+    grown = sum(gap - base for gap in slowed)
     slow_rank = flagged[0]["rank"]
     stalled = [sum(series[(r, "stalled")][s] for s in window) for r in range(2)]
     print(f"steps {window.start}-{window.stop - 1}: {grown:.3f} s longer than before, "
