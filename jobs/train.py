@@ -196,12 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-address", metavar="HOST:PORT",
                         help="attach to this Ray cluster (default: $RAY_ADDRESS, as `ray job "
                              "submit` sets it; without either, an embedded local Ray)")
+    parser.add_argument("--connect-timeout", type=float, metavar="SECONDS",
+                        help="with a Ray address, how long to keep trying to reach it before "
+                             "giving up (default 15; a head node that is still starting "
+                             "refuses connections for a while)")
     parser.add_argument("--wait-for-capacity", type=float, metavar="SECONDS",
                         help="on a cluster, how long to wait for MIN workers to fit before "
                              "giving up (elastic.capacity_wait_s, default 600)")
     parser.add_argument("--verbose", action="store_true",
                         help="show everything Ray and MLflow print")
     args = parser.parse_args(argv)
+    if args.connect_timeout is not None and not args.connect_timeout > 0:
+        parser.error(f"--connect-timeout {args.connect_timeout:g}: must be more than 0 seconds")
     try:
         cfg = build_config(args)
     except ValueError as exc:
@@ -218,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
         return 0
-    from elastic_moe.actors.cluster import LaunchError, check_address, requested_address
+    from elastic_moe.actors.cluster import (
+        DEFAULT_CONNECT_TIMEOUT_S,
+        LaunchError,
+        check_address,
+        requested_address,
+    )
     from elastic_moe.actors.console import configure_console
 
     configure_console(verbose=args.verbose)
@@ -231,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
             check_memory_before_ray(cfg)
         else:  # before preparing data: a dead address fails in seconds
-            check_address(address)
+            check_address(address, args.connect_timeout or DEFAULT_CONNECT_TIMEOUT_S)
         from elastic_moe.actors.training import run_training, stop_training
 
         run_name = choose_run_name(cfg, args.run_name, args.resume or args.stop,

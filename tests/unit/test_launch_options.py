@@ -39,3 +39,13 @@ def test_wait_for_capacity_flag_sets_the_config() -> None:
     assert (cfg.parallel.min_workers, cfg.parallel.max_workers) == (2, 4)
     with pytest.raises(ValueError, match="capacity_wait_s"):
         build_config(argparse.Namespace(**{**vars(args), "wait_for_capacity": -1.0}))
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nan"])
+def test_connect_timeout_must_be_positive(value, capsys) -> None:
+    from elastic_moe.jobs.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--connect-timeout", value, "--steps", "1"])
+    assert exc.value.code == 2
+    assert f"--connect-timeout {value}: must be more than 0 seconds" in capsys.readouterr().err
