@@ -54,15 +54,10 @@ def check_results(results: list[dict], dtypes: list[str]) -> None:
         assert r["shared"] <= 232448 or ",fp32," in r["name"], f"{r['name']}: over sm_90 smem"
 
 
-def test_compile_for_sm90_bf16_fp16(tmp_path: Path) -> None:
-    results = run_compile_check(tmp_path, "--dtypes", "bf16,fp16")
-    check_results(results, ["bf16", "fp16"])
-
-
 @pytest.mark.slow
-def test_compile_for_sm90_every_autotune_config(tmp_path: Path) -> None:
-    """Every H100 autotune config in bf16, and the fp32 path."""
+def test_compile_for_sm90_every_autotune_config_and_dtype(tmp_path: Path) -> None:
+    """Every H100 autotune config in bf16; fp16 and the fp32 path at their first config."""
     results = run_compile_check(tmp_path, "--dtypes", "bf16", "--all-configs")
     check_results(results, ["bf16"])
-    results = run_compile_check(tmp_path, "--dtypes", "fp32")
-    check_results(results, ["fp32"])
+    results = run_compile_check(tmp_path, "--dtypes", "fp16,fp32")
+    check_results(results, ["fp16", "fp32"])
