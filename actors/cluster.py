@@ -85,19 +85,22 @@ def check_address(address: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) ->
     deadline = time.monotonic() + timeout_s
     last: OSError | None = None
     while True:
+        left = deadline - time.monotonic()
         try:
-            with socket.create_connection((host, port), timeout=min(5.0, timeout_s)):
+            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, left))):
                 return address
         except OSError as exc:
             last = exc
-        if time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             break
-        time.sleep(1.0)
+        time.sleep(min(1.0, left))
     raise LaunchError(
-        f"{source} {address}: nothing answers at {host}:{port} after {timeout_s:.0f} s ({last}). "
+        f"{source} {address}: nothing answers at {host}:{port} after {timeout_s:g} s ({last}). "
         "Check that the head node is up (`ray status --address "
         f"{host}:{port}`), that the port is the GCS port (6379 by default; ray:// client "
-        "addresses use 10001) and that no firewall blocks it; or unset RAY_ADDRESS to train on "
+        "addresses use 10001) and that no firewall blocks it; give a head node that is still "
+        "starting longer with --connect-timeout SECONDS; or unset RAY_ADDRESS to train on "
         "an embedded local Ray")
 
 

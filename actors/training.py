@@ -21,7 +21,12 @@ from typing import Any
 import ray
 from elastic_moe.actors import coordinator as coordinator_mod
 from elastic_moe.actors import run_loop
-from elastic_moe.actors.cluster import RayConnection, init_ray, requested_address
+from elastic_moe.actors.cluster import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    RayConnection,
+    init_ray,
+    requested_address,
+)
 from elastic_moe.actors.coordinator import CoordinatorClient
 from elastic_moe.actors.preflight import preflight
 
@@ -94,7 +99,8 @@ def _prepare_data(cfg: Config) -> str:
     return manifest
 
 
-def _init_ray(num_cpus: int | None, min_workers: int = 1) -> RayConnection:
+def _init_ray(num_cpus: int | None, min_workers: int = 1,
+              connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> RayConnection:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     address = requested_address()
     # Workers import elastic_moe/actors/kernels from the job's working dir on a cluster. Locally
@@ -104,7 +110,8 @@ def _init_ray(num_cpus: int | None, min_workers: int = 1) -> RayConnection:
     runtime_env = ({"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
                    if not address else None)
     return init_ray(address, num_cpus=num_cpus, min_workers=min_workers,
-                    namespace=coordinator_mod.NAMESPACE, runtime_env=runtime_env)
+                    namespace=coordinator_mod.NAMESPACE, runtime_env=runtime_env,
+                    connect_timeout_s=connect_timeout_s)
 
 
 def run_training(cfg: Config, run_name: str, resume: bool = False, *,
@@ -112,7 +119,8 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
                  num_cpus: int | None = None, threads_per_worker: int = 1,
                  wrap_model: Callable[[Any, int, Callable[[], int]], None] | None = None,
                  wrap_writer: Callable[[Any, int], Any] | None = None,
-                 attach_to: str | None = None) -> TrainingResult:
+                 attach_to: str | None = None,
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> TrainingResult:
     """Start the run (with ``resume``: continue it from its last committed checkpoint) in its
     coordinator, or attach to it if it is live; follow it and return how it ended.
     ``attach_to``: a run to attach to instead, if it is live (the launcher was given no run
@@ -125,10 +133,11 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     :class:`WorkerSpec`).
     ``wrap_writer(writer, step)``: wraps each checkpoint save's DCP storage writer in the
     workers (tests hand in a slow or failing one).
+    ``connect_timeout_s``: how long a Ray address (``RAY_ADDRESS``) may take to answer.
     """
     connection = None
     if attach_to:
-        connection = _init_ray(num_cpus, cfg.parallel.min_workers)
+        connection = _init_ray(num_cpus, cfg.parallel.min_workers, connect_timeout_s)
         live = run_loop.find(attach_to)
         if live is not None:
             log.info("run %s is live: attaching to it (the newest running %s run; give "
@@ -138,7 +147,7 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     run_dir, checkpoint_dir, state_path, tracking_uri = (
         where["run_dir"], where["checkpoint_dir"], where["state_path"], where["tracking_uri"])
     if os.path.exists(state_path) or resume:  # the run may be live: attach to it
-        connection = connection or _init_ray(num_cpus, cfg.parallel.min_workers)
+        connection = connection or _init_ray(num_cpus, cfg.parallel.min_workers, connect_timeout_s)
         live = run_loop.find(run_name)
         if live is not None:
             log.info("run %s is live: attaching to it (its coordinator drives it; stopping "
@@ -151,7 +160,7 @@ def run_training(cfg: Config, run_name: str, resume: bool = False, *,
     from elastic_moe.train.evaluate import validation_manifest
 
     val_manifest = validation_manifest(cfg, manifest)
-    connection = connection or _init_ray(num_cpus, cfg.parallel.min_workers)
+    connection = connection or _init_ray(num_cpus, cfg.parallel.min_workers, connect_timeout_s)
     launch = run_loop.Launch(cfg=cfg, run_name=run_name, run_dir=run_dir,
                              checkpoint_dir=checkpoint_dir, manifest=manifest,
                              val_manifest=val_manifest, tracking_uri=tracking_uri,
@@ -191,10 +200,11 @@ def _paths(cfg: Config, run_name: str, output_dir: str) -> dict[str, str]:
 
 
 def stop_training(cfg: Config, run_name: str, *, output_dir: str = "outputs",
-                  reason: str = "jobs/train.py --stop") -> TrainingResult:
+                  reason: str = "jobs/train.py --stop",
+                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> TrainingResult:
     """Ask the live run ``run_name`` to stop at its next step boundary, after saving that
     step; follow it to its end. Raises ValueError when the run is not live."""
-    _init_ray(None, cfg.parallel.min_workers)
+    _init_ray(None, cfg.parallel.min_workers, connect_timeout_s)
     live = run_loop.find(run_name)
     if live is None:
         raise ValueError(f"--stop: run {run_name!r} is not running on this Ray cluster "

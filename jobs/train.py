@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="attach to this Ray cluster (default: $RAY_ADDRESS, as `ray job "
                              "submit` sets it; without either, an embedded local Ray)")
     parser.add_argument("--connect-timeout", type=float, metavar="SECONDS",
+                        # the default is actors.cluster.DEFAULT_CONNECT_TIMEOUT_S (importing
+                        # it here would import ray for --help)
                         help="with a Ray address, how long to keep trying to reach it before "
                              "giving up (default 15; a head node that is still starting "
                              "refuses connections for a while)")
@@ -206,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true",
                         help="show everything Ray and MLflow print")
     args = parser.parse_args(argv)
-    if args.connect_timeout is not None and not args.connect_timeout > 0:
-        parser.error(f"--connect-timeout {args.connect_timeout:g}: must be more than 0 seconds")
+    if args.connect_timeout is not None and not 0 < args.connect_timeout < float("inf"):
+        parser.error(f"--connect-timeout {args.connect_timeout:g}: must be a number of seconds "
+                     "more than 0")
     try:
         cfg = build_config(args)
     except ValueError as exc:
@@ -236,19 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray_address:  # what ray.init and the job's workers read
         os.environ["RAY_ADDRESS"] = args.ray_address
     address = requested_address()
+    connect_timeout_s = args.connect_timeout or DEFAULT_CONNECT_TIMEOUT_S
     try:
         if address is None:
             from elastic_moe.actors.preflight import check_memory_before_ray
 
             check_memory_before_ray(cfg)
         else:  # before preparing data: a dead address fails in seconds
-            check_address(address, args.connect_timeout or DEFAULT_CONNECT_TIMEOUT_S)
+            check_address(address, connect_timeout_s)
         from elastic_moe.actors.training import run_training, stop_training
 
         run_name = choose_run_name(cfg, args.run_name, args.resume or args.stop,
                                    args.output_dir)
         if args.stop:
-            result = stop_training(cfg, run_name, output_dir=args.output_dir)
+            result = stop_training(cfg, run_name, output_dir=args.output_dir,
+                                   connect_timeout_s=connect_timeout_s)
         else:
             check_init_from(args.init_from, args.resume, os.path.join(args.output_dir, run_name))
             # no run name on a cluster: the newest running run of the recipe, if it is live
@@ -256,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                          if not (args.run_name or args.resume or args.init_from)
                          and address is not None else None)
             result = run_training(cfg, run_name=run_name, resume=args.resume,
-                                  output_dir=args.output_dir, attach_to=attach_to)
+                                  output_dir=args.output_dir, attach_to=attach_to,
+                                  connect_timeout_s=connect_timeout_s)
     except (ValueError, LaunchError) as exc:  # found at launch: one clear line, no traceback
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2

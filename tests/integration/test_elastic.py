@@ -9,6 +9,7 @@ and removed. Results are read from MLflow, the coordinator's record and the file
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -552,7 +553,7 @@ def _kill_first_new_trainworker(before: set[int], timeout: float = 60) -> tuple[
     raise AssertionError(f"no replacement started within {timeout:.0f} s")
 
 
-def test_lost_workers_are_replaced_at_once_until_replacements_keep_dying(tmp_path):
+def test_lost_workers_are_replaced_at_once_until_replacements_keep_dying(tmp_path, caplog):
     """``--workers 1:2``, kill -9 of a member at step 12 and again at step 26 (issue: the group
     stayed at 1 worker for 14 steps, waiting for its next resize check, and the second kill took
     the last worker). After the first kill a replacement starts in the freed slot at once and
@@ -564,14 +565,16 @@ def test_lost_workers_are_replaced_at_once_until_replacements_keep_dying(tmp_pat
     start is not started again and again. The run goes on with the survivor alone and is
     stopped once that has been watched, every step logged once. (``make soak``: a kill every 40
     steps, 5 times.)"""
+    from elastic_moe.actors import run_loop
     from elastic_moe.actors.worker_group import QUICK_RESTARTS
 
-    steps = 48
+    caplog.set_level(logging.WARNING)  # the coordinator's log, relayed by the launcher
     _ray(num_cpus=3)
     try:
         # a bigger batch makes a step take ~1 s here, so 14 steps leave a replacement time to
         # start (the regrowth target is about start-up, not about the resize check)
-        cfg = tiny_config(tmp_path, steps=steps, every=10, workers=(1, 2),
+        # more steps than it trains: the test stops it once the cap has been watched
+        cfg = tiny_config(tmp_path, steps=400, every=10, workers=(1, 2),
                           extra=["train.global_batch_size=48", "elastic.resize_check_s=600"])
         run = _Run(cfg, "regrow", tmp_path)
         kills = []
@@ -593,13 +596,13 @@ def test_lost_workers_are_replaced_at_once_until_replacements_keep_dying(tmp_pat
         # past the cap: nothing starts in the slot again before the resize check (a quick
         # restart came 0.5-2 s after each death above)
         quiet_until = time.time() + 8.0
-        while time.time() < quiet_until and run.thread.is_alive():
+        while time.time() < quiet_until:
             assert not _trainworker_pids() - seen, f"a start past the cap: {starting}"
             time.sleep(0.1)
         # all that was to be shown has happened: the rest of the steps would only take time
-        from elastic_moe.actors import run_loop
-
-        ray.get(run_loop.find("regrow").stop.remote("the test has what it needs"))
+        live = run_loop.find("regrow")
+        assert live is not None and run.thread.is_alive(), "the run ended before it was watched"
+        ray.get(live.stop.remote("the test has what it needs"))
         result = run.wait()
     finally:
         release_local_ray()
@@ -625,6 +628,13 @@ def test_lost_workers_are_replaced_at_once_until_replacements_keep_dying(tmp_pat
     assert [s for s, _, _ in _metric_history(result, "loss")] == list(
         range(1, result.final_step + 1))
     assert result.final_step > kills[1][1], result.final_step  # it trained on after the kills
+    # the coordinator saw each death: a restart at once after the first QUICK_RESTARTS, then
+    # the resize check's turn
+    failed = [r.getMessage() for r in caplog.records if "failed to start" in r.getMessage()]
+    assert len(failed) == QUICK_RESTARTS + 1, failed
+    assert all("starting another in its slot" in m for m in failed[:-1]), failed
+    assert f"({QUICK_RESTARTS + 1} in a row)" in failed[-1], failed
+    assert "its slot waits for the next resize check" in failed[-1], failed
 
 
 def test_a_peer_lost_inside_the_evaluation_after_a_commit_loses_no_step_record(tmp_path):

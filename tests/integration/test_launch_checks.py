@@ -3,8 +3,8 @@
 * A stale ``ray_current_cluster`` file (what a crashed ``ray start --head`` leaves) is read by
   Ray's own default ``ray.init()`` -- checked first, so the test is armed -- and ignored by
   :func:`elastic_moe.actors.cluster.init_ray`, which starts its own Ray.
-* ``jobs/train.py`` with ``RAY_ADDRESS`` naming a port nobody listens on exits in under 30 s with
-  an error naming the address.
+* ``jobs/train.py`` with ``RAY_ADDRESS`` naming a port nobody listens on exits once its
+  ``--connect-timeout`` has passed, with an error naming the address.
 * (More workers than cores on the embedded Ray, and a console without Ray's noise: the
   resume in test_elastic.py's killed-driver test runs so.)
 * On a ``ray.cluster_utils.Cluster``: the capacity wait logs what is missing, gives up with the

@@ -54,23 +54,43 @@ def _config(tmp_path, layout: list[str]):
                               *layout])
 
 
-@pytest.fixture(scope="module")
-def cluster():
+class _SharedCluster:
     """A head that holds no worker and one 2-CPU node, shared by the layouts; each run adds the
-    second node it loses (a new one each time)."""
-    from ray.cluster_utils import Cluster
+    second node it loses (a new one each time). A run that fails on the way is not known to have
+    cleaned up after itself: the cluster goes with it and the next run gets a new one."""
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, namespace="elastic-moe")
-    try:
-        yield cluster
-    finally:
+    def __init__(self) -> None:
+        self.cluster = None
+
+    def get(self):
+        from ray.cluster_utils import Cluster
+
+        if self.cluster is None:
+            self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+            self.cluster.add_node(num_cpus=2)
+        if not ray.is_initialized():  # a failed test elsewhere in the module disconnected it
+            ray.init(address=self.cluster.address, runtime_env=RUNTIME_ENV,
+                     namespace="elastic-moe")
+        return self.cluster
+
+    def discard(self) -> None:
         ray.shutdown()
-        cluster.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
 
 
-def _train(cluster, tmp_path, name: str, layout: list[str], lose_node_at: int):
+@pytest.fixture(scope="module")
+def shared_cluster():
+    shared = _SharedCluster()
+    try:
+        yield shared
+    finally:
+        shared.discard()
+
+
+def _train(shared: _SharedCluster, tmp_path, name: str, layout: list[str],
+           lose_node_at: int):
     """Train on two 2-CPU nodes (the head holds no worker); remove the second node once step
     ``lose_node_at`` is committed. Returns the run's result."""
     import threading
@@ -78,29 +98,33 @@ def _train(cluster, tmp_path, name: str, layout: list[str], lose_node_at: int):
     from elastic_moe.actors import coordinator as coordinator_mod
     from elastic_moe.actors.training import run_training
 
+    cluster = shared.get()
     node = cluster.add_node(num_cpus=2)
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.setdefault("result", run_training(
-        _config(tmp_path, layout), name, output_dir=str(tmp_path))), daemon=True)
-    thread.start()
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            state = coordinator_mod.get(name).snapshot()
-        except ValueError:
-            state = None
-        if state and state["last_step"] >= lose_node_at and len(state["workers"]) == 4:
-            break
-        if not thread.is_alive():  # it ended before the fault: its result says why
-            break
-        time.sleep(0.05)
-    else:
+    try:
+        box: dict = {}
+        thread = threading.Thread(target=lambda: box.setdefault("result", run_training(
+            _config(tmp_path, layout), name, output_dir=str(tmp_path))), daemon=True)
+        thread.start()
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                state = coordinator_mod.get(name).snapshot()
+            except ValueError:
+                state = None
+            if state and state["last_step"] >= lose_node_at and len(state["workers"]) == 4:
+                break
+            if not thread.is_alive():  # it ended before the fault: its result says why
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the run never reached its fault point with 4 workers")
         cluster.remove_node(node)
-        pytest.fail("the run never reached its fault point with 4 workers")
-    cluster.remove_node(node)
-    thread.join(600)
-    assert "result" in box, "training did not finish"
-    return box["result"]
+        thread.join(600)
+        assert "result" in box, "training did not finish"
+        return box["result"]
+    except BaseException:
+        shared.discard()
+        raise
 
 
 def _final(result, tmp_path, name):
@@ -124,11 +148,12 @@ def reference(tmp_path_factory) -> tuple[dict, dict]:
     (["parallel.gpus_per_node=4", "parallel.dp_replicate_degree=1",
       "parallel.expert_replicas=2"], 0, True, 4),
 ], ids=["expert-replicate-groups", "hsdp-replicas", "load-driven-expert-replicas"])
-def test_a_node_loss_recovers_from_replicas_without_copying_them(cluster, tmp_path, layout,
-                                                                  copied_experts, copied_dense,
-                                                                  ep, reference, request):
+def test_a_node_loss_recovers_from_replicas_without_copying_them(shared_cluster, tmp_path,
+                                                                  layout, copied_experts,
+                                                                  copied_dense, ep, reference,
+                                                                  request):
     name = f"lost-{request.node.callspec.id}"  # the runs share the cluster: a name each
-    result = _train(cluster, tmp_path / "lost", name, layout, lose_node_at=5)
+    result = _train(shared_cluster, tmp_path / "lost", name, layout, lose_node_at=5)
     got = _final(result, tmp_path / "lost", name)
     epochs = result.coordinator_state["world_sizes"]
     first, last = epochs[0], epochs[-1]

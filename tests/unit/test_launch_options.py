@@ -1,4 +1,5 @@
-"""Launcher options: which Ray address is used, and --wait-for-capacity reaching the config."""
+"""Launcher options: which Ray address is used, --connect-timeout's bounds, and
+--wait-for-capacity reaching the config."""
 
 from __future__ import annotations
 
@@ -41,11 +42,12 @@ def test_wait_for_capacity_flag_sets_the_config() -> None:
         build_config(argparse.Namespace(**{**vars(args), "wait_for_capacity": -1.0}))
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "nan"])
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "inf"])
 def test_connect_timeout_must_be_positive(value, capsys) -> None:
     from elastic_moe.jobs.train import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--connect-timeout", value, "--steps", "1"])
     assert exc.value.code == 2
-    assert f"--connect-timeout {value}: must be more than 0 seconds" in capsys.readouterr().err
+    assert f"--connect-timeout {value}: must be a number of seconds more than 0" in \
+        capsys.readouterr().err
