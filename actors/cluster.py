@@ -134,9 +134,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, min_wor
     logger.info("starting an embedded local Ray (%d CPU slots); set RAY_ADDRESS to use a "
                 "cluster", slots)
     # address="local": never the cluster in Ray's ray_current_cluster file, dead or alive.
+    # No workers prestarted for the first driver: they start without the job's runtime env, so
+    # no actor of the run can use them, and on a small machine their start-up (about 0.7
+    # CPU-seconds each, one per CPU slot) competes with the coordinator's and the workers'.
     info = ray.init(address="local", num_cpus=slots, namespace=namespace,
                     runtime_env=runtime_env, include_dashboard=False,
-                    logging_level=logging_level)
+                    logging_level=logging_level,
+                    _system_config={"prestart_worker_first_driver": False})
     return RayConnection(embedded=True, address=info.address_info["gcs_address"],
                          num_cpus=slots, oversubscribed=oversubscribed)
 
