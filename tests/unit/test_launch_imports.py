@@ -184,3 +184,22 @@ def test_a_workers_torch_error_reaches_the_coordinator_without_torch():
     code = (f"import pickle\ne = pickle.loads({error!r})\n"
             "assert type(e).__name__ == 'WorkerRaised' and 'connection reset' in str(e), e")
     assert _imported_after(code, ("torch",)) == []
+
+
+def test_the_launcher_help_imports_neither_ray_nor_torch():
+    """``jobs/train.py --help`` answers at once: it prints its options (a default included, the
+    connect timeout's, written as a literal for this) without loading Ray or torch (about 2 s
+    together here)."""
+    code = ("import contextlib, io, runpy\n"
+            "sys.argv = ['jobs/train.py', '--help']\n"
+            "text = io.StringIO()\n"
+            "with contextlib.redirect_stdout(text):\n"
+            "    try:\n"
+            "        runpy.run_path('jobs/train.py', run_name='__main__')\n"
+            "    except SystemExit as stop:\n"
+            "        assert stop.code in (0, None), stop.code\n"
+            "    else:\n"
+            "        raise AssertionError('--help did not exit')\n"
+            "assert '--connect-timeout' in text.getvalue(), text.getvalue()[-2000:]")
+    heavy = _imported_after(code, ("torch", "ray", "mlflow", "transformers"))
+    assert heavy == [], f"heavy modules imported by --help: {heavy[:20]}"
