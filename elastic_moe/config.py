@@ -340,9 +340,10 @@ class TrackingConfig:
     # Dense bf16 peak of one accelerator in TFLOP/s for the logged MFU; 0 = known GPUs by name
     # (elastic_moe.model.flops), no MFU elsewhere.
     peak_tflops: float = 0.0
-    # The launcher sends to MLflow from a background thread, so training never waits on it. While
-    # the server is unreachable, records stay buffered and are retried after retry_s, 2*retry_s,
-    # ..., at most max_retry_s apart: a restarted server gets the backlog within max_retry_s.
+    # The coordinator's tracker sends to MLflow from a background thread, so training never waits
+    # on it. While the server is unreachable, records stay buffered and are retried after
+    # retry_s, 2*retry_s, ..., at most max_retry_s apart: a restarted server gets the backlog
+    # within max_retry_s.
     retry_s: float = 2.0
     max_retry_s: float = 30.0
     # At the end of the run, how long to keep trying to send what is still buffered (and to mark
