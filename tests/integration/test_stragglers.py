@@ -24,7 +24,12 @@ import time
 
 import pytest
 
-from tests.integration.elastic_helpers import tiny_config
+from tests.integration.elastic_helpers import (
+    local_ray,
+    local_ray_per_module,  # noqa: F401 (autouse: shuts the shared local Ray down at the end)
+    release_local_ray,
+    tiny_config,
+)
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -73,15 +78,15 @@ def _events(result, kind: str) -> list[dict]:
     return [e for e in result.coordinator_state["events"] if e["kind"] == kind]
 
 
-def _run_slowed(tmp_path, name: str, steps: int, num_cpus: int, extra: list[str],
-                stopped_s: float, running_s: float):
-    """Train two members on a local Ray; once step SLOW_AT is committed, duty-cycle the second
-    member's pid (``stopped_s`` stopped, ``running_s`` running) until the run ends. Returns
-    (result, victim pid, the step it was slowed at, the members' pids before)."""
+def _run_slowed(tmp_path, name: str, steps: int, extra: list[str], stopped_s: float,
+                running_s: float):
+    """Train two members on a local Ray of 3 CPUs (shared by the module's tests: the third
+    slot holds the spare where there is one); once step SLOW_AT is committed, duty-cycle the
+    second member's pid (``stopped_s`` stopped, ``running_s`` running) until the run ends.
+    Returns (result, victim pid, the step it was slowed at, the members' pids before)."""
     from elastic_moe.actors.training import run_training
 
-    ray.init(address="local", num_cpus=num_cpus, runtime_env=RUNTIME_ENV,
-             include_dashboard=False, namespace="elastic-moe")
+    local_ray(3, runtime_env=RUNTIME_ENV, include_dashboard=False, namespace="elastic-moe")
     stop = threading.Event()
     try:
         cfg = tiny_config(tmp_path, steps=steps, every=50, workers=(2, 2),
@@ -110,12 +115,12 @@ def _run_slowed(tmp_path, name: str, steps: int, num_cpus: int, extra: list[str]
         return result, victim, slowed_at, before
     finally:
         stop.set()
-        ray.shutdown()
+        release_local_ray()
 
 
 def test_a_slowed_worker_is_evicted_and_the_spare_restores_the_step_time(tmp_path):
     result, victim, slowed_at, before = _run_slowed(
-        tmp_path, "slow", STEPS, 3, ["elastic.spares=1", "elastic.straggler_steps=6"],
+        tmp_path, "slow", STEPS, ["elastic.spares=1", "elastic.straggler_steps=6"],
         stopped_s=0.15, running_s=0.05)
     # max_failures=0: an eviction spends no failure budget, or the run would have failed
     assert result.ok, result.error
@@ -174,7 +179,7 @@ def test_without_a_spare_two_workers_keep_a_moderate_straggler_and_log_why(tmp_p
     and the decision is logged with the numbers behind it. No eviction, no rebuild."""
     steps = 70
     result, victim, _, before = _run_slowed(
-        tmp_path, "keep", steps, 2, ["elastic.straggler_ratio=1.2", "elastic.straggler_steps=6"],
+        tmp_path, "keep", steps, ["elastic.straggler_ratio=1.2", "elastic.straggler_steps=6"],
         stopped_s=0.05, running_s=0.10)
     assert result.ok, result.error
     flagged = _events(result, "straggler")
