@@ -51,3 +51,16 @@ def test_connect_timeout_must_be_positive(value, capsys) -> None:
     assert exc.value.code == 2
     assert f"--connect-timeout {value}: must be a number of seconds more than 0" in \
         capsys.readouterr().err
+
+
+def test_connect_timeout_help_names_the_default_the_launcher_uses(capsys) -> None:
+    """The help text writes the default as a literal (importing it would import ray for
+    --help): it must stay the value the launcher falls back to."""
+    from elastic_moe.actors.cluster import DEFAULT_CONNECT_TIMEOUT_S
+    from elastic_moe.jobs.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert f"(default {DEFAULT_CONNECT_TIMEOUT_S:g};" in help_text, help_text
