@@ -26,9 +26,16 @@ $(STAMP): $(LOCK) pyproject.toml
 demo: $(STAMP)
 	$(PY) jobs/train.py
 
+# The suite runs in TEST_JOBS processes (pytest-xdist; a test module stays in one of them, with
+# its shared Ray), then the `alone` tests, which compare step times with their own baseline, run
+# with the machine to themselves. On the 2-core CI box the tests wait on timeouts and restarts
+# for about a quarter of their time, so two processes finish sooner than one.
+TEST_JOBS ?= 2
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check $(RUFF_PATHS)
-	$(PY) -m pytest -q -m "not soak" --durations=15 tests
+	$(PY) -m pytest -q -m "not soak and not alone" -n $(TEST_JOBS) --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -m "alone and not soak" --durations=5 tests
 
 # Repetitions of the fault scenarios (each runs once in `make test`): minutes to an hour.
 soak: $(STAMP)

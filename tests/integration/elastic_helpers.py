@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from elastic_moe.config import Config, apply_overrides, debug
+from tests.integration.multiproc import free_port
 from tests.integration.netns import write_auth_token
 
 DATA_CACHE_ENV = "ELASTIC_MOE_TEST_DATA_CACHE"
@@ -231,8 +232,14 @@ def ray_head(env: dict[str, str], *args: str) -> Iterator[None]:
                 and "RAY_AUTH_TOKEN_PATH" not in env):
             env["RAY_AUTH_TOKEN_PATH"] = os.path.join(temp_dir, "auth_token")
             write_auth_token(env["RAY_AUTH_TOKEN_PATH"])
+        # ports Ray would otherwise take at their fixed defaults (10001, 52365), which a head
+        # started beside this one (another test process of `make test`) may hold
+        named = {arg.split("=", 1)[0] for arg in args}
+        own_ports = [f"{flag}={free_port()}" for flag in
+                     ("--ray-client-server-port", "--dashboard-agent-listen-port")
+                     if flag not in named]
         started = subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", *args,
-                                  "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                                  *own_ports, "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                                  env=env, capture_output=True, text=True, timeout=180)
         if started.returncode != 0:
             raise RuntimeError(f"ray start --head {' '.join(args)} exited {started.returncode}:"

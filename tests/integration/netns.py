@@ -22,6 +22,7 @@ processes are the ones whose command line names it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -82,14 +83,18 @@ class VethNamespace:
     @classmethod
     def create(cls) -> VethNamespace:
         tag = f"{os.getpid() % 100000}{int(time.time() * 1000) % 1000:03d}"
-        subnet = _free_subnet()
-        link = cls(name=f"emoe-{tag}", host_if=f"emh{tag}", ns_if=f"emn{tag}",
-                   host_ip=f"{TEST_NET}.{subnet}.1", ns_ip=f"{TEST_NET}.{subnet}.2")
-        try:
-            link._setup()
-        except BaseException:
-            link.remove()
-            raise
+        # one at a time on this machine (`make test` runs tests in two processes): a subnet is
+        # free until the host's end has its address
+        with open(os.path.join(tempfile.gettempdir(), "emoe-netns.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            subnet = _free_subnet()
+            link = cls(name=f"emoe-{tag}", host_if=f"emh{tag}", ns_if=f"emn{tag}",
+                       host_ip=f"{TEST_NET}.{subnet}.1", ns_ip=f"{TEST_NET}.{subnet}.2")
+            try:
+                link._setup()
+            except BaseException:
+                link.remove()
+                raise
         return link
 
     def _setup(self) -> None:
