@@ -24,6 +24,10 @@ from tests.integration.multiproc import free_port
 from tests.integration.netns import write_auth_token
 
 DATA_CACHE_ENV = "ELASTIC_MOE_TEST_DATA_CACHE"
+# the checkout, and the runtime env of the Rays the tests start: their workers import the
+# checkout's modules, and each uses one torch thread (a run's workers share the box's cores)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
 
 
 def data_cache() -> str:

@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from tests.integration.elastic_helpers import (
+    ROOT,
+    RUNTIME_ENV,
     assert_each_sample_once,
     data_cache,
     final_model_tensors,
@@ -36,8 +38,6 @@ from tests.integration.elastic_helpers import (
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
 # Final weights after a resize (W=2 -> 1 -> 2) differ from a fault-free W=2 run only by the order
 # of float sums in the reductions, which Adam's normalised updates amplify for parameters with
 # tiny gradients: measured max |diff| / max |w| from 2.6e-6 to 1.8e-4 over 14 steps (it depends on

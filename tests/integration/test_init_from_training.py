@@ -31,14 +31,12 @@ from elastic_moe.config import Config, debug
 from elastic_moe.model import Transformer, hf
 from elastic_moe.model.hf_sharded import load_hf_into
 from elastic_moe.train.evaluate import evaluate, val_micro_batches, validation_manifest
-from tests.integration.elastic_helpers import data_cache, sqlite_store
+from tests.integration.elastic_helpers import RUNTIME_ENV, data_cache, sqlite_store
 
 ray = pytest.importorskip("ray")
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
 STEPS, EVAL_EVERY = 4, 2
 
 

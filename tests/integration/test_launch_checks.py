@@ -32,13 +32,11 @@ import time
 
 import pytest
 
+from tests.integration.elastic_helpers import ROOT, RUNTIME_ENV
 from tests.integration.multiproc import free_port
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
 
 
 def _run_python(code: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:

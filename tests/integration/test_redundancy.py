@@ -26,6 +26,7 @@ import time
 import pytest
 
 from tests.integration.elastic_helpers import (
+    RUNTIME_ENV,
     final_model_tensors,
     single_process_weights,
     tiny_config,
@@ -35,8 +36,6 @@ from tests.integration.elastic_helpers import (
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
 # W=4 -> 2 against one process: measured 1.51e-3 of a tensor's largest value in all three
 # layouts, in the MTP block's experts, whose gradients are tiny (Adam's normalised updates
 # magnify whatever differs there; against a fault-free W=4 run it stayed under 1e-3). On a

@@ -25,6 +25,7 @@ import time
 import pytest
 
 from tests.integration.elastic_helpers import (
+    RUNTIME_ENV,
     local_ray,
     local_ray_per_module,  # noqa: F401 (autouse: shuts the shared local Ray down at the end)
     release_local_ray,
@@ -34,8 +35,6 @@ from tests.integration.elastic_helpers import (
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.alone, pytest.mark.timeout(900)]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUNTIME_ENV = {"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}}
 STEPS, SLOW_AT = 90, 30
 
 
