@@ -237,18 +237,11 @@ def ray_head(env: dict[str, str], *args: str) -> Iterator[None]:
             env["RAY_AUTH_TOKEN_PATH"] = os.path.join(temp_dir, "auth_token")
             write_auth_token(env["RAY_AUTH_TOKEN_PATH"])
         # ports Ray would otherwise take at their fixed defaults (10001, 52365), which a head
-        # started beside this one (another test process of `make test`) may hold; none of
-        # them one that ``args`` names (free_port can hand out a port it handed out before)
-        named = dict(arg.split("=", 1) for arg in args if "=" in arg)
-        taken = {int(value) for value in named.values() if value.isdigit()}
-        own_ports = []
-        for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port"):
-            if flag not in named:
-                port = free_port()
-                while port in taken:
-                    port = free_port()
-                taken.add(port)
-                own_ports.append(f"{flag}={port}")
+        # started beside this one (another test process of `make test`) may hold
+        named = {arg.split("=", 1)[0] for arg in args}
+        own_ports = [f"{flag}={free_port()}" for flag in
+                     ("--ray-client-server-port", "--dashboard-agent-listen-port")
+                     if flag not in named]
         started = subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", *args,
                                   *own_ports, "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                                  env=env, capture_output=True, text=True, timeout=180)

@@ -12,11 +12,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+_HANDED_OUT: set[int] = set()
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, never one this process was handed before: the kernel can
+    give a closed probe's port to the next probe, and a test that asks for a head's ports one
+    by one must not get the same one twice."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def launch(fn, world_size: int, *args) -> None:

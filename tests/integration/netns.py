@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from tests.integration.multiproc import free_port
+
 TEST_NET = "198.18"  # 198.18.0.0/15: benchmarking / network tests (RFC 2544)
 BIN = os.path.dirname(sys.executable)
 
@@ -142,10 +144,6 @@ class VethNamespace:
             shutil.rmtree(self._hosts_dir, ignore_errors=True)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -246,14 +244,14 @@ def two_host_cluster(root: str, *, head_resources: dict[str, float] | None = Non
         write_auth_token(token_file)
         os.makedirs(os.path.join(base, "home"))
         env = _ray_env(root, token_file, os.path.join(base, "home"))
-        port = _free_port(link.host_ip)
+        port = free_port(link.host_ip)
         head.address = f"{link.host_ip}:{port}"
         head.proc = _ray_start([
             os.path.join(BIN, "ray"), "start", "--head", f"--node-ip-address={link.host_ip}",
             f"--port={port}", f"--num-cpus={num_cpus}",
             f"--resources={json.dumps(head_resources or {})}", "--include-dashboard=false",
-            f"--dashboard-agent-listen-port={_free_port(link.host_ip)}",
-            f"--object-manager-port={_free_port(link.host_ip)}",
+            f"--dashboard-agent-listen-port={free_port(link.host_ip)}",
+            f"--object-manager-port={free_port(link.host_ip)}",
             "--disable-usage-stats", f"--temp-dir={head.temp_dir}"], {**env, **(head_env or {})})
         # The namespace has a port space of its own: Ray's default ports are free in it
         worker.proc = _ray_start(link.argv(
