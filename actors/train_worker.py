@@ -286,11 +286,9 @@ class TrainWorker:
 
     def _join_epoch(self, epoch: EpochSpec, sources: list[Any] | None,
                     marks: dict[str, float]) -> JoinReport:
-        import torch.distributed as dist
-
         from elastic_moe.checkpoint import Checkpointer
         from elastic_moe.parallel import MeshPlan
-        from elastic_moe.parallel.comm import process_group_backend
+        from elastic_moe.parallel.comm import init_world_group
         from elastic_moe.parallel.expert_replicas import replica_state_bytes
         from elastic_moe.parallel.mesh import forget_layout_caches
         from elastic_moe.parallel.network import (
@@ -329,9 +327,8 @@ class TrainWorker:
             store = rendezvous_store(epoch.master_addr, epoch.master_port,
                                      is_master=epoch.rank == 0, world_size=epoch.world_size,
                                      timeout=timeout, listening=listening)
-            dist.init_process_group(process_group_backend(self.device), store=store,
-                                    rank=epoch.rank, world_size=epoch.world_size,
-                                    timeout=timeout)
+            init_world_group(self.device, store=store, rank=epoch.rank,
+                             world_size=epoch.world_size, timeout=timeout)
             self.group_epoch = epoch.epoch
         marks["group_ready"] = time.time()
         plan = MeshPlan.from_dict(epoch.plan)
@@ -761,7 +758,7 @@ def _warm_up(device: Any, run_cfg: Config, stop: threading.Event) -> float | Non
     import torch.distributed as dist
 
     from elastic_moe.parallel import plan_mesh, setup_model
-    from elastic_moe.parallel.comm import process_group_backend
+    from elastic_moe.parallel.comm import init_world_group
     from elastic_moe.parallel.mesh import forget_layout_caches
     from elastic_moe.train.step import build_optimizer
 
@@ -779,8 +776,7 @@ def _warm_up(device: Any, run_cfg: Config, stop: threading.Event) -> float | Non
     cfg, shape = _warm_up_config(run_cfg, device)
     try:
         check()
-        dist.init_process_group(process_group_backend(device), store=dist.HashStore(), rank=0,
-                                world_size=1)
+        init_world_group(device, store=dist.HashStore(), rank=0, world_size=1, timeout=None)
         try:
             plan = plan_mesh(1, 1, cfg.model, dataclasses.replace(
                 cfg.parallel, min_workers=1, max_workers=1, gpus_per_node=1,

@@ -40,8 +40,8 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SURVIVOR_NCCL_ENV", "GlooLinks", "abort_communicators", "process_group_backend",
-           "survivor_nccl_env"]
+__all__ = ["SURVIVOR_NCCL_ENV", "GlooLinks", "abort_communicators", "init_world_group",
+           "process_group_backend", "survivor_nccl_env"]
 
 SURVIVOR_NCCL_ENV = {
     # 2 = CleanUpOnly: on a timeout or error the watchdog aborts the communicators and the work
@@ -60,6 +60,26 @@ def process_group_backend(device: torch.device) -> str:
     reduces a few CPU tensors (the commit vote, metric sums, max over ranks), which an NCCL-only
     group refuses: gloo carries those, NCCL the CUDA tensors."""
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def init_world_group(device: torch.device, *, store: Any, rank: int, world_size: int,
+                     timeout: Any) -> None:
+    """``dist.init_process_group`` for ``device``'s backend, under the name every peer gives
+    its own.
+
+    Torch names a default group after a per-process counter of the groups made since the last
+    default group was destroyed, and the ranks' rendezvous keys carry that name. An
+    ``init_process_group`` that raised (a peer lost inside the rendezvous; a warm-up whose
+    network interface this node lacks) has already counted its group and destroys nothing, so
+    this process's next group would be named "1" while a fresh peer's is "0": each would wait
+    for keys the other never writes, until the timeout. With no default group alive the
+    counter starts again at 0, as a destroyed default group leaves it."""
+    from torch.distributed import distributed_c10d
+
+    if not dist.is_initialized():
+        distributed_c10d._world.group_count = 0
+    dist.init_process_group(process_group_backend(device), store=store, rank=rank,
+                            world_size=world_size, timeout=timeout)
 
 
 def survivor_nccl_env() -> dict[str, str]:
