@@ -24,6 +24,24 @@ def _shared_data_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_binding_leaks():
+    """A test leaves the variables that bind process groups to an interface as it found them:
+    the Ray nodes of every later test in the process inherit them (a leaked
+    GLOO_SOCKET_IFNAME=eth0 once broke test_partition's namespace node, which has no eth0)."""
+    from elastic_moe.parallel.network import BIND_ENV
+
+    before = {name: os.environ.get(name) for name in BIND_ENV}
+    yield
+    after = {name: os.environ.get(name) for name in BIND_ENV}
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    assert after == before, f"the test changed {after} (was {before})"
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -52,7 +52,11 @@ def test_this_machines_loopback_is_found():
 
 def test_binding_sets_gloo_and_nccl(monkeypatch):
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth9")
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    # set, then deleted: monkeypatch restores only what it changed, and a delenv of an absent
+    # variable changes nothing, so the value set below would outlive the test (it did, and
+    # the Ray nodes of later tests in the same process inherited GLOO_SOCKET_IFNAME=eth0)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "unset-below")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
     changed = bind_process_groups(choose_binding("10.0.0.5", interfaces=NODE))
     assert changed == {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
     assert bind_process_groups(choose_binding("10.0.0.5", interfaces=NODE)) == {}
