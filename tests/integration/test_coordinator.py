@@ -29,12 +29,11 @@ import time
 import psutil
 import pytest
 
-from tests.integration.elastic_helpers import data_cache, ray_head, sqlite_store, wait_for
+from tests.integration.elastic_helpers import ROOT, data_cache, ray_head, sqlite_store, wait_for
 from tests.integration.multiproc import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 60
 
 

@@ -8,12 +8,11 @@ import sys
 
 import pytest
 
-from tests.integration.elastic_helpers import data_cache, ray_head, sqlite_store
+from tests.integration.elastic_helpers import ROOT, data_cache, ray_head, sqlite_store
 from tests.integration.multiproc import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture

@@ -30,12 +30,11 @@ import numpy as np
 import pytest
 
 from elastic_moe.train.tracking import Tracker, create_run
-from tests.integration.elastic_helpers import data_cache
+from tests.integration.elastic_helpers import ROOT, data_cache
 from tests.integration.multiproc import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # MLflow's job runner (GenAI jobs: seven more Python processes, each importing mlflow) has

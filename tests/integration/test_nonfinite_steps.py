@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.integration.elastic_helpers import (
+    ROOT,
     assert_each_sample_once,
     audit_records,
     consumed_samples,
@@ -33,7 +34,6 @@ from tests.integration.elastic_helpers import (
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, NAN_STEP = 8, 5
 
 

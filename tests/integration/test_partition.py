@@ -36,6 +36,7 @@ import psutil
 import pytest
 
 from tests.integration.elastic_helpers import (
+    ROOT,
     assert_each_sample_once,
     data_cache,
     sqlite_store,
@@ -45,7 +46,6 @@ from tests.integration.netns import two_host_cluster, unavailable_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNAVAILABLE = unavailable_reason()
 # ~0.2 s a step alone here: the run must outlast the partition and the rejoin. The test stops
 # it (jobs/train.py --stop) a few steps after the rejoin.

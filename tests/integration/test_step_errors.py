@@ -23,11 +23,10 @@ from elastic_moe.config import debug
 from elastic_moe.data.sample_corpus import ensure_prepared
 from elastic_moe.data.sampler import DataPosition, advance, batch_sample_ids
 from elastic_moe.data.shards import BadSampleError, TokenDataset, write_shard
-from tests.integration.elastic_helpers import data_cache, sqlite_store
+from tests.integration.elastic_helpers import ROOT, data_cache, sqlite_store
 
 pytestmark = pytest.mark.integration
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BAD_STEP = 3  # 1-based: the step whose batch holds the bad sequence
 BAD_VALUE = 2048 + 952
 

@@ -34,14 +34,13 @@ import pytest
 import torch
 
 from elastic_moe.checkpoint import COMMIT_FILE, Checkpointer, TrainState, step_dir_name
-from tests.integration.elastic_helpers import data_cache, sqlite_store
+from tests.integration.elastic_helpers import ROOT, data_cache, sqlite_store
 from tests.integration.faults import announce_saves, fail_during_save
 from tests.integration.multiproc import free_port, launch
 from tests.integration.test_checkpoint_reshard import SEED, _build, _step
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, EVERY = 24, 3
 BUCKET = "elastic-moe-outage"
 

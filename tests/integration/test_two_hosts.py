@@ -20,12 +20,11 @@ import time
 
 import pytest
 
-from tests.integration.elastic_helpers import data_cache, sqlite_store, wait_for
+from tests.integration.elastic_helpers import ROOT, data_cache, sqlite_store, wait_for
 from tests.integration.netns import tcp_sockets, two_host_cluster, unavailable_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNAVAILABLE = unavailable_reason()
 STEPS = 40  # ~0.3 s each here: the kill lands well before the end
 
