@@ -27,8 +27,8 @@ demo: $(STAMP)
 	$(PY) jobs/train.py
 
 # The suite runs in TEST_JOBS processes (pytest-xdist; a test module stays in one of them, with
-# its shared Ray), then the `alone` tests, which compare step times with their own baseline, run
-# with the machine to themselves. On the 2-core CI box the tests wait on timeouts and restarts
+# its shared Ray), then the `alone` tests, which assert on time measured on the box, run with
+# the machine to themselves. On the 2-core CI box the tests wait on timeouts and restarts
 # for about a quarter of their time, so two processes finish sooner than one.
 TEST_JOBS ?= 2
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from torch import nn
 
@@ -89,6 +90,7 @@ def test_off_when_the_ratio_is_zero():
     assert watch.observe([1.0, 9.0], 9.0, steps_left=10, spare_ready=True, pause_s=0) is None
 
 
+@pytest.mark.alone  # wall-clock bounds: a second test process would stretch them
 def test_the_probe_times_only_the_probed_modules():
     class Slow(nn.Module):
         def forward(self, x):
@@ -169,6 +171,7 @@ print(json.dumps(probe.take()), flush=True)
 """
 
 
+@pytest.mark.alone  # wall-clock bounds: a second test process would stretch them
 def test_the_probe_counts_stops_from_outside_as_stalls_not_compute():
     """A child process is stopped twice from outside for 0.3 s, once inside a probed section
     and once outside: both are stalls, and the section's time leaves its stop out."""
