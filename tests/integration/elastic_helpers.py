@@ -146,7 +146,8 @@ def single_process_weights(cfg: Config, skip_step: int | None = None) -> dict[st
     library's model, optimizer and ``train_step`` over the same global batches of the prepared
     data (the sampler is world-size free). Step ``skip_step`` (1-based) consumes its batch and
     applies nothing. Matches a W-worker run to float-summation order (about 1e-4 relative
-    at W=2, up to about 5e-3 in some EP layouts: test_redundancy.py).
+    at W=2; under 1e-3 at W=4 -> 2 in test_redundancy.py, whose runs have no top-k choice
+    to flip).
 
     It runs on one intra-op thread, as the workers do (``OMP_NUM_THREADS=1`` in the tests'
     runtime env). On a 2-core AMD EPYC box two threads summed in another order, the routers'
