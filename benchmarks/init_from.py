@@ -23,7 +23,6 @@ import math
 import os
 import platform
 import resource
-import socket
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from elastic_moe.model.init import local_box  # noqa: E402
 from elastic_moe.model.safetensors_files import CheckpointFiles  # noqa: E402
 from elastic_moe.model.transformer import Transformer  # noqa: E402
 from elastic_moe.parallel import plan_mesh, setup_model  # noqa: E402
+from tests.integration.multiproc import free_port  # noqa: E402  (one port picker for all)
 
 MIB = 2**20
 
@@ -127,12 +127,6 @@ def _hf_load_worker(_: int, path: str, out: str) -> None:
     torch.save({"seconds": seconds, "baseline": baseline, "peak": peak_rss(), "model": size}, out)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
@@ -153,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for world_size in args.world_sizes:
         out = os.path.join(tmp, f"w{world_size}.pt")
-        mp.spawn(_rank_worker, args=(world_size, _free_port(), path, out), nprocs=world_size,
+        mp.spawn(_rank_worker, args=(world_size, free_port(), path, out), nprocs=world_size,
                  join=True)
         for r in torch.load(out):
             target = 1.25 * (r["shard"] + largest_fp32)
