@@ -226,7 +226,7 @@ def run_ours(workdir: str, name: str, side: str, fault: str, steps: int, every_s
     started = None
     kinds = ["kill"] if fault == "kill" else ["kill", "hang", "leave-join"]
     # the coordinator's snapshot is asked only to start the clock and at each fault. Asked
-    # every 50 ms (and by the harness every 0.2 s), this script took 0.07-0.11 cores and the
+    # every 50 ms (and by the harness every 0.2 s), this script took 0.06-0.11 cores and the
     # coordinator 0.09, outside the nodes' quotas, which leave 0.2 cores of the box; now
     # 0.02-0.05 and 0.06 (CPU time from /proc, 2026-12-08)
     while thread.is_alive():
