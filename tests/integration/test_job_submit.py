@@ -14,7 +14,6 @@ from tests.integration.multiproc import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
-
 @pytest.fixture
 def head():
     """A head node of its own with its dashboard (job submission): (environment, its URL)."""

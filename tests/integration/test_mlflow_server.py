@@ -36,7 +36,6 @@ from tests.integration.multiproc import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 
-
 # MLflow's job runner (GenAI jobs: seven more Python processes, each importing mlflow) has
 # nothing to run for training; off, as docs/cluster.md runs the server. A server then answers
 # 7 s after its start instead of 9 s, and a restarted one instead of 19 s (an idle 2-core box).
